@@ -1,0 +1,401 @@
+//! The guest <-> VMM ABI of Faultline's tiny guest.
+//!
+//! Everything both sides must agree on lives here, in one `no_std` file: I/O ports, the
+//! guest physical layout the loader and the guest share, the kernel command-line keys
+//! that choose workloads, the shape of the report lines the guest prints on the serial
+//! port, the exit statuses, and the latency histogram buckets.
+//!
+//! The guest is booted by the PVH protocol, so any VMM that implements PVH (QEMU's
+//! `-kernel`, Cloud Hypervisor, Firecracker-with-PVH) can boot it. Nothing here is
+//! specific to Faultline's VMM except `fl.tsc_khz`, which is optional.
+#![no_std]
+#![deny(missing_docs)]
+
+#[cfg(test)]
+extern crate std;
+
+// ---------------------------------------------------------------------------------------
+// Ports
+// ---------------------------------------------------------------------------------------
+
+/// The 16550 UART the guest reports on (COM1).
+pub const SERIAL_PORT: u16 = 0x3f8;
+
+/// The debug-exit port (QEMU's `isa-debug-exit`, iobase 0xf4, iosize 4). The guest
+/// writes its [`ExitStatus`] as one byte. QEMU exits with `(status << 1) | 1`;
+/// Faultline reports the status as written.
+pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+
+/// How the guest ended, as written to [`DEBUG_EXIT_PORT`].
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// Every step ran and every verification passed.
+    Success = 0,
+    /// A `verify` step found memory that did not hold the expected pattern.
+    VerifyFailed = 1,
+    /// The kernel command line could not be parsed; an `FL error` line says why.
+    BadCommandLine = 2,
+    /// The guest's Rust code panicked; an `FL error` line carries the message.
+    Panic = 3,
+    /// An unexpected CPU exception; an `FL exception` line names vector and rip.
+    Exception = 4,
+    /// An application processor did not come up in time.
+    ApStartFailed = 5,
+}
+
+impl ExitStatus {
+    /// Decodes a status byte written by the guest.
+    pub fn from_byte(byte: u8) -> Option<Self> {
+        Some(match byte {
+            0 => Self::Success,
+            1 => Self::VerifyFailed,
+            2 => Self::BadCommandLine,
+            3 => Self::Panic,
+            4 => Self::Exception,
+            5 => Self::ApStartFailed,
+            _ => return None,
+        })
+    }
+
+    /// A short name for reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::VerifyFailed => "verify-failed",
+            Self::BadCommandLine => "bad-command-line",
+            Self::Panic => "panic",
+            Self::Exception => "exception",
+            Self::ApStartFailed => "ap-start-failed",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Guest physical layout
+// ---------------------------------------------------------------------------------------
+
+/// Where a Faultline-built boot GDT goes (the VMM's PVH 32-bit entry state).
+pub const BOOT_GDT_GPA: u64 = 0x500;
+/// Where the VMM puts `hvm_start_info`.
+pub const PVH_START_INFO_GPA: u64 = 0x6000;
+/// Where the VMM puts the PVH memory map (`hvm_memmap_table_entry` array).
+pub const PVH_MEMMAP_GPA: u64 = 0x7000;
+/// The guest's real-mode AP trampoline (an ELF segment of the guest image); the SIPI
+/// vector is `AP_TRAMPOLINE_GPA >> 12`. The VMM must not place boot data in this page.
+pub const AP_TRAMPOLINE_GPA: u64 = 0x8000;
+/// Where the VMM puts the kernel command line.
+pub const CMDLINE_GPA: u64 = 0x20000;
+/// Longest command line the VMM passes and the guest accepts.
+pub const CMDLINE_MAX_BYTES: usize = 4096;
+/// Where the guest image is linked (1 MiB).
+pub const KERNEL_GPA: u64 = 0x10_0000;
+/// The workload region never starts below this address: the guest's image, stacks,
+/// page tables and histograms live below it. 2 MiB aligned, so hugetlb zones keep
+/// whole huge pages for workloads.
+pub const WORKLOAD_MIN_GPA: u64 = 0x80_0000;
+/// Start of the hole below 4 GiB that is never RAM (MMIO, LAPIC, IOAPIC).
+pub const MMIO_HOLE_START_GPA: u64 = 0xC000_0000;
+/// End of the hole below 4 GiB.
+pub const MMIO_HOLE_END_GPA: u64 = 0x1_0000_0000;
+/// The local APIC's MMIO page.
+pub const LAPIC_GPA: u64 = 0xFEE0_0000;
+/// Most vCPUs the guest supports (APIC IDs 0..MAX_CPUS).
+pub const MAX_CPUS: usize = 64;
+/// Guest page size used by workloads.
+pub const PAGE_SIZE: u64 = 4096;
+
+// ---------------------------------------------------------------------------------------
+// Command line
+// ---------------------------------------------------------------------------------------
+
+/// Keys the guest reads from its kernel command line (`key=value`, space separated;
+/// unknown tokens are ignored so a VMM may add its own).
+pub mod cmdline {
+    /// Number of CPUs to use, APIC IDs `0..n` (default 1). PVH carries no CPU count.
+    pub const CPUS: &str = "fl.cpus";
+    /// TSC frequency in kHz, if the VMM knows it (else CPUID 0x15/0x16, else 0x40000010).
+    pub const TSC_KHZ: &str = "fl.tsc_khz";
+    /// Comma-separated steps run in order, each split across all CPUs:
+    /// `fill`, `verify`, `touch`, `dirty`, `idle`, and the fault-injection steps
+    /// `triple-fault` and `cpl0-sse` (tests only). Default `fill,verify`.
+    pub const STEPS: &str = "fl.steps";
+    /// Bytes of the workload region to use (`all`, or a size like `64M`); default all.
+    pub const SIZE: &str = "fl.size";
+    /// Seed of the fill/verify pattern and of random orders (default 1).
+    pub const SEED: &str = "fl.seed";
+    /// Access order of `touch`: `sequential`, `random` or `strided` (default sequential).
+    pub const PATTERN: &str = "fl.pattern";
+    /// Stride in pages for `strided` (default 16).
+    pub const STRIDE_PAGES: &str = "fl.stride";
+    /// `read` or `write` touches (default write).
+    pub const ACCESS: &str = "fl.access";
+    /// Passes of `touch` over the same pages (default 2: cold then warm).
+    pub const PASSES: &str = "fl.passes";
+    /// Pages per second `dirty` rewrites (all CPUs together; default 10000).
+    pub const RATE_PAGES_PER_S: &str = "fl.rate";
+    /// How long `dirty` and `idle` run, in milliseconds (default 1000).
+    pub const DURATION_MS: &str = "fl.duration_ms";
+}
+
+/// The steps a guest can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Write the deterministic pattern into every page of the region.
+    Fill,
+    /// Check every page of the region against the pattern.
+    Verify,
+    /// First-touch the region (and warm passes), timing each touch with the TSC.
+    Touch,
+    /// Rewrite pages at a set rate for a set time.
+    Dirty,
+    /// Do nothing for the duration.
+    Idle,
+    /// Load an empty IDT and raise an exception from ring 0: the CPU triple-faults.
+    TripleFault,
+    /// Execute an SSE instruction at CPL0 (stops nested KVMs that emulate CPL0).
+    Cpl0Sse,
+}
+
+impl Step {
+    /// Parses a step name.
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "fill" => Self::Fill,
+            "verify" => Self::Verify,
+            "touch" => Self::Touch,
+            "dirty" => Self::Dirty,
+            "idle" => Self::Idle,
+            "triple-fault" => Self::TripleFault,
+            "cpl0-sse" => Self::Cpl0Sse,
+            _ => return None,
+        })
+    }
+
+    /// The step's name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fill => "fill",
+            Self::Verify => "verify",
+            Self::Touch => "touch",
+            Self::Dirty => "dirty",
+            Self::Idle => "idle",
+            Self::TripleFault => "triple-fault",
+            Self::Cpl0Sse => "cpl0-sse",
+        }
+    }
+}
+
+/// Parses a byte size: a decimal number with an optional `K`, `M`, `G` or `T` suffix
+/// (binary units, case-insensitive, optional trailing `iB`/`B`), or `0x` hex.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    if let Some(hex) = text.strip_prefix("0x") {
+        return u64::from_str_radix(hex, 16).ok();
+    }
+    let lower_end = text
+        .trim_end_matches(|c| c == 'B' || c == 'b')
+        .trim_end_matches(|c| c == 'i');
+    let (digits, shift) = match lower_end.as_bytes().last()? {
+        b'k' | b'K' => (&lower_end[..lower_end.len() - 1], 10),
+        b'm' | b'M' => (&lower_end[..lower_end.len() - 1], 20),
+        b'g' | b'G' => (&lower_end[..lower_end.len() - 1], 30),
+        b't' | b'T' => (&lower_end[..lower_end.len() - 1], 40),
+        _ => (lower_end, 0),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let value: u64 = digits.parse().ok()?;
+    value.checked_mul(1u64 << shift)
+}
+
+/// Looks up `key` in a command line of space-separated `key=value` tokens (last wins).
+pub fn cmdline_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline
+        .split_ascii_whitespace()
+        .filter_map(|token| token.split_once('='))
+        .filter(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+        .last()
+}
+
+// ---------------------------------------------------------------------------------------
+// The fill/verify pattern
+// ---------------------------------------------------------------------------------------
+
+/// SplitMix64: a fast, well-mixed 64-bit hash used for the pattern and random orders.
+pub const fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// The pattern word at byte offset `word_index * 8` of the page at `page_gpa`, for
+/// `seed`. Seeded per page, so any page can be checked alone and a page moved to the
+/// wrong place is caught. Never zero for a real page, so a zero page is always a mismatch.
+#[inline(always)]
+pub const fn pattern_word(seed: u64, page_gpa: u64, word_index: u64) -> u64 {
+    let page_key = splitmix64(seed ^ page_gpa.rotate_left(17));
+    let word = page_key ^ word_index.wrapping_mul(0xD6E8_FEB8_6659_FD93);
+    if word == 0 {
+        1
+    } else {
+        word
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Report lines
+// ---------------------------------------------------------------------------------------
+
+/// Every machine-readable line the guest prints starts with this prefix, then a kind,
+/// a space and one JSON object: `FL <kind> {...}`.
+pub const REPORT_PREFIX: &str = "FL ";
+
+/// The kinds of report line.
+pub mod report {
+    /// Printed once when the guest has parsed its command line, brought up every CPU
+    /// and is about to run its first step:
+    /// `{"cpus":N,"ram_bytes":B,"region_bytes":B,"region_pages":P,"tsc_khz":K,"steps":"fill,verify"}`.
+    pub const READY: &str = "ready";
+    /// Printed after each step (for `touch`, one line per pass):
+    /// `{"step":"touch","pass":1,"pages":P,"cycles":C,"cpus":N,
+    ///   "latency_cycles":{"count":..,"min":..,"max":..,"mean":..,"buckets":[[index,count],..]}}`.
+    /// `cycles` is the wall time of the step in TSC cycles (slowest CPU);
+    /// `latency_cycles` is present for `touch` only.
+    pub const RESULT: &str = "result";
+    /// Printed after each `verify`:
+    /// `{"ok":true,"pages":P,"mismatches":M,"first":[{"gpa":G,"expected":E,"found":F},..]}`
+    /// (at most [`super::VERIFY_REPORT_MAX`] entries in `first`, numbers in decimal).
+    pub const VERIFY: &str = "verify";
+    /// Printed just before the debug exit: `{"status":S,"name":"success"}`.
+    pub const DONE: &str = "done";
+    /// A problem the guest explains: `{"msg":"..."}`.
+    pub const ERROR: &str = "error";
+    /// An unexpected CPU exception, printed by the ring-0 handler:
+    /// `{"vector":V,"error_code":E,"rip":R,"cpu":C}` (numbers in decimal).
+    pub const EXCEPTION: &str = "exception";
+}
+
+/// Most mismatches a `verify` line lists individually (the count is always exact).
+pub const VERIFY_REPORT_MAX: usize = 8;
+
+// ---------------------------------------------------------------------------------------
+// Latency histogram
+// ---------------------------------------------------------------------------------------
+
+/// Sub-buckets per power of two in the guest's latency histogram (precision ~3%).
+pub const HISTOGRAM_SUB_BUCKETS: u64 = 32;
+const SUB_BUCKET_BITS: u32 = 5;
+/// Number of buckets: values below `HISTOGRAM_SUB_BUCKETS` get one bucket each, then
+/// `HISTOGRAM_SUB_BUCKETS` per power of two up to 2^64.
+pub const HISTOGRAM_BUCKETS: usize = (HISTOGRAM_SUB_BUCKETS as usize) * (64 - SUB_BUCKET_BITS as usize + 1);
+
+/// The bucket a value (cycles) falls in. Log-linear, like HdrHistogram: exact below 32,
+/// then 32 equal buckets per power of two.
+#[inline(always)]
+pub const fn histogram_bucket(value: u64) -> usize {
+    if value < HISTOGRAM_SUB_BUCKETS {
+        return value as usize;
+    }
+    let magnitude = 63 - value.leading_zeros(); // >= SUB_BUCKET_BITS
+    let shift = magnitude - SUB_BUCKET_BITS;
+    let sub = (value >> shift) - HISTOGRAM_SUB_BUCKETS; // 0..32
+    ((shift as u64 + 1) * HISTOGRAM_SUB_BUCKETS + sub) as usize
+}
+
+/// The smallest value that falls in `bucket`.
+pub const fn histogram_bucket_low(bucket: usize) -> u64 {
+    let bucket = bucket as u64;
+    if bucket < HISTOGRAM_SUB_BUCKETS {
+        return bucket;
+    }
+    let shift = bucket / HISTOGRAM_SUB_BUCKETS - 1;
+    let sub = bucket % HISTOGRAM_SUB_BUCKETS;
+    (HISTOGRAM_SUB_BUCKETS + sub) << shift
+}
+
+/// The largest value that falls in `bucket`.
+pub const fn histogram_bucket_high(bucket: usize) -> u64 {
+    if bucket + 1 >= HISTOGRAM_BUCKETS {
+        return u64::MAX;
+    }
+    histogram_bucket_low(bucket + 1) - 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("64M"), Some(64 << 20));
+        assert_eq!(parse_size("1G"), Some(1 << 30));
+        assert_eq!(parse_size("2MiB"), Some(2 << 20));
+        assert_eq!(parse_size("512k"), Some(512 << 10));
+        assert_eq!(parse_size("0x1000"), Some(4096));
+        assert_eq!(parse_size("M"), None);
+        assert_eq!(parse_size("1.5G"), None);
+        assert_eq!(parse_size("-1"), None);
+        assert_eq!(parse_size("99999999999T"), None);
+    }
+
+    #[test]
+    fn cmdline_lookup_takes_last_value() {
+        let line = "console=ttyS0 fl.cpus=2 fl.steps=fill,verify fl.cpus=4";
+        assert_eq!(cmdline_value(line, cmdline::CPUS), Some("4"));
+        assert_eq!(cmdline_value(line, cmdline::STEPS), Some("fill,verify"));
+        assert_eq!(cmdline_value(line, cmdline::SEED), None);
+    }
+
+    #[test]
+    fn steps_round_trip() {
+        for name in ["fill", "verify", "touch", "dirty", "idle", "triple-fault", "cpl0-sse"] {
+            assert_eq!(Step::parse(name).unwrap().name(), name);
+        }
+        assert_eq!(Step::parse("nope"), None);
+    }
+
+    #[test]
+    fn pattern_differs_per_page_word_and_seed_and_is_never_zero() {
+        let a = pattern_word(1, 0x80_0000, 0);
+        assert_ne!(a, pattern_word(1, 0x80_1000, 0));
+        assert_ne!(a, pattern_word(1, 0x80_0000, 1));
+        assert_ne!(a, pattern_word(2, 0x80_0000, 0));
+        for page in 0..1000u64 {
+            for word in 0..512 {
+                assert_ne!(pattern_word(7, page * 4096, word), 0);
+            }
+        }
+    }
+
+    #[test]
+    fn histogram_buckets_are_monotonic_and_cover_their_values() {
+        let mut previous = 0;
+        for value in (0..5000u64).chain([u64::MAX / 3, u64::MAX - 1, u64::MAX]) {
+            let bucket = histogram_bucket(value);
+            assert!(bucket < HISTOGRAM_BUCKETS, "value {value} bucket {bucket}");
+            assert!(bucket >= previous || value > 5000);
+            previous = bucket;
+            assert!(histogram_bucket_low(bucket) <= value, "value {value}");
+            assert!(histogram_bucket_high(bucket) >= value, "value {value}");
+        }
+        // Relative width of a bucket stays within 1/32 above the exact range.
+        for value in [100u64, 1000, 123_456, 1 << 40] {
+            let bucket = histogram_bucket(value);
+            let width = histogram_bucket_high(bucket) - histogram_bucket_low(bucket) + 1;
+            assert!(width * 32 <= histogram_bucket_low(bucket) + 32);
+        }
+    }
+
+    #[test]
+    fn exit_status_round_trips() {
+        for byte in 0..=5u8 {
+            assert_eq!(ExitStatus::from_byte(byte).unwrap() as u8, byte);
+        }
+        assert_eq!(ExitStatus::from_byte(6), None);
+    }
+}

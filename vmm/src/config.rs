@@ -1,0 +1,528 @@
+//! What the user asked for: vCPUs, memory zones and their backends, the kernel image,
+//! the workload. Parsed from the CLI (`--memory size=1G,backend=hugetlb`) or a TOML file,
+//! validated once, with errors that name the bad field and say how to fix it.
+
+use std::path::PathBuf;
+
+use faultline_abi as abi;
+use serde::{Deserialize, Serialize};
+
+/// Errors in a configuration. Each message names the field and the fix.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A `--memory` spec could not be parsed.
+    #[error("--memory '{spec}': {reason} (expected e.g. size=512M,backend=memfd or size=1G,backend=file,path=/tmp/ram)")]
+    BadZoneSpec {
+        /// The spec as given.
+        spec: String,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// A zone's size is zero.
+    #[error("memory zone {zone}: size is 0; give a size of at least 4K, e.g. size=256M")]
+    ZeroZoneSize {
+        /// Index of the zone.
+        zone: usize,
+    },
+    /// A zone's size is not a multiple of its page size.
+    #[error("memory zone {zone}: size {size_bytes} is not a multiple of the {backend} page size {page_bytes}; round it to e.g. {suggestion}")]
+    UnalignedZoneSize {
+        /// Index of the zone.
+        zone: usize,
+        /// The size given.
+        size_bytes: u64,
+        /// The backend's name.
+        backend: &'static str,
+        /// The page size it must be a multiple of.
+        page_bytes: u64,
+        /// The next aligned size, as a suggestion.
+        suggestion: u64,
+    },
+    /// `path` is given for a backend that does not use one, or missing for `file`.
+    #[error("memory zone {zone}: {reason}")]
+    BadZonePath {
+        /// Index of the zone.
+        zone: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No memory zones at all.
+    #[error("no memory zones: give at least one --memory size=...")]
+    NoZones,
+    /// Total memory is too small for the guest image and its workload region.
+    #[error("total memory {total_bytes} bytes is too small: the built-in guest needs more than {min_bytes} bytes (its image and tables live below 8 MiB); give e.g. --memory size=64M")]
+    TooLittleMemory {
+        /// Sum of the zone sizes.
+        total_bytes: u64,
+        /// The minimum.
+        min_bytes: u64,
+    },
+    /// vCPU count out of range.
+    #[error("vcpus = {vcpus}: must be between 1 and {max}")]
+    BadVcpuCount {
+        /// The count given.
+        vcpus: u32,
+        /// The largest supported.
+        max: usize,
+    },
+    /// A workload option is invalid.
+    #[error("workload {field}: {reason}")]
+    BadWorkload {
+        /// The option (e.g. `steps`).
+        field: &'static str,
+        /// What is wrong and what is accepted.
+        reason: String,
+    },
+    /// The TOML config file could not be read or parsed.
+    #[error("config file {path}: {reason}")]
+    ConfigFile {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// Where one zone's memory comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Private anonymous memory, populated lazily by the kernel.
+    Anon,
+    /// Shared memory from a memfd (shmem).
+    Memfd,
+    /// A shared mapping of a file at a user-given path.
+    File,
+    /// Huge pages from a hugetlb memfd (2 MiB by default, 1 GiB where the host has them).
+    Hugetlb,
+}
+
+impl Backend {
+    /// The backend's name as used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Anon => "anon",
+            Backend::Memfd => "memfd",
+            Backend::File => "file",
+            Backend::Hugetlb => "hugetlb",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "anon" => Backend::Anon,
+            "memfd" | "shmem" => Backend::Memfd,
+            "file" => Backend::File,
+            "hugetlb" => Backend::Hugetlb,
+            _ => return None,
+        })
+    }
+}
+
+/// The default huge page size (2 MiB).
+pub const HUGEPAGE_2M: u64 = 2 << 20;
+/// The large huge page size (1 GiB).
+pub const HUGEPAGE_1G: u64 = 1 << 30;
+
+/// One region ("zone") of guest RAM with its own backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZoneConfig {
+    /// Size of the zone in bytes.
+    #[serde(deserialize_with = "deserialize_size")]
+    pub size_bytes: u64,
+    /// Where its memory comes from.
+    pub backend: Backend,
+    /// The backing file (`file` backend only).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Huge page size for `hugetlb` (2 MiB or 1 GiB); ignored for other backends.
+    #[serde(default = "default_hugepage", deserialize_with = "deserialize_size")]
+    pub hugepage_bytes: u64,
+}
+
+fn default_hugepage() -> u64 {
+    HUGEPAGE_2M
+}
+
+fn deserialize_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum SizeValue {
+        Number(u64),
+        Text(String),
+    }
+    match SizeValue::deserialize(d)? {
+        SizeValue::Number(n) => Ok(n),
+        SizeValue::Text(t) => abi::parse_size(&t)
+            .ok_or_else(|| serde::de::Error::custom(format!("cannot parse size '{t}' (use e.g. 512M, 1G)"))),
+    }
+}
+
+impl ZoneConfig {
+    /// A zone of `size_bytes` with `backend`, no path, 2 MiB huge pages.
+    pub fn new(size_bytes: u64, backend: Backend) -> Self {
+        ZoneConfig { size_bytes, backend, path: None, hugepage_bytes: HUGEPAGE_2M }
+    }
+
+    /// The granule the zone's size must be a multiple of.
+    pub fn page_bytes(&self) -> u64 {
+        match self.backend {
+            Backend::Hugetlb => self.hugepage_bytes,
+            _ => abi::PAGE_SIZE,
+        }
+    }
+
+    /// Parses `size=1G,backend=hugetlb[,path=/x][,hugepage=2M]` (`backend` defaults to anon;
+    /// a bare `1G` means `size=1G`).
+    pub fn parse(spec: &str) -> Result<Self, ConfigError> {
+        let bad = |reason: String| ConfigError::BadZoneSpec { spec: spec.to_string(), reason };
+        let mut size = None;
+        let mut zone = ZoneConfig::new(0, Backend::Anon);
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, value) = part.split_once('=').unwrap_or(("size", part));
+            match key {
+                "size" => {
+                    size = Some(abi::parse_size(value).ok_or_else(|| bad(format!("cannot parse size '{value}'")))?)
+                }
+                "backend" => {
+                    zone.backend = Backend::parse(value).ok_or_else(|| {
+                        bad(format!("unknown backend '{value}' (choose anon, memfd, file or hugetlb)"))
+                    })?
+                }
+                "path" => zone.path = Some(PathBuf::from(value)),
+                "hugepage" | "hugepage_size" => {
+                    zone.hugepage_bytes =
+                        abi::parse_size(value).ok_or_else(|| bad(format!("cannot parse hugepage size '{value}'")))?
+                }
+                other => return Err(bad(format!("unknown key '{other}' (keys: size, backend, path, hugepage)"))),
+            }
+        }
+        zone.size_bytes = size.ok_or_else(|| bad("missing size=".to_string()))?;
+        Ok(zone)
+    }
+}
+
+/// Order of `touch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessPattern {
+    /// Page after page.
+    Sequential,
+    /// A seeded random permutation of the pages.
+    Random,
+    /// Every `stride`-th page, then the next offset.
+    Strided,
+}
+
+/// Kind of `touch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessKind {
+    /// Load one word per page.
+    Read,
+    /// Store one word per page.
+    Write,
+}
+
+/// What the built-in guest runs (turned into its kernel command line).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Workload {
+    /// Steps in order (`fill`, `verify`, `touch`, `dirty`, `idle`, ...).
+    pub steps: Vec<String>,
+    /// Bytes of the workload region to use; `None` means all of it.
+    #[serde(deserialize_with = "deserialize_opt_size")]
+    pub size_bytes: Option<u64>,
+    /// Pattern and random-order seed.
+    pub seed: u64,
+    /// Touch order.
+    pub pattern: AccessPattern,
+    /// Stride in pages for `strided`.
+    pub stride_pages: u64,
+    /// Read or write touches.
+    pub access: AccessKind,
+    /// Passes of `touch`.
+    pub passes: u32,
+    /// Pages per second for `dirty`.
+    pub rate_pages_per_s: u64,
+    /// Duration of `dirty` and `idle`, in milliseconds.
+    pub duration_ms: u64,
+}
+
+fn deserialize_opt_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    deserialize_size(d).map(Some)
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Workload {
+            steps: vec!["fill".into(), "verify".into()],
+            size_bytes: None,
+            seed: 1,
+            pattern: AccessPattern::Sequential,
+            stride_pages: 16,
+            access: AccessKind::Write,
+            passes: 2,
+            rate_pages_per_s: 10_000,
+            duration_ms: 1000,
+        }
+    }
+}
+
+impl Workload {
+    /// Checks every option.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.steps.is_empty() {
+            return Err(ConfigError::BadWorkload { field: "steps", reason: "no steps given (e.g. fill,verify)".into() });
+        }
+        for step in &self.steps {
+            if abi::Step::parse(step).is_none() {
+                return Err(ConfigError::BadWorkload {
+                    field: "steps",
+                    reason: format!("unknown step '{step}' (choose from fill, verify, touch, dirty, idle, triple-fault, cpl0-sse)"),
+                });
+            }
+        }
+        if self.size_bytes == Some(0) {
+            return Err(ConfigError::BadWorkload { field: "size", reason: "0 bytes; give e.g. 64M or omit for all".into() });
+        }
+        if self.stride_pages == 0 {
+            return Err(ConfigError::BadWorkload { field: "stride", reason: "must be at least 1 page".into() });
+        }
+        if self.passes == 0 {
+            return Err(ConfigError::BadWorkload { field: "passes", reason: "must be at least 1".into() });
+        }
+        if self.rate_pages_per_s == 0 {
+            return Err(ConfigError::BadWorkload { field: "rate", reason: "must be at least 1 page/s".into() });
+        }
+        Ok(())
+    }
+
+    /// The guest command-line tokens for this workload.
+    pub fn cmdline_tokens(&self) -> Vec<String> {
+        use abi::cmdline as k;
+        let mut tokens = vec![format!("{}={}", k::STEPS, self.steps.join(","))];
+        if let Some(size) = self.size_bytes {
+            tokens.push(format!("{}={}", k::SIZE, size));
+        }
+        tokens.push(format!("{}={}", k::SEED, self.seed));
+        let pattern = match self.pattern {
+            AccessPattern::Sequential => "sequential",
+            AccessPattern::Random => "random",
+            AccessPattern::Strided => "strided",
+        };
+        tokens.push(format!("{}={}", k::PATTERN, pattern));
+        tokens.push(format!("{}={}", k::STRIDE_PAGES, self.stride_pages));
+        let access = match self.access {
+            AccessKind::Read => "read",
+            AccessKind::Write => "write",
+        };
+        tokens.push(format!("{}={}", k::ACCESS, access));
+        tokens.push(format!("{}={}", k::PASSES, self.passes));
+        tokens.push(format!("{}={}", k::RATE_PAGES_PER_S, self.rate_pages_per_s));
+        tokens.push(format!("{}={}", k::DURATION_MS, self.duration_ms));
+        tokens
+    }
+}
+
+/// Which kernel to boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelImage {
+    /// The tiny guest embedded in the `faultline` binary.
+    BuiltIn,
+    /// A PVH ELF, an uncompressed Linux `vmlinux`, or a Linux bzImage at this path.
+    Path(PathBuf),
+}
+
+/// The whole VM as the user asked for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmConfig {
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM zones, laid out in order from guest physical address 0 (skipping the
+    /// MMIO hole below 4 GiB).
+    #[serde(rename = "memory")]
+    pub zones: Vec<ZoneConfig>,
+    /// The kernel to boot.
+    pub kernel: KernelImage,
+    /// Extra kernel command-line text (appended after the workload's tokens).
+    pub cmdline: String,
+    /// The built-in guest's workload (ignored for other kernels).
+    pub workload: Workload,
+    /// Echo the guest's serial console to stdout.
+    pub console: bool,
+}
+
+/// Most vCPUs supported (the tiny guest's limit).
+pub const MAX_VCPUS: usize = abi::MAX_CPUS;
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            vcpus: 2,
+            zones: vec![ZoneConfig::new(256 << 20, Backend::Anon)],
+            kernel: KernelImage::BuiltIn,
+            cmdline: String::new(),
+            workload: Workload::default(),
+            console: false,
+        }
+    }
+}
+
+impl VmConfig {
+    /// Reads a TOML config file. Unknown fields are errors that name the field.
+    pub fn from_toml_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let err = |reason: String| ConfigError::ConfigFile { path: path.display().to_string(), reason };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        toml::from_str(&text).map_err(|e| err(e.to_string()))
+    }
+
+    /// Total guest RAM in bytes.
+    pub fn total_memory_bytes(&self) -> u64 {
+        self.zones.iter().map(|z| z.size_bytes).sum()
+    }
+
+    /// Checks everything that can be checked without touching the host. Host-dependent
+    /// checks (hugepage pool, file permissions, memory limits) happen when the memory
+    /// layer creates the zones.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus as usize > MAX_VCPUS {
+            return Err(ConfigError::BadVcpuCount { vcpus: self.vcpus, max: MAX_VCPUS });
+        }
+        if self.zones.is_empty() {
+            return Err(ConfigError::NoZones);
+        }
+        for (index, zone) in self.zones.iter().enumerate() {
+            if zone.size_bytes == 0 {
+                return Err(ConfigError::ZeroZoneSize { zone: index });
+            }
+            if zone.backend == Backend::Hugetlb && ![HUGEPAGE_2M, HUGEPAGE_1G].contains(&zone.hugepage_bytes) {
+                return Err(ConfigError::BadZoneSpec {
+                    spec: format!("hugepage={}", zone.hugepage_bytes),
+                    reason: format!("memory zone {index}: hugepage must be 2M or 1G"),
+                });
+            }
+            let page = zone.page_bytes();
+            if zone.size_bytes % page != 0 {
+                return Err(ConfigError::UnalignedZoneSize {
+                    zone: index,
+                    size_bytes: zone.size_bytes,
+                    backend: zone.backend.name(),
+                    page_bytes: page,
+                    suggestion: zone.size_bytes.div_ceil(page) * page,
+                });
+            }
+            match (zone.backend, &zone.path) {
+                (Backend::File, None) => {
+                    return Err(ConfigError::BadZonePath {
+                        zone: index,
+                        reason: "backend=file needs path=/some/file (created if missing)".into(),
+                    })
+                }
+                (Backend::File, Some(_)) | (_, None) => {}
+                (other, Some(_)) => {
+                    return Err(ConfigError::BadZonePath {
+                        zone: index,
+                        reason: format!("path= is only for backend=file, not {}", other.name()),
+                    })
+                }
+            }
+        }
+        if self.kernel == KernelImage::BuiltIn {
+            let min = abi::WORKLOAD_MIN_GPA;
+            if self.total_memory_bytes() <= min {
+                return Err(ConfigError::TooLittleMemory { total_bytes: self.total_memory_bytes(), min_bytes: min });
+            }
+            self.workload.validate()?;
+        }
+        Ok(())
+    }
+
+    /// The kernel command line: for the built-in guest, the workload's tokens and the
+    /// CPU count (and TSC frequency when known), then the user's extra text.
+    pub fn guest_cmdline(&self, tsc_khz: Option<u32>) -> String {
+        let mut tokens = Vec::new();
+        if self.kernel == KernelImage::BuiltIn {
+            tokens.push(format!("{}={}", abi::cmdline::CPUS, self.vcpus));
+            if let Some(khz) = tsc_khz {
+                tokens.push(format!("{}={}", abi::cmdline::TSC_KHZ, khz));
+            }
+            tokens.extend(self.workload.cmdline_tokens());
+        }
+        if !self.cmdline.is_empty() {
+            tokens.push(self.cmdline.clone());
+        }
+        tokens.join(" ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zone_spec_parses_all_keys() {
+        let zone = ZoneConfig::parse("size=1G,backend=hugetlb").unwrap();
+        assert_eq!(zone, ZoneConfig::new(1 << 30, Backend::Hugetlb));
+        let zone = ZoneConfig::parse("size=64M,backend=file,path=/tmp/x").unwrap();
+        assert_eq!(zone.path.as_deref(), Some(std::path::Path::new("/tmp/x")));
+        assert_eq!(ZoneConfig::parse("512M").unwrap().size_bytes, 512 << 20);
+    }
+
+    #[test]
+    fn zone_spec_errors_name_the_problem() {
+        let err = ZoneConfig::parse("size=12Q").unwrap_err().to_string();
+        assert!(err.contains("cannot parse size '12Q'"), "{err}");
+        let err = ZoneConfig::parse("size=1G,backend=ram").unwrap_err().to_string();
+        assert!(err.contains("unknown backend 'ram'") && err.contains("hugetlb"), "{err}");
+        let err = ZoneConfig::parse("backend=anon").unwrap_err().to_string();
+        assert!(err.contains("missing size="), "{err}");
+        let err = ZoneConfig::parse("size=1G,colour=red").unwrap_err().to_string();
+        assert!(err.contains("unknown key 'colour'"), "{err}");
+    }
+
+    #[test]
+    fn validation_rejects_zero_unaligned_and_misplaced_paths() {
+        let mut config = VmConfig { zones: vec![ZoneConfig::new(0, Backend::Anon)], ..Default::default() };
+        assert_eq!(config.validate(), Err(ConfigError::ZeroZoneSize { zone: 0 }));
+        config.zones = vec![ZoneConfig::new(64 << 20, Backend::Anon), ZoneConfig::new(3 << 20, Backend::Hugetlb)];
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("zone 1") && err.to_string().contains(&(4u64 << 20).to_string()), "{err}");
+        config.zones = vec![ZoneConfig::new(64 << 20, Backend::File)];
+        assert!(config.validate().unwrap_err().to_string().contains("needs path="));
+        config.zones = vec![ZoneConfig { path: Some("/x".into()), ..ZoneConfig::new(64 << 20, Backend::Memfd) }];
+        assert!(config.validate().unwrap_err().to_string().contains("only for backend=file"));
+        config.zones = vec![ZoneConfig::new(4 << 20, Backend::Anon)];
+        assert!(matches!(config.validate(), Err(ConfigError::TooLittleMemory { .. })));
+        config.zones = vec![ZoneConfig::new(64 << 20, Backend::Anon)];
+        config.vcpus = 0;
+        assert!(config.validate().unwrap_err().to_string().contains("vcpus = 0"));
+    }
+
+    #[test]
+    fn workload_becomes_guest_cmdline() {
+        let config = VmConfig::default();
+        config.validate().unwrap();
+        let line = config.guest_cmdline(Some(2_400_000));
+        assert!(line.starts_with("fl.cpus=2 fl.tsc_khz=2400000 fl.steps=fill,verify"), "{line}");
+        let bad = VmConfig { workload: Workload { steps: vec!["jump".into()], ..Default::default() }, ..Default::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("unknown step 'jump'"));
+    }
+
+    #[test]
+    fn toml_config_reads_sizes_as_text_and_rejects_unknown_fields() {
+        let config: VmConfig = toml::from_str(
+            "vcpus = 4\n[[memory]]\nsize_bytes = \"128M\"\nbackend = \"memfd\"\n[[memory]]\nsize_bytes = 67108864\nbackend = \"anon\"\n[workload]\nsteps = [\"touch\"]\n",
+        )
+        .unwrap();
+        assert_eq!(config.vcpus, 4);
+        assert_eq!(config.zones[0], ZoneConfig::new(128 << 20, Backend::Memfd));
+        assert_eq!(config.total_memory_bytes(), 192 << 20);
+        assert_eq!(config.workload.steps, vec!["touch".to_string()]);
+        let err = toml::from_str::<VmConfig>("vcpu = 4\n").unwrap_err().to_string();
+        assert!(err.contains("vcpu"), "{err}");
+    }
+}

@@ -1,0 +1,17 @@
+//! Faultline: a minimal KVM virtual machine monitor for experiments on guest memory.
+//!
+//! Layers (see ARCHITECTURE.md): `config` (what the user asked for) → `memory` (guest RAM
+//! and its backends) → `smmu` (page state, invalidation, demand paging) → `vstate` (KVM
+//! VM and vCPUs) → `devices` → experiments (`run`, `bench`). Data flows down, events up.
+#![deny(missing_docs)]
+
+pub mod boot;
+pub mod config;
+pub mod devices;
+pub mod memory;
+pub mod report;
+pub mod vmm;
+pub mod vstate;
+
+/// The built-in tiny guest (guest-image/), embedded at build time.
+pub static BUILTIN_GUEST_ELF: &[u8] = include_bytes!(env!("FAULTLINE_GUEST_ELF"));

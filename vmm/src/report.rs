@@ -1,0 +1,413 @@
+//! What a run produced: the guest's report lines (parsed from its serial console), how
+//! the VM ended, and the host-side figures. Printed as a short summary or as JSON.
+
+use std::time::Instant;
+
+use faultline_abi as abi;
+use serde::Serialize;
+
+/// The guest's `ready` line.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+#[serde(default)]
+pub struct GuestReady {
+    /// CPUs the guest brought up.
+    pub cpus: u64,
+    /// RAM the guest saw in its memory map.
+    pub ram_bytes: u64,
+    /// Bytes of its workload region.
+    pub region_bytes: u64,
+    /// Pages of its workload region.
+    pub region_pages: u64,
+    /// TSC frequency the guest used.
+    pub tsc_khz: u64,
+    /// The steps it will run.
+    pub steps: String,
+}
+
+/// The guest's `verify` line.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+#[serde(default)]
+pub struct GuestVerify {
+    /// True when every word matched.
+    pub ok: bool,
+    /// Pages checked.
+    pub pages: u64,
+    /// Words that did not match.
+    pub mismatches: u64,
+    /// The first few mismatches.
+    pub first: Vec<VerifyMismatch>,
+}
+
+/// One mismatching word.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct VerifyMismatch {
+    /// Guest physical address of the word.
+    pub gpa: u64,
+    /// What the pattern says.
+    pub expected: u64,
+    /// What memory held.
+    pub found: u64,
+}
+
+/// A latency histogram reported by the guest, in TSC cycles.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+#[serde(default)]
+pub struct GuestHistogram {
+    /// Samples.
+    pub count: u64,
+    /// Smallest sample.
+    pub min: u64,
+    /// Largest sample.
+    pub max: u64,
+    /// Mean sample.
+    pub mean: f64,
+    /// Non-empty buckets as `[bucket index, count]` (see `faultline_abi::histogram_bucket`).
+    pub buckets: Vec<(usize, u64)>,
+}
+
+impl GuestHistogram {
+    /// The value at quantile `q` (0..=1), as the upper edge of its bucket, clamped to max.
+    pub fn quantile(&self, q: f64) -> u64 {
+        if self.count == 0 {
+            return 0;
+        }
+        let rank = ((q * self.count as f64).ceil() as u64).clamp(1, self.count);
+        let mut seen = 0;
+        for &(bucket, count) in &self.buckets {
+            seen += count;
+            if seen >= rank {
+                return abi::histogram_bucket_high(bucket).min(self.max);
+            }
+        }
+        self.max
+    }
+}
+
+/// A guest `result` line.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+#[serde(default)]
+pub struct GuestStepResult {
+    /// The step's name.
+    pub step: String,
+    /// Pass number (touch), 1-based; 0 for steps without passes.
+    pub pass: u64,
+    /// Pages the step covered.
+    pub pages: u64,
+    /// Wall time of the step in TSC cycles (slowest CPU).
+    pub cycles: u64,
+    /// CPUs that ran it.
+    pub cpus: u64,
+    /// Per-touch latency (touch only).
+    pub latency_cycles: Option<GuestHistogram>,
+}
+
+/// A guest `done` line.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+#[serde(default)]
+pub struct GuestDone {
+    /// The exit status byte.
+    pub status: u64,
+    /// Its name.
+    pub name: String,
+}
+
+/// Everything the guest reported, in order of arrival.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GuestReport {
+    /// The ready line, if printed.
+    pub ready: Option<GuestReady>,
+    /// Nanoseconds from VMM process start to the ready line.
+    pub ready_after_ns: Option<u64>,
+    /// Result lines.
+    pub results: Vec<GuestStepResult>,
+    /// Verify lines.
+    pub verifies: Vec<GuestVerify>,
+    /// The done line.
+    pub done: Option<GuestDone>,
+    /// Error messages the guest printed.
+    pub errors: Vec<String>,
+    /// Exception lines, raw JSON.
+    pub exceptions: Vec<serde_json::Value>,
+    /// Report lines that could not be parsed (a guest bug worth seeing).
+    pub unparsed: Vec<String>,
+}
+
+impl GuestReport {
+    /// True when the guest said done with success and every verify passed.
+    pub fn success(&self) -> bool {
+        self.done.as_ref().is_some_and(|d| d.status == abi::ExitStatus::Success as u64)
+            && self.verifies.iter().all(|v| v.ok)
+            && self.errors.is_empty()
+            && self.exceptions.is_empty()
+    }
+}
+
+/// Collects the guest's serial output line by line and parses the `FL ...` lines.
+pub struct GuestReportCollector {
+    started: Instant,
+    partial: Vec<u8>,
+    /// What has been parsed so far.
+    pub report: GuestReport,
+}
+
+impl GuestReportCollector {
+    /// A collector that measures `ready_after_ns` from `started` (the VMM's start).
+    pub fn new(started: Instant) -> Self {
+        GuestReportCollector { started, partial: Vec::new(), report: GuestReport::default() }
+    }
+
+    /// Feeds bytes the guest wrote to its serial port.
+    pub fn push_bytes(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            if byte == b'\n' {
+                let line = String::from_utf8_lossy(&self.partial).trim_end_matches('\r').to_string();
+                self.partial.clear();
+                self.push_line(&line);
+            } else if self.partial.len() < 1 << 20 {
+                self.partial.push(byte);
+            }
+        }
+    }
+
+    /// Parses one complete line.
+    pub fn push_line(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix(abi::REPORT_PREFIX) else { return };
+        let (kind, json) = rest.split_once(' ').unwrap_or((rest, "{}"));
+        let report = &mut self.report;
+        let parsed = match kind {
+            abi::report::READY => serde_json::from_str(json).map(|ready| {
+                report.ready = Some(ready);
+                report.ready_after_ns = Some(self.started.elapsed().as_nanos() as u64);
+            }),
+            abi::report::RESULT => serde_json::from_str(json).map(|r| report.results.push(r)),
+            abi::report::VERIFY => serde_json::from_str(json).map(|v| report.verifies.push(v)),
+            abi::report::DONE => serde_json::from_str(json).map(|d| report.done = Some(d)),
+            abi::report::ERROR => serde_json::from_str::<serde_json::Value>(json).map(|v| {
+                report.errors.push(v.get("msg").and_then(|m| m.as_str()).unwrap_or(json).to_string())
+            }),
+            abi::report::EXCEPTION => serde_json::from_str(json).map(|v| report.exceptions.push(v)),
+            _ => Ok(()),
+        };
+        if parsed.is_err() {
+            report.unparsed.push(line.to_string());
+        }
+    }
+}
+
+/// How the VM ended.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum VmExit {
+    /// The guest wrote its status to the debug-exit port.
+    DebugExit {
+        /// The status byte.
+        status: u8,
+    },
+    /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
+    TripleFault {
+        /// The vCPU that shut down.
+        vcpu: u32,
+        /// Its rip.
+        rip: u64,
+    },
+    /// KVM could not run the guest (KVM_EXIT_INTERNAL_ERROR, e.g. emulation failure).
+    InternalError {
+        /// The vCPU.
+        vcpu: u32,
+        /// KVM's suberror code.
+        suberror: u32,
+        /// Its rip.
+        rip: u64,
+        /// The instruction bytes at rip, hex, as far as they could be read.
+        instruction_bytes: String,
+    },
+    /// KVM failed to enter the guest (KVM_EXIT_FAIL_ENTRY) or another fatal exit.
+    Fatal {
+        /// The vCPU.
+        vcpu: u32,
+        /// What happened.
+        reason: String,
+    },
+    /// The run was stopped from outside (signal, control socket, timeout).
+    Stopped {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl VmExit {
+    /// True for a debug exit with status success.
+    pub fn is_success(&self) -> bool {
+        matches!(self, VmExit::DebugExit { status } if *status == abi::ExitStatus::Success as u8)
+    }
+
+    /// A one-line description for people.
+    pub fn describe(&self) -> String {
+        match self {
+            VmExit::DebugExit { status } => {
+                let name = abi::ExitStatus::from_byte(*status).map_or("unknown", |s| s.name());
+                format!("guest exited with status {status} ({name})")
+            }
+            VmExit::TripleFault { vcpu, rip } => format!("vCPU {vcpu} triple-faulted (shutdown) at rip {rip:#x}"),
+            VmExit::InternalError { vcpu, suberror, rip, instruction_bytes } => format!(
+                "vCPU {vcpu}: KVM internal error (suberror {suberror}{}) at rip {rip:#x}, instruction bytes [{instruction_bytes}]",
+                if *suberror == 1 { ": emulation failure" } else { "" }
+            ),
+            VmExit::Fatal { vcpu, reason } => format!("vCPU {vcpu}: {reason}"),
+            VmExit::Stopped { reason } => format!("stopped: {reason}"),
+        }
+    }
+}
+
+/// Host memory use of the VMM process.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HostMemory {
+    /// Resident set size at the end of the run, bytes (VmRSS).
+    pub rss_bytes: u64,
+    /// Peak resident set size, bytes (VmHWM).
+    pub peak_rss_bytes: u64,
+    /// Of the RSS, anonymous memory (RssAnon).
+    pub rss_anon_bytes: u64,
+    /// Of the RSS, shared memory (RssShmem: memfd, hugetlb not included).
+    pub rss_shmem_bytes: u64,
+}
+
+impl HostMemory {
+    /// Reads /proc/self/status.
+    pub fn of_self() -> Self {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .map_or(0, |kb| kb * 1024)
+        };
+        HostMemory {
+            rss_bytes: field("VmRSS:"),
+            peak_rss_bytes: field("VmHWM:"),
+            rss_anon_bytes: field("RssAnon:"),
+            rss_shmem_bytes: field("RssShmem:"),
+        }
+    }
+}
+
+/// The outcome of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// How the VM ended.
+    pub exit: VmExit,
+    /// What the guest reported.
+    pub guest: GuestReport,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM, bytes.
+    pub memory_bytes: u64,
+    /// Zone backends, in order.
+    pub backends: Vec<String>,
+    /// Nanoseconds from process start to the VM being built (memory, vCPUs, image loaded).
+    pub setup_ns: u64,
+    /// Nanoseconds from process start to the VM's end.
+    pub total_ns: u64,
+    /// Host memory at the end.
+    pub host_memory: HostMemory,
+}
+
+impl RunReport {
+    /// True when the VM ended with the guest's success status and the guest reported
+    /// success for every step.
+    pub fn success(&self) -> bool {
+        self.exit.is_success() && self.guest.success()
+    }
+
+    /// A short summary for people.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        let ms = |ns: u64| ns as f64 / 1e6;
+        out.push_str(&format!(
+            "faultline: {} vCPU(s), {} MiB [{}]\n",
+            self.vcpus,
+            self.memory_bytes >> 20,
+            self.backends.join(", ")
+        ));
+        out.push_str(&format!("  exit: {}\n", self.exit.describe()));
+        if let Some(ns) = self.guest.ready_after_ns {
+            out.push_str(&format!("  guest ready after {:.2} ms (VM built after {:.2} ms)\n", ms(ns), ms(self.setup_ns)));
+        }
+        let tsc_khz = self.guest.ready.as_ref().map_or(0, |r| r.tsc_khz);
+        for result in &self.guest.results {
+            let step_ms = if tsc_khz > 0 { result.cycles as f64 / tsc_khz as f64 } else { f64::NAN };
+            out.push_str(&format!("  {} pass {}: {} pages in {:.2} ms", result.step, result.pass, result.pages, step_ms));
+            if let Some(h) = &result.latency_cycles {
+                out.push_str(&format!(
+                    ", per-touch cycles p50 {} p99 {} max {}",
+                    h.quantile(0.5),
+                    h.quantile(0.99),
+                    h.max
+                ));
+            }
+            out.push('\n');
+        }
+        for verify in &self.guest.verifies {
+            if verify.ok {
+                out.push_str(&format!("  verify ok: {} pages\n", verify.pages));
+            } else {
+                out.push_str(&format!("  verify FAILED: {} mismatching words in {} pages\n", verify.mismatches, verify.pages));
+                for m in &verify.first {
+                    out.push_str(&format!(
+                        "    gpa {:#x}: expected {:#018x}, found {:#018x}\n",
+                        m.gpa, m.expected, m.found
+                    ));
+                }
+            }
+        }
+        for error in &self.guest.errors {
+            out.push_str(&format!("  guest error: {error}\n"));
+        }
+        for exception in &self.guest.exceptions {
+            out.push_str(&format!("  guest exception: {exception}\n"));
+        }
+        out.push_str(&format!(
+            "  host RSS {:.1} MiB (peak {:.1} MiB), total {:.2} ms\n",
+            self.host_memory.rss_bytes as f64 / 1048576.0,
+            self.host_memory.peak_rss_bytes as f64 / 1048576.0,
+            ms(self.total_ns)
+        ));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collector_parses_report_lines_split_across_writes() {
+        let mut collector = GuestReportCollector::new(Instant::now());
+        collector.push_bytes(b"booting...\nFL ready {\"cpus\":2,\"ram_bytes\":268435456,\"region_bytes\":1,\"regi");
+        collector.push_bytes(b"on_pages\":1,\"tsc_khz\":2400000,\"steps\":\"fill,verify\"}\r\n");
+        collector.push_bytes(b"FL result {\"step\":\"fill\",\"pass\":0,\"pages\":10,\"cycles\":100,\"cpus\":2}\n");
+        collector.push_bytes(b"FL verify {\"ok\":false,\"pages\":10,\"mismatches\":1,\"first\":[{\"gpa\":4096,\"expected\":5,\"found\":0}]}\n");
+        collector.push_bytes(b"FL done {\"status\":1,\"name\":\"verify-failed\"}\nFL bogus\nFL result {oops\n");
+        let report = &collector.report;
+        assert_eq!(report.ready.as_ref().unwrap().cpus, 2);
+        assert!(report.ready_after_ns.is_some());
+        assert_eq!(report.results[0].pages, 10);
+        assert_eq!(report.verifies[0].first[0], VerifyMismatch { gpa: 4096, expected: 5, found: 0 });
+        assert_eq!(report.done.as_ref().unwrap().status, 1);
+        assert_eq!(report.unparsed, vec!["FL result {oops".to_string()]);
+        assert!(!report.success());
+    }
+
+    #[test]
+    fn histogram_quantiles_use_bucket_edges() {
+        let mut h = GuestHistogram { count: 100, min: 10, max: 5000, mean: 0.0, buckets: vec![] };
+        h.buckets.push((abi::histogram_bucket(10), 50));
+        h.buckets.push((abi::histogram_bucket(1000), 49));
+        h.buckets.push((abi::histogram_bucket(5000), 1));
+        assert_eq!(h.quantile(0.5), 10);
+        let p99 = h.quantile(0.99);
+        assert!((1000..1040).contains(&p99), "{p99}");
+        assert_eq!(h.quantile(1.0), 5000);
+    }
+}
