@@ -7,9 +7,12 @@
 
 pub mod boot;
 pub mod config;
+pub mod cli;
 pub mod devices;
+pub mod experiments;
 pub mod memory;
 pub mod report;
+pub mod smmu;
 pub mod vmm;
 pub mod vstate;
 

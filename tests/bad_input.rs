@@ -1,0 +1,113 @@
+//! Bad input gets a clear error that names the problem, a non-zero exit status, and no
+//! hang or crash.
+
+mod common;
+use common::*;
+
+fn expect_error(args: &[&str], needles: &[&str]) {
+    let run = run_json(args);
+    assert_eq!(run.code, 2, "args {args:?}: expected a configuration error\nstdout: {}\nstderr: {}", run.stdout, run.stderr);
+    for needle in needles {
+        assert!(run.stderr.contains(needle), "args {args:?}: error must mention '{needle}': {}", run.stderr);
+    }
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+}
+
+#[test]
+fn missing_kernel_is_named() {
+    expect_error(&["--kernel", "/nonexistent/kernel.elf"], &["/nonexistent/kernel.elf"]);
+}
+
+#[test]
+fn non_elf_kernel_is_refused() {
+    let dir = ScratchDir::new("non-elf");
+    let path = dir.0.join("kernel.txt");
+    std::fs::write(&path, b"this is not a kernel, just some text that is long enough to read a header from").unwrap();
+    let path = path.display().to_string();
+    let run = run_json(&["--kernel", &path]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains(&path), "{}", run.stderr);
+    assert!(run.stderr.to_lowercase().contains("elf"), "{}", run.stderr);
+}
+
+#[test]
+fn zero_memory_is_refused() {
+    expect_error(&["--memory", "size=0"], &["zone 0", "size is 0"]);
+}
+
+#[test]
+fn unaligned_memory_is_refused_with_a_suggestion() {
+    expect_error(&["--memory", "size=100001"], &["not a multiple", "4096", "102400"]);
+    expect_error(&["--memory", "size=63M,backend=hugetlb"], &["not a multiple", "2097152"]);
+}
+
+#[test]
+fn unparsable_memory_spec_is_named() {
+    expect_error(&["--memory", "size=lots"], &["size=lots", "cannot parse size"]);
+    expect_error(&["--memory", "size=64M,backend=floppy"], &["floppy", "anon, memfd, file or hugetlb"]);
+}
+
+#[test]
+fn memory_beyond_what_the_host_allows_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    expect_error(&["--memory", "size=64T"], &["64"]);
+}
+
+#[test]
+fn read_only_backing_file_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    // Root ignores file modes, so make the file truly read-only: a read-only tmpfs mount.
+    let dir = ScratchDir::new("ro-file");
+    let mount = dir.0.join("mnt");
+    std::fs::create_dir(&mount).unwrap();
+    let mounted = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=64M", "tmpfs"]).arg(&mount).status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        eprintln!("!!!! SKIPPED: cannot mount a tmpfs here (not root?) !!!!");
+        return;
+    }
+    let path = mount.join("ram");
+    std::fs::write(&path, vec![0u8; 16 << 20]).unwrap();
+    let remounted = std::process::Command::new("mount").args(["-o", "remount,ro"]).arg(&mount).status();
+    let spec = format!("size=16M,backend=file,path={}", path.display());
+    let run = run_json(&["--memory", &spec]);
+    let _ = std::process::Command::new("umount").arg(&mount).status();
+    assert!(remounted.unwrap().success());
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains(&path.display().to_string()), "{}", run.stderr);
+    assert!(run.stderr.to_lowercase().contains("read-only"), "{}", run.stderr);
+}
+
+#[test]
+fn too_small_existing_file_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = ScratchDir::new("small-file");
+    let path = dir.0.join("ram");
+    std::fs::write(&path, vec![1u8; 4 << 20]).unwrap();
+    let spec = format!("size=16M,backend=file,path={}", path.display());
+    let run = run_json(&["--memory", &spec]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains(&path.display().to_string()), "{}", run.stderr);
+    // The user's data is not touched.
+    assert_eq!(std::fs::read(&path).unwrap(), vec![1u8; 4 << 20]);
+}
+
+#[test]
+fn bad_vcpu_count_and_bad_step_are_named() {
+    expect_error(&["--vcpus", "0"], &["vcpus = 0"]);
+    expect_error(&["--vcpus", "65"], &["vcpus = 65", "64"]);
+    expect_error(&["--steps", "fill,explode"], &["explode", "steps"]);
+}
+
+#[test]
+fn config_file_with_a_typo_names_the_field() {
+    let dir = ScratchDir::new("toml");
+    let path = dir.0.join("vm.toml");
+    std::fs::write(&path, "vcpu = 2\n").unwrap();
+    expect_error(&["--config", &path.display().to_string()], &["vm.toml", "vcpu"]);
+}

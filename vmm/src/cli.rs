@@ -1,0 +1,196 @@
+//! The `faultline` command line: clap definitions and their translation to a [`VmConfig`].
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{AccessKind, AccessPattern, ConfigError, KernelImage, VmConfig, ZoneConfig};
+
+/// Faultline: a minimal KVM VMM for experiments on guest memory.
+#[derive(Debug, Parser)]
+#[command(name = "faultline", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a VM (by default the built-in tiny guest: 2 vCPUs, 256 MiB anon, fill + verify).
+    Run(RunArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Write the built-in guest ELF to a file (e.g. to boot it under QEMU).
+    GuestImage {
+        /// Where to write it.
+        output: PathBuf,
+    },
+}
+
+/// Benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Process start → guest ready, Faultline vs QEMU (microvm) booting the same ELF.
+    Boot(crate::experiments::boot_bench::BootBenchArgs),
+}
+
+/// Options of `faultline run`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct RunArgs {
+    /// A TOML config file; options given on the command line override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Number of vCPUs [default: 2].
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// A memory zone, repeatable, laid out in order: size=SIZE[,backend=anon|memfd|file|hugetlb][,path=FILE][,hugepage=2M|1G]
+    /// [default: size=256M,backend=anon].
+    #[arg(long = "memory", short = 'm', value_name = "SPEC")]
+    pub memory: Vec<String>,
+    /// A kernel to boot instead of the built-in guest: PVH ELF, Linux vmlinux or bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Extra kernel command line (for the built-in guest, appended after the workload).
+    #[arg(long, value_name = "TEXT")]
+    pub cmdline: Option<String>,
+    /// Workload steps of the built-in guest, comma separated: fill, verify, touch, dirty, idle.
+    #[arg(long, value_delimiter = ',')]
+    pub steps: Option<Vec<String>>,
+    /// Bytes of guest RAM the workload uses (default: all of it above 8 MiB).
+    #[arg(long, value_parser = parse_size_arg)]
+    pub size: Option<u64>,
+    /// Seed of the fill/verify pattern and random orders.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Touch order.
+    #[arg(long, value_enum)]
+    pub pattern: Option<AccessPattern>,
+    /// Stride in pages for --pattern strided.
+    #[arg(long)]
+    pub stride: Option<u64>,
+    /// Read or write touches.
+    #[arg(long, value_enum)]
+    pub access: Option<AccessKind>,
+    /// Passes of touch over the same pages (the first is cold).
+    #[arg(long)]
+    pub passes: Option<u32>,
+    /// Pages per second for the dirty step.
+    #[arg(long)]
+    pub rate: Option<u64>,
+    /// Duration of dirty and idle, milliseconds.
+    #[arg(long)]
+    pub duration_ms: Option<u64>,
+    /// Echo the guest's serial console to stdout (before the summary).
+    #[arg(long)]
+    pub console: bool,
+    /// Print the run report as JSON instead of the summary.
+    #[arg(long)]
+    pub json: bool,
+    /// Stop the VM after this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<f64>,
+}
+
+fn parse_size_arg(text: &str) -> Result<u64, String> {
+    faultline_abi::parse_size(text).ok_or_else(|| format!("cannot parse size '{text}' (use e.g. 64M, 1G)"))
+}
+
+impl RunArgs {
+    /// The VM configuration: the config file (or defaults), then every option given here.
+    pub fn to_config(&self) -> Result<VmConfig, ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => VmConfig::from_toml_file(path)?,
+            None => VmConfig::default(),
+        };
+        if let Some(vcpus) = self.vcpus {
+            config.vcpus = vcpus;
+        }
+        if !self.memory.is_empty() {
+            config.zones = self.memory.iter().map(|spec| ZoneConfig::parse(spec)).collect::<Result<_, _>>()?;
+        }
+        if let Some(kernel) = &self.kernel {
+            config.kernel = KernelImage::Path(kernel.clone());
+        }
+        if let Some(cmdline) = &self.cmdline {
+            config.cmdline = cmdline.clone();
+        }
+        let workload = &mut config.workload;
+        if let Some(steps) = &self.steps {
+            workload.steps = steps.clone();
+        }
+        if self.size.is_some() {
+            workload.size_bytes = self.size;
+        }
+        if let Some(v) = self.seed {
+            workload.seed = v;
+        }
+        if let Some(v) = self.pattern {
+            workload.pattern = v;
+        }
+        if let Some(v) = self.stride {
+            workload.stride_pages = v;
+        }
+        if let Some(v) = self.access {
+            workload.access = v;
+        }
+        if let Some(v) = self.passes {
+            workload.passes = v;
+        }
+        if let Some(v) = self.rate {
+            workload.rate_pages_per_s = v;
+        }
+        if let Some(v) = self.duration_ms {
+            workload.duration_ms = v;
+        }
+        config.console |= self.console;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Backend;
+
+    fn parse(args: &[&str]) -> RunArgs {
+        match Cli::try_parse_from(std::iter::once("faultline").chain(args.iter().copied())).unwrap().command {
+            Command::Run(run) => run,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn run_with_no_options_is_the_sensible_default() {
+        let config = parse(&["run"]).to_config().unwrap();
+        assert_eq!(config, VmConfig::default());
+        assert_eq!(config.vcpus, 2);
+    }
+
+    #[test]
+    fn options_override_defaults() {
+        let config = parse(&[
+            "run", "--vcpus", "4", "--memory", "size=64M,backend=memfd", "-m", "size=32M", "--steps", "touch,verify",
+            "--pattern", "random", "--size", "16M",
+        ])
+        .to_config()
+        .unwrap();
+        assert_eq!(config.vcpus, 4);
+        assert_eq!(config.zones[0].backend, Backend::Memfd);
+        assert_eq!(config.zones[1], ZoneConfig::new(32 << 20, Backend::Anon));
+        assert_eq!(config.workload.steps, vec!["touch".to_string(), "verify".to_string()]);
+        assert_eq!(config.workload.pattern, AccessPattern::Random);
+        assert_eq!(config.workload.size_bytes, Some(16 << 20));
+    }
+
+    #[test]
+    fn bad_memory_spec_names_the_field() {
+        let err = parse(&["run", "--memory", "size=0"]).to_config().unwrap_err().to_string();
+        assert!(err.contains("zone 0") && err.contains("size is 0"), "{err}");
+        let err = parse(&["run", "--memory", "size=10000,backend=anon"]).to_config().unwrap_err().to_string();
+        assert!(err.contains("not a multiple") && err.contains("12288"), "{err}");
+    }
+}

@@ -1,0 +1,5 @@
+//! Experiments that drive the VMM and report figures: benchmarks today; snapshot,
+//! restore, migration and balloon policy later.
+
+pub mod boot_bench;
+pub mod child_timing;
