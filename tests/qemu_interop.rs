@@ -27,7 +27,7 @@ fn same_elf_boots_under_qemu_microvm() {
     assert!(faultline().arg("guest-image").arg(&image).status().unwrap().success());
     for cpus in ["1", "2"] {
         let output = std::process::Command::new("timeout")
-            .args(["60", qemu, "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-nodefaults", "-no-user-config"])
+            .args(["60", qemu, "-M", "microvm", "-accel", "kvm", "-cpu", "host,-arch-capabilities", "-nodefaults", "-no-user-config"])
             .args(["-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot", "-smp", cpus, "-m", "128M"])
             .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel"])
             .arg(&image)

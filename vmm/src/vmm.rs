@@ -1,13 +1,66 @@
-//! Builds a VM step by step from a [`VmConfig`] and runs it to its end.
-use crate::config::VmConfig;
-use crate::report::RunReport;
+//! Builds a VM step by step from a [`VmConfig`] and runs it to its end: guest RAM, the
+//! KVM VM, the kernel and its boot data, devices, vCPUs, then the run and the report.
+use std::sync::{Arc, Mutex};
 
-/// Errors building or running a VM.
+use faultline_abi as abi;
+
+use crate::boot::{self, BootError};
+use crate::config::{ConfigError, VmConfig};
+use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORTS};
+use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_IRQ, SERIAL_PORTS};
+use crate::devices::{BusError, PioBus};
+use crate::memory::{self, GuestRam};
+use crate::report::{GuestReportCollector, HostMemory, RunReport};
+use crate::vstate::runner::{self, RunError};
+use crate::vstate::{ControlError, Kvm, KvmError, Vcpu, VcpuError, Vm, VmControl, VmError};
+
+/// Errors building or running a VM. Each wraps its layer's error, whose message says
+/// what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
-    /// Placeholder until the VMM core lands.
-    #[error("not yet implemented")]
-    Unimplemented,
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Guest RAM could not be created.
+    #[error(transparent)]
+    Memory(#[from] memory::Error),
+    /// KVM is unavailable or lacks a feature.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// The VM could not be created.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// A vCPU could not be created.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The kernel could not be loaded or booted.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// The device bus could not be built.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// VM control (exit eventfd, kick signal) could not be set up.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// Running the vCPUs failed.
+    #[error(transparent)]
+    Run(#[from] RunError),
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd for {what}: {source}")]
+    EventFd {
+        /// What it was for.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The KVM vCPU limit is below the count asked for.
+    #[error("{vcpus} vCPUs asked for but this host's KVM allows {max}; use --vcpus {max} or fewer")]
+    TooManyVcpus {
+        /// vCPUs asked for.
+        vcpus: u32,
+        /// KVM's limit.
+        max: usize,
+    },
 }
 
 /// Options of one run that are not part of the VM's configuration.
@@ -21,6 +74,184 @@ pub struct RunOptions {
 
 /// Builds the VM described by `config`, runs it until it ends, and reports.
 pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmError> {
-    let _ = (config, options);
-    Err(VmmError::Unimplemented)
+    config.validate()?;
+    let kvm = Kvm::open()?;
+    if config.vcpus as usize > kvm.max_vcpus() {
+        return Err(VmmError::TooManyVcpus { vcpus: config.vcpus, max: kvm.max_vcpus() });
+    }
+    let ram = GuestRam::new(&config.zones)?;
+    let vm = Vm::new(&kvm, &ram)?;
+    let kernel = boot::load_kernel(&config.kernel, ram.memory())?;
+    tracing::debug!("loaded {}: {:?}, ends at {:#x}", kernel.name, kernel.entry, kernel.end_gpa);
+
+    let supported_cpuid = kvm.supported_cpuid()?;
+    let vcpus = (0..config.vcpus)
+        .map(|id| Vcpu::new(&vm, &supported_cpuid, id, config.vcpus))
+        .collect::<Result<Vec<_>, _>>()?;
+    let tsc_khz = vcpus[0].tsc_khz().ok();
+    let cmdline = config.guest_cmdline(tsc_khz);
+    boot::write_cmdline(ram.memory(), &cmdline)?;
+    let entry = boot::configure(&kernel, &ram, &cmdline)?;
+    vcpus[0].set_entry(&entry)?;
+
+    let collector = Arc::new(Mutex::new(GuestReportCollector::new(options.started)));
+    let bus = build_bus(&vm, config.console, collector.clone())?;
+    let control = VmControl::new()?;
+    let setup_ns = options.started.elapsed().as_nanos() as u64;
+
+    let exit = runner::run_vcpus(vcpus, &bus, ram.memory(), &control, options.timeout)?;
+    let total_ns = options.started.elapsed().as_nanos() as u64;
+    let host_memory = HostMemory::of_self();
+    drop(bus);
+    drop(vm);
+    let memory_bytes = ram.size_bytes();
+    drop(ram);
+    let guest = std::mem::take(&mut collector.lock().unwrap_or_else(|e| e.into_inner()).report);
+    Ok(RunReport {
+        exit,
+        guest,
+        vcpus: config.vcpus,
+        memory_bytes,
+        backends: config.zones.iter().map(|z| z.backend.name().to_string()).collect(),
+        setup_ns,
+        total_ns,
+        host_memory,
+    })
+}
+
+/// The port-I/O devices: COM1 (IRQ 4 via irqfd) and the debug-exit port.
+fn build_bus(vm: &Vm, echo: bool, collector: Arc<Mutex<GuestReportCollector>>) -> Result<PioBus, VmmError> {
+    let interrupt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+        .map_err(|source| VmmError::EventFd { what: "the serial interrupt", source })?;
+    vm.register_irqfd(&interrupt, COM1_IRQ)?;
+    let serial = SerialDevice::new(interrupt, ConsoleSink::new(echo, collector));
+    let mut bus = PioBus::new();
+    bus.insert(abi::SERIAL_PORT, SERIAL_PORTS, Arc::new(Mutex::new(serial)))?;
+    bus.insert(abi::DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, Arc::new(Mutex::new(DebugExit)))?;
+    Ok(bus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boot::test_elf;
+    use crate::config::{Backend, KernelImage, ZoneConfig};
+    use crate::report::VmExit;
+
+    /// A PVH kernel that prints `line` on COM1 and exits with `status`.
+    fn printing_kernel(line: &[u8], status: u8) -> Vec<u8> {
+        let data_gpa = test_elf::TEST_KERNEL_GPA + 0x100;
+        // mov esi, data; mov dx, 0x3f8; loop: lodsb; test al, al; jz done; out dx, al; jmp loop
+        let mut code = vec![0xbe];
+        code.extend_from_slice(&(data_gpa as u32).to_le_bytes());
+        code.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xac, 0x84, 0xc0, 0x74, 0x03, 0xee, 0xeb, 0xf8]);
+        code.extend_from_slice(&[0xb0, status, 0xe6, 0xf4, 0xf4]);
+        code.resize(0x100, 0x90);
+        code.extend_from_slice(line);
+        code.push(0);
+        test_elf::elf(&code, true)
+    }
+
+    fn config_for(kernel: &std::path::Path, zones: Vec<ZoneConfig>, vcpus: u32) -> VmConfig {
+        VmConfig { vcpus, zones, kernel: KernelImage::Path(kernel.to_path_buf()), ..VmConfig::default() }
+    }
+
+    fn options() -> RunOptions {
+        RunOptions { started: std::time::Instant::now(), timeout: Some(std::time::Duration::from_secs(30)) }
+    }
+
+    #[test]
+    fn pvh_kernel_runs_to_a_successful_report_on_every_shared_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("kernel.elf");
+        std::fs::write(&kernel, printing_kernel(b"FL done {\"status\":0,\"name\":\"success\"}\n", 0)).unwrap();
+        let file_zone = ZoneConfig { path: Some(dir.path().join("ram")), ..ZoneConfig::new(8 << 20, Backend::File) };
+        let zones = vec![ZoneConfig::new(16 << 20, Backend::Anon), ZoneConfig::new(8 << 20, Backend::Memfd), file_zone];
+        let report = run(&config_for(&kernel, zones, 2), &options()).unwrap();
+        assert!(report.success(), "{}", report.summary());
+        assert_eq!(report.memory_bytes, 32 << 20);
+        assert_eq!(report.backends, vec!["anon", "memfd", "file"]);
+        assert!(report.setup_ns > 0 && report.total_ns >= report.setup_ns);
+    }
+
+    /// Adds `pages` 2 MiB huge pages to the host pool for the guard's life (root only).
+    struct HugepageReservation(u64);
+
+    impl HugepageReservation {
+        fn add(pages: u64) -> Option<Self> {
+            let path = "/proc/sys/vm/nr_hugepages";
+            let now: u64 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
+            std::fs::write(path, (now + pages).to_string()).ok()?;
+            let free = crate::memory::limits::HugepagePool::read(2 << 20).ok()?;
+            (free.free >= pages).then_some(HugepageReservation(pages))
+        }
+    }
+
+    impl Drop for HugepageReservation {
+        fn drop(&mut self) {
+            let path = "/proc/sys/vm/nr_hugepages";
+            if let Some(now) = std::fs::read_to_string(path).ok().and_then(|t| t.trim().parse::<u64>().ok()) {
+                let _ = std::fs::write(path, now.saturating_sub(self.0).to_string());
+            }
+        }
+    }
+
+    #[test]
+    fn pvh_kernel_runs_on_hugetlb_memory() {
+        let Some(_pages) = HugepageReservation::add(8) else {
+            eprintln!("skipped: cannot reserve huge pages (needs root)");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("kernel.elf");
+        std::fs::write(&kernel, printing_kernel(b"FL done {\"status\":0,\"name\":\"success\"}\n", 0)).unwrap();
+        let zones = vec![ZoneConfig::new(16 << 20, Backend::Hugetlb)];
+        let report = run(&config_for(&kernel, zones, 1), &options()).unwrap();
+        assert!(report.success(), "{}", report.summary());
+    }
+
+    #[test]
+    fn builtin_guest_boots_and_verifies_its_memory() {
+        let config =
+            VmConfig { vcpus: 1, zones: vec![ZoneConfig::new(64 << 20, Backend::Anon)], ..VmConfig::default() };
+        let report = run(&config, &options()).unwrap();
+        assert!(report.success(), "{}", report.summary());
+        assert_eq!(report.guest.ready.as_ref().map(|r| r.ram_bytes), Some(64 << 20));
+    }
+
+    #[test]
+    fn guest_failure_status_is_reported_not_success() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("kernel.elf");
+        std::fs::write(&kernel, printing_kernel(b"FL error {\"msg\":\"bad\"}\n", 2)).unwrap();
+        let report = run(&config_for(&kernel, vec![ZoneConfig::new(16 << 20, Backend::Anon)], 1), &options()).unwrap();
+        assert_eq!(report.exit, VmExit::DebugExit { status: 2 });
+        assert_eq!(report.guest.errors, vec!["bad".to_string()]);
+        assert!(!report.success());
+    }
+
+    #[test]
+    fn elf_without_pvh_note_boots_by_the_linux_64_bit_protocol() {
+        // In long mode with rsi = boot_params: mov al, [rsi + e820_entries]; out 0xf4, al
+        let code = [0x8a, 0x86, 0xe8, 0x01, 0x00, 0x00, 0xe6, 0xf4, 0xf4];
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux");
+        std::fs::write(&kernel, test_elf::elf(&code, false)).unwrap();
+        let report = run(&config_for(&kernel, vec![ZoneConfig::new(16 << 20, Backend::Anon)], 1), &options()).unwrap();
+        // Low RAM, the reserved legacy area, RAM above 1 MiB.
+        assert_eq!(report.exit, VmExit::DebugExit { status: 3 });
+    }
+
+    #[test]
+    fn bad_kernels_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = dir.path().join("notes.txt");
+        std::fs::write(&text, "not a kernel").unwrap();
+        let zones = vec![ZoneConfig::new(16 << 20, Backend::Anon)];
+        let err = run(&config_for(&text, zones.clone(), 1), &options()).unwrap_err().to_string();
+        assert!(err.starts_with("not an ELF or bzImage kernel: "), "{err}");
+        let missing = dir.path().join("missing");
+        let err = run(&config_for(&missing, zones, 1), &options()).unwrap_err().to_string();
+        assert!(err.starts_with("file not found: "), "{err}");
+    }
 }

@@ -1,0 +1,451 @@
+//! The steps: fill, verify, touch, dirty, idle and the fault-injection steps.
+//!
+//! Every step runs on all CPUs between two barriers ([`phase`]); each CPU handles its
+//! contiguous share of the work and writes its own [`CpuResult`]; the BSP then merges the
+//! results and prints the report lines. All of this runs in ring 3.
+
+use core::fmt::Write;
+use core::hint::spin_loop;
+use core::ptr::addr_of_mut;
+
+use faultline_abi::{
+    pattern_word, report, splitmix64, ExitStatus, Step, MAX_CPUS, PAGE_SIZE, REPORT_PREFIX,
+    VERIFY_REPORT_MAX,
+};
+
+use crate::boot;
+use crate::cmdline::{Access, Config, GuestStep, TouchPattern};
+use crate::histogram::Histogram;
+use crate::region::Region;
+use crate::serial::Serial;
+use crate::smp::{Shared, STEP_BARRIER};
+use crate::tsc;
+
+/// u64 words per page.
+const WORDS_PER_PAGE: u64 = PAGE_SIZE / 8;
+
+/// What every CPU needs to run the steps; set by the BSP before it starts the APs.
+pub struct Context {
+    /// The command line's choices.
+    pub config: Config,
+    /// The workload region.
+    pub region: Region,
+    /// TSC frequency (0 = unknown).
+    pub tsc_khz: u64,
+}
+
+static CONTEXT: Shared<Option<Context>> = Shared::new(None);
+
+/// Publishes the context. BSP only, before any AP starts.
+pub fn set_context(context: Context) {
+    // SAFETY: only the BSP runs; APs read the context only after they are started.
+    unsafe { *CONTEXT.get() = Some(context) };
+}
+
+/// The context set by [`set_context`].
+pub fn context() -> &'static Context {
+    // SAFETY: written once before any reader exists, never written again.
+    unsafe { (*CONTEXT.get()).as_ref() }.expect("the step context is not set")
+}
+
+/// A word of the region that did not hold the pattern.
+#[derive(Clone, Copy, Default)]
+struct Mismatch {
+    gpa: u64,
+    expected: u64,
+    found: u64,
+}
+
+/// One CPU's result of one step (or touch pass).
+#[derive(Clone, Copy)]
+struct CpuResult {
+    cycles: u64,
+    pages: u64,
+    mismatches: u64,
+    first: [Mismatch; VERIFY_REPORT_MAX],
+    first_count: usize,
+    histogram: Histogram,
+}
+
+impl CpuResult {
+    const fn new() -> Self {
+        CpuResult {
+            cycles: 0,
+            pages: 0,
+            mismatches: 0,
+            first: [Mismatch {
+                gpa: 0,
+                expected: 0,
+                found: 0,
+            }; VERIFY_REPORT_MAX],
+            first_count: 0,
+            histogram: Histogram::new(),
+        }
+    }
+
+    fn note_mismatch(&mut self, mismatch: Mismatch) {
+        if self.first_count < VERIFY_REPORT_MAX {
+            self.first[self.first_count] = mismatch;
+            self.first_count += 1;
+        }
+        self.mismatches += 1;
+    }
+}
+
+/// Per-CPU results: slot `cpu` is written only by that CPU between the two barriers of a
+/// phase, and read only by the BSP after the second barrier.
+static RESULTS: Shared<[CpuResult; MAX_CPUS]> = Shared::new([CpuResult::new(); MAX_CPUS]);
+/// The BSP's merge of all CPUs' histograms.
+static MERGED: Shared<Histogram> = Shared::new(Histogram::new());
+
+/// Runs `work` on this CPU's result slot, between two barriers of all CPUs, and times it.
+fn phase(cpus: u32, cpu: u32, work: impl FnOnce(&mut CpuResult)) {
+    STEP_BARRIER.wait(cpus);
+    // SAFETY: between the two barriers only this CPU touches slot `cpu`.
+    let result = unsafe { &mut (*RESULTS.get())[cpu as usize] };
+    result.cycles = 0;
+    result.pages = 0;
+    result.mismatches = 0;
+    result.first_count = 0;
+    result.histogram.clear();
+    let start = tsc::now();
+    work(result);
+    result.cycles = tsc::now() - start;
+    STEP_BARRIER.wait(cpus);
+}
+
+/// All CPUs' results of the last phase. BSP only, after the phase's second barrier.
+fn results(cpus: u32) -> &'static [CpuResult] {
+    // SAFETY: every other CPU is waiting at the next barrier and writes nothing.
+    unsafe { &(&*RESULTS.get())[..cpus as usize] }
+}
+
+/// Runs every step of the command line on CPU `cpu`; on the BSP also prints the reports.
+/// Returns the exit status the steps earned (meaningful on the BSP).
+pub fn run_steps(cpu: u32) -> ExitStatus {
+    let context = context();
+    let config = &context.config;
+    let cpus = config.cpus;
+    let mut status = ExitStatus::Success;
+    for &step in config.steps() {
+        match step {
+            GuestStep::Abi(Step::Fill) => {
+                phase(cpus, cpu, |result| fill(context, cpu, result));
+                if cpu == 0 {
+                    print_result(step, None, cpus);
+                }
+            }
+            GuestStep::Abi(Step::Verify) => {
+                phase(cpus, cpu, |result| verify(context, cpu, result));
+                if cpu == 0 {
+                    print_result(step, None, cpus);
+                    if !print_verify(cpus) {
+                        status = ExitStatus::VerifyFailed;
+                    }
+                }
+            }
+            GuestStep::Abi(Step::Touch) => {
+                let permutation = Permutation::new(context.region.pages, config.seed);
+                for pass in 1..=config.passes {
+                    phase(cpus, cpu, |result| {
+                        touch_pass(context, &permutation, cpu, result)
+                    });
+                    if cpu == 0 {
+                        print_result(step, Some(pass), cpus);
+                    }
+                }
+            }
+            GuestStep::Abi(Step::Dirty) => {
+                phase(cpus, cpu, |result| dirty(context, cpu, result));
+                if cpu == 0 {
+                    print_result(step, None, cpus);
+                }
+            }
+            GuestStep::Abi(Step::Idle) => {
+                phase(cpus, cpu, |_| idle(context));
+                if cpu == 0 {
+                    print_result(step, None, cpus);
+                }
+            }
+            GuestStep::Abi(Step::TripleFault) => phase(cpus, cpu, |_| {
+                if cpu == 0 {
+                    boot::triple_fault();
+                }
+            }),
+            GuestStep::Abi(Step::Cpl0Sse) => {
+                phase(cpus, cpu, |_| {
+                    if cpu == 0 {
+                        boot::cpl0_sse();
+                    }
+                });
+                if cpu == 0 {
+                    print_result(step, None, cpus);
+                }
+            }
+            GuestStep::Ring3Exception => phase(cpus, cpu, |_| {
+                if cpu == 0 {
+                    // SAFETY: ud2 raises #UD, which the ring-0 stub reports; it never returns.
+                    unsafe { core::arch::asm!("ud2", options(noreturn, nostack)) }
+                }
+            }),
+        }
+    }
+    status
+}
+
+/// Writes the pattern into every word of the page at `gpa`.
+fn write_pattern_page(seed: u64, gpa: u64) {
+    let page = gpa as *mut u64;
+    for word in 0..WORDS_PER_PAGE {
+        // SAFETY: `gpa` is a page of the workload region: identity-mapped RAM that only
+        // this CPU writes during this step.
+        unsafe { page.add(word as usize).write(pattern_word(seed, gpa, word)) };
+    }
+}
+
+fn fill(context: &Context, cpu: u32, result: &mut CpuResult) {
+    let (first, end) = Region::share(context.region.pages, cpu, context.config.cpus);
+    let seed = context.config.seed;
+    context
+        .region
+        .for_each_page(first, end, |_, gpa| write_pattern_page(seed, gpa));
+    result.pages = end - first;
+}
+
+fn verify(context: &Context, cpu: u32, result: &mut CpuResult) {
+    let (first, end) = Region::share(context.region.pages, cpu, context.config.cpus);
+    let seed = context.config.seed;
+    context.region.for_each_page(first, end, |_, gpa| {
+        let page = gpa as *const u64;
+        for word in 0..WORDS_PER_PAGE {
+            // SAFETY: a page of the workload region (identity-mapped RAM).
+            let found = unsafe { page.add(word as usize).read_volatile() };
+            let expected = pattern_word(seed, gpa, word);
+            if found != expected {
+                result.note_mismatch(Mismatch {
+                    gpa: gpa + word * 8,
+                    expected,
+                    found,
+                });
+            }
+        }
+    });
+    result.pages = end - first;
+}
+
+/// A seeded bijection on `0..2^bits` (the next power of two >= the page count): xor with
+/// a key, multiply by an odd constant, xor-shift, three rounds. Walking its domain in order
+/// and skipping values >= the page count visits every page exactly once, in random order,
+/// without any table (cycle walking over a power-of-two domain).
+pub struct Permutation {
+    mask: u64,
+    shift: u32,
+    keys: [u64; 3],
+}
+
+impl Permutation {
+    /// A permutation of `0..pages`.
+    pub fn new(pages: u64, seed: u64) -> Self {
+        let bits = if pages <= 1 {
+            0
+        } else {
+            64 - (pages - 1).leading_zeros()
+        };
+        let mask = if bits == 64 {
+            u64::MAX
+        } else {
+            (1u64 << bits) - 1
+        };
+        let keys = [
+            splitmix64(seed),
+            splitmix64(seed ^ 0x5555),
+            splitmix64(seed ^ 0xaaaa),
+        ];
+        Permutation {
+            mask,
+            shift: bits / 2 + 1,
+            keys,
+        }
+    }
+
+    /// Size of the domain walked (a power of two >= the page count).
+    pub fn domain(&self) -> u64 {
+        self.mask.wrapping_add(1)
+    }
+
+    /// The image of `x` (< `domain()`).
+    #[inline(always)]
+    pub fn apply(&self, mut x: u64) -> u64 {
+        for key in self.keys {
+            x = (x ^ key) & self.mask;
+            x = x.wrapping_mul(0x9E37_79B9_7F4A_7C15) & self.mask;
+            x ^= x >> self.shift;
+        }
+        x
+    }
+}
+
+/// Touches one u64 of the page at `gpa` and returns the cycles it took.
+#[inline(always)]
+fn timed_touch(gpa: u64, access: Access, value: u64) -> u64 {
+    let word = gpa as *mut u64;
+    let start = tsc::start();
+    match access {
+        // SAFETY: word 0 of a workload page (identity-mapped RAM); a write stores the
+        // page's own pattern word, so a filled page stays valid.
+        Access::Write => unsafe { word.write_volatile(value) },
+        // SAFETY: as above; the read is volatile so it is not elided.
+        Access::Read => {
+            let _ = unsafe { word.read_volatile() };
+        }
+    }
+    tsc::end() - start
+}
+
+fn touch_pass(context: &Context, permutation: &Permutation, cpu: u32, result: &mut CpuResult) {
+    let config = &context.config;
+    let region = &context.region;
+    let pages = region.pages;
+    let cpus = config.cpus;
+    let mut touch = |gpa: u64| {
+        let value = pattern_word(config.seed, gpa, 0);
+        let cycles = timed_touch(gpa, config.access, value);
+        result.histogram.record(cycles);
+        result.pages += 1;
+    };
+    match config.pattern {
+        TouchPattern::Sequential => {
+            let (first, end) = Region::share(pages, cpu, cpus);
+            region.for_each_page(first, end, |_, gpa| touch(gpa));
+        }
+        TouchPattern::Random => {
+            // Each CPU walks its share of the permutation's domain.
+            let (first, end) = Region::share(permutation.domain(), cpu, cpus);
+            for x in first..end {
+                let index = permutation.apply(x);
+                if index < pages {
+                    touch(region.gpa(index));
+                }
+            }
+        }
+        TouchPattern::Strided => {
+            // Order: residue 0 (pages 0, s, 2s, ..), then residue 1, ..; each CPU takes a
+            // contiguous share of that order.
+            let stride = config.stride_pages.min(pages.max(1));
+            let (first, end) = Region::share(pages, cpu, cpus);
+            let in_residue = |residue: u64| (pages - residue).div_ceil(stride);
+            let (mut residue, mut skipped) = (0, 0);
+            while residue < stride && skipped + in_residue(residue) <= first {
+                skipped += in_residue(residue);
+                residue += 1;
+            }
+            let mut page = residue + (first - skipped) * stride;
+            for _ in first..end {
+                touch(region.gpa(page));
+                page += stride;
+                if page >= pages {
+                    residue += 1;
+                    page = residue;
+                }
+            }
+        }
+    }
+}
+
+/// Rewrites this CPU's pages round-robin at its share of the rate, paced by the TSC.
+fn dirty(context: &Context, cpu: u32, result: &mut CpuResult) {
+    let config = &context.config;
+    let (first, end) = Region::share(context.region.pages, cpu, config.cpus);
+    let (rate_low, rate_high) = Region::share(config.rate_pages_per_s, cpu, config.cpus);
+    let rate = u128::from(rate_high - rate_low);
+    let hz = u128::from(tsc::effective_khz(context.tsc_khz)) * 1000;
+    let duration = tsc::ms_to_cycles(config.duration_ms, context.tsc_khz);
+    let start = tsc::now();
+    let (mut written, mut next) = (0u64, first);
+    loop {
+        let elapsed = tsc::now() - start;
+        if elapsed >= duration {
+            break;
+        }
+        let due = (u128::from(elapsed) * rate / hz) as u64;
+        if written < due && first < end {
+            write_pattern_page(config.seed, context.region.gpa(next));
+            written += 1;
+            next = if next + 1 == end { first } else { next + 1 };
+        } else {
+            spin_loop();
+        }
+    }
+    result.pages = written;
+}
+
+fn idle(context: &Context) {
+    let duration = tsc::ms_to_cycles(context.config.duration_ms, context.tsc_khz);
+    let start = tsc::now();
+    while tsc::now() - start < duration {
+        spin_loop();
+    }
+}
+
+/// Prints the RESULT line of a step (BSP, after the phase).
+fn print_result(step: GuestStep, pass: Option<u32>, cpus: u32) {
+    let results = results(cpus);
+    let cycles = results.iter().map(|r| r.cycles).max().unwrap_or(0);
+    let pages: u64 = results.iter().map(|r| r.pages).sum();
+    let mut out = Serial::lock();
+    let _ = write!(
+        out,
+        "{REPORT_PREFIX}{} {{\"step\":\"{}\"",
+        report::RESULT,
+        step.name()
+    );
+    if let Some(pass) = pass {
+        let _ = write!(out, ",\"pass\":{pass}");
+    }
+    let _ = write!(
+        out,
+        ",\"pages\":{pages},\"cycles\":{cycles},\"cpus\":{cpus}"
+    );
+    if step == GuestStep::Abi(Step::Dirty) {
+        let _ = write!(out, ",\"pages_written\":{pages}");
+    }
+    if step == GuestStep::Abi(Step::Touch) {
+        // SAFETY: only the BSP uses the merge buffer.
+        let merged = unsafe { &mut *addr_of_mut!(*MERGED.get()) };
+        merged.clear();
+        results.iter().for_each(|r| merged.merge(&r.histogram));
+        let _ = out.write_str(",\"latency_cycles\":");
+        let _ = merged.write_json(&mut out);
+    }
+    let _ = out.write_str("}\n");
+}
+
+/// Prints the VERIFY line (BSP, after a verify phase); returns whether memory was intact.
+fn print_verify(cpus: u32) -> bool {
+    let results = results(cpus);
+    let pages: u64 = results.iter().map(|r| r.pages).sum();
+    let mismatches: u64 = results.iter().map(|r| r.mismatches).sum();
+    let ok = mismatches == 0;
+    let mut out = Serial::lock();
+    let _ = write!(
+        out,
+        "{REPORT_PREFIX}{} {{\"ok\":{ok},\"pages\":{pages},\"mismatches\":{mismatches},\"first\":[",
+        report::VERIFY
+    );
+    // CPUs hold contiguous shares in order, so the first mismatches overall are the
+    // concatenation of each CPU's first ones.
+    let first = results
+        .iter()
+        .flat_map(|r| r.first[..r.first_count].iter())
+        .take(VERIFY_REPORT_MAX);
+    for (i, m) in first.enumerate() {
+        let comma = if i == 0 { "" } else { "," };
+        let _ = write!(
+            out,
+            "{comma}{{\"gpa\":{},\"expected\":{},\"found\":{}}}",
+            m.gpa, m.expected, m.found
+        );
+    }
+    let _ = out.write_str("]}\n");
+    ok
+}

@@ -1,0 +1,107 @@
+//! Runs every vCPU on its own thread until the VM ends, with the main thread waiting in
+//! an event-manager loop on the VM's exit eventfd (and the run's timeout).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+
+use super::control::VmControl;
+use super::vcpu::Vcpu;
+use crate::devices::PioBus;
+use crate::report::VmExit;
+
+/// Errors running the vCPUs.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A vCPU thread could not be started.
+    #[error("cannot start the thread of vCPU {id}: {source}")]
+    Spawn {
+        /// The vCPU.
+        id: u32,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The event loop failed.
+    #[error("the VMM event loop failed: {0}")]
+    EventLoop(String),
+}
+
+/// Wakes the event loop when the VM's exit eventfd fires.
+struct ExitWatcher {
+    fd: std::os::fd::RawFd,
+    fired: bool,
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        self.fired = true;
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new_raw(self.fd, EventSet::IN)) {
+            tracing::warn!("cannot watch the VM exit eventfd: {e:?}");
+        }
+    }
+}
+
+/// Runs `vcpus` until the VM ends or `timeout` passes; returns how it ended. All vCPU
+/// threads are joined before this returns.
+pub fn run_vcpus(
+    vcpus: Vec<Vcpu>,
+    bus: &PioBus,
+    memory: &GuestMemoryMmap,
+    control: &VmControl,
+    timeout: Option<Duration>,
+) -> Result<VmExit, RunError> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    std::thread::scope(|scope| {
+        let mut spawned = Ok(());
+        for mut vcpu in vcpus {
+            let id = vcpu.id();
+            let started = std::thread::Builder::new()
+                .name(format!("fl-vcpu{id}"))
+                .spawn_scoped(scope, move || vcpu.run(bus, memory, control));
+            if let Err(source) = started {
+                spawned = Err(RunError::Spawn { id, source });
+                control.end(VmExit::Stopped { reason: format!("vCPU {id} could not start") });
+                break;
+            }
+        }
+        spawned?;
+        let waited = wait_for_end(control, deadline, timeout);
+        if let Err(e) = &waited {
+            control.end(VmExit::Stopped { reason: e.to_string() });
+        }
+        waited
+    })?;
+    Ok(control.exit().unwrap_or(VmExit::Stopped { reason: "ended without a reason".into() }))
+}
+
+/// Waits on the exit eventfd until the VM ends or the deadline passes (then ends it).
+fn wait_for_end(control: &VmControl, deadline: Option<Instant>, timeout: Option<Duration>) -> Result<(), RunError> {
+    use std::os::fd::AsRawFd;
+    let loop_err = |e: event_manager::Error| RunError::EventLoop(format!("{e:?}"));
+    let watcher = Arc::new(Mutex::new(ExitWatcher { fd: control.exit_event().as_raw_fd(), fired: false }));
+    let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber>>> = EventManager::new().map_err(loop_err)?;
+    manager.add_subscriber(watcher.clone());
+    while control.exit().is_none() {
+        let wait_ms = match deadline {
+            None => -1,
+            Some(deadline) => {
+                let timeout = timeout.unwrap_or_default();
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    control.end(VmExit::Stopped { reason: format!("timeout after {:?}", timeout) });
+                    break;
+                }
+                left.as_millis().clamp(1, i32::MAX as u128) as i32
+            }
+        };
+        manager.run_with_timeout(wait_ms).map_err(loop_err)?;
+    }
+    let _ = control.exit_event().read();
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! Tiny guests (a handful of 32-bit instructions at the PVH entry state) run on the real
+//! KVM, checking how exits reach the bus and how each way of ending a VM is reported.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::runner::run_vcpus;
+use super::{Kvm, Vcpu, Vm, VmControl};
+use crate::config::{Backend, ZoneConfig};
+use crate::devices::debug_exit::DebugExit;
+use crate::devices::serial::{ConsoleSink, SerialDevice};
+use crate::devices::PioBus;
+use crate::memory::GuestRam;
+use crate::report::{GuestReportCollector, VmExit};
+
+const CODE_GPA: u64 = 0x10_0000;
+const DATA_GPA: u64 = 0x20_0000;
+
+/// Runs `code` at 1 MiB in 32-bit protected mode on `vcpus` vCPUs (APs wait for SIPI).
+fn run_code(code: &[u8], data: &[u8], vcpus: u32, timeout: Duration) -> (VmExit, GuestReportCollector) {
+    run_code_with(code, &[(DATA_GPA, data)], vcpus, timeout)
+}
+
+/// Like [`run_code`], with extra `(gpa, bytes)` written to guest memory first.
+fn run_code_with(code: &[u8], blobs: &[(u64, &[u8])], vcpus: u32, timeout: Duration) -> (VmExit, GuestReportCollector) {
+    let kvm = Kvm::open().unwrap();
+    let ram = GuestRam::new(&[ZoneConfig::new(16 << 20, Backend::Anon)]).unwrap();
+    let vm = Vm::new(&kvm, &ram).unwrap();
+    ram.memory().write_slice(code, GuestAddress(CODE_GPA)).unwrap();
+    for &(gpa, bytes) in blobs {
+        ram.memory().write_slice(bytes, GuestAddress(gpa)).unwrap();
+    }
+    let entry = crate::boot::pvh::configure(&ram, CODE_GPA).unwrap();
+    let cpuid = kvm.supported_cpuid().unwrap();
+    let vcpus: Vec<_> = (0..vcpus).map(|id| Vcpu::new(&vm, &cpuid, id, vcpus).unwrap()).collect();
+    vcpus[0].set_entry(&entry).unwrap();
+    let collector = Arc::new(Mutex::new(GuestReportCollector::new(std::time::Instant::now())));
+    let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    vm.register_irqfd(&irq, 4).unwrap();
+    let mut bus = PioBus::new();
+    bus.insert(0x3f8, 8, Arc::new(Mutex::new(SerialDevice::new(irq, ConsoleSink::new(false, collector.clone())))))
+        .unwrap();
+    bus.insert(0xf4, 4, Arc::new(Mutex::new(DebugExit))).unwrap();
+    let control = VmControl::new().unwrap();
+    let exit = run_vcpus(vcpus, &bus, ram.memory(), &control, Some(timeout)).unwrap();
+    drop(bus);
+    let collector = Arc::try_unwrap(collector).ok().unwrap().into_inner().unwrap();
+    (exit, collector)
+}
+
+/// `mov al, status; out 0xf4, al; hlt`
+fn debug_exit(status: u8) -> Vec<u8> {
+    vec![0xb0, status, 0xe6, 0xf4, 0xf4]
+}
+
+#[test]
+fn io_exits_reach_the_serial_port_and_debug_exit_ends_the_vm() {
+    // mov esi, DATA; mov dx, 0x3f8; loop: lodsb; test al, al; jz done; out dx, al; jmp loop
+    let mut code = vec![0xbe];
+    code.extend_from_slice(&(DATA_GPA as u32).to_le_bytes());
+    code.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xac, 0x84, 0xc0, 0x74, 0x03, 0xee, 0xeb, 0xf8]);
+    code.extend(debug_exit(7));
+    let (exit, collector) =
+        run_code(&code, b"FL error {\"msg\":\"hello from the guest\"}\n\0", 1, Duration::from_secs(20));
+    assert_eq!(exit, VmExit::DebugExit { status: 7 });
+    assert_eq!(collector.report.errors, vec!["hello from the guest".to_string()]);
+}
+
+#[test]
+fn unclaimed_mmio_reads_as_all_ones() {
+    // mov eax, [0xd0000000]; out 0xf4, al
+    let code = [0xa1, 0x00, 0x00, 0x00, 0xd0, 0xe6, 0xf4, 0xf4];
+    let (exit, _) = run_code(&code, &[], 1, Duration::from_secs(20));
+    assert_eq!(exit, VmExit::DebugExit { status: 0xff });
+}
+
+#[test]
+fn exception_without_idt_is_reported_as_triple_fault() {
+    // ud2 with an empty IDT: #UD -> #GP -> #DF -> shutdown.
+    let (exit, _) = run_code(&[0x0f, 0x0b], &[], 1, Duration::from_secs(20));
+    assert!(matches!(exit, VmExit::TripleFault { vcpu: 0, .. }), "{exit:?}");
+}
+
+#[test]
+fn emulation_failure_is_reported_with_rip_and_instruction_bytes() {
+    // pxor xmm0, xmm0 at CPL0 (emulated on this nested host), then a debug exit.
+    let mut code = vec![0x66, 0x0f, 0xef, 0xc0];
+    code.extend(debug_exit(0));
+    let (exit, _) = run_code(&code, &[], 1, Duration::from_secs(20));
+    match exit {
+        VmExit::InternalError { vcpu: 0, rip, instruction_bytes, .. } => {
+            assert_eq!(rip, CODE_GPA);
+            assert!(instruction_bytes.starts_with("66 0f ef c0"), "{instruction_bytes}");
+        }
+        // A host with hardware-assisted CPL0 just runs it.
+        VmExit::DebugExit { status: 0 } => {}
+        other => panic!("unexpected exit {other:?}"),
+    }
+}
+
+#[test]
+fn timeout_stops_a_spinning_guest_and_kicks_every_vcpu() {
+    // jmp $ on the BSP; the AP waits for a SIPI that never comes.
+    let started = std::time::Instant::now();
+    let (exit, _) = run_code(&[0xeb, 0xfe], &[], 2, Duration::from_millis(300));
+    assert!(matches!(&exit, VmExit::Stopped { reason } if reason.contains("timeout")), "{exit:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn debug_exit_on_the_bsp_kicks_waiting_aps() {
+    let (exit, _) = run_code(&debug_exit(0), &[], 4, Duration::from_secs(20));
+    assert_eq!(exit, VmExit::DebugExit { status: 0 });
+}
+
+#[test]
+fn ap_started_by_init_and_sipi_runs_its_real_mode_trampoline() {
+    let mut code = Vec::new();
+    let mut lapic_write = |offset: u32, value: u32| {
+        // mov dword [0xfee00000 + offset], value
+        code.extend_from_slice(&[0xc7, 0x05]);
+        code.extend_from_slice(&(0xfee0_0000u32 + offset).to_le_bytes());
+        code.extend_from_slice(&value.to_le_bytes());
+    };
+    lapic_write(0xf0, 0x1ff); // SVR: enable the LAPIC
+    lapic_write(0x310, 1 << 24); // ICR high: APIC ID 1
+    lapic_write(0x300, 0x4500); // INIT
+    lapic_write(0x300, 0x4600 | (0x8000 >> 12)); // SIPI to 0x8000
+    code.extend_from_slice(&[0xeb, 0xfe]); // jmp $
+                                           // The AP's trampoline (real mode): mov al, 0x42; out 0xf4, al; hlt
+    let (exit, _) = run_code_with(&code, &[(0x8000, &[0xb0, 0x42, 0xe6, 0xf4, 0xf4])], 2, Duration::from_secs(30));
+    assert_eq!(exit, VmExit::DebugExit { status: 0x42 });
+}

@@ -1,0 +1,243 @@
+//! A vCPU: creation and architectural setup (CPUID, MSRs, LAPIC, FPU, boot registers),
+//! and the run loop that turns KVM exits into device accesses or the VM's end.
+
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, CpuId, Msrs};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::control::{publish_kvm_run, VmControl};
+use super::vm::Vm;
+use crate::boot::CpuEntry;
+use crate::devices::PioBus;
+use crate::report::VmExit;
+
+/// Errors creating or configuring a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// KVM_CREATE_VCPU failed.
+    #[error("cannot create vCPU {id}: {source}")]
+    Create {
+        /// The vCPU.
+        id: u32,
+        /// The KVM error.
+        source: kvm_ioctls::Error,
+    },
+    /// A configuration ioctl failed.
+    #[error("cannot configure vCPU {id} ({what}): {source}")]
+    Configure {
+        /// The vCPU.
+        id: u32,
+        /// The step that failed.
+        what: &'static str,
+        /// The KVM error.
+        source: kvm_ioctls::Error,
+    },
+    /// An MSR list could not be built.
+    #[error("cannot build the MSR list of vCPU {0}")]
+    MsrList(u32),
+}
+
+/// MSR_IA32_MISC_ENABLE and its fast-strings bit.
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MISC_ENABLE_FAST_STRING: u64 = 1;
+/// MSR_MTRRdefType: MTRRs enabled, default type write-back.
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+const MTRR_ENABLE_WB: u64 = (1 << 11) | 6;
+/// LAPIC register offsets and delivery modes (LINT0 ExtINT, LINT1 NMI, as on a PC).
+const APIC_LVT_LINT0: usize = 0x350;
+const APIC_LVT_LINT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 4;
+const APIC_MODE_EXTINT: u32 = 7;
+
+/// One vCPU of the VM.
+pub struct Vcpu {
+    id: u32,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` (its APIC ID) of a VM with `count` vCPUs and sets CPUID, MSRs,
+    /// FPU and LAPIC LINT pins. APs stay in wait-for-SIPI; the BSP needs
+    /// [`Vcpu::set_entry`].
+    pub fn new(vm: &Vm, supported_cpuid: &CpuId, id: u32, count: u32) -> Result<Self, VcpuError> {
+        let fd = vm.fd().create_vcpu(id as u64).map_err(|source| VcpuError::Create { id, source })?;
+        let vcpu = Vcpu { id, fd };
+        let cpuid = super::cpuid::for_vcpu(supported_cpuid, id, count);
+        vcpu.fd.set_cpuid2(&cpuid).map_err(vcpu.configure("KVM_SET_CPUID2"))?;
+        vcpu.set_msrs()?;
+        let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+        vcpu.fd.set_fpu(&fpu).map_err(vcpu.configure("KVM_SET_FPU"))?;
+        vcpu.set_lint_pins()?;
+        Ok(vcpu)
+    }
+
+    fn configure(&self, what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VcpuError {
+        let id = self.id;
+        move |source| VcpuError::Configure { id, what, source }
+    }
+
+    fn set_msrs(&self) -> Result<(), VcpuError> {
+        let entries = [
+            kvm_msr_entry { index: MSR_IA32_MISC_ENABLE, data: MISC_ENABLE_FAST_STRING, ..Default::default() },
+            kvm_msr_entry { index: MSR_MTRR_DEF_TYPE, data: MTRR_ENABLE_WB, ..Default::default() },
+        ];
+        let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::MsrList(self.id))?;
+        let written = self.fd.set_msrs(&msrs).map_err(self.configure("KVM_SET_MSRS"))?;
+        if written != entries.len() {
+            tracing::debug!("vCPU {}: KVM accepted {written} of {} MSRs", self.id, entries.len());
+        }
+        Ok(())
+    }
+
+    fn set_lint_pins(&self) -> Result<(), VcpuError> {
+        let mut lapic = self.fd.get_lapic().map_err(self.configure("KVM_GET_LAPIC"))?;
+        for (offset, mode) in [(APIC_LVT_LINT0, APIC_MODE_EXTINT), (APIC_LVT_LINT1, APIC_MODE_NMI)] {
+            let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[offset + i] as u8);
+            let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+            for (i, byte) in value.to_le_bytes().into_iter().enumerate() {
+                lapic.regs[offset + i] = byte as i8;
+            }
+        }
+        self.fd.set_lapic(&lapic).map_err(self.configure("KVM_SET_LAPIC"))
+    }
+
+    /// Sets the boot CPU's registers for `entry`.
+    pub fn set_entry(&self, entry: &CpuEntry) -> Result<(), VcpuError> {
+        let mut sregs = self.fd.get_sregs().map_err(self.configure("KVM_GET_SREGS"))?;
+        let mut regs = self.fd.get_regs().map_err(self.configure("KVM_GET_REGS"))?;
+        entry.apply(&mut regs, &mut sregs);
+        self.fd.set_sregs(&sregs).map_err(self.configure("KVM_SET_SREGS"))?;
+        self.fd.set_regs(&regs).map_err(self.configure("KVM_SET_REGS"))
+    }
+
+    /// The guest TSC frequency in kHz.
+    pub fn tsc_khz(&self) -> Result<u32, VcpuError> {
+        self.fd.get_tsc_khz().map_err(self.configure("KVM_GET_TSC_KHZ"))
+    }
+
+    /// The vCPU's id (and APIC ID).
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The kvm-ioctls handle.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Runs the vCPU on the calling thread until the VM ends (by this vCPU, another, a
+    /// device or the main thread). Never returns early without ending the VM.
+    pub fn run(&mut self, bus: &PioBus, memory: &GuestMemoryMmap, control: &VmControl) {
+        control.register_vcpu_thread();
+        publish_kvm_run(self.fd.get_kvm_run());
+        while !control.is_stopping() {
+            if let Some(exit) = self.run_once(bus, memory) {
+                control.end(exit);
+            }
+        }
+        publish_kvm_run(std::ptr::null_mut());
+        if let Ok(regs) = self.fd.get_regs() {
+            tracing::debug!("vCPU {} stopped at rip {:#x} (rsp {:#x})", self.id, regs.rip, regs.rsp);
+        }
+    }
+
+    /// One KVM_RUN and the handling of its exit; `Some` when the VM must end.
+    fn run_once(&mut self, bus: &PioBus, memory: &GuestMemoryMmap) -> Option<VmExit> {
+        let id = self.id;
+        let fatal = |reason: String| Some(VmExit::Fatal { vcpu: id, reason });
+        let exit = match self.fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // A kick (immediate_exit) or an AP woken by INIT: check for the end, retry.
+                self.fd.set_kvm_immediate_exit(0);
+                return None;
+            }
+            Err(e) => return fatal(format!("KVM_RUN failed: {e}")),
+        };
+        match exit {
+            VcpuExit::IoIn(port, data) => {
+                bus.read(port, data);
+                None
+            }
+            VcpuExit::IoOut(port, data) => bus.write(port, data),
+            VcpuExit::MmioRead(addr, data) => {
+                tracing::debug!("vCPU {id}: read of unclaimed MMIO {addr:#x}");
+                data.fill(0xff);
+                None
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                tracing::debug!("vCPU {id}: write of {data:x?} to unclaimed MMIO {addr:#x}");
+                None
+            }
+            VcpuExit::Intr | VcpuExit::IrqWindowOpen => None,
+            VcpuExit::Hlt => fatal("halted in user space (HLT exit despite the in-kernel irqchip)".into()),
+            VcpuExit::Shutdown => {
+                let rip = self.fd.get_regs().map_or(0, |r| r.rip);
+                Some(VmExit::TripleFault { vcpu: id, rip })
+            }
+            VcpuExit::InternalError => Some(self.internal_error(memory)),
+            VcpuExit::FailEntry(reason, cpu) => fatal(format!(
+                "KVM could not enter the guest (hardware entry failure reason {reason:#x}, host CPU {cpu})"
+            )),
+            VcpuExit::SystemEvent(kind, data) => Some(VmExit::Stopped {
+                reason: format!("guest requested a system event (type {kind}, data {data:x?}) on vCPU {id}"),
+            }),
+            other => fatal(format!("unexpected KVM exit {other:?}")),
+        }
+    }
+
+    /// Describes a KVM_EXIT_INTERNAL_ERROR: suberror, rip and the instruction bytes (from
+    /// KVM's emulation-failure report, else read from guest memory at rip).
+    fn internal_error(&mut self, memory: &GuestMemoryMmap) -> VmExit {
+        const KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1;
+        let run = self.fd.get_kvm_run();
+        // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so the `internal` (and, for
+        // emulation failures, `emulation_failure`) member of the union is the live one.
+        let (suberror, ndata, data, flags, insn) = unsafe {
+            let internal = run.__bindgen_anon_1.internal;
+            let failure = run.__bindgen_anon_1.emulation_failure;
+            let insn = failure.__bindgen_anon_1.__bindgen_anon_1;
+            (internal.suberror, internal.ndata, internal.data, failure.flags, insn)
+        };
+        let rip = self.fd.get_regs().map_or(0, |r| r.rip);
+        let kvm_bytes = (suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION
+            && flags & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES != 0
+            && insn.insn_size > 0)
+            .then(|| insn.insn_bytes[..(insn.insn_size as usize).min(15)].to_vec());
+        let instruction_bytes = match kvm_bytes.map_or_else(|| self.read_code_at_rip(rip, memory), Ok) {
+            Ok(bytes) => bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" "),
+            Err(why) => format!("unreadable: {why}"),
+        };
+        tracing::debug!(
+            "vCPU {}: internal error {suberror}, data {:x?}",
+            self.id,
+            &data[..(ndata as usize).min(data.len())]
+        );
+        VmExit::InternalError { vcpu: self.id, suberror, rip, instruction_bytes }
+    }
+
+    /// Reads up to 15 bytes at cs:rip through the guest's page tables.
+    fn read_code_at_rip(&self, rip: u64, memory: &GuestMemoryMmap) -> Result<Vec<u8>, String> {
+        let cs_base = self.fd.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?.cs.base;
+        let linear = cs_base.wrapping_add(rip);
+        let mut bytes = Vec::with_capacity(15);
+        while bytes.len() < 15 {
+            let address = linear.wrapping_add(bytes.len() as u64);
+            let translation = self.fd.translate_gva(address).map_err(|e| format!("KVM_TRANSLATE {address:#x}: {e}"))?;
+            if translation.valid == 0 {
+                if bytes.is_empty() {
+                    return Err(format!("rip {address:#x} is not mapped in the guest"));
+                }
+                break;
+            }
+            let in_page = (4096 - (address & 0xfff)) as usize;
+            let mut chunk = vec![0u8; in_page.min(15 - bytes.len())];
+            match memory.read_slice(&mut chunk, GuestAddress(translation.physical_address)) {
+                Ok(()) => bytes.extend_from_slice(&chunk),
+                Err(e) if bytes.is_empty() => return Err(format!("gpa {:#x}: {e}", translation.physical_address)),
+                Err(_) => break,
+            }
+        }
+        Ok(bytes)
+    }
+}

@@ -1,0 +1,107 @@
+//! A KVM VM: in-kernel irqchip and PIT, one memslot per guest RAM region, irqfds.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::kvm::Kvm;
+use crate::memory::GuestRam;
+
+/// Where KVM puts the three pages of its real-mode TSS (inside the MMIO hole, as
+/// Firecracker does).
+pub const KVM_TSS_GPA: u64 = 0xfffb_d000;
+/// Where KVM puts its identity-map page (the page below the TSS).
+pub const KVM_IDENTITY_MAP_GPA: u64 = 0xfffb_c000;
+
+/// Errors creating or configuring the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// KVM_CREATE_VM failed.
+    #[error("cannot create a KVM VM: {0} (is another hypervisor holding VT-x/AMD-V, or is the host out of memory?)")]
+    Create(kvm_ioctls::Error),
+    /// A setup ioctl failed.
+    #[error("cannot set up the VM ({what}): {source}")]
+    Setup {
+        /// The step that failed.
+        what: &'static str,
+        /// The KVM error.
+        source: kvm_ioctls::Error,
+    },
+    /// More regions than memslots.
+    #[error("guest RAM has {regions} regions but this host's KVM allows {max} memslots; use fewer memory zones")]
+    TooManySlots {
+        /// Regions of guest RAM.
+        regions: usize,
+        /// KVM's limit.
+        max: usize,
+    },
+    /// KVM_SET_USER_MEMORY_REGION failed.
+    #[error("cannot register guest RAM at {gpa:#x} ({size_bytes} bytes) with KVM: {source}")]
+    Memslot {
+        /// GPA of the region.
+        gpa: u64,
+        /// Its size.
+        size_bytes: u64,
+        /// The KVM error.
+        source: kvm_ioctls::Error,
+    },
+    /// KVM_IRQFD failed.
+    #[error("cannot connect an interrupt eventfd to IRQ {irq}: {source}")]
+    Irqfd {
+        /// The IRQ line (GSI).
+        irq: u32,
+        /// The KVM error.
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// A VM with its irqchip, PIT and guest RAM registered.
+pub struct Vm {
+    fd: VmFd,
+}
+
+impl Vm {
+    /// Creates the VM, its in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT, and registers
+    /// every region of `ram` as a memslot (slot numbers in region order).
+    pub fn new(kvm: &Kvm, ram: &GuestRam) -> Result<Self, VmError> {
+        let fd = kvm.fd().create_vm().map_err(VmError::Create)?;
+        let setup = |what| move |source| VmError::Setup { what, source };
+        fd.set_tss_address(KVM_TSS_GPA as usize).map_err(setup("KVM_SET_TSS_ADDR"))?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_GPA).map_err(setup("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        fd.create_irq_chip().map_err(setup("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        fd.create_pit2(pit).map_err(setup("KVM_CREATE_PIT2"))?;
+        let vm = Vm { fd };
+        let max = kvm.max_memslots();
+        if ram.regions().len() > max {
+            return Err(VmError::TooManySlots { regions: ram.regions().len(), max });
+        }
+        for (slot, region) in ram.regions().iter().enumerate() {
+            let memslot = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.gpa,
+                memory_size: region.size_bytes,
+                userspace_addr: region.host_addr,
+            };
+            // SAFETY: the host range is a live mapping owned by `ram`, which outlives the
+            // VM (vmm::run drops the VM and its vCPUs before guest RAM).
+            unsafe { vm.fd.set_user_memory_region(memslot) }.map_err(|source| VmError::Memslot {
+                gpa: region.gpa,
+                size_bytes: region.size_bytes,
+                source,
+            })?;
+        }
+        Ok(vm)
+    }
+
+    /// The kvm-ioctls handle.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// Makes a write to `event` raise IRQ line `irq` of the in-kernel irqchip.
+    pub fn register_irqfd(&self, event: &EventFd, irq: u32) -> Result<(), VmError> {
+        self.fd.register_irqfd(event, irq).map_err(|source| VmError::Irqfd { irq, source })
+    }
+}
