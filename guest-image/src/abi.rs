@@ -117,7 +117,7 @@ pub mod cmdline {
     /// TSC frequency in kHz, if the VMM knows it (else CPUID 0x15/0x16, else 0x40000010).
     pub const TSC_KHZ: &str = "fl.tsc_khz";
     /// Comma-separated steps run in order, each split across all CPUs:
-    /// `fill`, `verify`, `touch`, `dirty`, `idle`, and the fault-injection steps
+    /// `fill`, `verify`, `touch`, `dirty`, `idle`, `churn`, and the fault-injection steps
     /// `triple-fault` and `cpl0-sse` (tests only). Default `fill,verify`.
     pub const STEPS: &str = "fl.steps";
     /// Bytes of the workload region to use (`all`, or a size like `64M`); default all.
@@ -151,6 +151,11 @@ pub enum Step {
     Dirty,
     /// Do nothing for the duration.
     Idle,
+    /// For `fl.duration_ms`, rewrite every page round after round with a new pattern
+    /// ([`churn_seed`]) while the VMM discards or write-protects ranges under it. Every
+    /// word read must be zero (discarded since) or the previous round's pattern; anything
+    /// else is stale data and a mismatch. Prints a `verify` line.
+    Churn,
     /// Load an empty IDT and raise an exception from ring 0: the CPU triple-faults.
     TripleFault,
     /// Execute an SSE instruction at CPL0 (stops nested KVMs that emulate CPL0).
@@ -166,6 +171,7 @@ impl Step {
             "touch" => Self::Touch,
             "dirty" => Self::Dirty,
             "idle" => Self::Idle,
+            "churn" => Self::Churn,
             "triple-fault" => Self::TripleFault,
             "cpl0-sse" => Self::Cpl0Sse,
             _ => return None,
@@ -180,6 +186,7 @@ impl Step {
             Self::Touch => "touch",
             Self::Dirty => "dirty",
             Self::Idle => "idle",
+            Self::Churn => "churn",
             Self::TripleFault => "triple-fault",
             Self::Cpl0Sse => "cpl0-sse",
         }
@@ -243,6 +250,15 @@ pub const fn pattern_word(seed: u64, page_gpa: u64, word_index: u64) -> u64 {
         1
     } else {
         word
+    }
+}
+
+/// The pattern seed of `churn` round `round` (round 0 is the `fill` pattern itself).
+pub const fn churn_seed(seed: u64, round: u64) -> u64 {
+    if round == 0 {
+        seed
+    } else {
+        seed ^ splitmix64(round)
     }
 }
 
@@ -353,7 +369,7 @@ mod tests {
 
     #[test]
     fn steps_round_trip() {
-        for name in ["fill", "verify", "touch", "dirty", "idle", "triple-fault", "cpl0-sse"] {
+        for name in ["fill", "verify", "touch", "dirty", "idle", "churn", "triple-fault", "cpl0-sse"] {
             assert_eq!(Step::parse(name).unwrap().name(), name);
         }
         assert_eq!(Step::parse("nope"), None);

@@ -9,7 +9,7 @@ use core::hint::spin_loop;
 use core::ptr::addr_of_mut;
 
 use faultline_abi::{
-    pattern_word, report, splitmix64, ExitStatus, Step, MAX_CPUS, PAGE_SIZE, REPORT_PREFIX,
+    churn_seed, pattern_word, report, splitmix64, ExitStatus, Step, MAX_CPUS, PAGE_SIZE, REPORT_PREFIX,
     VERIFY_REPORT_MAX,
 };
 
@@ -65,6 +65,10 @@ struct CpuResult {
     first: [Mismatch; VERIFY_REPORT_MAX],
     first_count: usize,
     histogram: Histogram,
+    /// `churn`: pages found entirely zero (discarded since the previous round).
+    zeroed_pages: u64,
+    /// `churn`: complete rounds.
+    rounds: u64,
 }
 
 impl CpuResult {
@@ -80,6 +84,8 @@ impl CpuResult {
             }; VERIFY_REPORT_MAX],
             first_count: 0,
             histogram: Histogram::new(),
+            zeroed_pages: 0,
+            rounds: 0,
         }
     }
 
@@ -107,6 +113,8 @@ fn phase(cpus: u32, cpu: u32, work: impl FnOnce(&mut CpuResult)) {
     result.pages = 0;
     result.mismatches = 0;
     result.first_count = 0;
+    result.zeroed_pages = 0;
+    result.rounds = 0;
     result.histogram.clear();
     let start = tsc::now();
     work(result);
@@ -165,6 +173,15 @@ pub fn run_steps(cpu: u32) -> ExitStatus {
                 phase(cpus, cpu, |_| idle(context));
                 if cpu == 0 {
                     print_result(step, None, cpus);
+                }
+            }
+            GuestStep::Abi(Step::Churn) => {
+                phase(cpus, cpu, |result| churn(context, cpu, result));
+                if cpu == 0 {
+                    print_result(step, None, cpus);
+                    if !print_verify(cpus) {
+                        status = ExitStatus::VerifyFailed;
+                    }
                 }
             }
             GuestStep::Abi(Step::TripleFault) => phase(cpus, cpu, |_| {
@@ -379,6 +396,50 @@ fn dirty(context: &Context, cpu: u32, result: &mut CpuResult) {
     result.pages = written;
 }
 
+/// Rewrites this CPU's pages round after round for the step's duration, each round with
+/// a new pattern ([`churn_seed`]), while the VMM may discard or write-protect any of them.
+/// Before rewriting a page, every word must be zero (the page was discarded since the
+/// last round) or the previous round's pattern; any other value is stale data — contents
+/// that an invalidation should have removed — and is reported as a mismatch. `pages`
+/// counts pages checked, `zeroed_pages` those found discarded.
+fn churn(context: &Context, cpu: u32, result: &mut CpuResult) {
+    let config = &context.config;
+    let (first, end) = Region::share(context.region.pages, cpu, config.cpus);
+    let duration = tsc::ms_to_cycles(config.duration_ms, context.tsc_khz);
+    let start = tsc::now();
+    let mut round = 1u64;
+    'rounds: while first < end {
+        let previous = churn_seed(config.seed, round - 1);
+        let current = churn_seed(config.seed, round);
+        for index in first..end {
+            if tsc::now() - start >= duration {
+                break 'rounds;
+            }
+            let gpa = context.region.gpa(index);
+            let page = gpa as *mut u64;
+            let mut zero_words = 0;
+            for word in 0..WORDS_PER_PAGE {
+                // SAFETY: a page of the workload region (identity-mapped RAM) that only
+                // this CPU touches during this step.
+                let found = unsafe { page.add(word as usize).read_volatile() };
+                let expected = pattern_word(previous, gpa, word);
+                if found == 0 {
+                    zero_words += 1;
+                } else if found != expected {
+                    result.note_mismatch(Mismatch { gpa: gpa + word * 8, expected, found });
+                }
+            }
+            if zero_words == WORDS_PER_PAGE {
+                result.zeroed_pages += 1;
+            }
+            write_pattern_page(current, gpa);
+            result.pages += 1;
+        }
+        round += 1;
+    }
+    result.rounds = round - 1;
+}
+
 fn idle(context: &Context) {
     let duration = tsc::ms_to_cycles(context.config.duration_ms, context.tsc_khz);
     let start = tsc::now();
@@ -408,6 +469,11 @@ fn print_result(step: GuestStep, pass: Option<u32>, cpus: u32) {
     );
     if step == GuestStep::Abi(Step::Dirty) {
         let _ = write!(out, ",\"pages_written\":{pages}");
+    }
+    if step == GuestStep::Abi(Step::Churn) {
+        let zeroed: u64 = results.iter().map(|r| r.zeroed_pages).sum();
+        let rounds = results.iter().map(|r| r.rounds).min().unwrap_or(0);
+        let _ = write!(out, ",\"zeroed_pages\":{zeroed},\"rounds\":{rounds}");
     }
     if step == GuestStep::Abi(Step::Touch) {
         // SAFETY: only the BSP uses the merge buffer.

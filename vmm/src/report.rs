@@ -99,6 +99,12 @@ pub struct GuestStepResult {
     pub cpus: u64,
     /// Per-touch latency (touch only).
     pub latency_cycles: Option<GuestHistogram>,
+    /// `churn`: pages found entirely zero (discarded under the guest).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zeroed_pages: Option<u64>,
+    /// `churn`: complete rounds over the region (slowest CPU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rounds: Option<u64>,
 }
 
 /// A guest `done` line.
