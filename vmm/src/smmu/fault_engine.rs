@@ -20,22 +20,23 @@
 //! owner then ends the VM. [`FaultEngine::shutdown`] unregisters every region, which wakes
 //! any thread still blocked on a fault so nothing hangs.
 
-use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use hdrhistogram::Histogram;
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
 
+use super::fault_handler::handler_main;
+use super::fault_stats::{new_histograms, Counters};
+pub use super::fault_stats::{EngineStats, FaultKind, LatencySummary};
 use super::invalidation::{Invalidation, InvalidationSubscriber, SubscriptionId};
-use super::page_source::{PageData, PageSource, PageSourceError};
-use super::page_state::{PageState, PageStateTable};
-use super::uffd::{Event, Features, FillOutcome, RangeIoctls, RegisterMode, Uffd, UffdError};
-use super::{GuestRange, RegionBacking, Regions, UffdMode, PAGE_2M};
+use super::page_source::{PageSource, PageSourceError};
+use super::page_state::PageStateTable;
+use super::uffd::{Features, RangeIoctls, RegisterMode, Uffd, UffdError};
+use super::{GuestRange, RegionBacking, Regions, UffdMode};
+use hdrhistogram::Histogram;
 
 /// Errors from the fault engine.
 #[derive(Debug, thiserror::Error)]
@@ -75,16 +76,8 @@ pub enum FaultEngineError {
     Os(#[from] std::io::Error),
 }
 
-/// The kinds of fault, for statistics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FaultKind {
-    /// A missing page (COPY / ZEROPAGE).
-    Missing,
-    /// A minor fault (CONTINUE).
-    Minor,
-    /// A write to a write-protected page.
-    WriteProtect,
-}
+/// Called once, from the failing handler thread, when the engine dies.
+pub type FailureCallback = Arc<dyn Fn(&FaultEngineError) + Send + Sync>;
 
 /// Engine settings.
 #[derive(Clone)]
@@ -97,91 +90,18 @@ pub struct FaultEngineConfig {
     /// MADV_DONTNEED of registered memory blocks until a handler reads the event.
     pub non_cooperative_events: bool,
     /// Called once, from the failing thread, when a handler dies.
-    pub on_failure: Option<Arc<dyn Fn(&FaultEngineError) + Send + Sync>>,
+    pub on_failure: Option<FailureCallback>,
 }
 
 impl Default for FaultEngineConfig {
     fn default() -> Self {
-        Self { handler_threads: 2, batch: 64, non_cooperative_events: true, on_failure: None }
-    }
-}
-
-/// Per-kind latency figures (nanoseconds, message read → installed).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LatencySummary {
-    /// Fault kind.
-    pub kind: FaultKind,
-    /// Page size in bytes.
-    pub page_bytes: u64,
-    /// Faults resolved.
-    pub count: u64,
-    /// Median latency.
-    pub p50_ns: u64,
-    /// 99th percentile latency.
-    pub p99_ns: u64,
-    /// Largest latency.
-    pub max_ns: u64,
-}
-
-/// Counters and latency histograms of an engine.
-#[derive(Debug, Clone)]
-pub struct EngineStats {
-    /// Latency per (kind, page size), index `kind * 2 + huge`.
-    pub latency_ns: Vec<Histogram<u64>>,
-    /// Fills that found the page already present (EEXIST) and woke the waiter.
-    pub eexist: u64,
-    /// Fills refused because the address space was changing (EAGAIN).
-    pub eagain: u64,
-    /// Resolutions dropped by `read_retry` and started again.
-    pub retries: u64,
-    /// Faults deferred because an invalidation of their page was in progress.
-    pub deferred: u64,
-    /// REMOVE / UNMAP events read.
-    pub remove_events: u64,
-    /// REMOVE / UNMAP events not caused by our own invalidations (invalidated here).
-    pub external_removes: u64,
-}
-
-impl EngineStats {
-    /// Summaries of every (kind, page size) that saw faults.
-    pub fn summaries(&self) -> Vec<LatencySummary> {
-        let kinds = [FaultKind::Missing, FaultKind::Minor, FaultKind::WriteProtect];
-        let mut out = Vec::new();
-        for (i, h) in self.latency_ns.iter().enumerate() {
-            if h.is_empty() {
-                continue;
-            }
-            out.push(LatencySummary {
-                kind: kinds[i / 2],
-                page_bytes: if i % 2 == 1 { PAGE_2M } else { 4096 },
-                count: h.len(),
-                p50_ns: h.value_at_quantile(0.5),
-                p99_ns: h.value_at_quantile(0.99),
-                max_ns: h.max(),
-            });
+        Self {
+            handler_threads: 2,
+            batch: 64,
+            non_cooperative_events: true,
+            on_failure: None,
         }
-        out
     }
-
-    /// Faults resolved of one kind (all page sizes).
-    pub fn resolved(&self, kind: FaultKind) -> u64 {
-        let k = kind as usize;
-        self.latency_ns[k * 2].len() + self.latency_ns[k * 2 + 1].len()
-    }
-}
-
-fn new_histograms() -> Vec<Histogram<u64>> {
-    (0..6).map(|_| Histogram::new(3).expect("3 significant figures is valid")).collect()
-}
-
-#[derive(Default)]
-struct Counters {
-    eexist: AtomicU64,
-    eagain: AtomicU64,
-    retries: AtomicU64,
-    deferred: AtomicU64,
-    remove_events: AtomicU64,
-    external_removes: AtomicU64,
 }
 
 /// Writes the wake eventfd of every handler when an invalidation ends.
@@ -198,25 +118,27 @@ impl InvalidationSubscriber for EndWaker {
     }
 }
 
-fn signal(fd: &OwnedFd) {
+/// Signals an eventfd.
+pub(super) fn signal(fd: &OwnedFd) {
     // An eventfd write only fails if the counter would overflow, i.e. it is signalled.
     let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
 }
 
-struct Shared {
-    uffd: Arc<Uffd>,
-    regions: Arc<Regions>,
-    ioctls: Vec<RangeIoctls>,
-    table: Arc<PageStateTable>,
-    inv: Arc<Invalidation>,
-    source: Arc<dyn PageSource>,
-    config: FaultEngineConfig,
-    shutdown_fd: OwnedFd,
-    failure_fd: OwnedFd,
-    expected_removes: Arc<ExpectedRemoves>,
-    failure: Mutex<Option<FaultEngineError>>,
-    counters: Counters,
-    histograms: Vec<Mutex<Vec<Histogram<u64>>>>,
+/// State shared by the engine and its handler threads.
+pub(super) struct Shared {
+    pub(super) uffd: Arc<Uffd>,
+    pub(super) regions: Arc<Regions>,
+    pub(super) ioctls: Vec<RangeIoctls>,
+    pub(super) table: Arc<PageStateTable>,
+    pub(super) inv: Arc<Invalidation>,
+    pub(super) source: Arc<dyn PageSource>,
+    pub(super) config: FaultEngineConfig,
+    pub(super) shutdown_fd: OwnedFd,
+    pub(super) failure_fd: OwnedFd,
+    pub(super) expected_removes: Arc<ExpectedRemoves>,
+    pub(super) failure: Mutex<Option<FaultEngineError>>,
+    pub(super) counters: Counters,
+    pub(super) histograms: Vec<Mutex<Vec<Histogram<u64>>>>,
 }
 
 /// Host ranges that our own discards are about to `MADV_DONTNEED`, so that handlers
@@ -245,9 +167,11 @@ impl ExpectedRemoves {
     }
 
     /// Consumes the announcement covering an event; false if none does.
-    fn take(&self, start: u64, end: u64) -> bool {
+    pub(super) fn take(&self, start: u64, end: u64) -> bool {
         let mut v = self.lock();
-        let Some(i) = v.iter().position(|&(s, e, _)| s <= start && end <= e) else { return false };
+        let Some(i) = v.iter().position(|&(s, e, _)| s <= start && end <= e) else {
+            return false;
+        };
         v[i].2 = v[i].2.saturating_sub(end - start);
         if v[i].2 == 0 {
             v.swap_remove(i);
@@ -278,7 +202,9 @@ pub struct FaultEngine {
 
 impl std::fmt::Debug for FaultEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FaultEngine").field("threads", &self.threads.len()).finish_non_exhaustive()
+        f.debug_struct("FaultEngine")
+            .field("threads", &self.threads.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -306,7 +232,9 @@ fn required_features(regions: &Regions, non_coop: bool) -> (Features, Features) 
         }
     }
     if non_coop {
-        req = req.union(Features::EVENT_REMOVE).union(Features::EVENT_UNMAP);
+        req = req
+            .union(Features::EVENT_REMOVE)
+            .union(Features::EVENT_UNMAP);
         req = req.union(Features::EVENT_REMAP);
     }
     (req, opt)
@@ -343,7 +271,11 @@ impl FaultEngine {
                 continue;
             }
             let got = uffd.register(r.host_addr, r.len, mode)?;
-            let unsupported = |op| UffdError::Unsupported { op, start: r.host_addr, len: r.len };
+            let unsupported = |op| UffdError::Unsupported {
+                op,
+                start: r.host_addr,
+                len: r.len,
+            };
             if mode.missing && !got.copy() {
                 return Err(unsupported("UFFDIO_COPY").into());
             }
@@ -357,7 +289,9 @@ impl FaultEngine {
         }
         let efd = || eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK);
         let n = config.handler_threads.max(1);
-        let wake_fds: Vec<Arc<OwnedFd>> = (0..n).map(|_| efd().map(Arc::new)).collect::<Result<_, _>>()
+        let wake_fds: Vec<Arc<OwnedFd>> = (0..n)
+            .map(|_| efd().map(Arc::new))
+            .collect::<Result<_, _>>()
             .map_err(std::io::Error::from)?;
         let shared = Arc::new(Shared {
             uffd,
@@ -375,8 +309,17 @@ impl FaultEngine {
             histograms: (0..n).map(|_| Mutex::new(new_histograms())).collect(),
         });
         let all = GuestRange::new(0, u64::MAX);
-        let subscription = inv.subscribe(all, Arc::new(EndWaker { wake_fds: wake_fds.clone() }));
-        let mut engine = FaultEngine { shared: shared.clone(), threads: Vec::new(), subscription };
+        let subscription = inv.subscribe(
+            all,
+            Arc::new(EndWaker {
+                wake_fds: wake_fds.clone(),
+            }),
+        );
+        let mut engine = FaultEngine {
+            shared: shared.clone(),
+            threads: Vec::new(),
+            subscription,
+        };
         for (i, wake) in wake_fds.into_iter().enumerate() {
             let shared = shared.clone();
             let t = std::thread::Builder::new()
@@ -417,7 +360,12 @@ impl FaultEngine {
 
     /// The error that stopped the engine, if one did.
     pub fn failure(&self) -> Option<String> {
-        self.shared.failure.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|e| e.to_string())
+        self.shared
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|e| e.to_string())
     }
 
     /// Waits up to `timeout` for a handler failure; returns its message.
@@ -455,7 +403,13 @@ impl FaultEngine {
     pub fn shutdown(mut self) -> Result<EngineStats, FaultEngineError> {
         self.stop();
         let stats = self.stats();
-        match self.shared.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        match self
+            .shared
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             Some(e) => Err(e),
             None => Ok(stats),
         }
@@ -482,254 +436,5 @@ impl Drop for FaultEngine {
         if !self.threads.is_empty() {
             self.stop();
         }
-    }
-}
-
-/// A fault waiting to be resolved.
-#[derive(Debug, Clone, Copy)]
-struct Fault {
-    region: usize,
-    /// Granule-aligned host address.
-    hva: u64,
-    kind: FaultKind,
-    write: bool,
-    read_at: Instant,
-}
-
-/// Why a fault was put aside.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Defer {
-    /// An invalidation of the page is in progress: retry when one ends.
-    Invalidation,
-    /// EAGAIN: read pending events, then retry.
-    MmChanging,
-}
-
-fn handler_main(shared: &Arc<Shared>, idx: usize, wake: &OwnedFd) {
-    let result = catch_unwind(AssertUnwindSafe(|| Handler::new(shared, idx).run(wake)));
-    let err = match result {
-        Ok(Ok(())) => return,
-        Ok(Err(e)) => e,
-        Err(payload) => {
-            let message = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-string panic payload".into());
-            FaultEngineError::HandlerPanicked { thread: idx, message }
-        }
-    };
-    tracing::error!("fault handler {idx} died: {err}");
-    if let Some(cb) = &shared.config.on_failure {
-        cb(&err);
-    }
-    {
-        let mut slot = shared.failure.lock().unwrap_or_else(|p| p.into_inner());
-        slot.get_or_insert(err);
-    }
-    signal(&shared.failure_fd);
-    signal(&shared.shutdown_fd); // stop the other handlers too
-}
-
-struct Handler<'a> {
-    s: &'a Shared,
-    idx: usize,
-    buf: Vec<u8>,
-    deferred: VecDeque<Fault>,
-}
-
-impl<'a> Handler<'a> {
-    fn new(s: &'a Shared, idx: usize) -> Self {
-        let max_page = s.regions.iter().map(|r| r.page_bytes).max().unwrap_or(4096);
-        Self { s, idx, buf: vec![0u8; max_page as usize], deferred: VecDeque::new() }
-    }
-
-    fn run(&mut self, wake: &OwnedFd) -> Result<(), FaultEngineError> {
-        let mut msgs = super::uffd::msg_buffer(self.s.config.batch.max(1));
-        let mut events = Vec::new();
-        let mut mm_changing = false;
-        loop {
-            // With EAGAIN-deferred faults, wake soon even if nothing arrives: the kernel
-            // ends "mm changing" without an event once the remover resumes.
-            let short = Timespec { tv_sec: 0, tv_nsec: 200_000 };
-            let timeout = mm_changing.then_some(&short);
-            let mut fds = [
-                PollFd::new(&*self.s.uffd, PollFlags::IN),
-                PollFd::new(&self.s.shutdown_fd, PollFlags::IN),
-                PollFd::new(wake, PollFlags::IN),
-            ];
-            match poll(&mut fds, timeout) {
-                Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(std::io::Error::from(e).into()),
-            }
-            if !fds[1].revents().is_empty() {
-                return Ok(());
-            }
-            if !fds[2].revents().is_empty() {
-                let mut b = [0u8; 8];
-                let _ = rustix::io::read(wake, &mut b);
-            }
-            loop {
-                let n = self.s.uffd.read_events(&mut msgs, &mut events)?;
-                let read_at = Instant::now();
-                for ev in events.drain(..) {
-                    self.on_event(ev, read_at)?;
-                }
-                if n < msgs.len() {
-                    break;
-                }
-            }
-            mm_changing = false;
-            for _ in 0..self.deferred.len() {
-                let f = self.deferred.pop_front().expect("counted");
-                mm_changing |= self.resolve(f)? == Some(Defer::MmChanging);
-            }
-        }
-    }
-
-    fn on_event(&mut self, ev: Event, read_at: Instant) -> Result<(), FaultEngineError> {
-        match ev {
-            Event::PageFault { address, write, wp, minor } => {
-                let (region, r) = self
-                    .s
-                    .regions
-                    .iter()
-                    .enumerate()
-                    .find(|(_, r)| address >= r.host_addr && address - r.host_addr < r.len)
-                    .ok_or(FaultEngineError::UnknownAddress(address))?;
-                let kind = if wp {
-                    FaultKind::WriteProtect
-                } else if minor {
-                    FaultKind::Minor
-                } else {
-                    FaultKind::Missing
-                };
-                let hva = address & !(r.page_bytes - 1);
-                self.resolve(Fault { region, hva, kind, write, read_at })?;
-            }
-            Event::Remove { start, end } | Event::Unmap { start, end } => {
-                self.s.counters.remove_events.fetch_add(1, Ordering::Relaxed);
-                self.on_remove(start, end, matches!(ev, Event::Unmap { .. }));
-            }
-            Event::Remap { from, to, len } => {
-                tracing::error!("guest RAM moved by mremap ({from:#x} -> {to:#x}, {len:#x} bytes); faults there will be refused");
-            }
-            Event::Fork { child_uffd } => {
-                // We never ask for EVENT_FORK; if one comes, close the child's fd.
-                // SAFETY: the kernel installed this fd for us with the message; we own it.
-                drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(child_uffd) });
-            }
-        }
-        Ok(())
-    }
-
-    /// A REMOVE/UNMAP from the kernel. Our own discards announced theirs in
-    /// [`ExpectedRemoves`] and did the invalidation themselves; anything else is
-    /// invalidated here.
-    fn on_remove(&self, start: u64, end: u64, unmap: bool) {
-        if !unmap && self.s.expected_removes.take(start, end) {
-            return;
-        }
-        for r in self.s.regions.iter() {
-            let s = start.max(r.host_addr);
-            let e = end.min(r.host_addr + r.len);
-            if s >= e {
-                continue;
-            }
-            let range = GuestRange::new(r.gpa_of(s), e - s);
-            // Processed after the kernel let the remover go on (reading the event completes
-            // it), so a page may already have been refaulted: the marks below are a best
-            // effort. All of the VMM's own discards go through the expected path above.
-            self.s.counters.external_removes.fetch_add(1, Ordering::Relaxed);
-            if unmap {
-                tracing::warn!("guest RAM [{:#x}, +{:#x}) was unmapped behind the smmu", range.gpa, range.len);
-            }
-            let _g = self.s.inv.invalidate(range);
-            let gone = PageState::POPULATED.union(PageState::DIRTY).union(PageState::WRITE_PROTECTED);
-            self.s.table.update(range, PageState::DISCARDED, gone);
-        }
-    }
-
-    /// Resolves one fault under the retry protocol; `Some` if it was put aside.
-    fn resolve(&mut self, f: Fault) -> Result<Option<Defer>, FaultEngineError> {
-        let s = self.s;
-        let r = s.regions.iter().nth(f.region).expect("fault region index is valid");
-        let page = r.page_bytes;
-        let gpa = r.gpa_of(f.hva);
-        let range = GuestRange::new(gpa, page);
-        let ioctls = s.ioctls[f.region];
-        let outcome = loop {
-            let Some(seq) = s.inv.try_read_begin(range) else {
-                s.counters.deferred.fetch_add(1, Ordering::Relaxed);
-                self.deferred.push_back(f);
-                return Ok(Some(Defer::Invalidation));
-            };
-            // Step 2: read the source, no locks held. A discarded page reads as zeros.
-            let state = s.table.get(gpa);
-            // A page write-protected before it was populated is installed protected.
-            let wp = state.contains(PageState::WRITE_PROTECTED);
-            let data = if f.kind != FaultKind::Missing || state.contains(PageState::DISCARDED) {
-                PageData::Zero
-            } else {
-                s.source
-                    .read_page(gpa, &mut self.buf[..page as usize])
-                    .map_err(|source| FaultEngineError::Source { gpa, source })?
-            };
-            let lock = s.inv.lock(range);
-            if lock.read_retry(seq) {
-                s.counters.retries.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            // Step 4, under the lock: mark first, because a successful fill wakes the
-            // faulting thread, which must not see its page unmarked; undo if refused.
-            let (set, clear) = match f.kind {
-                FaultKind::WriteProtect => (PageState::DIRTY, PageState::WRITE_PROTECTED),
-                _ if f.write => (PageState::POPULATED.union(PageState::DIRTY), PageState::DISCARDED),
-                _ => (PageState::POPULATED, PageState::DISCARDED),
-            };
-            let before = s.table.get(gpa);
-            s.table.update(range, set, clear);
-            let outcome = match (f.kind, data) {
-                (FaultKind::Missing, PageData::Zero) if ioctls.zeropage() && !wp => {
-                    s.uffd.zeropage(f.hva, page, false)
-                }
-                (FaultKind::Missing, data) => {
-                    if data == PageData::Zero {
-                        self.buf[..page as usize].fill(0);
-                    }
-                    s.uffd.copy(f.hva, &self.buf[..page as usize], wp, false)
-                }
-                (FaultKind::Minor, _) => s.uffd.continue_(f.hva, page, wp, false),
-                (FaultKind::WriteProtect, _) => {
-                    s.uffd.write_protect(f.hva, page, false, false).map(|()| FillOutcome::Filled)
-                }
-            };
-            if !matches!(outcome, Ok(FillOutcome::Filled | FillOutcome::AlreadyFilled)) {
-                let restore = PageState(before.0 & clear.0);
-                s.table.update(range, restore, PageState(set.0 & !before.0));
-            }
-            let outcome = outcome?;
-            drop(lock);
-            break outcome;
-        };
-        match outcome {
-            FillOutcome::Filled => {}
-            FillOutcome::AlreadyFilled => {
-                s.counters.eexist.fetch_add(1, Ordering::Relaxed);
-                s.uffd.wake(f.hva, page)?;
-            }
-            FillOutcome::MmChanging { .. } => {
-                // One granule per fill, so nothing was filled; had part of it been, the
-                // whole-granule retry meets EEXIST and wakes the waiter.
-                s.counters.eagain.fetch_add(1, Ordering::Relaxed);
-                self.deferred.push_back(f);
-                return Ok(Some(Defer::MmChanging));
-            }
-        }
-        let ns = f.read_at.elapsed().as_nanos().min(u64::MAX as u128) as u64;
-        let slot = f.kind as usize * 2 + usize::from(page >= PAGE_2M);
-        let mut h = s.histograms[self.idx].lock().unwrap_or_else(|p| p.into_inner());
-        h[slot].saturating_record(ns.max(1));
-        Ok(None)
     }
 }

@@ -8,7 +8,8 @@
 //! - [`invalidation`]: `invalidate_range_start/end`, the sequence count and the retry
 //!   protocol (`read_begin` / `read_retry`), and invalidation subscribers.
 //! - [`page_source`]: where the contents of a missing page come from (zero, file, ...).
-//! - [`fault_engine`]: handler threads that resolve userfaultfd faults under the protocol.
+//! - [`fault_engine`]: handler threads that resolve userfaultfd faults under the protocol;
+//!   [`fault_stats`]: their latency histograms and counters.
 //! - [`discard`]: discard and write-protect ranges of guest RAM through the invalidation
 //!   layer, with the right host operation per backend.
 //!
@@ -17,10 +18,13 @@
 
 pub mod discard;
 pub mod fault_engine;
+mod fault_handler;
+pub mod fault_stats;
 pub mod invalidation;
 pub mod page_source;
 pub mod page_state;
 pub mod uffd;
+mod uffd_types;
 
 #[cfg(test)]
 mod tests;
@@ -157,12 +161,16 @@ impl Regions {
 
     /// The region containing a guest-physical address.
     pub fn by_gpa(&self, gpa: u64) -> Option<&UffdRegion> {
-        self.regions.iter().find(|r| gpa >= r.guest_addr && gpa - r.guest_addr < r.len)
+        self.regions
+            .iter()
+            .find(|r| gpa >= r.guest_addr && gpa - r.guest_addr < r.len)
     }
 
     /// The region containing a host-virtual address.
     pub fn by_host(&self, hva: u64) -> Option<&UffdRegion> {
-        self.regions.iter().find(|r| hva >= r.host_addr && hva - r.host_addr < r.len)
+        self.regions
+            .iter()
+            .find(|r| hva >= r.host_addr && hva - r.host_addr < r.len)
     }
 
     /// The parts of `range` that fall inside regions, each with its region.
@@ -170,6 +178,8 @@ impl Regions {
         &'a self,
         range: GuestRange,
     ) -> impl Iterator<Item = (&'a UffdRegion, GuestRange)> + 'a {
-        self.regions.iter().filter_map(move |r| r.guest_range().intersect(&range).map(|p| (r, p)))
+        self.regions
+            .iter()
+            .filter_map(move |r| r.guest_range().intersect(&range).map(|p| (r, p)))
     }
 }

@@ -75,22 +75,36 @@ impl FileSource {
     pub fn new(file: File, base_gpa: u64) -> Result<Self, PageSourceError> {
         let file_len = file
             .metadata()
-            .map_err(|source| PageSourceError::Read { offset: 0, len: 0, source })?
+            .map_err(|source| PageSourceError::Read {
+                offset: 0,
+                len: 0,
+                source,
+            })?
             .len();
-        Ok(Self { file, base_gpa, file_len })
+        Ok(Self {
+            file,
+            base_gpa,
+            file_len,
+        })
     }
 }
 
 impl PageSource for FileSource {
     fn read_page(&self, gpa: u64, buf: &mut [u8]) -> Result<PageData, PageSourceError> {
-        let Some(offset) = gpa.checked_sub(self.base_gpa) else { return Ok(PageData::Zero) };
+        let Some(offset) = gpa.checked_sub(self.base_gpa) else {
+            return Ok(PageData::Zero);
+        };
         if offset >= self.file_len {
             return Ok(PageData::Zero);
         }
         let avail = ((self.file_len - offset) as usize).min(buf.len());
         self.file
             .read_exact_at(&mut buf[..avail], offset)
-            .map_err(|source| PageSourceError::Read { offset, len: avail, source })?;
+            .map_err(|source| PageSourceError::Read {
+                offset,
+                len: avail,
+                source,
+            })?;
         buf[avail..].fill(0);
         // A zero page costs nothing to install with ZEROPAGE; checking is cheap next to
         // the read.

@@ -97,7 +97,9 @@ impl PageStateTable {
     }
 
     fn region(&self, gpa: u64) -> Option<&RegionTable> {
-        self.regions.iter().find(|r| gpa >= r.gpa && gpa - r.gpa < r.len)
+        self.regions
+            .iter()
+            .find(|r| gpa >= r.gpa && gpa - r.gpa < r.len)
     }
 
     /// The page size (granule) at `gpa`, if it is guest RAM.
@@ -107,7 +109,9 @@ impl PageStateTable {
 
     /// The state of the page containing `gpa` (empty if outside guest RAM).
     pub fn get(&self, gpa: u64) -> PageState {
-        let Some(r) = self.region(gpa) else { return PageState::EMPTY };
+        let Some(r) = self.region(gpa) else {
+            return PageState::EMPTY;
+        };
         let page = (gpa - r.gpa) / r.granule;
         let word = r.words[(page / PAGES_PER_WORD) as usize].load(Ordering::Acquire);
         PageState(((word >> ((page % PAGES_PER_WORD) * BITS_PER_PAGE)) & 0xf) as u8)
@@ -117,7 +121,9 @@ impl PageStateTable {
     /// `clear` (each word in one atomic step).
     pub fn update(&self, range: GuestRange, set: PageState, clear: PageState) {
         for r in &self.regions {
-            let Some(part) = r.guest_range_intersect(range) else { continue };
+            let Some(part) = r.guest_range_intersect(range) else {
+                continue;
+            };
             let first = (part.gpa - r.gpa) / r.granule;
             let last = (part.end() - 1 - r.gpa) / r.granule;
             let mut page = first;
@@ -194,16 +200,21 @@ mod unit_tests {
 
     #[test]
     fn bits_per_page_are_independent_and_ranges_merge() {
-        let t = PageStateTable::new(&[(0, 64 * 4096, 4096), (1 << 32, 4 << 21, 2 << 20)])
-            .unwrap();
-        t.set(GuestRange::new(4096 * 15, 4096 * 3), PageState::POPULATED.union(PageState::DIRTY));
+        let t = PageStateTable::new(&[(0, 64 * 4096, 4096), (1 << 32, 4 << 21, 2 << 20)]).unwrap();
+        t.set(
+            GuestRange::new(4096 * 15, 4096 * 3),
+            PageState::POPULATED.union(PageState::DIRTY),
+        );
         t.clear(GuestRange::new(4096 * 16, 1), PageState::DIRTY);
         assert_eq!(t.get(4096 * 15), PageState(5));
         assert_eq!(t.get(4096 * 16), PageState::POPULATED);
         assert_eq!(t.get(4096 * 18), PageState::EMPTY);
         assert_eq!(t.count(PageState::POPULATED), 3);
         // A 4 KiB range inside a huge page marks the whole huge page.
-        t.set(GuestRange::new((1 << 32) + (2 << 20) + 4096, 4096), PageState::DIRTY);
+        t.set(
+            GuestRange::new((1 << 32) + (2 << 20) + 4096, 4096),
+            PageState::DIRTY,
+        );
         assert_eq!(t.get((1 << 32) + (2 << 20)), PageState::DIRTY);
         assert_eq!(
             t.ranges_with(PageState::DIRTY),

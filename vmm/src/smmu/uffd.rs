@@ -65,204 +65,7 @@ pub enum UffdError {
 /// Result type of this module.
 pub type Result<T> = std::result::Result<T, UffdError>;
 
-/// A set of `UFFD_FEATURE_*` bits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Features(pub u64);
-
-/// Every feature bit we know, with its uapi name (for error messages).
-const FEATURE_NAMES: &[(u32, &str)] = &[
-    (uapi::UFFD_FEATURE_PAGEFAULT_FLAG_WP, "PAGEFAULT_FLAG_WP"),
-    (uapi::UFFD_FEATURE_EVENT_FORK, "EVENT_FORK"),
-    (uapi::UFFD_FEATURE_EVENT_REMAP, "EVENT_REMAP"),
-    (uapi::UFFD_FEATURE_EVENT_REMOVE, "EVENT_REMOVE"),
-    (uapi::UFFD_FEATURE_MISSING_HUGETLBFS, "MISSING_HUGETLBFS"),
-    (uapi::UFFD_FEATURE_MISSING_SHMEM, "MISSING_SHMEM"),
-    (uapi::UFFD_FEATURE_EVENT_UNMAP, "EVENT_UNMAP"),
-    (uapi::UFFD_FEATURE_SIGBUS, "SIGBUS"),
-    (uapi::UFFD_FEATURE_THREAD_ID, "THREAD_ID"),
-    (uapi::UFFD_FEATURE_MINOR_HUGETLBFS, "MINOR_HUGETLBFS"),
-    (uapi::UFFD_FEATURE_MINOR_SHMEM, "MINOR_SHMEM"),
-    (uapi::UFFD_FEATURE_EXACT_ADDRESS, "EXACT_ADDRESS"),
-    (uapi::UFFD_FEATURE_WP_HUGETLBFS_SHMEM, "WP_HUGETLBFS_SHMEM"),
-    (uapi::UFFD_FEATURE_WP_UNPOPULATED, "WP_UNPOPULATED"),
-    (uapi::UFFD_FEATURE_POISON, "POISON"),
-    (uapi::UFFD_FEATURE_WP_ASYNC, "WP_ASYNC"),
-    (uapi::UFFD_FEATURE_MOVE, "MOVE"),
-];
-
-impl Features {
-    /// `UFFD_FEATURE_PAGEFAULT_FLAG_WP`: write-protect faults.
-    pub const WP: Features = Features(uapi::UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64);
-    /// `UFFD_FEATURE_EVENT_FORK`.
-    pub const EVENT_FORK: Features = Features(uapi::UFFD_FEATURE_EVENT_FORK as u64);
-    /// `UFFD_FEATURE_EVENT_REMAP`: mremap of registered memory is reported.
-    pub const EVENT_REMAP: Features = Features(uapi::UFFD_FEATURE_EVENT_REMAP as u64);
-    /// `UFFD_FEATURE_EVENT_REMOVE`: MADV_DONTNEED/REMOVE of registered memory is reported.
-    pub const EVENT_REMOVE: Features = Features(uapi::UFFD_FEATURE_EVENT_REMOVE as u64);
-    /// `UFFD_FEATURE_EVENT_UNMAP`: munmap of registered memory is reported.
-    pub const EVENT_UNMAP: Features = Features(uapi::UFFD_FEATURE_EVENT_UNMAP as u64);
-    /// `UFFD_FEATURE_MISSING_HUGETLBFS`.
-    pub const MISSING_HUGETLBFS: Features = Features(uapi::UFFD_FEATURE_MISSING_HUGETLBFS as u64);
-    /// `UFFD_FEATURE_MISSING_SHMEM`.
-    pub const MISSING_SHMEM: Features = Features(uapi::UFFD_FEATURE_MISSING_SHMEM as u64);
-    /// `UFFD_FEATURE_MINOR_HUGETLBFS`.
-    pub const MINOR_HUGETLBFS: Features = Features(uapi::UFFD_FEATURE_MINOR_HUGETLBFS as u64);
-    /// `UFFD_FEATURE_MINOR_SHMEM`.
-    pub const MINOR_SHMEM: Features = Features(uapi::UFFD_FEATURE_MINOR_SHMEM as u64);
-    /// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM`: WP on shmem and hugetlb.
-    pub const WP_HUGETLBFS_SHMEM: Features =
-        Features(uapi::UFFD_FEATURE_WP_HUGETLBFS_SHMEM as u64);
-    /// `UFFD_FEATURE_WP_UNPOPULATED`: WP applies to not-yet-populated anon pages too.
-    pub const WP_UNPOPULATED: Features = Features(uapi::UFFD_FEATURE_WP_UNPOPULATED as u64);
-    /// `UFFD_FEATURE_POISON`: UFFDIO_POISON.
-    pub const POISON: Features = Features(uapi::UFFD_FEATURE_POISON as u64);
-
-    /// Both sets' bits.
-    pub const fn union(self, other: Features) -> Features {
-        Features(self.0 | other.0)
-    }
-
-    /// Whether every bit of `other` is set in `self`.
-    pub const fn contains(self, other: Features) -> bool {
-        self.0 & other.0 == other.0
-    }
-
-    /// Uapi names of the set bits, comma-separated (unknown bits as hex).
-    pub fn names(self) -> String {
-        let mut names: Vec<String> = Vec::new();
-        let mut rest = self.0;
-        for &(bit, name) in FEATURE_NAMES {
-            if rest & bit as u64 != 0 {
-                names.push(name.to_string());
-                rest &= !(bit as u64);
-            }
-        }
-        if rest != 0 {
-            names.push(format!("{rest:#x}"));
-        }
-        names.join(", ")
-    }
-}
-
-/// Registration modes (`UFFDIO_REGISTER_MODE_*`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct RegisterMode {
-    /// Report faults on missing pages.
-    pub missing: bool,
-    /// Report faults on pages present in the page cache but not mapped (shmem/hugetlb).
-    pub minor: bool,
-    /// Report writes to write-protected pages.
-    pub wp: bool,
-}
-
-impl RegisterMode {
-    fn bits(self) -> u64 {
-        let mut m = 0;
-        if self.missing {
-            m |= uapi::UFFDIO_REGISTER_MODE_MISSING;
-        }
-        if self.minor {
-            m |= uapi::UFFDIO_REGISTER_MODE_MINOR;
-        }
-        if self.wp {
-            m |= uapi::UFFDIO_REGISTER_MODE_WP;
-        }
-        m as u64
-    }
-}
-
-/// The ioctls a registered range supports (bit `_UFFDIO_*` set in the mask the kernel
-/// returned from UFFDIO_REGISTER).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RangeIoctls(pub u64);
-
-impl RangeIoctls {
-    fn has(self, nr: u32) -> bool {
-        self.0 & (1u64 << nr) != 0
-    }
-    /// UFFDIO_COPY is supported.
-    pub fn copy(self) -> bool {
-        self.has(uapi::_UFFDIO_COPY)
-    }
-    /// UFFDIO_ZEROPAGE is supported (not on hugetlb).
-    pub fn zeropage(self) -> bool {
-        self.has(uapi::_UFFDIO_ZEROPAGE)
-    }
-    /// UFFDIO_CONTINUE is supported.
-    pub fn continue_(self) -> bool {
-        self.has(uapi::_UFFDIO_CONTINUE)
-    }
-    /// UFFDIO_WRITEPROTECT is supported.
-    pub fn writeprotect(self) -> bool {
-        self.has(uapi::_UFFDIO_WRITEPROTECT)
-    }
-    /// UFFDIO_POISON is supported.
-    pub fn poison(self) -> bool {
-        self.has(uapi::_UFFDIO_POISON)
-    }
-}
-
-/// What a fill ioctl (COPY / ZEROPAGE / CONTINUE / POISON) did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FillOutcome {
-    /// The whole range was filled (and its waiters woken, unless DONTWAKE was asked).
-    Filled,
-    /// `EEXIST`: the page was already there — someone else resolved it. Nothing was
-    /// filled; the caller must `wake()` the range so the faulting thread retries.
-    AlreadyFilled,
-    /// `EAGAIN`: the address space is changing (a REMOVE/UNMAP event is pending) or the
-    /// fill stopped part-way. `filled_bytes` from the start were filled (and woken); the
-    /// caller must read pending events first, then retry the rest.
-    MmChanging {
-        /// Bytes filled from the start of the range before the kernel stopped.
-        filled_bytes: u64,
-    },
-}
-
-/// A decoded userfaultfd event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Event {
-    /// A thread faulted on a registered page and waits for it to be resolved.
-    PageFault {
-        /// The faulting host address (page-aligned unless EXACT_ADDRESS; hugetlb faults
-        /// are reported at the huge page's address).
-        address: u64,
-        /// The access was a write.
-        write: bool,
-        /// A write to a write-protected page.
-        wp: bool,
-        /// A minor fault (page in the page cache, not mapped).
-        minor: bool,
-    },
-    /// Pages in `[start, end)` were dropped (MADV_DONTNEED / MADV_REMOVE).
-    Remove {
-        /// First host address.
-        start: u64,
-        /// One past the last host address.
-        end: u64,
-    },
-    /// `[start, end)` was unmapped.
-    Unmap {
-        /// First host address.
-        start: u64,
-        /// One past the last host address.
-        end: u64,
-    },
-    /// A registered area moved (mremap).
-    Remap {
-        /// Old host address.
-        from: u64,
-        /// New host address.
-        to: u64,
-        /// Length in bytes.
-        len: u64,
-    },
-    /// The process forked; `child_uffd` is a new userfaultfd for the child.
-    Fork {
-        /// The raw fd number of the child's userfaultfd (now owned by the reader).
-        child_uffd: i32,
-    },
-}
+pub use super::uffd_types::{Event, Features, FillOutcome, RangeIoctls, RegisterMode};
 
 /// A raw `uffd_msg` slot for [`Uffd::read_events`].
 pub type RawMsg = uapi::uffd_msg;
@@ -312,12 +115,17 @@ impl Uffd {
         let available = Self::available_features()?;
         let missing = Features(required.0 & !available.0);
         if missing.0 != 0 {
-            return Err(UffdError::MissingFeatures { missing: missing.names() });
+            return Err(UffdError::MissingFeatures {
+                missing: missing.names(),
+            });
         }
         let want = Features(required.0 | (optional.0 & available.0));
         let fd = open_raw()?;
         let features = api(&fd, want)?;
-        Ok(Uffd { fd, features: Features(want.0 & features.0) })
+        Ok(Uffd {
+            fd,
+            features: Features(want.0 & features.0),
+        })
     }
 
     /// The features this kernel offers (probed on a throw-away fd: UFFDIO_API can only be
@@ -340,14 +148,26 @@ impl Uffd {
             mode: mode.bits(),
             ioctls: 0,
         };
-        self.ioctl("UFFDIO_REGISTER", uioctl::UFFDIO_REGISTER as u64, &mut reg, start, len)?;
+        self.ioctl(
+            "UFFDIO_REGISTER",
+            uioctl::UFFDIO_REGISTER as u64,
+            &mut reg,
+            start,
+            len,
+        )?;
         Ok(RangeIoctls(reg.ioctls))
     }
 
     /// Unregisters a range; the kernel wakes any thread still waiting on a fault in it.
     pub fn unregister(&self, start: u64, len: u64) -> Result<()> {
         let mut range = uapi::uffdio_range { start, len };
-        self.ioctl("UFFDIO_UNREGISTER", uioctl::UFFDIO_UNREGISTER as u64, &mut range, start, len)
+        self.ioctl(
+            "UFFDIO_UNREGISTER",
+            uioctl::UFFDIO_UNREGISTER as u64,
+            &mut range,
+            start,
+            len,
+        )
     }
 
     /// UFFDIO_COPY: atomically fills missing pages `[dst, dst + src.len())` with `src`.
@@ -370,17 +190,42 @@ impl Uffd {
         let len = src.len() as u64;
         // `copy` starts at 0: when the kernel refuses early with EAGAIN (mmap changing) it
         // does not write the field, and 0 then correctly means "nothing filled".
-        let mut arg = uapi::uffdio_copy { dst, src: src.as_ptr() as u64, len, mode, copy: 0 };
-        let r = self.ioctl("UFFDIO_COPY", uioctl::UFFDIO_COPY as u64, &mut arg, dst, len);
+        let mut arg = uapi::uffdio_copy {
+            dst,
+            src: src.as_ptr() as u64,
+            len,
+            mode,
+            copy: 0,
+        };
+        let r = self.ioctl(
+            "UFFDIO_COPY",
+            uioctl::UFFDIO_COPY as u64,
+            &mut arg,
+            dst,
+            len,
+        );
         fill_outcome(r, arg.copy)
     }
 
     /// UFFDIO_ZEROPAGE: fills missing pages with zeros (not supported on hugetlb).
     pub fn zeropage(&self, start: u64, len: u64, dont_wake: bool) -> Result<FillOutcome> {
-        let mode = if dont_wake { uapi::UFFDIO_ZEROPAGE_MODE_DONTWAKE as u64 } else { 0 };
-        let mut arg =
-            uapi::uffdio_zeropage { range: uapi::uffdio_range { start, len }, mode, zeropage: 0 };
-        let r = self.ioctl("UFFDIO_ZEROPAGE", uioctl::UFFDIO_ZEROPAGE as u64, &mut arg, start, len);
+        let mode = if dont_wake {
+            uapi::UFFDIO_ZEROPAGE_MODE_DONTWAKE as u64
+        } else {
+            0
+        };
+        let mut arg = uapi::uffdio_zeropage {
+            range: uapi::uffdio_range { start, len },
+            mode,
+            zeropage: 0,
+        };
+        let r = self.ioctl(
+            "UFFDIO_ZEROPAGE",
+            uioctl::UFFDIO_ZEROPAGE as u64,
+            &mut arg,
+            start,
+            len,
+        );
         fill_outcome(r, arg.zeropage)
     }
 
@@ -399,18 +244,34 @@ impl Uffd {
         if write_protect {
             mode |= UFFDIO_CONTINUE_MODE_WP;
         }
-        let mut arg =
-            uapi::uffdio_continue { range: uapi::uffdio_range { start, len }, mode, mapped: 0 };
-        let r = self.ioctl("UFFDIO_CONTINUE", uioctl::UFFDIO_CONTINUE as u64, &mut arg, start, len);
+        let mut arg = uapi::uffdio_continue {
+            range: uapi::uffdio_range { start, len },
+            mode,
+            mapped: 0,
+        };
+        let r = self.ioctl(
+            "UFFDIO_CONTINUE",
+            uioctl::UFFDIO_CONTINUE as u64,
+            &mut arg,
+            start,
+            len,
+        );
         fill_outcome(r, arg.mapped)
     }
 
     /// UFFDIO_POISON: marks missing pages poisoned (access raises SIGBUS); needs the
     /// POISON feature.
     pub fn poison(&self, start: u64, len: u64, dont_wake: bool) -> Result<FillOutcome> {
-        let mode = if dont_wake { UFFDIO_POISON_MODE_DONTWAKE } else { 0 };
-        let mut arg =
-            uapi::uffdio_poison { range: uapi::uffdio_range { start, len }, mode, updated: 0 };
+        let mode = if dont_wake {
+            UFFDIO_POISON_MODE_DONTWAKE
+        } else {
+            0
+        };
+        let mut arg = uapi::uffdio_poison {
+            range: uapi::uffdio_range { start, len },
+            mode,
+            updated: 0,
+        };
         let r = self.ioctl("UFFDIO_POISON", UFFDIO_POISON, &mut arg, start, len);
         fill_outcome(r, arg.updated)
     }
@@ -418,7 +279,13 @@ impl Uffd {
     /// UFFDIO_WRITEPROTECT: `protect` sets write protection on the range; clearing it
     /// (`protect == false`) also wakes threads blocked on a WP fault there unless
     /// `dont_wake`.
-    pub fn write_protect(&self, start: u64, len: u64, protect: bool, dont_wake: bool) -> Result<()> {
+    pub fn write_protect(
+        &self,
+        start: u64,
+        len: u64,
+        protect: bool,
+        dont_wake: bool,
+    ) -> Result<()> {
         let mut mode = 0u64;
         if protect {
             mode |= UFFDIO_WRITEPROTECT_MODE_WP;
@@ -426,14 +293,29 @@ impl Uffd {
         if dont_wake {
             mode |= UFFDIO_WRITEPROTECT_MODE_DONTWAKE;
         }
-        let mut arg = uapi::uffdio_writeprotect { range: uapi::uffdio_range { start, len }, mode };
-        self.ioctl("UFFDIO_WRITEPROTECT", uioctl::UFFDIO_WRITEPROTECT as u64, &mut arg, start, len)
+        let mut arg = uapi::uffdio_writeprotect {
+            range: uapi::uffdio_range { start, len },
+            mode,
+        };
+        self.ioctl(
+            "UFFDIO_WRITEPROTECT",
+            uioctl::UFFDIO_WRITEPROTECT as u64,
+            &mut arg,
+            start,
+            len,
+        )
     }
 
     /// UFFDIO_WAKE: wakes threads waiting on faults in the range.
     pub fn wake(&self, start: u64, len: u64) -> Result<()> {
         let mut range = uapi::uffdio_range { start, len };
-        self.ioctl("UFFDIO_WAKE", uioctl::UFFDIO_WAKE as u64, &mut range, start, len)
+        self.ioctl(
+            "UFFDIO_WAKE",
+            uioctl::UFFDIO_WAKE as u64,
+            &mut range,
+            start,
+            len,
+        )
     }
 
     /// Reads as many pending messages as fit in `buf` without blocking and decodes them
@@ -458,7 +340,14 @@ impl Uffd {
         Ok(count)
     }
 
-    fn ioctl<T>(&self, op: &'static str, req: u64, arg: &mut T, start: u64, len: u64) -> Result<()> {
+    fn ioctl<T>(
+        &self,
+        op: &'static str,
+        req: u64,
+        arg: &mut T,
+        start: u64,
+        len: u64,
+    ) -> Result<()> {
         // SAFETY: `req` is a userfaultfd ioctl whose argument struct is `T` (each caller
         // pairs them as in <linux/userfaultfd.h>); `arg` is a valid, exclusively borrowed
         // `T`. Addresses inside it are only used by the kernel on our own mm and are
@@ -466,7 +355,12 @@ impl Uffd {
         // COPY's `src` points at a live borrowed slice of `len` bytes.
         let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), req as _, arg as *mut T) };
         if r < 0 {
-            return Err(UffdError::Ioctl { op, start, len, source: std::io::Error::last_os_error() });
+            return Err(UffdError::Ioctl {
+                op,
+                start,
+                len,
+                source: std::io::Error::last_os_error(),
+            });
         }
         Ok(())
     }
@@ -482,10 +376,22 @@ impl AsFd for Uffd {
 fn fill_outcome(r: Result<()>, done: i64) -> Result<FillOutcome> {
     match r {
         Ok(()) => Ok(FillOutcome::Filled),
-        Err(UffdError::Ioctl { source, op, start, len }) => match source.raw_os_error() {
+        Err(UffdError::Ioctl {
+            source,
+            op,
+            start,
+            len,
+        }) => match source.raw_os_error() {
             Some(libc::EEXIST) => Ok(FillOutcome::AlreadyFilled),
-            Some(libc::EAGAIN) => Ok(FillOutcome::MmChanging { filled_bytes: done.max(0) as u64 }),
-            _ => Err(UffdError::Ioctl { op, start, len, source }),
+            Some(libc::EAGAIN) => Ok(FillOutcome::MmChanging {
+                filled_bytes: done.max(0) as u64,
+            }),
+            _ => Err(UffdError::Ioctl {
+                op,
+                start,
+                len,
+                source,
+            }),
         },
         Err(e) => Err(e),
     }
@@ -495,10 +401,9 @@ fn decode(msg: &RawMsg) -> Result<Event> {
     // `uffd_msg` is packed: copy fields out by value instead of referencing them.
     let event = msg.event;
     let arg = msg.arg;
-    // SAFETY (for each union read below): the kernel fills the union member that matches
-    // `event`, and every member is plain integers, so any bit pattern is valid.
     Ok(match event as u32 {
         uapi::UFFD_EVENT_PAGEFAULT => {
+            // SAFETY: `event` says the kernel filled the `pagefault` member (plain integers).
             let pf = unsafe { arg.pagefault };
             let flags = pf.flags;
             Event::PageFault {
@@ -509,20 +414,36 @@ fn decode(msg: &RawMsg) -> Result<Event> {
             }
         }
         uapi::UFFD_EVENT_REMOVE => {
+            // SAFETY: `event` says the kernel filled the `remove` member (plain integers).
             let r = unsafe { arg.remove };
-            Event::Remove { start: r.start, end: r.end }
+            Event::Remove {
+                start: r.start,
+                end: r.end,
+            }
         }
         uapi::UFFD_EVENT_UNMAP => {
+            // SAFETY: `event` says the kernel filled the `remove` member (plain integers).
             let r = unsafe { arg.remove };
-            Event::Unmap { start: r.start, end: r.end }
+            Event::Unmap {
+                start: r.start,
+                end: r.end,
+            }
         }
         uapi::UFFD_EVENT_REMAP => {
+            // SAFETY: `event` says the kernel filled the `remap` member (plain integers).
             let r = unsafe { arg.remap };
-            Event::Remap { from: r.from, to: r.to, len: r.len }
+            Event::Remap {
+                from: r.from,
+                to: r.to,
+                len: r.len,
+            }
         }
         uapi::UFFD_EVENT_FORK => {
+            // SAFETY: `event` says the kernel filled the `fork` member (plain integers).
             let f = unsafe { arg.fork };
-            Event::Fork { child_uffd: f.ufd as i32 }
+            Event::Fork {
+                child_uffd: f.ufd as i32,
+            }
         }
         _ => return Err(UffdError::UnknownEvent(event)),
     })
@@ -533,7 +454,11 @@ fn decode(msg: &RawMsg) -> Result<Event> {
 /// userfaultfd syscall.
 fn open_raw() -> Result<OwnedFd> {
     let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64; // never UFFD_USER_MODE_ONLY
-    let dev_err = match OpenOptions::new().read(true).write(true).open("/dev/userfaultfd") {
+    let dev_err = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")
+    {
         Ok(dev) => {
             // SAFETY: USERFAULTFD_IOC_NEW takes its flags by value and returns a new fd.
             let r = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
@@ -545,8 +470,7 @@ fn open_raw() -> Result<OwnedFd> {
         }
         Err(e) => e,
     };
-    let sys_flags =
-        rustix::mm::UserfaultfdFlags::CLOEXEC | rustix::mm::UserfaultfdFlags::NONBLOCK;
+    let sys_flags = rustix::mm::UserfaultfdFlags::CLOEXEC | rustix::mm::UserfaultfdFlags::NONBLOCK;
     // SAFETY: the fd lets its owner resolve faults of this process; we keep it private
     // to the smmu, which is what the rustix contract asks.
     match unsafe { rustix::mm::userfaultfd(sys_flags) } {
@@ -560,7 +484,11 @@ fn open_raw() -> Result<OwnedFd> {
 
 /// Runs the UFFDIO_API handshake asking for `features`; returns what the kernel reports.
 fn api(fd: &OwnedFd, features: Features) -> Result<Features> {
-    let mut arg = uapi::uffdio_api { api: uapi::UFFD_API as u64, features: features.0, ioctls: 0 };
+    let mut arg = uapi::uffdio_api {
+        api: uapi::UFFD_API as u64,
+        features: features.0,
+        ioctls: 0,
+    };
     // SAFETY: UFFDIO_API takes a `struct uffdio_api`, which `arg` is.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), uioctl::UFFDIO_API as _, &mut arg) };
     if r < 0 {
@@ -588,7 +516,9 @@ mod unit_tests {
 
     #[test]
     fn feature_names_name_each_bit() {
-        let f = Features::MINOR_SHMEM.union(Features::POISON).union(Features(1 << 40));
+        let f = Features::MINOR_SHMEM
+            .union(Features::POISON)
+            .union(Features(1 << 40));
         assert_eq!(f.names(), "MINOR_SHMEM, POISON, 0x10000000000");
     }
 

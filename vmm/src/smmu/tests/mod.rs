@@ -1,5 +1,9 @@
 //! Tests of the smmu on real userfaultfd and real memory (no VM): regions are mapped here,
-//! registered with a fault engine, and touched from other threads.
+//! registered with a fault engine, and touched from other threads. The stress test is in
+//! `stress.rs`, the hugetlb tests in `hugetlb.rs`.
+
+mod hugetlb;
+mod stress;
 
 use std::io::Write;
 use std::os::fd::OwnedFd;
@@ -16,7 +20,7 @@ use super::fault_engine::{FaultEngine, FaultEngineConfig, FaultKind};
 use super::invalidation::Invalidation;
 use super::page_source::{FileSource, PageData, PageSource, PageSourceError, ZeroSource};
 use super::page_state::{PageState, PageStateTable};
-use super::uffd::{FillOutcome, Features, RegisterMode, Uffd};
+use super::uffd::{Features, FillOutcome, RegisterMode, Uffd};
 use super::{GuestRange, RegionBacking, Regions, UffdMode, UffdRegion, PAGE_2M, PAGE_4K};
 
 /// A host mapping standing in for guest RAM; unmapped on drop.
@@ -38,7 +42,11 @@ impl Mapping {
             )
         }
         .expect("mmap anon");
-        Mapping { addr: p as u64, len, fd: None }
+        Mapping {
+            addr: p as u64,
+            len,
+            fd: None,
+        }
     }
 
     fn memfd(len: u64, hugetlb: bool) -> std::io::Result<Mapping> {
@@ -59,7 +67,11 @@ impl Mapping {
                 0,
             )
         }?;
-        Ok(Mapping { addr: p as u64, len, fd: Some(Arc::new(fd)) })
+        Ok(Mapping {
+            addr: p as u64,
+            len,
+            fd: Some(Arc::new(fd)),
+        })
     }
 
     fn page(&self, i: u64) -> u64 {
@@ -94,7 +106,9 @@ fn fill_words(hva: u64, len: u64, value: u64) {
 /// Runs `f` on a fresh thread (the faulting thread must not be a handler) and returns its
 /// result.
 fn on_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(f).join().expect("toucher thread panicked")
+    std::thread::spawn(f)
+        .join()
+        .expect("toucher thread panicked")
 }
 
 /// Waits until `cond` holds: the engine records statistics just after the fill that woke
@@ -117,21 +131,39 @@ struct Rig {
     map: Mapping,
 }
 
-fn rig(map: Mapping, region: UffdRegion, source: Arc<dyn PageSource>, cfg: FaultEngineConfig) -> Rig {
-    let table =
-        Arc::new(PageStateTable::new(&[(region.guest_addr, region.len, region.page_bytes)]).unwrap());
+fn rig(
+    map: Mapping,
+    region: UffdRegion,
+    source: Arc<dyn PageSource>,
+    cfg: FaultEngineConfig,
+) -> Rig {
+    let table = Arc::new(
+        PageStateTable::new(&[(region.guest_addr, region.len, region.page_bytes)]).unwrap(),
+    );
     let inv = Arc::new(Invalidation::new());
     let regions = Arc::new(Regions::new(vec![region]));
-    let engine = FaultEngine::start(regions.clone(), table.clone(), inv.clone(), source, cfg).unwrap();
+    let engine =
+        FaultEngine::start(regions.clone(), table.clone(), inv.clone(), source, cfg).unwrap();
     let discarder = Discarder::new(regions, table.clone(), inv, Some(engine.link()));
-    Rig { engine, discarder, table, map }
+    Rig {
+        engine,
+        discarder,
+        table,
+        map,
+    }
 }
 
 fn region_of(map: &Mapping, page_bytes: u64, mode: UffdMode, wp: bool) -> UffdRegion {
     let backing = match (&map.fd, page_bytes) {
         (None, _) => RegionBacking::PrivateAnon,
-        (Some(fd), PAGE_2M) => RegionBacking::Hugetlb { fd: Some(fd.clone()), file_offset: 0 },
-        (Some(fd), _) => RegionBacking::Shared { fd: fd.clone(), file_offset: 0 },
+        (Some(fd), PAGE_2M) => RegionBacking::Hugetlb {
+            fd: Some(fd.clone()),
+            file_offset: 0,
+        },
+        (Some(fd), _) => RegionBacking::Shared {
+            fd: fd.clone(),
+            file_offset: 0,
+        },
     };
     UffdRegion {
         guest_addr: GPA,
@@ -153,8 +185,9 @@ fn pattern(page: u64, gen: u64) -> u64 {
 fn image_file(pages: u64, page_bytes: u64) -> std::fs::File {
     let mut f = tempfile::tempfile().unwrap();
     for p in 0..pages {
-        let words: Vec<u8> =
-            (0..page_bytes / 8).flat_map(|_| pattern(p, 1).to_ne_bytes()).collect();
+        let words: Vec<u8> = (0..page_bytes / 8)
+            .flat_map(|_| pattern(p, 1).to_ne_bytes())
+            .collect();
         f.write_all(&words).unwrap();
     }
     f
@@ -183,12 +216,25 @@ fn summary(engine: &FaultEngine) -> String {
 fn missing_anon_zero_source_resolves_every_first_touch_with_zeros() {
     let map = Mapping::anon(64 * PAGE_4K);
     let region = region_of(&map, PAGE_4K, UffdMode::Missing, false);
-    let r = rig(map, region, Arc::new(ZeroSource), FaultEngineConfig::default());
+    let r = rig(
+        map,
+        region,
+        Arc::new(ZeroSource),
+        FaultEngineConfig::default(),
+    );
     let base = r.map.addr;
-    let zeros = on_thread(move || (0..64).all(|i| read_words(base + i * PAGE_4K, PAGE_4K).iter().all(|&w| w == 0)));
+    let zeros = on_thread(move || {
+        (0..64).all(|i| {
+            read_words(base + i * PAGE_4K, PAGE_4K)
+                .iter()
+                .all(|&w| w == 0)
+        })
+    });
     assert!(zeros);
     assert_eq!(r.table.count(PageState::POPULATED), 64);
-    eventually("64 MISSING faults counted", || r.engine.stats().resolved(FaultKind::Missing) == 64);
+    eventually("64 MISSING faults counted", || {
+        r.engine.stats().resolved(FaultKind::Missing) == 64
+    });
     eprintln!("anon MISSING zero: {}", summary(&r.engine));
 }
 
@@ -197,10 +243,22 @@ fn missing_anon_file_source_fills_pages_from_the_image() {
     let map = Mapping::anon(32 * PAGE_4K);
     let region = region_of(&map, PAGE_4K, UffdMode::Missing, false);
     let src = Arc::new(FileSource::new(image_file(32, PAGE_4K), GPA).unwrap());
-    let r = rig(map, region, src, FaultEngineConfig { handler_threads: 1, ..Default::default() });
+    let r = rig(
+        map,
+        region,
+        src,
+        FaultEngineConfig {
+            handler_threads: 1,
+            ..Default::default()
+        },
+    );
     let base = r.map.addr;
     let ok = on_thread(move || {
-        (0..32).all(|i| read_words(base + i * PAGE_4K, PAGE_4K).iter().all(|&w| w == pattern(i, 1)))
+        (0..32).all(|i| {
+            read_words(base + i * PAGE_4K, PAGE_4K)
+                .iter()
+                .all(|&w| w == pattern(i, 1))
+        })
     });
     assert!(ok, "a page did not hold its image contents");
     assert_eq!(r.table.count(PageState::POPULATED), 32);
@@ -213,17 +271,30 @@ fn minor_memfd_maps_page_cache_contents_with_continue() {
     let map = Mapping::memfd(pages * PAGE_4K, false).unwrap();
     let fd = map.fd.clone().unwrap();
     for p in 0..pages {
-        let bytes: Vec<u8> = (0..PAGE_4K / 8).flat_map(|_| pattern(p, 7).to_ne_bytes()).collect();
+        let bytes: Vec<u8> = (0..PAGE_4K / 8)
+            .flat_map(|_| pattern(p, 7).to_ne_bytes())
+            .collect();
         rustix::io::pwrite(&*fd, &bytes, p * PAGE_4K).unwrap();
     }
     let region = region_of(&map, PAGE_4K, UffdMode::Minor, false);
-    let r = rig(map, region, Arc::new(ZeroSource), FaultEngineConfig::default());
+    let r = rig(
+        map,
+        region,
+        Arc::new(ZeroSource),
+        FaultEngineConfig::default(),
+    );
     let base = r.map.addr;
     let ok = on_thread(move || {
-        (0..pages).all(|i| read_words(base + i * PAGE_4K, PAGE_4K).iter().all(|&w| w == pattern(i, 7)))
+        (0..pages).all(|i| {
+            read_words(base + i * PAGE_4K, PAGE_4K)
+                .iter()
+                .all(|&w| w == pattern(i, 7))
+        })
     });
     assert!(ok, "a page did not show its page-cache contents");
-    eventually("MINOR faults counted", || r.engine.stats().resolved(FaultKind::Minor) == pages);
+    eventually("MINOR faults counted", || {
+        r.engine.stats().resolved(FaultKind::Minor) == pages
+    });
     assert_eq!(r.table.count(PageState::POPULATED), pages);
     eprintln!("memfd MINOR: {}", summary(&r.engine));
 }
@@ -232,12 +303,30 @@ fn minor_memfd_maps_page_cache_contents_with_continue() {
 fn uffd_copy_over_a_present_page_reports_already_filled_and_zeropage_too() {
     let map = Mapping::anon(2 * PAGE_4K);
     let uffd = Uffd::open(Features(0), Features(0)).unwrap();
-    let io = uffd.register(map.addr, map.len, RegisterMode { missing: true, ..Default::default() }).unwrap();
+    let io = uffd
+        .register(
+            map.addr,
+            map.len,
+            RegisterMode {
+                missing: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
     assert!(io.copy() && io.zeropage());
     let page = vec![0x42u8; PAGE_4K as usize];
-    assert_eq!(uffd.copy(map.addr, &page, false, false).unwrap(), FillOutcome::Filled);
-    assert_eq!(uffd.copy(map.addr, &page, false, false).unwrap(), FillOutcome::AlreadyFilled);
-    assert_eq!(uffd.zeropage(map.addr, PAGE_4K, false).unwrap(), FillOutcome::AlreadyFilled);
+    assert_eq!(
+        uffd.copy(map.addr, &page, false, false).unwrap(),
+        FillOutcome::Filled
+    );
+    assert_eq!(
+        uffd.copy(map.addr, &page, false, false).unwrap(),
+        FillOutcome::AlreadyFilled
+    );
+    assert_eq!(
+        uffd.zeropage(map.addr, PAGE_4K, false).unwrap(),
+        FillOutcome::AlreadyFilled
+    );
     uffd.wake(map.addr, PAGE_4K).unwrap();
     assert_eq!(read_words(map.addr, 8)[0], 0x4242_4242_4242_4242);
     uffd.unregister(map.addr, map.len).unwrap();
@@ -255,7 +344,10 @@ impl PageSource for RacingSource {
         let hva = self.host_base + (gpa - GPA);
         let winner = vec![0x5au8; buf.len()];
         let uffd = self.uffd.get().expect("set after start");
-        assert_eq!(uffd.copy(hva, &winner, false, true).unwrap(), FillOutcome::Filled);
+        assert_eq!(
+            uffd.copy(hva, &winner, false, true).unwrap(),
+            FillOutcome::Filled
+        );
         buf.fill(0x11);
         Ok(PageData::Filled)
     }
@@ -264,15 +356,32 @@ impl PageSource for RacingSource {
 #[test]
 fn eexist_from_a_racing_resolver_wakes_the_faulting_thread() {
     let map = Mapping::anon(4 * PAGE_4K);
-    let src = Arc::new(RacingSource { uffd: OnceLock::new(), host_base: map.addr });
+    let src = Arc::new(RacingSource {
+        uffd: OnceLock::new(),
+        host_base: map.addr,
+    });
     let region = region_of(&map, PAGE_4K, UffdMode::Missing, false);
-    let r = rig(map, region, src.clone(), FaultEngineConfig { handler_threads: 1, ..Default::default() });
+    let r = rig(
+        map,
+        region,
+        src.clone(),
+        FaultEngineConfig {
+            handler_threads: 1,
+            ..Default::default()
+        },
+    );
     src.uffd.set(r.engine.uffd().clone()).unwrap();
     let hva = r.map.page(2);
     let first = on_thread(move || read_words(hva, PAGE_4K)[0]);
-    assert_eq!(first, 0x5a5a_5a5a_5a5a_5a5a, "the racing resolver's page must win");
+    assert_eq!(
+        first, 0x5a5a_5a5a_5a5a_5a5a,
+        "the racing resolver's page must win"
+    );
     eventually("one EEXIST counted", || r.engine.stats().eexist == 1);
-    assert!(r.table.get(GPA + 2 * PAGE_4K).contains(PageState::POPULATED));
+    assert!(r
+        .table
+        .get(GPA + 2 * PAGE_4K)
+        .contains(PageState::POPULATED));
 }
 
 /// A source that, on its first read, announces it and blocks until released.
@@ -304,7 +413,15 @@ fn a_fault_racing_a_discard_of_its_page_retries_and_installs_nothing_stale() {
     let region = region_of(&map, PAGE_4K, UffdMode::Missing, false);
     // Two handlers: one is held inside the source, the other reads the REMOVE event that
     // the discard's MADV_DONTNEED waits for.
-    let r = rig(map, region, src, FaultEngineConfig { handler_threads: 2, ..Default::default() });
+    let r = rig(
+        map,
+        region,
+        src,
+        FaultEngineConfig {
+            handler_threads: 2,
+            ..Default::default()
+        },
+    );
     let hva = r.map.page(3);
     let toucher = std::thread::spawn(move || read_words(hva, PAGE_4K));
     reading_rx.recv().unwrap(); // step 2 of the protocol is under way
@@ -312,9 +429,17 @@ fn a_fault_racing_a_discard_of_its_page_retries_and_installs_nothing_stale() {
     r.discarder.discard(page).unwrap(); // the invalidation runs and returns
     release_tx.send(()).unwrap(); // now let the resolution try to install
     let words = toucher.join().unwrap();
-    assert!(words.iter().all(|&w| w == 0), "stale source data was installed after a discard");
+    assert!(
+        words.iter().all(|&w| w == 0),
+        "stale source data was installed after a discard"
+    );
     assert_eq!(r.engine.stats().retries, 1, "{}", summary(&r.engine));
-    assert_eq!(r.table.get(page.gpa), PageState::POPULATED, "{}", summary(&r.engine));
+    assert_eq!(
+        r.table.get(page.gpa),
+        PageState::POPULATED,
+        "{}",
+        summary(&r.engine)
+    );
 }
 
 #[test]
@@ -326,17 +451,29 @@ fn discard_of_populated_anon_pages_reads_zero_afterwards() {
     let base = r.map.addr;
     on_thread(move || (0..16).for_each(|i| drop(read_words(base + i * PAGE_4K, 8))));
     assert_eq!(r.table.count(PageState::POPULATED), 16);
-    let rep = r.discarder.discard(GuestRange::new(GPA + 4 * PAGE_4K, 3 * PAGE_4K)).unwrap();
+    let rep = r
+        .discarder
+        .discard(GuestRange::new(GPA + 4 * PAGE_4K, 3 * PAGE_4K))
+        .unwrap();
     assert_eq!(rep.freed.len(), 1);
     assert_eq!(r.table.count(PageState::DISCARDED), 3);
     let (z, kept) = on_thread(move || {
-        let z = (4..7).all(|i| read_words(base + i * PAGE_4K, PAGE_4K).iter().all(|&w| w == 0));
+        let z = (4..7).all(|i| {
+            read_words(base + i * PAGE_4K, PAGE_4K)
+                .iter()
+                .all(|&w| w == 0)
+        });
         (z, read_words(base + 7 * PAGE_4K, 8)[0])
     });
     assert!(z, "a discarded page showed old data");
     assert_eq!(kept, pattern(7, 1));
     let states: Vec<_> = r.table.pages().map(|(_, _, s)| s.0).collect();
-    assert_eq!(r.table.count(PageState::POPULATED), 16, "{states:?} {}", summary(&r.engine));
+    assert_eq!(
+        r.table.count(PageState::POPULATED),
+        16,
+        "{states:?} {}",
+        summary(&r.engine)
+    );
 }
 
 #[test]
@@ -344,17 +481,36 @@ fn discard_of_memfd_pages_frees_blocks_and_reads_zero() {
     let pages = 64;
     let map = Mapping::memfd(pages * PAGE_4K, false).unwrap();
     let region = region_of(&map, PAGE_4K, UffdMode::Missing, false);
-    let r = rig(map, region, Arc::new(ZeroSource), FaultEngineConfig::default());
+    let r = rig(
+        map,
+        region,
+        Arc::new(ZeroSource),
+        FaultEngineConfig::default(),
+    );
     let base = r.map.addr;
-    on_thread(move || (0..pages).for_each(|i| fill_words(base + i * PAGE_4K, PAGE_4K, pattern(i, 3))));
+    on_thread(move || {
+        (0..pages).for_each(|i| fill_words(base + i * PAGE_4K, PAGE_4K, pattern(i, 3)))
+    });
     let fd = r.map.fd.clone().unwrap();
     let before = rustix::fs::fstat(&*fd).unwrap().st_blocks;
-    r.discarder.discard(GuestRange::new(GPA, 32 * PAGE_4K)).unwrap();
+    r.discarder
+        .discard(GuestRange::new(GPA, 32 * PAGE_4K))
+        .unwrap();
     let after = rustix::fs::fstat(&*fd).unwrap().st_blocks;
-    assert!(after < before, "punching a hole freed no blocks ({before} -> {after})");
+    assert!(
+        after < before,
+        "punching a hole freed no blocks ({before} -> {after})"
+    );
     let (z, kept) = on_thread(move || {
-        let z = (0..32).all(|i| read_words(base + i * PAGE_4K, PAGE_4K).iter().all(|&w| w == 0));
-        (z, (32..pages).all(|i| read_words(base + i * PAGE_4K, 8)[0] == pattern(i, 3)))
+        let z = (0..32).all(|i| {
+            read_words(base + i * PAGE_4K, PAGE_4K)
+                .iter()
+                .all(|&w| w == 0)
+        });
+        (
+            z,
+            (32..pages).all(|i| read_words(base + i * PAGE_4K, 8)[0] == pattern(i, 3)),
+        )
     });
     assert!(z, "a discarded memfd page showed old data");
     assert!(kept, "a page outside the discard lost its data");
@@ -364,7 +520,12 @@ fn discard_of_memfd_pages_frees_blocks_and_reads_zero() {
 fn a_write_to_a_write_protected_page_is_resolved_and_marked_dirty() {
     let map = Mapping::anon(8 * PAGE_4K);
     let region = region_of(&map, PAGE_4K, UffdMode::Missing, true);
-    let r = rig(map, region, Arc::new(ZeroSource), FaultEngineConfig::default());
+    let r = rig(
+        map,
+        region,
+        Arc::new(ZeroSource),
+        FaultEngineConfig::default(),
+    );
     let base = r.map.addr;
     on_thread(move || (0..8).for_each(|i| fill_words(base + i * PAGE_4K, PAGE_4K, pattern(i, 1))));
     assert_eq!(r.table.count(PageState::DIRTY), 8);
@@ -373,9 +534,17 @@ fn a_write_to_a_write_protected_page_is_resolved_and_marked_dirty() {
     assert_eq!(r.table.count(PageState::WRITE_PROTECTED), 4);
     assert_eq!(r.table.count(PageState::DIRTY), 4);
     on_thread(move || fill_words(base + PAGE_4K, 8, 0xd1d1));
-    eventually("one WP fault counted", || r.engine.stats().resolved(FaultKind::WriteProtect) == 1);
-    assert_eq!(r.table.get(GPA + PAGE_4K), PageState::POPULATED.union(PageState::DIRTY));
-    assert_eq!(r.table.get(GPA + 2 * PAGE_4K), PageState::POPULATED.union(PageState::WRITE_PROTECTED));
+    eventually("one WP fault counted", || {
+        r.engine.stats().resolved(FaultKind::WriteProtect) == 1
+    });
+    assert_eq!(
+        r.table.get(GPA + PAGE_4K),
+        PageState::POPULATED.union(PageState::DIRTY)
+    );
+    assert_eq!(
+        r.table.get(GPA + 2 * PAGE_4K),
+        PageState::POPULATED.union(PageState::WRITE_PROTECTED)
+    );
     assert_eq!(read_words(base + PAGE_4K, 16)[..2], [0xd1d1, pattern(1, 1)]);
     r.discarder.unprotect(range).unwrap();
     assert_eq!(r.table.count(PageState::WRITE_PROTECTED), 0);
@@ -391,7 +560,10 @@ impl PageSource for FailingSource {
         if self.panic {
             panic!("injected source panic");
         }
-        Err(PageSourceError::Failed { gpa, reason: "injected failure".into() })
+        Err(PageSourceError::Failed {
+            gpa,
+            reason: "injected failure".into(),
+        })
     }
 }
 
@@ -409,8 +581,18 @@ fn dead_handler_is_reported(panic: bool) {
     let hva = r.map.page(1);
     let toucher = std::thread::spawn(move || read_words(hva, 8)[0]);
     // A generous bound only so a broken engine fails the test instead of hanging it.
-    let msg = r.engine.wait_failure(Duration::from_secs(60)).expect("no failure reported");
-    assert!(msg.contains(if panic { "panicked" } else { "injected failure" }), "{msg}");
+    let msg = r
+        .engine
+        .wait_failure(Duration::from_secs(60))
+        .expect("no failure reported");
+    assert!(
+        msg.contains(if panic {
+            "panicked"
+        } else {
+            "injected failure"
+        }),
+        "{msg}"
+    );
     assert!(called.load(Ordering::SeqCst));
     let Rig { engine, .. } = r;
     assert!(engine.shutdown().is_err());
@@ -426,149 +608,4 @@ fn a_handler_whose_source_fails_reports_the_error_instead_of_hanging() {
 #[test]
 fn a_handler_that_panics_reports_the_panic_instead_of_hanging() {
     dead_handler_is_reported(true);
-}
-
-#[test]
-fn discards_racing_touchers_never_expose_pre_discard_data() {
-    const PAGES: u64 = 256;
-    const DISCARDS: u64 = 20_000;
-    let map = Mapping::anon(PAGES * PAGE_4K);
-    let region = region_of(&map, PAGE_4K, UffdMode::Missing, false);
-    let r = Arc::new(rig(map, region, Arc::new(ZeroSource), FaultEngineConfig::default()));
-    // started[p] is bumped before a discard of p begins, done[p] after it returns.
-    let started: Arc<Vec<AtomicU64>> = Arc::new((0..PAGES).map(|_| AtomicU64::new(0)).collect());
-    let done: Arc<Vec<AtomicU64>> = Arc::new((0..PAGES).map(|_| AtomicU64::new(0)).collect());
-    let stop = Arc::new(AtomicBool::new(false));
-    let base = r.map.addr;
-    let touchers: Vec<_> = (0..2u64)
-        .map(|t| {
-            let (started, done, stop) = (started.clone(), done.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mine: Vec<u64> = (0..PAGES).filter(|p| p % 2 == t).collect();
-                let mut gen = vec![0u64; PAGES as usize];
-                let mut started_after_write = vec![0u64; PAGES as usize];
-                let (mut rng, mut checks, mut refills) = (0x9e37_79b9_7f4a_7c15u64 ^ t, 0u64, 0u64);
-                while !stop.load(Ordering::SeqCst) {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    let p = mine[(rng % mine.len() as u64) as usize];
-                    let i = p as usize;
-                    let discarded_since = done[i].load(Ordering::SeqCst) > started_after_write[i];
-                    let words = read_words(base + p * PAGE_4K, PAGE_4K);
-                    let expect = pattern(p, gen[i]);
-                    for &w in &words {
-                        assert!(w == 0 || (gen[i] > 0 && w == expect), "page {p}: found {w:#x}, expected 0 or {expect:#x}");
-                        assert!(!(discarded_since && w != 0), "page {p}: pre-discard data {w:#x} after a discard returned");
-                    }
-                    checks += 1;
-                    if words.iter().any(|&w| w == 0) {
-                        gen[i] += 1;
-                        fill_words(base + p * PAGE_4K, PAGE_4K, pattern(p, gen[i]));
-                        started_after_write[i] = started[i].load(Ordering::SeqCst);
-                        refills += 1;
-                    }
-                }
-                (checks, refills)
-            })
-        })
-        .collect();
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
-    for _ in 0..DISCARDS {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let first = rng % PAGES;
-        let n = (1 + (rng >> 20) % 4).min(PAGES - first);
-        (first..first + n).for_each(|p| { started[p as usize].fetch_add(1, Ordering::SeqCst); });
-        r.discarder.discard(GuestRange::new(GPA + first * PAGE_4K, n * PAGE_4K)).unwrap();
-        (first..first + n).for_each(|p| { done[p as usize].fetch_add(1, Ordering::SeqCst); });
-    }
-    stop.store(true, Ordering::SeqCst);
-    let totals: Vec<(u64, u64)> = touchers.into_iter().map(|t| t.join().unwrap()).collect();
-    eprintln!("stress: {DISCARDS} discards, touchers (checks, refills) {totals:?}; {}", summary(&r.engine));
-    assert!(r.engine.failure().is_none());
-}
-
-// ---- hugetlb ----------------------------------------------------------------------------
-
-static HUGETLB_LOCK: Mutex<()> = Mutex::new(());
-
-fn meminfo(key: &str) -> u64 {
-    let s = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix(key)?.trim().trim_end_matches(" kB").parse().ok())
-        .unwrap_or(0)
-}
-
-/// Holds `n` free 2 MiB pages (reserving them if the pool is short) and gives back what
-/// it added when dropped.
-struct HugePages {
-    restore: Option<u64>,
-}
-
-impl HugePages {
-    fn get(n: u64) -> Option<HugePages> {
-        const SYSCTL: &str = "/proc/sys/vm/nr_hugepages";
-        let free = meminfo("HugePages_Free:");
-        if free >= n {
-            return Some(HugePages { restore: None });
-        }
-        let old: u64 = std::fs::read_to_string(SYSCTL).ok()?.trim().parse().ok()?;
-        let guard = HugePages { restore: Some(old) };
-        std::fs::write(SYSCTL, format!("{}", old + n - free)).ok()?;
-        (meminfo("HugePages_Free:") >= n).then_some(guard)
-    }
-}
-
-impl Drop for HugePages {
-    fn drop(&mut self) {
-        if let Some(old) = self.restore {
-            let _ = std::fs::write("/proc/sys/vm/nr_hugepages", format!("{old}"));
-        }
-    }
-}
-
-fn hugepages_or_skip(n: u64, test: &str) -> Option<HugePages> {
-    let hp = HugePages::get(n);
-    if hp.is_none() {
-        let msg = format!("{test}: cannot get {n} free 2 MiB hugetlb pages (write /proc/sys/vm/nr_hugepages as root)");
-        if std::env::var("FAULTLINE_REQUIRE_HUGETLB").as_deref() == Ok("1") {
-            panic!("{msg}");
-        }
-        eprintln!("SKIPPED {msg}");
-    }
-    hp
-}
-
-#[test]
-fn hugetlb_missing_fault_resolves_the_whole_2m_page_and_discard_frees_whole_pages_only() {
-    let _serial = HUGETLB_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(_hp) = hugepages_or_skip(2, "hugetlb MISSING") else { return };
-    let map = Mapping::memfd(2 * PAGE_2M, true).expect("hugetlb memfd");
-    let region = region_of(&map, PAGE_2M, UffdMode::Missing, false);
-    let src = Arc::new(FileSource::new(image_file(2, PAGE_2M), GPA).unwrap());
-    let r = rig(map, region, src, FaultEngineConfig::default());
-    let base = r.map.addr;
-    // Touch the middle of each huge page; the whole page must arrive.
-    let ok = on_thread(move || {
-        (0..2u64).all(|i| {
-            let _ = read_words(base + i * PAGE_2M + PAGE_2M / 2, 8);
-            read_words(base + i * PAGE_2M, PAGE_2M).iter().all(|&w| w == pattern(i, 1))
-        })
-    });
-    assert!(ok, "a huge page was not filled whole from the image");
-    eventually("two 2 MiB MISSING faults", || r.engine.stats().latency_ns[1].len() == 2);
-    assert_eq!(r.table.count(PageState::POPULATED), 2);
-    eprintln!("hugetlb MISSING: {}", summary(&r.engine));
-    // Discard 1.5 huge pages: only the first is freed; the partial half is reported.
-    let rep = r.discarder.discard(GuestRange::new(GPA, PAGE_2M + PAGE_2M / 2)).unwrap();
-    assert_eq!(rep.freed, vec![GuestRange::new(GPA, PAGE_2M)]);
-    assert_eq!(rep.partial_huge_pages, vec![GuestRange::new(GPA + PAGE_2M, PAGE_2M / 2)]);
-    let (z, kept) = on_thread(move || {
-        let z = read_words(base, PAGE_2M).iter().all(|&w| w == 0);
-        (z, read_words(base + PAGE_2M, 8)[0])
-    });
-    assert!(z, "a discarded huge page showed old data");
-    assert_eq!(kept, pattern(1, 1));
 }
