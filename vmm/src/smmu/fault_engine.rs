@@ -218,8 +218,8 @@ fn required_features(regions: &Regions, non_coop: bool) -> (Features, Features) 
         req = match (r.mode, hugetlb, shared) {
             (UffdMode::Missing, true, _) => req.union(Features::MISSING_HUGETLBFS),
             (UffdMode::Missing, _, true) => req.union(Features::MISSING_SHMEM),
-            (UffdMode::Minor, true, _) => req.union(Features::MINOR_HUGETLBFS),
-            (UffdMode::Minor, _, true) => req.union(Features::MINOR_SHMEM),
+            (UffdMode::Minor, true, _) => req.union(Features::MINOR_HUGETLBFS).union(Features::MISSING_HUGETLBFS),
+            (UffdMode::Minor, _, true) => req.union(Features::MINOR_SHMEM).union(Features::MISSING_SHMEM),
             _ => req,
         };
         if r.write_protect {
@@ -262,7 +262,11 @@ impl FaultEngine {
                 });
             }
             let mode = RegisterMode {
-                missing: r.mode == UffdMode::Missing,
+                // A MINOR region is registered for MISSING faults too: a page discarded
+                // (hole punched) after start is in neither the page cache nor the page
+                // tables, and its next touch must still reach the engine (which fills it
+                // with zeros) instead of being filled behind the state table's back.
+                missing: r.mode != UffdMode::None,
                 minor: r.mode == UffdMode::Minor,
                 wp: r.write_protect,
             };

@@ -101,7 +101,8 @@ pub enum UffdMode {
     /// MISSING faults, resolved with UFFDIO_COPY / UFFDIO_ZEROPAGE from a page source.
     Missing,
     /// MINOR faults (shared / hugetlb backings only): the page cache already holds the
-    /// data; resolved with UFFDIO_CONTINUE.
+    /// data; resolved with UFFDIO_CONTINUE. Also registered for MISSING faults, so that a
+    /// page discarded later (no longer in the page cache) is filled by the engine too.
     Minor,
 }
 
