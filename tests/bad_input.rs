@@ -6,7 +6,11 @@ use common::*;
 
 fn expect_error(args: &[&str], needles: &[&str]) {
     let run = run_json(args);
-    assert_eq!(run.code, 2, "args {args:?}: expected a configuration error\nstdout: {}\nstderr: {}", run.stdout, run.stderr);
+    assert_eq!(
+        run.code, 2,
+        "args {args:?}: expected a configuration error\nstdout: {}\nstderr: {}",
+        run.stdout, run.stderr
+    );
     for needle in needles {
         assert!(run.stderr.contains(needle), "args {args:?}: error must mention '{needle}': {}", run.stderr);
     }
@@ -64,7 +68,8 @@ fn read_only_backing_file_is_refused() {
     let dir = ScratchDir::new("ro-file");
     let mount = dir.0.join("mnt");
     std::fs::create_dir(&mount).unwrap();
-    let mounted = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=64M", "tmpfs"]).arg(&mount).status();
+    let mounted =
+        std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=64M", "tmpfs"]).arg(&mount).status();
     if !mounted.is_ok_and(|s| s.success()) {
         eprintln!("!!!! SKIPPED: cannot mount a tmpfs here (not root?) !!!!");
         return;

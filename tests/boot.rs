@@ -109,8 +109,18 @@ fn touch_reports_a_latency_histogram_per_pass() {
     for pattern in ["sequential", "random", "strided"] {
         for access in ["read", "write"] {
             let run = run_json(&[
-                "--vcpus", "2", "--memory", "size=40M", "--steps", "touch", "--pattern", pattern, "--access", access,
-                "--passes", "2",
+                "--vcpus",
+                "2",
+                "--memory",
+                "size=40M",
+                "--steps",
+                "touch",
+                "--pattern",
+                pattern,
+                "--access",
+                access,
+                "--passes",
+                "2",
             ]);
             run.assert_success();
             let results = run.report["guest"]["results"].as_array().unwrap();
@@ -121,7 +131,8 @@ fn touch_reports_a_latency_histogram_per_pass() {
                 let histogram = &touch["latency_cycles"];
                 // Every page of the region was touched exactly once per pass.
                 assert_eq!(histogram["count"], pages(32), "{pattern}/{access}: {touch}");
-                let bucket_total: u64 = histogram["buckets"].as_array().unwrap().iter().map(|b| b[1].as_u64().unwrap()).sum();
+                let bucket_total: u64 =
+                    histogram["buckets"].as_array().unwrap().iter().map(|b| b[1].as_u64().unwrap()).sum();
                 assert_eq!(bucket_total, pages(32));
                 assert!(histogram["min"].as_u64().unwrap() <= histogram["max"].as_u64().unwrap());
             }
@@ -135,7 +146,16 @@ fn dirty_and_idle_steps_run_and_memory_still_verifies() {
         return;
     }
     let run = run_json(&[
-        "--vcpus", "2", "--memory", "size=32M", "--steps", "fill,dirty,idle,verify", "--rate", "20000", "--duration-ms", "200",
+        "--vcpus",
+        "2",
+        "--memory",
+        "size=32M",
+        "--steps",
+        "fill,dirty,idle,verify",
+        "--rate",
+        "20000",
+        "--duration-ms",
+        "200",
     ]);
     run.assert_success().assert_verified(pages(24));
     let results = run.report["guest"]["results"].as_array().unwrap();

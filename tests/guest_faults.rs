@@ -32,7 +32,8 @@ fn emulation_failure_names_rip_and_instruction_bytes() {
         // pxor xmm0, xmm0 = 66 0f ef c0
         let bytes = exit["instruction_bytes"].as_str().unwrap().to_lowercase();
         assert!(bytes.replace(' ', "").contains("660fefc0"), "{exit}");
-        let human = faultline().args(["run", "--vcpus", "1", "--memory", "size=32M", "--steps", "cpl0-sse"]).output().unwrap();
+        let human =
+            faultline().args(["run", "--vcpus", "1", "--memory", "size=32M", "--steps", "cpl0-sse"]).output().unwrap();
         let stderr = String::from_utf8_lossy(&human.stderr);
         assert!(stderr.contains("emulation failure") && stderr.contains("rip"), "{stderr}");
     } else {
@@ -46,7 +47,20 @@ fn timeout_stops_a_guest_that_never_ends() {
         return;
     }
     let output = faultline()
-        .args(["run", "--json", "--vcpus", "2", "--memory", "size=32M", "--steps", "idle", "--duration-ms", "600000", "--timeout", "1"])
+        .args([
+            "run",
+            "--json",
+            "--vcpus",
+            "2",
+            "--memory",
+            "size=32M",
+            "--steps",
+            "idle",
+            "--duration-ms",
+            "600000",
+            "--timeout",
+            "1",
+        ])
         .output()
         .unwrap();
     let run = outcome(output);

@@ -67,5 +67,8 @@ fn debian_linux_prints_its_version_and_our_memory_map() {
     let usable: Vec<&String> = map_lines.iter().filter(|l| l.contains("usable")).collect();
     assert!(!usable.is_empty(), "no memory map printed:\n{output}");
     assert!(usable.iter().any(|l| l.contains("0x000000000fffffff")), "RAM end 256 MiB not in the map: {usable:#?}");
-    assert!(usable.iter().any(|l| l.contains("[mem 0x0000000000100000-")), "RAM from 1 MiB not in the map: {usable:#?}");
+    assert!(
+        usable.iter().any(|l| l.contains("[mem 0x0000000000100000-")),
+        "RAM from 1 MiB not in the map: {usable:#?}"
+    );
 }

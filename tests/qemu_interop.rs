@@ -5,7 +5,8 @@ mod common;
 use common::*;
 
 fn qemu() -> Option<&'static str> {
-    let found = std::process::Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
+    let found =
+        std::process::Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
     if !found {
         if std::env::var("FAULTLINE_REQUIRE_QEMU").as_deref() == Ok("1") {
             panic!("qemu-system-x86_64 is not installed and FAULTLINE_REQUIRE_QEMU=1");
@@ -27,8 +28,31 @@ fn same_elf_boots_under_qemu_microvm() {
     assert!(faultline().arg("guest-image").arg(&image).status().unwrap().success());
     for cpus in ["1", "2"] {
         let output = std::process::Command::new("timeout")
-            .args(["60", qemu, "-M", "microvm", "-accel", "kvm", "-cpu", "host,-arch-capabilities", "-nodefaults", "-no-user-config"])
-            .args(["-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot", "-smp", cpus, "-m", "128M"])
+            .args([
+                "60",
+                qemu,
+                "-M",
+                "microvm",
+                "-accel",
+                "kvm",
+                "-cpu",
+                "host,-arch-capabilities",
+                "-nodefaults",
+                "-no-user-config",
+            ])
+            .args([
+                "-display",
+                "none",
+                "-monitor",
+                "none",
+                "-serial",
+                "stdio",
+                "-no-reboot",
+                "-smp",
+                cpus,
+                "-m",
+                "128M",
+            ])
             .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel"])
             .arg(&image)
             .args(["-append", &format!("fl.cpus={cpus} fl.steps=fill,verify")])

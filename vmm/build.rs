@@ -47,8 +47,16 @@ fn main() {
         .arg(&target_dir)
         .env("CARGO_ENCODED_RUSTFLAGS", flags.join("\x1f"));
     // The outer build's flags and wrappers are for the host tools, not for the guest.
-    for var in ["RUSTFLAGS", "CARGO_BUILD_RUSTFLAGS", "RUSTC_WORKSPACE_WRAPPER", "CARGO_TARGET_DIR",
-                "CARGO_PROFILE_RELEASE_DEBUG", "CARGO_BUILD_TARGET", "CARGO_LLVM_COV", "RUSTC_WRAPPER"] {
+    for var in [
+        "RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_TARGET_DIR",
+        "CARGO_PROFILE_RELEASE_DEBUG",
+        "CARGO_BUILD_TARGET",
+        "CARGO_LLVM_COV",
+        "RUSTC_WRAPPER",
+    ] {
         command.env_remove(var);
     }
     let status = command.status().expect("cannot run cargo to build the guest image");

@@ -125,16 +125,13 @@ impl Config {
             rate_pages_per_s: 10_000,
             duration_ms: 1000,
         };
-        let bad = |key, value, problem| BadValue {
-            key,
-            value,
-            problem,
-        };
+        let bad = |key, value, problem| BadValue { key, value, problem };
         if let Some(v) = cmdline_value(line, key::CPUS) {
-            config.cpus = parse_number(v)
-                .filter(|n| (1..=MAX_CPUS as u64).contains(n))
-                .ok_or(bad(key::CPUS, v, "must be 1 to 64, cannot use"))?
-                as u32;
+            config.cpus = parse_number(v).filter(|n| (1..=MAX_CPUS as u64).contains(n)).ok_or(bad(
+                key::CPUS,
+                v,
+                "must be 1 to 64, cannot use",
+            ))? as u32;
         }
         if let Some(v) = cmdline_value(line, key::TSC_KHZ) {
             config.tsc_khz = Some(parse_number(v).ok_or(bad(key::TSC_KHZ, v, "cannot parse"))?);
@@ -161,21 +158,12 @@ impl Config {
                 "sequential" => TouchPattern::Sequential,
                 "random" => TouchPattern::Random,
                 "strided" => TouchPattern::Strided,
-                _ => {
-                    return Err(bad(
-                        key::PATTERN,
-                        v,
-                        "expected sequential, random or strided, got",
-                    ))
-                }
+                _ => return Err(bad(key::PATTERN, v, "expected sequential, random or strided, got")),
             };
         }
         if let Some(v) = cmdline_value(line, key::STRIDE_PAGES) {
-            config.stride_pages = parse_number(v).filter(|&n| n >= 1).ok_or(bad(
-                key::STRIDE_PAGES,
-                v,
-                "cannot parse",
-            ))?;
+            config.stride_pages =
+                parse_number(v).filter(|&n| n >= 1).ok_or(bad(key::STRIDE_PAGES, v, "cannot parse"))?;
         }
         if let Some(v) = cmdline_value(line, key::ACCESS) {
             config.access = match v {
@@ -185,13 +173,14 @@ impl Config {
             };
         }
         if let Some(v) = cmdline_value(line, key::PASSES) {
-            config.passes = parse_number(v)
-                .filter(|n| (1..=u64::from(u32::MAX)).contains(n))
-                .ok_or(bad(key::PASSES, v, "cannot parse"))? as u32;
+            config.passes = parse_number(v).filter(|n| (1..=u64::from(u32::MAX)).contains(n)).ok_or(bad(
+                key::PASSES,
+                v,
+                "cannot parse",
+            ))? as u32;
         }
         if let Some(v) = cmdline_value(line, key::RATE_PAGES_PER_S) {
-            config.rate_pages_per_s =
-                parse_number(v).ok_or(bad(key::RATE_PAGES_PER_S, v, "cannot parse"))?;
+            config.rate_pages_per_s = parse_number(v).ok_or(bad(key::RATE_PAGES_PER_S, v, "cannot parse"))?;
         }
         if let Some(v) = cmdline_value(line, key::DURATION_MS) {
             config.duration_ms = parse_number(v).ok_or(bad(key::DURATION_MS, v, "cannot parse"))?;

@@ -18,13 +18,7 @@ impl Histogram {
     /// An empty histogram.
     pub const fn new() -> Self {
         // All zero, so per-CPU arrays of histograms live in .bss (min is valid once count > 0).
-        Histogram {
-            buckets: [0; HISTOGRAM_BUCKETS],
-            count: 0,
-            sum: 0,
-            min: 0,
-            max: 0,
-        }
+        Histogram { buckets: [0; HISTOGRAM_BUCKETS], count: 0, sum: 0, min: 0, max: 0 }
     }
 
     /// Forgets every sample.
@@ -36,11 +30,7 @@ impl Histogram {
     #[inline(always)]
     pub fn record(&mut self, cycles: u64) {
         self.buckets[histogram_bucket(cycles)] += 1;
-        self.min = if self.count == 0 {
-            cycles
-        } else {
-            self.min.min(cycles)
-        };
+        self.min = if self.count == 0 { cycles } else { self.min.min(cycles) };
         self.max = self.max.max(cycles);
         self.count += 1;
         self.sum = self.sum.wrapping_add(cycles);
@@ -51,11 +41,7 @@ impl Histogram {
         if other.count == 0 {
             return;
         }
-        self.min = if self.count == 0 {
-            other.min
-        } else {
-            self.min.min(other.min)
-        };
+        self.min = if self.count == 0 { other.min } else { self.min.min(other.min) };
         for (mine, theirs) in self.buckets.iter_mut().zip(other.buckets.iter()) {
             *mine += theirs;
         }
@@ -73,12 +59,7 @@ impl Histogram {
             self.count, self.min, self.max, mean
         )?;
         let mut first = true;
-        for (index, &count) in self
-            .buckets
-            .iter()
-            .enumerate()
-            .filter(|(_, &count)| count != 0)
-        {
+        for (index, &count) in self.buckets.iter().enumerate().filter(|(_, &count)| count != 0) {
             if !first {
                 out.write_char(',')?;
             }

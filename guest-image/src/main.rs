@@ -65,19 +65,16 @@ fn bsp_main() -> ! {
         None => tsc::khz_from_cpuid(),
     };
     if source == tsc::Source::Unknown {
-        note!("TSC frequency unknown (no fl.tsc_khz, CPUID 0x15/0x16/0x40000010): tsc_khz 0, pacing at {} kHz",
-              tsc::FALLBACK_TSC_KHZ);
+        note!(
+            "TSC frequency unknown (no fl.tsc_khz, CPUID 0x15/0x16/0x40000010): tsc_khz 0, pacing at {} kHz",
+            tsc::FALLBACK_TSC_KHZ
+        );
     }
-    let region = Region::from_memmap(info.memmap, boot::mapped_bytes(), config.size_bytes)
-        .unwrap_or_else(|e| {
-            error(e);
-            exit(ExitStatus::BadCommandLine)
-        });
-    workloads::set_context(Context {
-        config,
-        region,
-        tsc_khz,
+    let region = Region::from_memmap(info.memmap, boot::mapped_bytes(), config.size_bytes).unwrap_or_else(|e| {
+        error(e);
+        exit(ExitStatus::BadCommandLine)
     });
+    workloads::set_context(Context { config, region, tsc_khz });
     fence(Ordering::SeqCst);
     if let Err(online) = smp::start_aps(config.cpus, tsc_khz) {
         error(format_args!(
@@ -159,12 +156,7 @@ extern "C" fn exception_report(vector: u64, error_code: u64, rip: u64, cpu: u64)
 fn panic(info: &PanicInfo) -> ! {
     {
         let mut out = Serial::lock_or_steal();
-        let _ = writeln!(
-            out,
-            "{REPORT_PREFIX}{} {{\"msg\":\"{}\"}}",
-            report::ERROR,
-            JsonEscaped(info)
-        );
+        let _ = writeln!(out, "{REPORT_PREFIX}{} {{\"msg\":\"{}\"}}", report::ERROR, JsonEscaped(info));
     }
     exit(ExitStatus::Panic)
 }

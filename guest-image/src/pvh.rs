@@ -45,14 +45,8 @@ struct StartInfo {
 }
 
 static CMDLINE: Shared<[u8; CMDLINE_MAX_BYTES]> = Shared::new([0; CMDLINE_MAX_BYTES]);
-static MEMMAP: Shared<[MemmapEntry; MAX_MEMMAP_ENTRIES]> = Shared::new(
-    [MemmapEntry {
-        addr: 0,
-        size: 0,
-        kind: 0,
-        reserved: 0,
-    }; MAX_MEMMAP_ENTRIES],
-);
+static MEMMAP: Shared<[MemmapEntry; MAX_MEMMAP_ENTRIES]> =
+    Shared::new([MemmapEntry { addr: 0, size: 0, kind: 0, reserved: 0 }; MAX_MEMMAP_ENTRIES]);
 
 /// The boot information, copied into the guest's own memory.
 pub struct BootInfo {
@@ -95,19 +89,11 @@ pub fn copy_boot_info(start_info_gpa: u64) -> Result<BootInfo, &'static str> {
     let entries = (info.memmap_entries as usize).min(MAX_MEMMAP_ENTRIES);
     for (i, slot) in memmap_buf.iter_mut().take(entries).enumerate() {
         // SAFETY: the loader's memory map has `memmap_entries` entries at that address.
-        *slot = unsafe {
-            (info.memmap_paddr as *const MemmapEntry)
-                .add(i)
-                .read_volatile()
-        };
+        *slot = unsafe { (info.memmap_paddr as *const MemmapEntry).add(i).read_volatile() };
     }
     // The buffers are never written again: hand them out as shared 'static references.
     let cmdline_buf: &'static [u8; CMDLINE_MAX_BYTES] = cmdline_buf;
     let memmap_buf: &'static [MemmapEntry; MAX_MEMMAP_ENTRIES] = memmap_buf;
-    let cmdline = core::str::from_utf8(&cmdline_buf[..length])
-        .map_err(|_| "the command line is not UTF-8")?;
-    Ok(BootInfo {
-        cmdline,
-        memmap: &memmap_buf[..entries],
-    })
+    let cmdline = core::str::from_utf8(&cmdline_buf[..length]).map_err(|_| "the command line is not UTF-8")?;
+    Ok(BootInfo { cmdline, memmap: &memmap_buf[..entries] })
 }

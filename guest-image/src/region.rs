@@ -64,12 +64,7 @@ impl Region {
         mapped_limit: u64,
         size_bytes: Option<u64>,
     ) -> Result<Region, RegionError> {
-        let mut region = Region {
-            ranges: [PageRange::default(); MAX_RANGES],
-            range_count: 0,
-            pages: 0,
-            ram_bytes: 0,
-        };
+        let mut region = Region { ranges: [PageRange::default(); MAX_RANGES], range_count: 0, pages: 0, ram_bytes: 0 };
         let mut spans = [(0u64, 0u64); MAX_RANGES];
         let mut span_count = 0;
         for entry in memmap.iter().filter(|entry| entry.kind == MEMMAP_TYPE_RAM) {
@@ -83,16 +78,10 @@ impl Region {
         }
         let spans = &mut spans[..span_count];
         spans.sort_unstable_by_key(|span| span.0);
-        let available_pages: u64 = spans
-            .iter()
-            .map(|(start, end)| (end - start) / PAGE_SIZE)
-            .sum();
+        let available_pages: u64 = spans.iter().map(|(start, end)| (end - start) / PAGE_SIZE).sum();
         let wanted_pages = match size_bytes {
             Some(asked) if asked > available_pages * PAGE_SIZE => {
-                return Err(RegionError::TooLarge {
-                    asked,
-                    available: available_pages * PAGE_SIZE,
-                })
+                return Err(RegionError::TooLarge { asked, available: available_pages * PAGE_SIZE })
             }
             Some(asked) => asked / PAGE_SIZE,
             None => available_pages,
@@ -104,11 +93,7 @@ impl Region {
                 continue;
             }
             let pages = ((end - start) / PAGE_SIZE).min(wanted_pages - region.pages);
-            region.ranges[region.range_count] = PageRange {
-                first_gpa: start,
-                first_index: region.pages,
-                pages,
-            };
+            region.ranges[region.range_count] = PageRange { first_gpa: start, first_index: region.pages, pages };
             region.range_count += 1;
             region.pages += pages;
             last_end = end;
@@ -129,10 +114,7 @@ impl Region {
                 return range.first_gpa + (index - range.first_index) * PAGE_SIZE;
             }
         }
-        panic!(
-            "page index {index} outside the region of {} pages",
-            self.pages
-        )
+        panic!("page index {index} outside the region of {} pages", self.pages)
     }
 
     /// Calls `f(index, gpa)` for the pages `first..end` of the region, in order.
@@ -141,10 +123,7 @@ impl Region {
             let lo = first.max(range.first_index);
             let hi = end.min(range.first_index + range.pages);
             for index in lo..hi {
-                f(
-                    index,
-                    range.first_gpa + (index - range.first_index) * PAGE_SIZE,
-                );
+                f(index, range.first_gpa + (index - range.first_index) * PAGE_SIZE);
             }
         }
     }

@@ -37,18 +37,14 @@ pub fn init() {
 pub fn outb(port: u16, value: u8) {
     // SAFETY: ring 3 runs with IOPL=3; the ports we use (UART, debug exit) have no
     // memory side effects.
-    unsafe {
-        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
 }
 
 /// Reads one byte from an I/O port.
 pub fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: as for `outb`.
-    unsafe {
-        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags)) }
     value
 }
 
@@ -74,10 +70,7 @@ pub struct Serial(());
 impl Serial {
     /// Waits for the UART lock.
     pub fn lock() -> Serial {
-        while LOCK
-            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
+        while LOCK.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
             spin_loop();
         }
         Serial(())
@@ -87,10 +80,7 @@ impl Serial {
     /// exception), which must come out even if the holder died mid-line.
     pub fn lock_or_steal() -> Serial {
         for _ in 0..MAX_LOCK_SPINS {
-            if LOCK
-                .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
-            {
+            if LOCK.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok() {
                 return Serial(());
             }
             spin_loop();

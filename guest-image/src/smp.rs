@@ -41,10 +41,7 @@ pub struct Barrier {
 impl Barrier {
     /// A barrier nobody has reached.
     pub const fn new() -> Self {
-        Barrier {
-            arrived: AtomicU32::new(0),
-            generation: AtomicU32::new(0),
-        }
+        Barrier { arrived: AtomicU32::new(0), generation: AtomicU32::new(0) }
     }
 
     /// Waits until `cpus` CPUs have called `wait` for this round.

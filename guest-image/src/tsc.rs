@@ -23,9 +23,7 @@ pub const FALLBACK_TSC_KHZ: u64 = 2_000_000;
 pub fn now() -> u64 {
     let (low, high): (u32, u32);
     // SAFETY: rdtsc is allowed at CPL3 (CR4.TSD clear) and has no memory effects.
-    unsafe {
-        asm!("rdtsc", out("eax") low, out("edx") high, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("rdtsc", out("eax") low, out("edx") high, options(nomem, nostack, preserves_flags)) }
     (u64::from(high) << 32) | u64::from(low)
 }
 
@@ -34,9 +32,7 @@ pub fn now() -> u64 {
 pub fn start() -> u64 {
     let (low, high): (u32, u32);
     // SAFETY: as for `now`; lfence only orders instructions.
-    unsafe {
-        asm!("lfence", "rdtsc", out("eax") low, out("edx") high, options(nostack, preserves_flags))
-    }
+    unsafe { asm!("lfence", "rdtsc", out("eax") low, out("edx") high, options(nostack, preserves_flags)) }
     (u64::from(high) << 32) | u64::from(low)
 }
 

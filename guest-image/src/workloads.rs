@@ -77,11 +77,7 @@ impl CpuResult {
             cycles: 0,
             pages: 0,
             mismatches: 0,
-            first: [Mismatch {
-                gpa: 0,
-                expected: 0,
-                found: 0,
-            }; VERIFY_REPORT_MAX],
+            first: [Mismatch { gpa: 0, expected: 0, found: 0 }; VERIFY_REPORT_MAX],
             first_count: 0,
             histogram: Histogram::new(),
             zeroed_pages: 0,
@@ -155,9 +151,7 @@ pub fn run_steps(cpu: u32) -> ExitStatus {
             GuestStep::Abi(Step::Touch) => {
                 let permutation = Permutation::new(context.region.pages, config.seed);
                 for pass in 1..=config.passes {
-                    phase(cpus, cpu, |result| {
-                        touch_pass(context, &permutation, cpu, result)
-                    });
+                    phase(cpus, cpu, |result| touch_pass(context, &permutation, cpu, result));
                     if cpu == 0 {
                         print_result(step, Some(pass), cpus);
                     }
@@ -223,9 +217,7 @@ fn write_pattern_page(seed: u64, gpa: u64) {
 fn fill(context: &Context, cpu: u32, result: &mut CpuResult) {
     let (first, end) = Region::share(context.region.pages, cpu, context.config.cpus);
     let seed = context.config.seed;
-    context
-        .region
-        .for_each_page(first, end, |_, gpa| write_pattern_page(seed, gpa));
+    context.region.for_each_page(first, end, |_, gpa| write_pattern_page(seed, gpa));
     result.pages = end - first;
 }
 
@@ -239,11 +231,7 @@ fn verify(context: &Context, cpu: u32, result: &mut CpuResult) {
             let found = unsafe { page.add(word as usize).read_volatile() };
             let expected = pattern_word(seed, gpa, word);
             if found != expected {
-                result.note_mismatch(Mismatch {
-                    gpa: gpa + word * 8,
-                    expected,
-                    found,
-                });
+                result.note_mismatch(Mismatch { gpa: gpa + word * 8, expected, found });
             }
         }
     });
@@ -263,26 +251,10 @@ pub struct Permutation {
 impl Permutation {
     /// A permutation of `0..pages`.
     pub fn new(pages: u64, seed: u64) -> Self {
-        let bits = if pages <= 1 {
-            0
-        } else {
-            64 - (pages - 1).leading_zeros()
-        };
-        let mask = if bits == 64 {
-            u64::MAX
-        } else {
-            (1u64 << bits) - 1
-        };
-        let keys = [
-            splitmix64(seed),
-            splitmix64(seed ^ 0x5555),
-            splitmix64(seed ^ 0xaaaa),
-        ];
-        Permutation {
-            mask,
-            shift: bits / 2 + 1,
-            keys,
-        }
+        let bits = if pages <= 1 { 0 } else { 64 - (pages - 1).leading_zeros() };
+        let mask = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+        let keys = [splitmix64(seed), splitmix64(seed ^ 0x5555), splitmix64(seed ^ 0xaaaa)];
+        Permutation { mask, shift: bits / 2 + 1, keys }
     }
 
     /// Size of the domain walked (a power of two >= the page count).
@@ -454,19 +426,11 @@ fn print_result(step: GuestStep, pass: Option<u32>, cpus: u32) {
     let cycles = results.iter().map(|r| r.cycles).max().unwrap_or(0);
     let pages: u64 = results.iter().map(|r| r.pages).sum();
     let mut out = Serial::lock();
-    let _ = write!(
-        out,
-        "{REPORT_PREFIX}{} {{\"step\":\"{}\"",
-        report::RESULT,
-        step.name()
-    );
+    let _ = write!(out, "{REPORT_PREFIX}{} {{\"step\":\"{}\"", report::RESULT, step.name());
     if let Some(pass) = pass {
         let _ = write!(out, ",\"pass\":{pass}");
     }
-    let _ = write!(
-        out,
-        ",\"pages\":{pages},\"cycles\":{cycles},\"cpus\":{cpus}"
-    );
+    let _ = write!(out, ",\"pages\":{pages},\"cycles\":{cycles},\"cpus\":{cpus}");
     if step == GuestStep::Abi(Step::Dirty) {
         let _ = write!(out, ",\"pages_written\":{pages}");
     }
@@ -500,17 +464,10 @@ fn print_verify(cpus: u32) -> bool {
     );
     // CPUs hold contiguous shares in order, so the first mismatches overall are the
     // concatenation of each CPU's first ones.
-    let first = results
-        .iter()
-        .flat_map(|r| r.first[..r.first_count].iter())
-        .take(VERIFY_REPORT_MAX);
+    let first = results.iter().flat_map(|r| r.first[..r.first_count].iter()).take(VERIFY_REPORT_MAX);
     for (i, m) in first.enumerate() {
         let comma = if i == 0 { "" } else { "," };
-        let _ = write!(
-            out,
-            "{comma}{{\"gpa\":{},\"expected\":{},\"found\":{}}}",
-            m.gpa, m.expected, m.found
-        );
+        let _ = write!(out, "{comma}{{\"gpa\":{},\"expected\":{},\"found\":{}}}", m.gpa, m.expected, m.found);
     }
     let _ = out.write_str("]}\n");
     ok

@@ -65,7 +65,8 @@ impl RunOutcome {
 
 /// Runs `faultline run --json ARGS...`.
 pub fn run_json(args: &[&str]) -> RunOutcome {
-    let output = faultline().arg("run").arg("--json").args(["--timeout", "120"]).args(args).output().expect("spawn faultline");
+    let output =
+        faultline().arg("run").arg("--json").args(["--timeout", "120"]).args(args).output().expect("spawn faultline");
     outcome(output)
 }
 
@@ -73,7 +74,12 @@ pub fn run_json(args: &[&str]) -> RunOutcome {
 pub fn outcome(output: Output) -> RunOutcome {
     let stdout = String::from_utf8_lossy(&output.stdout).to_string();
     let report = serde_json::from_str(&stdout).unwrap_or(Value::Null);
-    RunOutcome { code: output.status.code().unwrap_or(-1), report, stderr: String::from_utf8_lossy(&output.stderr).to_string(), stdout }
+    RunOutcome {
+        code: output.status.code().unwrap_or(-1),
+        report,
+        stderr: String::from_utf8_lossy(&output.stderr).to_string(),
+        stdout,
+    }
 }
 
 /// Guest pages of `mib` MiB.

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{AccessKind, AccessPattern, ConfigError, KernelImage, VmConfig, ZoneConfig};
+use crate::config::{
+    AccessKind, AccessPattern, ChaosConfig, ConfigError, KernelImage, PagingMode, VmConfig, ZoneConfig,
+};
 
 /// Faultline: a minimal KVM VMM for experiments on guest memory.
 #[derive(Debug, Parser)]
@@ -50,6 +52,24 @@ pub struct RunArgs {
     /// [default: size=256M,backend=anon].
     #[arg(long = "memory", short = 'm', value_name = "SPEC")]
     pub memory: Vec<String>,
+    /// How guest RAM is populated, for every zone without its own paging=: kernel (first
+    /// touch filled by the kernel), prefault (all up front), uffd-missing or uffd-minor
+    /// (by Faultline's userfaultfd fault engine) [default: kernel].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub paging: Option<PagingMode>,
+    /// Fault handler threads of the userfaultfd engine [default: 2].
+    #[arg(long, value_name = "N")]
+    pub fault_threads: Option<usize>,
+    /// Run the chaos driver: this many random discard / write-protect / unprotect
+    /// operations on the workload region while the guest runs (use with --steps churn).
+    #[arg(long, value_name = "N")]
+    pub chaos_events: Option<u64>,
+    /// Largest chaos range, in 4 KiB pages [default: 64].
+    #[arg(long, value_name = "PAGES", requires = "chaos_events")]
+    pub chaos_max_pages: Option<u64>,
+    /// Seed of the chaos driver's ranges [default: 7].
+    #[arg(long, value_name = "SEED", requires = "chaos_events")]
+    pub chaos_seed: Option<u64>,
     /// A kernel to boot instead of the built-in guest: PVH ELF, Linux vmlinux or bzImage.
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
@@ -110,6 +130,28 @@ impl RunArgs {
         }
         if !self.memory.is_empty() {
             config.zones = self.memory.iter().map(|spec| ZoneConfig::parse(spec)).collect::<Result<_, _>>()?;
+        }
+        if let Some(paging) = self.paging {
+            // Zones whose spec names paging= keep it; the rest take --paging.
+            for (zone, spec) in config.zones.iter_mut().zip(self.memory.iter().map(Some).chain(std::iter::repeat(None)))
+            {
+                if !spec.is_some_and(|s| s.contains("paging=")) {
+                    zone.paging = paging;
+                }
+            }
+        }
+        if let Some(threads) = self.fault_threads {
+            config.fault_engine.handler_threads = threads;
+        }
+        if let Some(events) = self.chaos_events {
+            let chaos = config.chaos.get_or_insert_with(ChaosConfig::default);
+            chaos.events = events;
+            if let Some(v) = self.chaos_max_pages {
+                chaos.max_pages = v;
+            }
+            if let Some(v) = self.chaos_seed {
+                chaos.seed = v;
+            }
         }
         if let Some(kernel) = &self.kernel {
             config.kernel = KernelImage::Path(kernel.clone());
@@ -173,8 +215,19 @@ mod tests {
     #[test]
     fn options_override_defaults() {
         let config = parse(&[
-            "run", "--vcpus", "4", "--memory", "size=64M,backend=memfd", "-m", "size=32M", "--steps", "touch,verify",
-            "--pattern", "random", "--size", "16M",
+            "run",
+            "--vcpus",
+            "4",
+            "--memory",
+            "size=64M,backend=memfd",
+            "-m",
+            "size=32M",
+            "--steps",
+            "touch,verify",
+            "--pattern",
+            "random",
+            "--size",
+            "16M",
         ])
         .to_config()
         .unwrap();
@@ -192,5 +245,30 @@ mod tests {
         assert!(err.contains("zone 0") && err.contains("size is 0"), "{err}");
         let err = parse(&["run", "--memory", "size=10000,backend=anon"]).to_config().unwrap_err().to_string();
         assert!(err.contains("not a multiple") && err.contains("12288"), "{err}");
+    }
+
+    #[test]
+    fn paging_flag_applies_to_zones_without_their_own() {
+        let config = parse(&[
+            "run",
+            "--paging",
+            "uffd-missing",
+            "-m",
+            "size=64M",
+            "-m",
+            "size=32M,backend=memfd,paging=uffd-minor",
+            "--fault-threads",
+            "3",
+            "--chaos-events",
+            "100",
+        ])
+        .to_config()
+        .unwrap();
+        assert_eq!(config.zones[0].paging, PagingMode::UffdMissing);
+        assert_eq!(config.zones[1].paging, PagingMode::UffdMinor);
+        assert_eq!(config.fault_engine.handler_threads, 3);
+        assert_eq!(config.chaos.as_ref().map(|c| c.events), Some(100));
+        let config = parse(&["run", "--paging", "prefault"]).to_config().unwrap();
+        assert_eq!(config.zones[0].paging, PagingMode::Prefault);
     }
 }

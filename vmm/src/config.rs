@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     /// A `--memory` spec could not be parsed.
-    #[error("--memory '{spec}': {reason} (expected e.g. size=512M,backend=memfd or size=1G,backend=file,path=/tmp/ram)")]
+    #[error(
+        "--memory '{spec}': {reason} (expected e.g. size=512M,backend=memfd or size=1G,backend=file,path=/tmp/ram)"
+    )]
     BadZoneSpec {
         /// The spec as given.
         spec: String,
@@ -45,6 +47,26 @@ pub enum ConfigError {
         zone: usize,
         /// What is wrong.
         reason: String,
+    },
+    /// A zone's paging mode does not fit its backend.
+    #[error("memory zone {zone}: paging={mode} {reason}")]
+    BadPaging {
+        /// Index of the zone.
+        zone: usize,
+        /// The mode's name.
+        mode: &'static str,
+        /// What is wrong and what to use instead.
+        reason: &'static str,
+    },
+    /// A fault engine or chaos setting is out of range.
+    #[error("{field} = {value}: {reason}")]
+    BadSetting {
+        /// The option.
+        field: &'static str,
+        /// The value given.
+        value: u64,
+        /// What is accepted.
+        reason: &'static str,
     },
     /// No memory zones at all.
     #[error("no memory zones: give at least one --memory size=...")]
@@ -119,6 +141,87 @@ impl Backend {
     }
 }
 
+/// How a zone's pages get populated (see `smmu`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum PagingMode {
+    /// No userfaultfd: the kernel fills a page on its first touch.
+    #[default]
+    Kernel,
+    /// Populate the whole zone before the guest starts (MADV_POPULATE_WRITE).
+    Prefault,
+    /// userfaultfd MISSING faults, resolved by the fault engine (COPY / ZEROPAGE).
+    UffdMissing,
+    /// userfaultfd MINOR faults (memfd, file on tmpfs, hugetlb): the page cache is filled
+    /// up front and the engine maps pages with CONTINUE.
+    UffdMinor,
+}
+
+impl PagingMode {
+    /// The mode's name as used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            PagingMode::Kernel => "kernel",
+            PagingMode::Prefault => "prefault",
+            PagingMode::UffdMissing => "uffd-missing",
+            PagingMode::UffdMinor => "uffd-minor",
+        }
+    }
+
+    /// Parses a mode name.
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "kernel" => PagingMode::Kernel,
+            "prefault" => PagingMode::Prefault,
+            "uffd-missing" | "missing" => PagingMode::UffdMissing,
+            "uffd-minor" | "minor" => PagingMode::UffdMinor,
+            _ => return None,
+        })
+    }
+
+    /// Whether the fault engine resolves this zone's first touches.
+    pub fn uses_userfaultfd(self) -> bool {
+        matches!(self, PagingMode::UffdMissing | PagingMode::UffdMinor)
+    }
+}
+
+/// Settings of the userfaultfd fault engine (used when any zone pages through it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FaultEngineOptions {
+    /// Handler threads.
+    pub handler_threads: usize,
+    /// Fault messages read per `read()`.
+    pub batch: usize,
+}
+
+impl Default for FaultEngineOptions {
+    fn default() -> Self {
+        FaultEngineOptions { handler_threads: 2, batch: 64 }
+    }
+}
+
+/// The chaos driver: a VMM thread that discards, write-protects and unprotects random
+/// ranges of the workload region while the guest runs (pair with the guest's `churn`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChaosConfig {
+    /// Operations to perform (the driver stops earlier if the guest ends).
+    pub events: u64,
+    /// Largest range of one operation, in 4 KiB pages (hugetlb zones round to 2 MiB).
+    pub max_pages: u64,
+    /// Seed of the random ranges.
+    pub seed: u64,
+    /// Pause between operations, microseconds.
+    pub interval_us: u64,
+}
+
+impl Default for ChaosConfig {
+    fn default() -> Self {
+        ChaosConfig { events: 10_000, max_pages: 64, seed: 7, interval_us: 50 }
+    }
+}
+
 /// The default huge page size (2 MiB).
 pub const HUGEPAGE_2M: u64 = 2 << 20;
 /// The large huge page size (1 GiB).
@@ -139,6 +242,9 @@ pub struct ZoneConfig {
     /// Huge page size for `hugetlb` (2 MiB or 1 GiB); ignored for other backends.
     #[serde(default = "default_hugepage", deserialize_with = "deserialize_size")]
     pub hugepage_bytes: u64,
+    /// How the zone's pages get populated.
+    #[serde(default)]
+    pub paging: PagingMode,
 }
 
 fn default_hugepage() -> u64 {
@@ -162,7 +268,7 @@ fn deserialize_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Er
 impl ZoneConfig {
     /// A zone of `size_bytes` with `backend`, no path, 2 MiB huge pages.
     pub fn new(size_bytes: u64, backend: Backend) -> Self {
-        ZoneConfig { size_bytes, backend, path: None, hugepage_bytes: HUGEPAGE_2M }
+        ZoneConfig { size_bytes, backend, path: None, hugepage_bytes: HUGEPAGE_2M, paging: PagingMode::Kernel }
     }
 
     /// The granule the zone's size must be a multiple of.
@@ -173,7 +279,8 @@ impl ZoneConfig {
         }
     }
 
-    /// Parses `size=1G,backend=hugetlb[,path=/x][,hugepage=2M]` (`backend` defaults to anon;
+    /// Parses `size=1G,backend=hugetlb[,path=/x][,hugepage=2M][,paging=uffd-missing]`
+    /// (`backend` defaults to anon, `paging` to kernel;
     /// a bare `1G` means `size=1G`).
     pub fn parse(spec: &str) -> Result<Self, ConfigError> {
         let bad = |reason: String| ConfigError::BadZoneSpec { spec: spec.to_string(), reason };
@@ -191,11 +298,20 @@ impl ZoneConfig {
                     })?
                 }
                 "path" => zone.path = Some(PathBuf::from(value)),
+                "paging" => {
+                    zone.paging = PagingMode::parse(value).ok_or_else(|| {
+                        bad(format!(
+                            "unknown paging mode '{value}' (choose kernel, prefault, uffd-missing or uffd-minor)"
+                        ))
+                    })?
+                }
                 "hugepage" | "hugepage_size" => {
                     zone.hugepage_bytes =
                         abi::parse_size(value).ok_or_else(|| bad(format!("cannot parse hugepage size '{value}'")))?
                 }
-                other => return Err(bad(format!("unknown key '{other}' (keys: size, backend, path, hugepage)"))),
+                other => {
+                    return Err(bad(format!("unknown key '{other}' (keys: size, backend, path, hugepage, paging)")))
+                }
             }
         }
         zone.size_bytes = size.ok_or_else(|| bad("missing size=".to_string()))?;
@@ -274,7 +390,10 @@ impl Workload {
     /// Checks every option.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.steps.is_empty() {
-            return Err(ConfigError::BadWorkload { field: "steps", reason: "no steps given (e.g. fill,verify)".into() });
+            return Err(ConfigError::BadWorkload {
+                field: "steps",
+                reason: "no steps given (e.g. fill,verify)".into(),
+            });
         }
         for step in &self.steps {
             if abi::Step::parse(step).is_none() {
@@ -285,7 +404,10 @@ impl Workload {
             }
         }
         if self.size_bytes == Some(0) {
-            return Err(ConfigError::BadWorkload { field: "size", reason: "0 bytes; give e.g. 64M or omit for all".into() });
+            return Err(ConfigError::BadWorkload {
+                field: "size",
+                reason: "0 bytes; give e.g. 64M or omit for all".into(),
+            });
         }
         if self.stride_pages == 0 {
             return Err(ConfigError::BadWorkload { field: "stride", reason: "must be at least 1 page".into() });
@@ -354,6 +476,10 @@ pub struct VmConfig {
     pub workload: Workload,
     /// Echo the guest's serial console to stdout.
     pub console: bool,
+    /// The userfaultfd fault engine's settings.
+    pub fault_engine: FaultEngineOptions,
+    /// Run the chaos driver during the workload.
+    pub chaos: Option<ChaosConfig>,
 }
 
 /// Most vCPUs supported (the tiny guest's limit).
@@ -368,6 +494,8 @@ impl Default for VmConfig {
             cmdline: String::new(),
             workload: Workload::default(),
             console: false,
+            fault_engine: FaultEngineOptions::default(),
+            chaos: None,
         }
     }
 }
@@ -415,6 +543,13 @@ impl VmConfig {
                     suggestion: zone.size_bytes.div_ceil(page) * page,
                 });
             }
+            if zone.paging == PagingMode::UffdMinor && zone.backend == Backend::Anon {
+                return Err(ConfigError::BadPaging {
+                    zone: index,
+                    mode: zone.paging.name(),
+                    reason: "needs a page cache: use backend=memfd, file (on tmpfs) or hugetlb, or paging=uffd-missing for anon",
+                });
+            }
             match (zone.backend, &zone.path) {
                 (Backend::File, None) => {
                     return Err(ConfigError::BadZonePath {
@@ -429,6 +564,29 @@ impl VmConfig {
                         reason: format!("path= is only for backend=file, not {}", other.name()),
                     })
                 }
+            }
+        }
+        let engine = &self.fault_engine;
+        if !(1..=64).contains(&engine.handler_threads) {
+            let reason = "give 1 to 64 fault handler threads (--fault-threads)";
+            return Err(ConfigError::BadSetting {
+                field: "fault_engine.handler_threads",
+                value: engine.handler_threads as u64,
+                reason,
+            });
+        }
+        if !(1..=1024).contains(&engine.batch) {
+            let reason = "give 1 to 1024 messages per read";
+            return Err(ConfigError::BadSetting { field: "fault_engine.batch", value: engine.batch as u64, reason });
+        }
+        if let Some(chaos) = &self.chaos {
+            if chaos.max_pages == 0 {
+                let reason = "a chaos range needs at least 1 page (--chaos-max-pages)";
+                return Err(ConfigError::BadSetting { field: "chaos.max_pages", value: 0, reason });
+            }
+            if self.kernel != KernelImage::BuiltIn {
+                let reason = "the chaos driver needs the built-in guest (it works on its workload region)";
+                return Err(ConfigError::BadSetting { field: "chaos.events", value: chaos.events, reason });
             }
         }
         if self.kernel == KernelImage::BuiltIn {
@@ -508,7 +666,8 @@ mod tests {
         config.validate().unwrap();
         let line = config.guest_cmdline(Some(2_400_000));
         assert!(line.starts_with("fl.cpus=2 fl.tsc_khz=2400000 fl.steps=fill,verify"), "{line}");
-        let bad = VmConfig { workload: Workload { steps: vec!["jump".into()], ..Default::default() }, ..Default::default() };
+        let bad =
+            VmConfig { workload: Workload { steps: vec!["jump".into()], ..Default::default() }, ..Default::default() };
         assert!(bad.validate().unwrap_err().to_string().contains("unknown step 'jump'"));
     }
 
@@ -524,5 +683,37 @@ mod tests {
         assert_eq!(config.workload.steps, vec!["touch".to_string()]);
         let err = toml::from_str::<VmConfig>("vcpu = 4\n").unwrap_err().to_string();
         assert!(err.contains("vcpu"), "{err}");
+    }
+
+    #[test]
+    fn paging_modes_parse_and_minor_on_anon_is_refused() {
+        let zone = ZoneConfig::parse("size=64M,backend=memfd,paging=uffd-minor").unwrap();
+        assert_eq!(zone.paging, PagingMode::UffdMinor);
+        assert_eq!(ZoneConfig::parse("size=64M,paging=missing").unwrap().paging, PagingMode::UffdMissing);
+        let err = ZoneConfig::parse("size=64M,paging=lazy").unwrap_err().to_string();
+        assert!(err.contains("unknown paging mode 'lazy'") && err.contains("uffd-missing"), "{err}");
+        let config = VmConfig {
+            zones: vec![ZoneConfig { paging: PagingMode::UffdMinor, ..ZoneConfig::new(64 << 20, Backend::Anon) }],
+            ..Default::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("zone 0") && err.contains("paging=uffd-minor") && err.contains("backend=memfd"), "{err}");
+        let toml_zone: VmConfig =
+            toml::from_str("[[memory]]\nsize_bytes = \"64M\"\nbackend = \"hugetlb\"\npaging = \"uffd-missing\"\n")
+                .unwrap();
+        assert_eq!(toml_zone.zones[0].paging, PagingMode::UffdMissing);
+    }
+
+    #[test]
+    fn engine_and_chaos_settings_are_range_checked() {
+        let mut config = VmConfig::default();
+        config.fault_engine.handler_threads = 0;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("fault_engine.handler_threads = 0") && err.contains("--fault-threads"), "{err}");
+        config.fault_engine = FaultEngineOptions::default();
+        config.chaos = Some(ChaosConfig { max_pages: 0, ..ChaosConfig::default() });
+        assert!(config.validate().unwrap_err().to_string().contains("chaos.max_pages"));
+        config.chaos = Some(ChaosConfig::default());
+        config.validate().unwrap();
     }
 }

@@ -6,8 +6,8 @@
 #![deny(missing_docs)]
 
 pub mod boot;
-pub mod config;
 pub mod cli;
+pub mod config;
 pub mod devices;
 pub mod experiments;
 pub mod memory;

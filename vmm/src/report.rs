@@ -177,7 +177,9 @@ impl GuestReportCollector {
 
     /// Parses one complete line.
     pub fn push_line(&mut self, line: &str) {
-        let Some(rest) = line.strip_prefix(abi::REPORT_PREFIX) else { return };
+        let Some(rest) = line.strip_prefix(abi::REPORT_PREFIX) else {
+            return;
+        };
         let (kind, json) = rest.split_once(' ').unwrap_or((rest, "{}"));
         let report = &mut self.report;
         let parsed = match kind {
@@ -188,9 +190,8 @@ impl GuestReportCollector {
             abi::report::RESULT => serde_json::from_str(json).map(|r| report.results.push(r)),
             abi::report::VERIFY => serde_json::from_str(json).map(|v| report.verifies.push(v)),
             abi::report::DONE => serde_json::from_str(json).map(|d| report.done = Some(d)),
-            abi::report::ERROR => serde_json::from_str::<serde_json::Value>(json).map(|v| {
-                report.errors.push(v.get("msg").and_then(|m| m.as_str()).unwrap_or(json).to_string())
-            }),
+            abi::report::ERROR => serde_json::from_str::<serde_json::Value>(json)
+                .map(|v| report.errors.push(v.get("msg").and_then(|m| m.as_str()).unwrap_or(json).to_string())),
             abi::report::EXCEPTION => serde_json::from_str(json).map(|v| report.exceptions.push(v)),
             _ => Ok(()),
         };
@@ -338,12 +339,19 @@ impl RunReport {
         ));
         out.push_str(&format!("  exit: {}\n", self.exit.describe()));
         if let Some(ns) = self.guest.ready_after_ns {
-            out.push_str(&format!("  guest ready after {:.2} ms (VM built after {:.2} ms)\n", ms(ns), ms(self.setup_ns)));
+            out.push_str(&format!(
+                "  guest ready after {:.2} ms (VM built after {:.2} ms)\n",
+                ms(ns),
+                ms(self.setup_ns)
+            ));
         }
         let tsc_khz = self.guest.ready.as_ref().map_or(0, |r| r.tsc_khz);
         for result in &self.guest.results {
             let step_ms = if tsc_khz > 0 { result.cycles as f64 / tsc_khz as f64 } else { f64::NAN };
-            out.push_str(&format!("  {} pass {}: {} pages in {:.2} ms", result.step, result.pass, result.pages, step_ms));
+            out.push_str(&format!(
+                "  {} pass {}: {} pages in {:.2} ms",
+                result.step, result.pass, result.pages, step_ms
+            ));
             if let Some(h) = &result.latency_cycles {
                 out.push_str(&format!(
                     ", per-touch cycles p50 {} p99 {} max {}",
@@ -358,7 +366,10 @@ impl RunReport {
             if verify.ok {
                 out.push_str(&format!("  verify ok: {} pages\n", verify.pages));
             } else {
-                out.push_str(&format!("  verify FAILED: {} mismatching words in {} pages\n", verify.mismatches, verify.pages));
+                out.push_str(&format!(
+                    "  verify FAILED: {} mismatching words in {} pages\n",
+                    verify.mismatches, verify.pages
+                ));
                 for m in &verify.first {
                     out.push_str(&format!(
                         "    gpa {:#x}: expected {:#018x}, found {:#018x}\n",

@@ -103,7 +103,16 @@ fn faultline_command(args: &BootBenchArgs) -> Command {
 
 fn qemu_command(args: &BootBenchArgs, image: &std::path::Path) -> Command {
     let mut command = Command::new(&args.qemu);
-    command.args(["-M", "microvm", "-accel", "kvm", "-cpu", "host,-arch-capabilities", "-nodefaults", "-no-user-config"]);
+    command.args([
+        "-M",
+        "microvm",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+        "-nodefaults",
+        "-no-user-config",
+    ]);
     command.args(["-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot"]);
     command.args(["-smp", &args.vcpus.to_string(), "-m", &format!("{}M", args.memory_mib)]);
     command.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel"]).arg(image);

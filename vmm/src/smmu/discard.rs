@@ -89,13 +89,7 @@ impl Discarder {
         engine: Option<EngineLink>,
     ) -> Self {
         let uffd = engine.as_ref().map(|l| l.uffd.clone());
-        Self {
-            regions,
-            table,
-            inv,
-            uffd,
-            link: engine,
-        }
+        Self { regions, table, inv, uffd, link: engine }
     }
 
     fn check_covered(&self, range: GuestRange) -> Result<(), DiscardError> {
@@ -118,31 +112,22 @@ impl Discarder {
             let end = part.end() / g * g;
             let is_huge = matches!(region.backing, RegionBacking::Hugetlb { .. });
             if !is_huge && (start != part.gpa || end != part.end()) {
-                return Err(DiscardError::Misaligned {
-                    range: part,
-                    granule: g,
-                });
+                return Err(DiscardError::Misaligned { range: part, granule: g });
             }
             if start >= end {
                 report.partial_huge_pages.push(part);
                 continue;
             }
             if start > part.gpa {
-                report
-                    .partial_huge_pages
-                    .push(GuestRange::new(part.gpa, start - part.gpa));
+                report.partial_huge_pages.push(GuestRange::new(part.gpa, start - part.gpa));
             }
             if end < part.end() {
-                report
-                    .partial_huge_pages
-                    .push(GuestRange::new(end, part.end() - end));
+                report.partial_huge_pages.push(GuestRange::new(end, part.end() - end));
             }
             let aligned = GuestRange::new(start, end - start);
             let _inv = self.inv.invalidate(aligned);
             self.free_host(region, aligned)?;
-            let gone = PageState::POPULATED
-                .union(PageState::DIRTY)
-                .union(PageState::WRITE_PROTECTED);
+            let gone = PageState::POPULATED.union(PageState::DIRTY).union(PageState::WRITE_PROTECTED);
             self.table.update(aligned, PageState::DISCARDED, gone);
             report.freed.push(aligned);
         }
@@ -158,10 +143,7 @@ impl Discarder {
             }
             let g = region.page_bytes;
             if part.gpa % g != 0 || part.len % g != 0 {
-                return Err(DiscardError::Misaligned {
-                    range: part,
-                    granule: g,
-                });
+                return Err(DiscardError::Misaligned { range: part, granule: g });
             }
             parts.push((region.clone(), part));
         }
@@ -172,15 +154,11 @@ impl Discarder {
     /// each page raises a WP fault the engine resolves, marking the page dirty. Clears the
     /// dirty bits. Runs as an invalidation, so subscribers drop writable views.
     pub fn write_protect(&self, range: GuestRange) -> Result<(), DiscardError> {
-        let uffd = self
-            .uffd
-            .as_ref()
-            .ok_or(DiscardError::NotWriteProtectable(range.gpa))?;
+        let uffd = self.uffd.as_ref().ok_or(DiscardError::NotWriteProtectable(range.gpa))?;
         for (region, part) in self.wp_parts(range)? {
             let _inv = self.inv.invalidate(part);
             uffd.write_protect(region.host_of(part.gpa), part.len, true, false)?;
-            self.table
-                .update(part, PageState::WRITE_PROTECTED, PageState::DIRTY);
+            self.table.update(part, PageState::WRITE_PROTECTED, PageState::DIRTY);
         }
         Ok(())
     }
@@ -188,10 +166,7 @@ impl Discarder {
     /// Removes write protection from `range` and wakes writers blocked on it. Adding
     /// permission invalidates nothing, so this is not an invalidation.
     pub fn unprotect(&self, range: GuestRange) -> Result<(), DiscardError> {
-        let uffd = self
-            .uffd
-            .as_ref()
-            .ok_or(DiscardError::NotWriteProtectable(range.gpa))?;
+        let uffd = self.uffd.as_ref().ok_or(DiscardError::NotWriteProtectable(range.gpa))?;
         for (region, part) in self.wp_parts(range)? {
             uffd.write_protect(region.host_of(part.gpa), part.len, false, false)?;
             self.table.clear(part, PageState::WRITE_PROTECTED);
@@ -204,11 +179,7 @@ impl Discarder {
     /// The host operation that frees `range` of `region` (granule-aligned).
     fn free_host(&self, region: &UffdRegion, range: GuestRange) -> Result<(), DiscardError> {
         let hva = region.host_of(range.gpa);
-        let host_err = |op, e: rustix::io::Errno| DiscardError::Host {
-            op,
-            range,
-            source: e.into(),
-        };
+        let host_err = |op, e: rustix::io::Errno| DiscardError::Host { op, range, source: e.into() };
         let (fd, file_offset) = match &region.backing {
             RegionBacking::PrivateAnon | RegionBacking::Hugetlb { fd: None, .. } => {
                 // The engine registered this region, so the kernel will report a REMOVE:
@@ -222,8 +193,7 @@ impl Discarder {
                 // SAFETY: `hva..hva+len` lies inside the region's mapping, which the memory
                 // layer keeps mapped for the VM's lifetime; DONTNEED only drops its pages
                 // (guest RAM is never referenced by Rust borrows: the smmu invariant).
-                let r =
-                    unsafe { madvise(hva as *mut _, range.len as usize, Advice::LinuxDontNeed) };
+                let r = unsafe { madvise(hva as *mut _, range.len as usize, Advice::LinuxDontNeed) };
                 if let (Err(e), Some(l)) = (r, ledger) {
                     l.cancel(hva, hva + range.len);
                     return Err(host_err("madvise(MADV_DONTNEED)", e));
@@ -231,18 +201,10 @@ impl Discarder {
                 return r.map_err(|e| host_err("madvise(MADV_DONTNEED)", e));
             }
             RegionBacking::Shared { fd, file_offset } => (fd, *file_offset),
-            RegionBacking::Hugetlb {
-                fd: Some(fd),
-                file_offset,
-            } => (fd, *file_offset),
+            RegionBacking::Hugetlb { fd: Some(fd), file_offset } => (fd, *file_offset),
         };
         let offset = file_offset + (range.gpa - region.guest_addr);
-        fallocate(
-            &**fd,
-            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-            offset,
-            range.len,
-        )
-        .map_err(|e| host_err("fallocate(PUNCH_HOLE)", e))
+        fallocate(&**fd, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, range.len)
+            .map_err(|e| host_err("fallocate(PUNCH_HOLE)", e))
     }
 }

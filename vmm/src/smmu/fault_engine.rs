@@ -95,12 +95,7 @@ pub struct FaultEngineConfig {
 
 impl Default for FaultEngineConfig {
     fn default() -> Self {
-        Self {
-            handler_threads: 2,
-            batch: 64,
-            non_cooperative_events: true,
-            on_failure: None,
-        }
+        Self { handler_threads: 2, batch: 64, non_cooperative_events: true, on_failure: None }
     }
 }
 
@@ -202,9 +197,7 @@ pub struct FaultEngine {
 
 impl std::fmt::Debug for FaultEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FaultEngine")
-            .field("threads", &self.threads.len())
-            .finish_non_exhaustive()
+        f.debug_struct("FaultEngine").field("threads", &self.threads.len()).finish_non_exhaustive()
     }
 }
 
@@ -232,9 +225,7 @@ fn required_features(regions: &Regions, non_coop: bool) -> (Features, Features) 
         }
     }
     if non_coop {
-        req = req
-            .union(Features::EVENT_REMOVE)
-            .union(Features::EVENT_UNMAP);
+        req = req.union(Features::EVENT_REMOVE).union(Features::EVENT_UNMAP);
         req = req.union(Features::EVENT_REMAP);
     }
     (req, opt)
@@ -275,11 +266,7 @@ impl FaultEngine {
                 continue;
             }
             let got = uffd.register(r.host_addr, r.len, mode)?;
-            let unsupported = |op| UffdError::Unsupported {
-                op,
-                start: r.host_addr,
-                len: r.len,
-            };
+            let unsupported = |op| UffdError::Unsupported { op, start: r.host_addr, len: r.len };
             if mode.missing && !got.copy() {
                 return Err(unsupported("UFFDIO_COPY").into());
             }
@@ -293,10 +280,8 @@ impl FaultEngine {
         }
         let efd = || eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK);
         let n = config.handler_threads.max(1);
-        let wake_fds: Vec<Arc<OwnedFd>> = (0..n)
-            .map(|_| efd().map(Arc::new))
-            .collect::<Result<_, _>>()
-            .map_err(std::io::Error::from)?;
+        let wake_fds: Vec<Arc<OwnedFd>> =
+            (0..n).map(|_| efd().map(Arc::new)).collect::<Result<_, _>>().map_err(std::io::Error::from)?;
         let shared = Arc::new(Shared {
             uffd,
             regions: regions.clone(),
@@ -313,17 +298,8 @@ impl FaultEngine {
             histograms: (0..n).map(|_| Mutex::new(new_histograms())).collect(),
         });
         let all = GuestRange::new(0, u64::MAX);
-        let subscription = inv.subscribe(
-            all,
-            Arc::new(EndWaker {
-                wake_fds: wake_fds.clone(),
-            }),
-        );
-        let mut engine = FaultEngine {
-            shared: shared.clone(),
-            threads: Vec::new(),
-            subscription,
-        };
+        let subscription = inv.subscribe(all, Arc::new(EndWaker { wake_fds: wake_fds.clone() }));
+        let mut engine = FaultEngine { shared: shared.clone(), threads: Vec::new(), subscription };
         for (i, wake) in wake_fds.into_iter().enumerate() {
             let shared = shared.clone();
             let t = std::thread::Builder::new()
@@ -343,11 +319,7 @@ impl FaultEngine {
     pub fn link(&self) -> EngineLink {
         EngineLink {
             uffd: self.shared.uffd.clone(),
-            expected_removes: self
-                .shared
-                .config
-                .non_cooperative_events
-                .then(|| self.shared.expected_removes.clone()),
+            expected_removes: self.shared.config.non_cooperative_events.then(|| self.shared.expected_removes.clone()),
         }
     }
 
@@ -364,12 +336,7 @@ impl FaultEngine {
 
     /// The error that stopped the engine, if one did.
     pub fn failure(&self) -> Option<String> {
-        self.shared
-            .failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|e| e.to_string())
+        self.shared.failure.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|e| e.to_string())
     }
 
     /// Waits up to `timeout` for a handler failure; returns its message.
@@ -407,13 +374,7 @@ impl FaultEngine {
     pub fn shutdown(mut self) -> Result<EngineStats, FaultEngineError> {
         self.stop();
         let stats = self.stats();
-        match self
-            .shared
-            .failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+        match self.shared.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
             Some(e) => Err(e),
             None => Ok(stats),
         }

@@ -50,10 +50,7 @@ pub(super) fn handler_main(shared: &Arc<Shared>, idx: usize, wake: &OwnedFd) {
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "non-string panic payload".into());
-            FaultEngineError::HandlerPanicked {
-                thread: idx,
-                message,
-            }
+            FaultEngineError::HandlerPanicked { thread: idx, message }
         }
     };
     tracing::error!("fault handler {idx} died: {err}");
@@ -78,12 +75,7 @@ struct Handler<'a> {
 impl<'a> Handler<'a> {
     fn new(s: &'a Shared, idx: usize) -> Self {
         let max_page = s.regions.iter().map(|r| r.page_bytes).max().unwrap_or(4096);
-        Self {
-            s,
-            idx,
-            buf: vec![0u8; max_page as usize],
-            deferred: VecDeque::new(),
-        }
+        Self { s, idx, buf: vec![0u8; max_page as usize], deferred: VecDeque::new() }
     }
 
     fn run(&mut self, wake: &OwnedFd) -> Result<(), FaultEngineError> {
@@ -93,10 +85,7 @@ impl<'a> Handler<'a> {
         loop {
             // With EAGAIN-deferred faults, wake soon even if nothing arrives: the kernel
             // ends "mm changing" without an event once the remover resumes.
-            let short = Timespec {
-                tv_sec: 0,
-                tv_nsec: 200_000,
-            };
+            let short = Timespec { tv_sec: 0, tv_nsec: 200_000 };
             let timeout = mm_changing.then_some(&short);
             let mut fds = [
                 PollFd::new(&*self.s.uffd, PollFlags::IN),
@@ -134,12 +123,7 @@ impl<'a> Handler<'a> {
 
     fn on_event(&mut self, ev: Event, read_at: Instant) -> Result<(), FaultEngineError> {
         match ev {
-            Event::PageFault {
-                address,
-                write,
-                wp,
-                minor,
-            } => {
+            Event::PageFault { address, write, wp, minor } => {
                 let (region, r) = self
                     .s
                     .regions
@@ -155,23 +139,16 @@ impl<'a> Handler<'a> {
                     FaultKind::Missing
                 };
                 let hva = address & !(r.page_bytes - 1);
-                self.resolve(Fault {
-                    region,
-                    hva,
-                    kind,
-                    write,
-                    read_at,
-                })?;
+                self.resolve(Fault { region, hva, kind, write, read_at })?;
             }
             Event::Remove { start, end } | Event::Unmap { start, end } => {
-                self.s
-                    .counters
-                    .remove_events
-                    .fetch_add(1, Ordering::Relaxed);
+                self.s.counters.remove_events.fetch_add(1, Ordering::Relaxed);
                 self.on_remove(start, end, matches!(ev, Event::Unmap { .. }));
             }
             Event::Remap { from, to, len } => {
-                tracing::error!("guest RAM moved by mremap ({from:#x} -> {to:#x}, {len:#x} bytes); faults there will be refused");
+                tracing::error!(
+                    "guest RAM moved by mremap ({from:#x} -> {to:#x}, {len:#x} bytes); faults there will be refused"
+                );
             }
             Event::Fork { child_uffd } => {
                 // We never ask for EVENT_FORK; if one comes, close the child's fd.
@@ -199,21 +176,12 @@ impl<'a> Handler<'a> {
             // Processed after the kernel let the remover go on (reading the event completes
             // it), so a page may already have been refaulted: the marks below are a best
             // effort. All of the VMM's own discards go through the expected path above.
-            self.s
-                .counters
-                .external_removes
-                .fetch_add(1, Ordering::Relaxed);
+            self.s.counters.external_removes.fetch_add(1, Ordering::Relaxed);
             if unmap {
-                tracing::warn!(
-                    "guest RAM [{:#x}, +{:#x}) was unmapped behind the smmu",
-                    range.gpa,
-                    range.len
-                );
+                tracing::warn!("guest RAM [{:#x}, +{:#x}) was unmapped behind the smmu", range.gpa, range.len);
             }
             let _g = self.s.inv.invalidate(range);
-            let gone = PageState::POPULATED
-                .union(PageState::DIRTY)
-                .union(PageState::WRITE_PROTECTED);
+            let gone = PageState::POPULATED.union(PageState::DIRTY).union(PageState::WRITE_PROTECTED);
             self.s.table.update(range, PageState::DISCARDED, gone);
         }
     }
@@ -221,11 +189,7 @@ impl<'a> Handler<'a> {
     /// Resolves one fault under the retry protocol; `Some` if it was put aside.
     fn resolve(&mut self, f: Fault) -> Result<Option<Defer>, FaultEngineError> {
         let s = self.s;
-        let r = s
-            .regions
-            .iter()
-            .nth(f.region)
-            .expect("fault region index is valid");
+        let r = s.regions.iter().nth(f.region).expect("fault region index is valid");
         let page = r.page_bytes;
         let gpa = r.gpa_of(f.hva);
         let range = GuestRange::new(gpa, page);
@@ -256,18 +220,13 @@ impl<'a> Handler<'a> {
             // faulting thread, which must not see its page unmarked; undo if refused.
             let (set, clear) = match f.kind {
                 FaultKind::WriteProtect => (PageState::DIRTY, PageState::WRITE_PROTECTED),
-                _ if f.write => (
-                    PageState::POPULATED.union(PageState::DIRTY),
-                    PageState::DISCARDED,
-                ),
+                _ if f.write => (PageState::POPULATED.union(PageState::DIRTY), PageState::DISCARDED),
                 _ => (PageState::POPULATED, PageState::DISCARDED),
             };
             let before = s.table.get(gpa);
             s.table.update(range, set, clear);
             let outcome = match (f.kind, data) {
-                (FaultKind::Missing, PageData::Zero) if ioctls.zeropage() && !wp => {
-                    s.uffd.zeropage(f.hva, page, false)
-                }
+                (FaultKind::Missing, PageData::Zero) if ioctls.zeropage() && !wp => s.uffd.zeropage(f.hva, page, false),
                 (FaultKind::Missing, data) => {
                     if data == PageData::Zero {
                         self.buf[..page as usize].fill(0);
@@ -275,15 +234,11 @@ impl<'a> Handler<'a> {
                     s.uffd.copy(f.hva, &self.buf[..page as usize], wp, false)
                 }
                 (FaultKind::Minor, _) => s.uffd.continue_(f.hva, page, wp, false),
-                (FaultKind::WriteProtect, _) => s
-                    .uffd
-                    .write_protect(f.hva, page, false, false)
-                    .map(|()| FillOutcome::Filled),
+                (FaultKind::WriteProtect, _) => {
+                    s.uffd.write_protect(f.hva, page, false, false).map(|()| FillOutcome::Filled)
+                }
             };
-            if !matches!(
-                outcome,
-                Ok(FillOutcome::Filled | FillOutcome::AlreadyFilled)
-            ) {
+            if !matches!(outcome, Ok(FillOutcome::Filled | FillOutcome::AlreadyFilled)) {
                 let restore = PageState(before.0 & clear.0);
                 s.table.update(range, restore, PageState(set.0 & !before.0));
             }
@@ -307,9 +262,7 @@ impl<'a> Handler<'a> {
         }
         let ns = f.read_at.elapsed().as_nanos().min(u64::MAX as u128) as u64;
         let slot = f.kind as usize * 2 + usize::from(page >= PAGE_2M);
-        let mut h = s.histograms[self.idx]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut h = s.histograms[self.idx].lock().unwrap_or_else(|p| p.into_inner());
         h[slot].saturating_record(ns.max(1));
         Ok(None)
     }

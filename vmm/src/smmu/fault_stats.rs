@@ -57,11 +57,7 @@ pub struct EngineStats {
 impl EngineStats {
     /// Summaries of every (kind, page size) that saw faults.
     pub fn summaries(&self) -> Vec<LatencySummary> {
-        let kinds = [
-            FaultKind::Missing,
-            FaultKind::Minor,
-            FaultKind::WriteProtect,
-        ];
+        let kinds = [FaultKind::Missing, FaultKind::Minor, FaultKind::WriteProtect];
         let mut out = Vec::new();
         for (i, h) in self.latency_ns.iter().enumerate() {
             if h.is_empty() {
@@ -89,9 +85,7 @@ impl EngineStats {
 pub(crate) fn new_histograms() -> Vec<Histogram<u64>> {
     // Fixed bounds (1 ns .. 100 s): `Histogram::new` starts tiny and `saturating_record`
     // would clamp every value to its initial maximum instead of growing.
-    (0..6)
-        .map(|_| Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("valid bounds"))
-        .collect()
+    (0..6).map(|_| Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("valid bounds")).collect()
 }
 
 #[derive(Default)]

@@ -134,11 +134,7 @@ impl RangeLock<'_> {
     /// if so, the caller must drop what it read and start again.
     pub fn read_retry(&self, seq: ReadSeq) -> bool {
         let now: u64 = self.guards.iter().map(|g| g.seq).sum();
-        now != seq.0
-            || self
-                .guards
-                .iter()
-                .any(|g| g.in_progress.iter().any(|r| r.overlaps(&self.range)))
+        now != seq.0 || self.guards.iter().any(|g| g.in_progress.iter().any(|r| r.overlaps(&self.range)))
     }
 }
 
@@ -154,29 +150,15 @@ impl Invalidation {
     }
 
     /// Registers `subscriber` for invalidations overlapping `interest`.
-    pub fn subscribe(
-        &self,
-        interest: GuestRange,
-        subscriber: Arc<dyn InvalidationSubscriber>,
-    ) -> SubscriptionId {
+    pub fn subscribe(&self, interest: GuestRange, subscriber: Arc<dyn InvalidationSubscriber>) -> SubscriptionId {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.subscribers
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Subscription {
-                id,
-                interest,
-                subscriber,
-            });
+        self.subscribers.write().unwrap_or_else(|p| p.into_inner()).push(Subscription { id, interest, subscriber });
         SubscriptionId(id)
     }
 
     /// Removes a subscription (no-op if already removed).
     pub fn unsubscribe(&self, id: SubscriptionId) {
-        self.subscribers
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|s| s.id != id.0);
+        self.subscribers.write().unwrap_or_else(|p| p.into_inner()).retain(|s| s.id != id.0);
     }
 
     /// Number of invalidations started so far.
@@ -217,9 +199,7 @@ impl Invalidation {
     /// Step 3: takes the locks an installer holds while it checks `read_retry` and
     /// installs. Invalidations of overlapping stripes wait until it is dropped.
     pub fn lock(&self, range: GuestRange) -> RangeLock<'_> {
-        let guards = stripes_of(stripe_mask(range))
-            .map(|i| lock(&self.stripes[i].state))
-            .collect();
+        let guards = stripes_of(stripe_mask(range)).map(|i| lock(&self.stripes[i].state)).collect();
         RangeLock { range, guards }
     }
 
@@ -271,11 +251,7 @@ impl Invalidation {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .filter_map(|s| {
-                s.interest
-                    .intersect(&range)
-                    .map(|p| (s.subscriber.clone(), p))
-            })
+            .filter_map(|s| s.interest.intersect(&range).map(|p| (s.subscriber.clone(), p)))
             .collect()
     }
 }
@@ -350,10 +326,7 @@ mod unit_tests {
             std::thread::spawn(move || {
                 let seq = inv.read_begin(page);
                 // Deterministic: if read_begin did not wait, `ended` is still false.
-                assert!(
-                    ended.load(Ordering::SeqCst),
-                    "read_begin returned mid-invalidation"
-                );
+                assert!(ended.load(Ordering::SeqCst), "read_begin returned mid-invalidation");
                 assert!(!inv.lock(page).read_retry(seq));
             })
         };
@@ -386,10 +359,7 @@ mod unit_tests {
         let r = GuestRange::new(4 * PAGE, 8 * PAGE);
         {
             let _g = inv.invalidate(r);
-            assert_eq!(
-                *a.seen.lock().unwrap(),
-                vec![("start", GuestRange::new(4 * PAGE, 4 * PAGE))]
-            );
+            assert_eq!(*a.seen.lock().unwrap(), vec![("start", GuestRange::new(4 * PAGE, 4 * PAGE))]);
         }
         assert_eq!(a.seen.lock().unwrap().len(), 2);
         assert!(b.seen.lock().unwrap().is_empty());
@@ -416,11 +386,7 @@ mod unit_tests {
 
     #[test]
     fn a_resolution_racing_an_invalidation_installs_nothing_stale() {
-        let m = Model {
-            inv: Invalidation::new(),
-            source: Mutex::new(1),
-            mapped: Mutex::new(None),
-        };
+        let m = Model { inv: Invalidation::new(), source: Mutex::new(1), mapped: Mutex::new(None) };
         let page = GuestRange::new(7 * PAGE, PAGE);
         let mut retries = 0;
         loop {

@@ -162,25 +162,16 @@ impl Regions {
 
     /// The region containing a guest-physical address.
     pub fn by_gpa(&self, gpa: u64) -> Option<&UffdRegion> {
-        self.regions
-            .iter()
-            .find(|r| gpa >= r.guest_addr && gpa - r.guest_addr < r.len)
+        self.regions.iter().find(|r| gpa >= r.guest_addr && gpa - r.guest_addr < r.len)
     }
 
     /// The region containing a host-virtual address.
     pub fn by_host(&self, hva: u64) -> Option<&UffdRegion> {
-        self.regions
-            .iter()
-            .find(|r| hva >= r.host_addr && hva - r.host_addr < r.len)
+        self.regions.iter().find(|r| hva >= r.host_addr && hva - r.host_addr < r.len)
     }
 
     /// The parts of `range` that fall inside regions, each with its region.
-    pub fn split<'a>(
-        &'a self,
-        range: GuestRange,
-    ) -> impl Iterator<Item = (&'a UffdRegion, GuestRange)> + 'a {
-        self.regions
-            .iter()
-            .filter_map(move |r| r.guest_range().intersect(&range).map(|p| (r, p)))
+    pub fn split<'a>(&'a self, range: GuestRange) -> impl Iterator<Item = (&'a UffdRegion, GuestRange)> + 'a {
+        self.regions.iter().filter_map(move |r| r.guest_range().intersect(&range).map(|p| (r, p)))
     }
 }

@@ -73,19 +73,8 @@ pub struct FileSource {
 impl FileSource {
     /// A source over `file`, whose offset 0 holds guest-physical address `base_gpa`.
     pub fn new(file: File, base_gpa: u64) -> Result<Self, PageSourceError> {
-        let file_len = file
-            .metadata()
-            .map_err(|source| PageSourceError::Read {
-                offset: 0,
-                len: 0,
-                source,
-            })?
-            .len();
-        Ok(Self {
-            file,
-            base_gpa,
-            file_len,
-        })
+        let file_len = file.metadata().map_err(|source| PageSourceError::Read { offset: 0, len: 0, source })?.len();
+        Ok(Self { file, base_gpa, file_len })
     }
 }
 
@@ -98,13 +87,11 @@ impl PageSource for FileSource {
             return Ok(PageData::Zero);
         }
         let avail = ((self.file_len - offset) as usize).min(buf.len());
-        self.file
-            .read_exact_at(&mut buf[..avail], offset)
-            .map_err(|source| PageSourceError::Read {
-                offset,
-                len: avail,
-                source,
-            })?;
+        self.file.read_exact_at(&mut buf[..avail], offset).map_err(|source| PageSourceError::Read {
+            offset,
+            len: avail,
+            source,
+        })?;
         buf[avail..].fill(0);
         // A zero page costs nothing to install with ZEROPAGE; checking is cheap next to
         // the read.

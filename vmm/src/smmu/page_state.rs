@@ -86,20 +86,13 @@ impl PageStateTable {
                 return Err(PageStateError::Misaligned { gpa, len, granule });
             }
             let words = (len / granule).div_ceil(PAGES_PER_WORD);
-            out.push(RegionTable {
-                gpa,
-                len,
-                granule,
-                words: (0..words).map(|_| AtomicU64::new(0)).collect(),
-            });
+            out.push(RegionTable { gpa, len, granule, words: (0..words).map(|_| AtomicU64::new(0)).collect() });
         }
         Ok(Self { regions: out })
     }
 
     fn region(&self, gpa: u64) -> Option<&RegionTable> {
-        self.regions
-            .iter()
-            .find(|r| gpa >= r.gpa && gpa - r.gpa < r.len)
+        self.regions.iter().find(|r| gpa >= r.gpa && gpa - r.gpa < r.len)
     }
 
     /// The page size (granule) at `gpa`, if it is guest RAM.
@@ -138,9 +131,8 @@ impl PageStateTable {
                 }
                 let word = &r.words[w as usize];
                 // One RMW per word so concurrent updates of other pages in it are kept.
-                let _ = word.fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
-                    Some((old & keep_mask) | set_mask)
-                });
+                let _ =
+                    word.fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| Some((old & keep_mask) | set_mask));
                 page = in_word_last + 1;
             }
         }
@@ -201,20 +193,14 @@ mod unit_tests {
     #[test]
     fn bits_per_page_are_independent_and_ranges_merge() {
         let t = PageStateTable::new(&[(0, 64 * 4096, 4096), (1 << 32, 4 << 21, 2 << 20)]).unwrap();
-        t.set(
-            GuestRange::new(4096 * 15, 4096 * 3),
-            PageState::POPULATED.union(PageState::DIRTY),
-        );
+        t.set(GuestRange::new(4096 * 15, 4096 * 3), PageState::POPULATED.union(PageState::DIRTY));
         t.clear(GuestRange::new(4096 * 16, 1), PageState::DIRTY);
         assert_eq!(t.get(4096 * 15), PageState(5));
         assert_eq!(t.get(4096 * 16), PageState::POPULATED);
         assert_eq!(t.get(4096 * 18), PageState::EMPTY);
         assert_eq!(t.count(PageState::POPULATED), 3);
         // A 4 KiB range inside a huge page marks the whole huge page.
-        t.set(
-            GuestRange::new((1 << 32) + (2 << 20) + 4096, 4096),
-            PageState::DIRTY,
-        );
+        t.set(GuestRange::new((1 << 32) + (2 << 20) + 4096, 4096), PageState::DIRTY);
         assert_eq!(t.get((1 << 32) + (2 << 20)), PageState::DIRTY);
         assert_eq!(
             t.ranges_with(PageState::DIRTY),

@@ -115,17 +115,12 @@ impl Uffd {
         let available = Self::available_features()?;
         let missing = Features(required.0 & !available.0);
         if missing.0 != 0 {
-            return Err(UffdError::MissingFeatures {
-                missing: missing.names(),
-            });
+            return Err(UffdError::MissingFeatures { missing: missing.names() });
         }
         let want = Features(required.0 | (optional.0 & available.0));
         let fd = open_raw()?;
         let features = api(&fd, want)?;
-        Ok(Uffd {
-            fd,
-            features: Features(want.0 & features.0),
-        })
+        Ok(Uffd { fd, features: Features(want.0 & features.0) })
     }
 
     /// The features this kernel offers (probed on a throw-away fd: UFFDIO_API can only be
@@ -143,43 +138,21 @@ impl Uffd {
     /// Registers `[start, start + len)` (page-aligned, huge-page-aligned for hugetlb) and
     /// returns the ioctls the range supports.
     pub fn register(&self, start: u64, len: u64, mode: RegisterMode) -> Result<RangeIoctls> {
-        let mut reg = uapi::uffdio_register {
-            range: uapi::uffdio_range { start, len },
-            mode: mode.bits(),
-            ioctls: 0,
-        };
-        self.ioctl(
-            "UFFDIO_REGISTER",
-            uioctl::UFFDIO_REGISTER as u64,
-            &mut reg,
-            start,
-            len,
-        )?;
+        let mut reg = uapi::uffdio_register { range: uapi::uffdio_range { start, len }, mode: mode.bits(), ioctls: 0 };
+        self.ioctl("UFFDIO_REGISTER", uioctl::UFFDIO_REGISTER as u64, &mut reg, start, len)?;
         Ok(RangeIoctls(reg.ioctls))
     }
 
     /// Unregisters a range; the kernel wakes any thread still waiting on a fault in it.
     pub fn unregister(&self, start: u64, len: u64) -> Result<()> {
         let mut range = uapi::uffdio_range { start, len };
-        self.ioctl(
-            "UFFDIO_UNREGISTER",
-            uioctl::UFFDIO_UNREGISTER as u64,
-            &mut range,
-            start,
-            len,
-        )
+        self.ioctl("UFFDIO_UNREGISTER", uioctl::UFFDIO_UNREGISTER as u64, &mut range, start, len)
     }
 
     /// UFFDIO_COPY: atomically fills missing pages `[dst, dst + src.len())` with `src`.
     /// `write_protect` installs them write-protected (needs WP registration); `dont_wake`
     /// leaves the waiters asleep (wake later with [`Uffd::wake`]).
-    pub fn copy(
-        &self,
-        dst: u64,
-        src: &[u8],
-        write_protect: bool,
-        dont_wake: bool,
-    ) -> Result<FillOutcome> {
+    pub fn copy(&self, dst: u64, src: &[u8], write_protect: bool, dont_wake: bool) -> Result<FillOutcome> {
         let mut mode = 0u64;
         if dont_wake {
             mode |= uapi::UFFDIO_COPY_MODE_DONTWAKE as u64;
@@ -190,53 +163,21 @@ impl Uffd {
         let len = src.len() as u64;
         // `copy` starts at 0: when the kernel refuses early with EAGAIN (mmap changing) it
         // does not write the field, and 0 then correctly means "nothing filled".
-        let mut arg = uapi::uffdio_copy {
-            dst,
-            src: src.as_ptr() as u64,
-            len,
-            mode,
-            copy: 0,
-        };
-        let r = self.ioctl(
-            "UFFDIO_COPY",
-            uioctl::UFFDIO_COPY as u64,
-            &mut arg,
-            dst,
-            len,
-        );
+        let mut arg = uapi::uffdio_copy { dst, src: src.as_ptr() as u64, len, mode, copy: 0 };
+        let r = self.ioctl("UFFDIO_COPY", uioctl::UFFDIO_COPY as u64, &mut arg, dst, len);
         fill_outcome(r, arg.copy)
     }
 
     /// UFFDIO_ZEROPAGE: fills missing pages with zeros (not supported on hugetlb).
     pub fn zeropage(&self, start: u64, len: u64, dont_wake: bool) -> Result<FillOutcome> {
-        let mode = if dont_wake {
-            uapi::UFFDIO_ZEROPAGE_MODE_DONTWAKE as u64
-        } else {
-            0
-        };
-        let mut arg = uapi::uffdio_zeropage {
-            range: uapi::uffdio_range { start, len },
-            mode,
-            zeropage: 0,
-        };
-        let r = self.ioctl(
-            "UFFDIO_ZEROPAGE",
-            uioctl::UFFDIO_ZEROPAGE as u64,
-            &mut arg,
-            start,
-            len,
-        );
+        let mode = if dont_wake { uapi::UFFDIO_ZEROPAGE_MODE_DONTWAKE as u64 } else { 0 };
+        let mut arg = uapi::uffdio_zeropage { range: uapi::uffdio_range { start, len }, mode, zeropage: 0 };
+        let r = self.ioctl("UFFDIO_ZEROPAGE", uioctl::UFFDIO_ZEROPAGE as u64, &mut arg, start, len);
         fill_outcome(r, arg.zeropage)
     }
 
     /// UFFDIO_CONTINUE: maps the page-cache pages of a MINOR fault range.
-    pub fn continue_(
-        &self,
-        start: u64,
-        len: u64,
-        write_protect: bool,
-        dont_wake: bool,
-    ) -> Result<FillOutcome> {
+    pub fn continue_(&self, start: u64, len: u64, write_protect: bool, dont_wake: bool) -> Result<FillOutcome> {
         let mut mode = 0u64;
         if dont_wake {
             mode |= UFFDIO_CONTINUE_MODE_DONTWAKE;
@@ -244,34 +185,16 @@ impl Uffd {
         if write_protect {
             mode |= UFFDIO_CONTINUE_MODE_WP;
         }
-        let mut arg = uapi::uffdio_continue {
-            range: uapi::uffdio_range { start, len },
-            mode,
-            mapped: 0,
-        };
-        let r = self.ioctl(
-            "UFFDIO_CONTINUE",
-            uioctl::UFFDIO_CONTINUE as u64,
-            &mut arg,
-            start,
-            len,
-        );
+        let mut arg = uapi::uffdio_continue { range: uapi::uffdio_range { start, len }, mode, mapped: 0 };
+        let r = self.ioctl("UFFDIO_CONTINUE", uioctl::UFFDIO_CONTINUE as u64, &mut arg, start, len);
         fill_outcome(r, arg.mapped)
     }
 
     /// UFFDIO_POISON: marks missing pages poisoned (access raises SIGBUS); needs the
     /// POISON feature.
     pub fn poison(&self, start: u64, len: u64, dont_wake: bool) -> Result<FillOutcome> {
-        let mode = if dont_wake {
-            UFFDIO_POISON_MODE_DONTWAKE
-        } else {
-            0
-        };
-        let mut arg = uapi::uffdio_poison {
-            range: uapi::uffdio_range { start, len },
-            mode,
-            updated: 0,
-        };
+        let mode = if dont_wake { UFFDIO_POISON_MODE_DONTWAKE } else { 0 };
+        let mut arg = uapi::uffdio_poison { range: uapi::uffdio_range { start, len }, mode, updated: 0 };
         let r = self.ioctl("UFFDIO_POISON", UFFDIO_POISON, &mut arg, start, len);
         fill_outcome(r, arg.updated)
     }
@@ -279,13 +202,7 @@ impl Uffd {
     /// UFFDIO_WRITEPROTECT: `protect` sets write protection on the range; clearing it
     /// (`protect == false`) also wakes threads blocked on a WP fault there unless
     /// `dont_wake`.
-    pub fn write_protect(
-        &self,
-        start: u64,
-        len: u64,
-        protect: bool,
-        dont_wake: bool,
-    ) -> Result<()> {
+    pub fn write_protect(&self, start: u64, len: u64, protect: bool, dont_wake: bool) -> Result<()> {
         let mut mode = 0u64;
         if protect {
             mode |= UFFDIO_WRITEPROTECT_MODE_WP;
@@ -293,29 +210,14 @@ impl Uffd {
         if dont_wake {
             mode |= UFFDIO_WRITEPROTECT_MODE_DONTWAKE;
         }
-        let mut arg = uapi::uffdio_writeprotect {
-            range: uapi::uffdio_range { start, len },
-            mode,
-        };
-        self.ioctl(
-            "UFFDIO_WRITEPROTECT",
-            uioctl::UFFDIO_WRITEPROTECT as u64,
-            &mut arg,
-            start,
-            len,
-        )
+        let mut arg = uapi::uffdio_writeprotect { range: uapi::uffdio_range { start, len }, mode };
+        self.ioctl("UFFDIO_WRITEPROTECT", uioctl::UFFDIO_WRITEPROTECT as u64, &mut arg, start, len)
     }
 
     /// UFFDIO_WAKE: wakes threads waiting on faults in the range.
     pub fn wake(&self, start: u64, len: u64) -> Result<()> {
         let mut range = uapi::uffdio_range { start, len };
-        self.ioctl(
-            "UFFDIO_WAKE",
-            uioctl::UFFDIO_WAKE as u64,
-            &mut range,
-            start,
-            len,
-        )
+        self.ioctl("UFFDIO_WAKE", uioctl::UFFDIO_WAKE as u64, &mut range, start, len)
     }
 
     /// Reads as many pending messages as fit in `buf` without blocking and decodes them
@@ -340,14 +242,7 @@ impl Uffd {
         Ok(count)
     }
 
-    fn ioctl<T>(
-        &self,
-        op: &'static str,
-        req: u64,
-        arg: &mut T,
-        start: u64,
-        len: u64,
-    ) -> Result<()> {
+    fn ioctl<T>(&self, op: &'static str, req: u64, arg: &mut T, start: u64, len: u64) -> Result<()> {
         // SAFETY: `req` is a userfaultfd ioctl whose argument struct is `T` (each caller
         // pairs them as in <linux/userfaultfd.h>); `arg` is a valid, exclusively borrowed
         // `T`. Addresses inside it are only used by the kernel on our own mm and are
@@ -355,12 +250,7 @@ impl Uffd {
         // COPY's `src` points at a live borrowed slice of `len` bytes.
         let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), req as _, arg as *mut T) };
         if r < 0 {
-            return Err(UffdError::Ioctl {
-                op,
-                start,
-                len,
-                source: std::io::Error::last_os_error(),
-            });
+            return Err(UffdError::Ioctl { op, start, len, source: std::io::Error::last_os_error() });
         }
         Ok(())
     }
@@ -376,22 +266,10 @@ impl AsFd for Uffd {
 fn fill_outcome(r: Result<()>, done: i64) -> Result<FillOutcome> {
     match r {
         Ok(()) => Ok(FillOutcome::Filled),
-        Err(UffdError::Ioctl {
-            source,
-            op,
-            start,
-            len,
-        }) => match source.raw_os_error() {
+        Err(UffdError::Ioctl { source, op, start, len }) => match source.raw_os_error() {
             Some(libc::EEXIST) => Ok(FillOutcome::AlreadyFilled),
-            Some(libc::EAGAIN) => Ok(FillOutcome::MmChanging {
-                filled_bytes: done.max(0) as u64,
-            }),
-            _ => Err(UffdError::Ioctl {
-                op,
-                start,
-                len,
-                source,
-            }),
+            Some(libc::EAGAIN) => Ok(FillOutcome::MmChanging { filled_bytes: done.max(0) as u64 }),
+            _ => Err(UffdError::Ioctl { op, start, len, source }),
         },
         Err(e) => Err(e),
     }
@@ -416,34 +294,22 @@ fn decode(msg: &RawMsg) -> Result<Event> {
         uapi::UFFD_EVENT_REMOVE => {
             // SAFETY: `event` says the kernel filled the `remove` member (plain integers).
             let r = unsafe { arg.remove };
-            Event::Remove {
-                start: r.start,
-                end: r.end,
-            }
+            Event::Remove { start: r.start, end: r.end }
         }
         uapi::UFFD_EVENT_UNMAP => {
             // SAFETY: `event` says the kernel filled the `remove` member (plain integers).
             let r = unsafe { arg.remove };
-            Event::Unmap {
-                start: r.start,
-                end: r.end,
-            }
+            Event::Unmap { start: r.start, end: r.end }
         }
         uapi::UFFD_EVENT_REMAP => {
             // SAFETY: `event` says the kernel filled the `remap` member (plain integers).
             let r = unsafe { arg.remap };
-            Event::Remap {
-                from: r.from,
-                to: r.to,
-                len: r.len,
-            }
+            Event::Remap { from: r.from, to: r.to, len: r.len }
         }
         uapi::UFFD_EVENT_FORK => {
             // SAFETY: `event` says the kernel filled the `fork` member (plain integers).
             let f = unsafe { arg.fork };
-            Event::Fork {
-                child_uffd: f.ufd as i32,
-            }
+            Event::Fork { child_uffd: f.ufd as i32 }
         }
         _ => return Err(UffdError::UnknownEvent(event)),
     })
@@ -454,11 +320,7 @@ fn decode(msg: &RawMsg) -> Result<Event> {
 /// userfaultfd syscall.
 fn open_raw() -> Result<OwnedFd> {
     let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64; // never UFFD_USER_MODE_ONLY
-    let dev_err = match OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/userfaultfd")
-    {
+    let dev_err = match OpenOptions::new().read(true).write(true).open("/dev/userfaultfd") {
         Ok(dev) => {
             // SAFETY: USERFAULTFD_IOC_NEW takes its flags by value and returns a new fd.
             let r = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
@@ -484,11 +346,7 @@ fn open_raw() -> Result<OwnedFd> {
 
 /// Runs the UFFDIO_API handshake asking for `features`; returns what the kernel reports.
 fn api(fd: &OwnedFd, features: Features) -> Result<Features> {
-    let mut arg = uapi::uffdio_api {
-        api: uapi::UFFD_API as u64,
-        features: features.0,
-        ioctls: 0,
-    };
+    let mut arg = uapi::uffdio_api { api: uapi::UFFD_API as u64, features: features.0, ioctls: 0 };
     // SAFETY: UFFDIO_API takes a `struct uffdio_api`, which `arg` is.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), uioctl::UFFDIO_API as _, &mut arg) };
     if r < 0 {
@@ -516,9 +374,7 @@ mod unit_tests {
 
     #[test]
     fn feature_names_name_each_bit() {
-        let f = Features::MINOR_SHMEM
-            .union(Features::POISON)
-            .union(Features(1 << 40));
+        let f = Features::MINOR_SHMEM.union(Features::POISON).union(Features(1 << 40));
         assert_eq!(f.names(), "MINOR_SHMEM, POISON, 0x10000000000");
     }
 

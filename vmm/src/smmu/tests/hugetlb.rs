@@ -7,15 +7,7 @@ static HUGETLB_LOCK: Mutex<()> = Mutex::new(());
 
 fn meminfo(key: &str) -> u64 {
     let s = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    s.lines()
-        .find_map(|l| {
-            l.strip_prefix(key)?
-                .trim()
-                .trim_end_matches(" kB")
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
+    s.lines().find_map(|l| l.strip_prefix(key)?.trim().trim_end_matches(" kB").parse().ok()).unwrap_or(0)
 }
 
 /// Holds `n` free 2 MiB pages (reserving them if the pool is short) and gives back what
@@ -73,27 +65,17 @@ fn hugetlb_missing_fault_resolves_the_whole_2m_page_and_discard_frees_whole_page
     let ok = on_thread(move || {
         (0..2u64).all(|i| {
             let _ = read_words(base + i * PAGE_2M + PAGE_2M / 2, 8);
-            read_words(base + i * PAGE_2M, PAGE_2M)
-                .iter()
-                .all(|&w| w == pattern(i, 1))
+            read_words(base + i * PAGE_2M, PAGE_2M).iter().all(|&w| w == pattern(i, 1))
         })
     });
     assert!(ok, "a huge page was not filled whole from the image");
-    eventually("two 2 MiB MISSING faults", || {
-        r.engine.stats().latency_ns[1].len() == 2
-    });
+    eventually("two 2 MiB MISSING faults", || r.engine.stats().latency_ns[1].len() == 2);
     assert_eq!(r.table.count(PageState::POPULATED), 2);
     eprintln!("hugetlb MISSING: {}", summary(&r.engine));
     // Discard 1.5 huge pages: only the first is freed; the partial half is reported.
-    let rep = r
-        .discarder
-        .discard(GuestRange::new(GPA, PAGE_2M + PAGE_2M / 2))
-        .unwrap();
+    let rep = r.discarder.discard(GuestRange::new(GPA, PAGE_2M + PAGE_2M / 2)).unwrap();
     assert_eq!(rep.freed, vec![GuestRange::new(GPA, PAGE_2M)]);
-    assert_eq!(
-        rep.partial_huge_pages,
-        vec![GuestRange::new(GPA + PAGE_2M, PAGE_2M / 2)]
-    );
+    assert_eq!(rep.partial_huge_pages, vec![GuestRange::new(GPA + PAGE_2M, PAGE_2M / 2)]);
     let (z, kept) = on_thread(move || {
         let z = read_words(base, PAGE_2M).iter().all(|&w| w == 0);
         (z, read_words(base + PAGE_2M, 8)[0])

@@ -34,19 +34,10 @@ impl Mapping {
     fn anon(len: u64) -> Mapping {
         // SAFETY: a fresh private anonymous mapping that nothing else references.
         let p = unsafe {
-            mmap_anonymous(
-                std::ptr::null_mut(),
-                len as usize,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::PRIVATE,
-            )
+            mmap_anonymous(std::ptr::null_mut(), len as usize, ProtFlags::READ | ProtFlags::WRITE, MapFlags::PRIVATE)
         }
         .expect("mmap anon");
-        Mapping {
-            addr: p as u64,
-            len,
-            fd: None,
-        }
+        Mapping { addr: p as u64, len, fd: None }
     }
 
     fn memfd(len: u64, hugetlb: bool) -> std::io::Result<Mapping> {
@@ -58,20 +49,9 @@ impl Mapping {
         ftruncate(&fd, len)?;
         // SAFETY: a fresh shared mapping of our own memfd.
         let p = unsafe {
-            mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED,
-                &fd,
-                0,
-            )
+            mmap(std::ptr::null_mut(), len as usize, ProtFlags::READ | ProtFlags::WRITE, MapFlags::SHARED, &fd, 0)
         }?;
-        Ok(Mapping {
-            addr: p as u64,
-            len,
-            fd: Some(Arc::new(fd)),
-        })
+        Ok(Mapping { addr: p as u64, len, fd: Some(Arc::new(fd)) })
     }
 
     fn page(&self, i: u64) -> u64 {
@@ -106,9 +86,7 @@ fn fill_words(hva: u64, len: u64, value: u64) {
 /// Runs `f` on a fresh thread (the faulting thread must not be a handler) and returns its
 /// result.
 fn on_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(f)
-        .join()
-        .expect("toucher thread panicked")
+    std::thread::spawn(f).join().expect("toucher thread panicked")
 }
 
 /// Waits until `cond` holds: the engine records statistics just after the fill that woke
@@ -131,49 +109,22 @@ struct Rig {
     map: Mapping,
 }
 
-fn rig(
-    map: Mapping,
-    region: UffdRegion,
-    source: Arc<dyn PageSource>,
-    cfg: FaultEngineConfig,
-) -> Rig {
-    let table = Arc::new(
-        PageStateTable::new(&[(region.guest_addr, region.len, region.page_bytes)]).unwrap(),
-    );
+fn rig(map: Mapping, region: UffdRegion, source: Arc<dyn PageSource>, cfg: FaultEngineConfig) -> Rig {
+    let table = Arc::new(PageStateTable::new(&[(region.guest_addr, region.len, region.page_bytes)]).unwrap());
     let inv = Arc::new(Invalidation::new());
     let regions = Arc::new(Regions::new(vec![region]));
-    let engine =
-        FaultEngine::start(regions.clone(), table.clone(), inv.clone(), source, cfg).unwrap();
+    let engine = FaultEngine::start(regions.clone(), table.clone(), inv.clone(), source, cfg).unwrap();
     let discarder = Discarder::new(regions, table.clone(), inv, Some(engine.link()));
-    Rig {
-        engine,
-        discarder,
-        table,
-        map,
-    }
+    Rig { engine, discarder, table, map }
 }
 
 fn region_of(map: &Mapping, page_bytes: u64, mode: UffdMode, wp: bool) -> UffdRegion {
     let backing = match (&map.fd, page_bytes) {
         (None, _) => RegionBacking::PrivateAnon,
-        (Some(fd), PAGE_2M) => RegionBacking::Hugetlb {
-            fd: Some(fd.clone()),
-            file_offset: 0,
-        },
-        (Some(fd), _) => RegionBacking::Shared {
-            fd: fd.clone(),
-            file_offset: 0,
-        },
+        (Some(fd), PAGE_2M) => RegionBacking::Hugetlb { fd: Some(fd.clone()), file_offset: 0 },
+        (Some(fd), _) => RegionBacking::Shared { fd: fd.clone(), file_offset: 0 },
     };
-    UffdRegion {
-        guest_addr: GPA,
-        host_addr: map.addr,
-        len: map.len,
-        page_bytes,
-        backing,
-        mode,
-        write_protect: wp,
-    }
+    UffdRegion { guest_addr: GPA, host_addr: map.addr, len: map.len, page_bytes, backing, mode, write_protect: wp }
 }
 
 const GPA: u64 = 0x40_0000;
@@ -185,9 +136,7 @@ fn pattern(page: u64, gen: u64) -> u64 {
 fn image_file(pages: u64, page_bytes: u64) -> std::fs::File {
     let mut f = tempfile::tempfile().unwrap();
     for p in 0..pages {
-        let words: Vec<u8> = (0..page_bytes / 8)
-            .flat_map(|_| pattern(p, 1).to_ne_bytes())
-            .collect();
+        let words: Vec<u8> = (0..page_bytes / 8).flat_map(|_| pattern(p, 1).to_ne_bytes()).collect();
         f.write_all(&words).unwrap();
     }
     f
@@ -216,25 +165,12 @@ fn summary(engine: &FaultEngine) -> String {
 fn missing_anon_zero_source_resolves_every_first_touch_with_zeros() {
     let map = Mapping::anon(64 * PAGE_4K);
     let region = region_of(&map, PAGE_4K, UffdMode::Missing, false);
-    let r = rig(
-        map,
-        region,
-        Arc::new(ZeroSource),
-        FaultEngineConfig::default(),
-    );
+    let r = rig(map, region, Arc::new(ZeroSource), FaultEngineConfig::default());
     let base = r.map.addr;
-    let zeros = on_thread(move || {
-        (0..64).all(|i| {
-            read_words(base + i * PAGE_4K, PAGE_4K)
-                .iter()
-                .all(|&w| w == 0)
-        })
-    });
+    let zeros = on_thread(move || (0..64).all(|i| read_words(base + i * PAGE_4K, PAGE_4K).iter().all(|&w| w == 0)));
     assert!(zeros);
     assert_eq!(r.table.count(PageState::POPULATED), 64);
-    eventually("64 MISSING faults counted", || {
-        r.engine.stats().resolved(FaultKind::Missing) == 64
-    });
+    eventually("64 MISSING faults counted", || r.engine.stats().resolved(FaultKind::Missing) == 64);
     eprintln!("anon MISSING zero: {}", summary(&r.engine));
 }
 
@@ -243,23 +179,10 @@ fn missing_anon_file_source_fills_pages_from_the_image() {
     let map = Mapping::anon(32 * PAGE_4K);
     let region = region_of(&map, PAGE_4K, UffdMode::Missing, false);
     let src = Arc::new(FileSource::new(image_file(32, PAGE_4K), GPA).unwrap());
-    let r = rig(
-        map,
-        region,
-        src,
-        FaultEngineConfig {
-            handler_threads: 1,
-            ..Default::default()
-        },
-    );
+    let r = rig(map, region, src, FaultEngineConfig { handler_threads: 1, ..Default::default() });
     let base = r.map.addr;
-    let ok = on_thread(move || {
-        (0..32).all(|i| {
-            read_words(base + i * PAGE_4K, PAGE_4K)
-                .iter()
-                .all(|&w| w == pattern(i, 1))
-        })
-    });
+    let ok =
+        on_thread(move || (0..32).all(|i| read_words(base + i * PAGE_4K, PAGE_4K).iter().all(|&w| w == pattern(i, 1))));
     assert!(ok, "a page did not hold its image contents");
     assert_eq!(r.table.count(PageState::POPULATED), 32);
     eprintln!("anon MISSING file: {}", summary(&r.engine));
@@ -271,30 +194,17 @@ fn minor_memfd_maps_page_cache_contents_with_continue() {
     let map = Mapping::memfd(pages * PAGE_4K, false).unwrap();
     let fd = map.fd.clone().unwrap();
     for p in 0..pages {
-        let bytes: Vec<u8> = (0..PAGE_4K / 8)
-            .flat_map(|_| pattern(p, 7).to_ne_bytes())
-            .collect();
+        let bytes: Vec<u8> = (0..PAGE_4K / 8).flat_map(|_| pattern(p, 7).to_ne_bytes()).collect();
         rustix::io::pwrite(&*fd, &bytes, p * PAGE_4K).unwrap();
     }
     let region = region_of(&map, PAGE_4K, UffdMode::Minor, false);
-    let r = rig(
-        map,
-        region,
-        Arc::new(ZeroSource),
-        FaultEngineConfig::default(),
-    );
+    let r = rig(map, region, Arc::new(ZeroSource), FaultEngineConfig::default());
     let base = r.map.addr;
     let ok = on_thread(move || {
-        (0..pages).all(|i| {
-            read_words(base + i * PAGE_4K, PAGE_4K)
-                .iter()
-                .all(|&w| w == pattern(i, 7))
-        })
+        (0..pages).all(|i| read_words(base + i * PAGE_4K, PAGE_4K).iter().all(|&w| w == pattern(i, 7)))
     });
     assert!(ok, "a page did not show its page-cache contents");
-    eventually("MINOR faults counted", || {
-        r.engine.stats().resolved(FaultKind::Minor) == pages
-    });
+    eventually("MINOR faults counted", || r.engine.stats().resolved(FaultKind::Minor) == pages);
     assert_eq!(r.table.count(PageState::POPULATED), pages);
     eprintln!("memfd MINOR: {}", summary(&r.engine));
 }
@@ -303,30 +213,12 @@ fn minor_memfd_maps_page_cache_contents_with_continue() {
 fn uffd_copy_over_a_present_page_reports_already_filled_and_zeropage_too() {
     let map = Mapping::anon(2 * PAGE_4K);
     let uffd = Uffd::open(Features(0), Features(0)).unwrap();
-    let io = uffd
-        .register(
-            map.addr,
-            map.len,
-            RegisterMode {
-                missing: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let io = uffd.register(map.addr, map.len, RegisterMode { missing: true, ..Default::default() }).unwrap();
     assert!(io.copy() && io.zeropage());
     let page = vec![0x42u8; PAGE_4K as usize];
-    assert_eq!(
-        uffd.copy(map.addr, &page, false, false).unwrap(),
-        FillOutcome::Filled
-    );
-    assert_eq!(
-        uffd.copy(map.addr, &page, false, false).unwrap(),
-        FillOutcome::AlreadyFilled
-    );
-    assert_eq!(
-        uffd.zeropage(map.addr, PAGE_4K, false).unwrap(),
-        FillOutcome::AlreadyFilled
-    );
+    assert_eq!(uffd.copy(map.addr, &page, false, false).unwrap(), FillOutcome::Filled);
+    assert_eq!(uffd.copy(map.addr, &page, false, false).unwrap(), FillOutcome::AlreadyFilled);
+    assert_eq!(uffd.zeropage(map.addr, PAGE_4K, false).unwrap(), FillOutcome::AlreadyFilled);
     uffd.wake(map.addr, PAGE_4K).unwrap();
     assert_eq!(read_words(map.addr, 8)[0], 0x4242_4242_4242_4242);
     uffd.unregister(map.addr, map.len).unwrap();
@@ -344,10 +236,7 @@ impl PageSource for RacingSource {
         let hva = self.host_base + (gpa - GPA);
         let winner = vec![0x5au8; buf.len()];
         let uffd = self.uffd.get().expect("set after start");
-        assert_eq!(
-            uffd.copy(hva, &winner, false, true).unwrap(),
-            FillOutcome::Filled
-        );
+        assert_eq!(uffd.copy(hva, &winner, false, true).unwrap(), FillOutcome::Filled);
         buf.fill(0x11);
         Ok(PageData::Filled)
     }
@@ -356,32 +245,15 @@ impl PageSource for RacingSource {
 #[test]
 fn eexist_from_a_racing_resolver_wakes_the_faulting_thread() {
     let map = Mapping::anon(4 * PAGE_4K);
-    let src = Arc::new(RacingSource {
-        uffd: OnceLock::new(),
-        host_base: map.addr,
-    });
+    let src = Arc::new(RacingSource { uffd: OnceLock::new(), host_base: map.addr });
     let region = region_of(&map, PAGE_4K, UffdMode::Missing, false);
-    let r = rig(
-        map,
-        region,
-        src.clone(),
-        FaultEngineConfig {
-            handler_threads: 1,
-            ..Default::default()
-        },
-    );
+    let r = rig(map, region, src.clone(), FaultEngineConfig { handler_threads: 1, ..Default::default() });
     src.uffd.set(r.engine.uffd().clone()).unwrap();
     let hva = r.map.page(2);
     let first = on_thread(move || read_words(hva, PAGE_4K)[0]);
-    assert_eq!(
-        first, 0x5a5a_5a5a_5a5a_5a5a,
-        "the racing resolver's page must win"
-    );
+    assert_eq!(first, 0x5a5a_5a5a_5a5a_5a5a, "the racing resolver's page must win");
     eventually("one EEXIST counted", || r.engine.stats().eexist == 1);
-    assert!(r
-        .table
-        .get(GPA + 2 * PAGE_4K)
-        .contains(PageState::POPULATED));
+    assert!(r.table.get(GPA + 2 * PAGE_4K).contains(PageState::POPULATED));
 }
 
 /// A source that, on its first read, announces it and blocks until released.
@@ -406,22 +278,11 @@ fn a_fault_racing_a_discard_of_its_page_retries_and_installs_nothing_stale() {
     let map = Mapping::anon(8 * PAGE_4K);
     let (reading_tx, reading_rx) = mpsc::channel();
     let (release_tx, release_rx) = mpsc::channel();
-    let src = Arc::new(GatedSource {
-        reading: Mutex::new(Some(reading_tx)),
-        release: Mutex::new(release_rx),
-    });
+    let src = Arc::new(GatedSource { reading: Mutex::new(Some(reading_tx)), release: Mutex::new(release_rx) });
     let region = region_of(&map, PAGE_4K, UffdMode::Missing, false);
     // Two handlers: one is held inside the source, the other reads the REMOVE event that
     // the discard's MADV_DONTNEED waits for.
-    let r = rig(
-        map,
-        region,
-        src,
-        FaultEngineConfig {
-            handler_threads: 2,
-            ..Default::default()
-        },
-    );
+    let r = rig(map, region, src, FaultEngineConfig { handler_threads: 2, ..Default::default() });
     let hva = r.map.page(3);
     let toucher = std::thread::spawn(move || read_words(hva, PAGE_4K));
     reading_rx.recv().unwrap(); // step 2 of the protocol is under way
@@ -429,17 +290,9 @@ fn a_fault_racing_a_discard_of_its_page_retries_and_installs_nothing_stale() {
     r.discarder.discard(page).unwrap(); // the invalidation runs and returns
     release_tx.send(()).unwrap(); // now let the resolution try to install
     let words = toucher.join().unwrap();
-    assert!(
-        words.iter().all(|&w| w == 0),
-        "stale source data was installed after a discard"
-    );
+    assert!(words.iter().all(|&w| w == 0), "stale source data was installed after a discard");
     assert_eq!(r.engine.stats().retries, 1, "{}", summary(&r.engine));
-    assert_eq!(
-        r.table.get(page.gpa),
-        PageState::POPULATED,
-        "{}",
-        summary(&r.engine)
-    );
+    assert_eq!(r.table.get(page.gpa), PageState::POPULATED, "{}", summary(&r.engine));
 }
 
 #[test]
@@ -451,29 +304,17 @@ fn discard_of_populated_anon_pages_reads_zero_afterwards() {
     let base = r.map.addr;
     on_thread(move || (0..16).for_each(|i| drop(read_words(base + i * PAGE_4K, 8))));
     assert_eq!(r.table.count(PageState::POPULATED), 16);
-    let rep = r
-        .discarder
-        .discard(GuestRange::new(GPA + 4 * PAGE_4K, 3 * PAGE_4K))
-        .unwrap();
+    let rep = r.discarder.discard(GuestRange::new(GPA + 4 * PAGE_4K, 3 * PAGE_4K)).unwrap();
     assert_eq!(rep.freed.len(), 1);
     assert_eq!(r.table.count(PageState::DISCARDED), 3);
     let (z, kept) = on_thread(move || {
-        let z = (4..7).all(|i| {
-            read_words(base + i * PAGE_4K, PAGE_4K)
-                .iter()
-                .all(|&w| w == 0)
-        });
+        let z = (4..7).all(|i| read_words(base + i * PAGE_4K, PAGE_4K).iter().all(|&w| w == 0));
         (z, read_words(base + 7 * PAGE_4K, 8)[0])
     });
     assert!(z, "a discarded page showed old data");
     assert_eq!(kept, pattern(7, 1));
     let states: Vec<_> = r.table.pages().map(|(_, _, s)| s.0).collect();
-    assert_eq!(
-        r.table.count(PageState::POPULATED),
-        16,
-        "{states:?} {}",
-        summary(&r.engine)
-    );
+    assert_eq!(r.table.count(PageState::POPULATED), 16, "{states:?} {}", summary(&r.engine));
 }
 
 #[test]
@@ -481,36 +322,17 @@ fn discard_of_memfd_pages_frees_blocks_and_reads_zero() {
     let pages = 64;
     let map = Mapping::memfd(pages * PAGE_4K, false).unwrap();
     let region = region_of(&map, PAGE_4K, UffdMode::Missing, false);
-    let r = rig(
-        map,
-        region,
-        Arc::new(ZeroSource),
-        FaultEngineConfig::default(),
-    );
+    let r = rig(map, region, Arc::new(ZeroSource), FaultEngineConfig::default());
     let base = r.map.addr;
-    on_thread(move || {
-        (0..pages).for_each(|i| fill_words(base + i * PAGE_4K, PAGE_4K, pattern(i, 3)))
-    });
+    on_thread(move || (0..pages).for_each(|i| fill_words(base + i * PAGE_4K, PAGE_4K, pattern(i, 3))));
     let fd = r.map.fd.clone().unwrap();
     let before = rustix::fs::fstat(&*fd).unwrap().st_blocks;
-    r.discarder
-        .discard(GuestRange::new(GPA, 32 * PAGE_4K))
-        .unwrap();
+    r.discarder.discard(GuestRange::new(GPA, 32 * PAGE_4K)).unwrap();
     let after = rustix::fs::fstat(&*fd).unwrap().st_blocks;
-    assert!(
-        after < before,
-        "punching a hole freed no blocks ({before} -> {after})"
-    );
+    assert!(after < before, "punching a hole freed no blocks ({before} -> {after})");
     let (z, kept) = on_thread(move || {
-        let z = (0..32).all(|i| {
-            read_words(base + i * PAGE_4K, PAGE_4K)
-                .iter()
-                .all(|&w| w == 0)
-        });
-        (
-            z,
-            (32..pages).all(|i| read_words(base + i * PAGE_4K, 8)[0] == pattern(i, 3)),
-        )
+        let z = (0..32).all(|i| read_words(base + i * PAGE_4K, PAGE_4K).iter().all(|&w| w == 0));
+        (z, (32..pages).all(|i| read_words(base + i * PAGE_4K, 8)[0] == pattern(i, 3)))
     });
     assert!(z, "a discarded memfd page showed old data");
     assert!(kept, "a page outside the discard lost its data");
@@ -520,12 +342,7 @@ fn discard_of_memfd_pages_frees_blocks_and_reads_zero() {
 fn a_write_to_a_write_protected_page_is_resolved_and_marked_dirty() {
     let map = Mapping::anon(8 * PAGE_4K);
     let region = region_of(&map, PAGE_4K, UffdMode::Missing, true);
-    let r = rig(
-        map,
-        region,
-        Arc::new(ZeroSource),
-        FaultEngineConfig::default(),
-    );
+    let r = rig(map, region, Arc::new(ZeroSource), FaultEngineConfig::default());
     let base = r.map.addr;
     on_thread(move || (0..8).for_each(|i| fill_words(base + i * PAGE_4K, PAGE_4K, pattern(i, 1))));
     assert_eq!(r.table.count(PageState::DIRTY), 8);
@@ -534,17 +351,9 @@ fn a_write_to_a_write_protected_page_is_resolved_and_marked_dirty() {
     assert_eq!(r.table.count(PageState::WRITE_PROTECTED), 4);
     assert_eq!(r.table.count(PageState::DIRTY), 4);
     on_thread(move || fill_words(base + PAGE_4K, 8, 0xd1d1));
-    eventually("one WP fault counted", || {
-        r.engine.stats().resolved(FaultKind::WriteProtect) == 1
-    });
-    assert_eq!(
-        r.table.get(GPA + PAGE_4K),
-        PageState::POPULATED.union(PageState::DIRTY)
-    );
-    assert_eq!(
-        r.table.get(GPA + 2 * PAGE_4K),
-        PageState::POPULATED.union(PageState::WRITE_PROTECTED)
-    );
+    eventually("one WP fault counted", || r.engine.stats().resolved(FaultKind::WriteProtect) == 1);
+    assert_eq!(r.table.get(GPA + PAGE_4K), PageState::POPULATED.union(PageState::DIRTY));
+    assert_eq!(r.table.get(GPA + 2 * PAGE_4K), PageState::POPULATED.union(PageState::WRITE_PROTECTED));
     assert_eq!(read_words(base + PAGE_4K, 16)[..2], [0xd1d1, pattern(1, 1)]);
     r.discarder.unprotect(range).unwrap();
     assert_eq!(r.table.count(PageState::WRITE_PROTECTED), 0);
@@ -560,10 +369,7 @@ impl PageSource for FailingSource {
         if self.panic {
             panic!("injected source panic");
         }
-        Err(PageSourceError::Failed {
-            gpa,
-            reason: "injected failure".into(),
-        })
+        Err(PageSourceError::Failed { gpa, reason: "injected failure".into() })
     }
 }
 
@@ -581,18 +387,8 @@ fn dead_handler_is_reported(panic: bool) {
     let hva = r.map.page(1);
     let toucher = std::thread::spawn(move || read_words(hva, 8)[0]);
     // A generous bound only so a broken engine fails the test instead of hanging it.
-    let msg = r
-        .engine
-        .wait_failure(Duration::from_secs(60))
-        .expect("no failure reported");
-    assert!(
-        msg.contains(if panic {
-            "panicked"
-        } else {
-            "injected failure"
-        }),
-        "{msg}"
-    );
+    let msg = r.engine.wait_failure(Duration::from_secs(60)).expect("no failure reported");
+    assert!(msg.contains(if panic { "panicked" } else { "injected failure" }), "{msg}");
     assert!(called.load(Ordering::SeqCst));
     let Rig { engine, .. } = r;
     assert!(engine.shutdown().is_err());

@@ -8,12 +8,7 @@ fn discards_racing_touchers_never_expose_pre_discard_data() {
     const DISCARDS: u64 = 20_000;
     let map = Mapping::anon(PAGES * PAGE_4K);
     let region = region_of(&map, PAGE_4K, UffdMode::Missing, false);
-    let r = Arc::new(rig(
-        map,
-        region,
-        Arc::new(ZeroSource),
-        FaultEngineConfig::default(),
-    ));
+    let r = Arc::new(rig(map, region, Arc::new(ZeroSource), FaultEngineConfig::default()));
     // started[p] is bumped before a discard of p begins, done[p] after it returns.
     let started: Arc<Vec<AtomicU64>> = Arc::new((0..PAGES).map(|_| AtomicU64::new(0)).collect());
     let done: Arc<Vec<AtomicU64>> = Arc::new((0..PAGES).map(|_| AtomicU64::new(0)).collect());
@@ -68,18 +63,13 @@ fn discards_racing_touchers_never_expose_pre_discard_data() {
         (first..first + n).for_each(|p| {
             started[p as usize].fetch_add(1, Ordering::SeqCst);
         });
-        r.discarder
-            .discard(GuestRange::new(GPA + first * PAGE_4K, n * PAGE_4K))
-            .unwrap();
+        r.discarder.discard(GuestRange::new(GPA + first * PAGE_4K, n * PAGE_4K)).unwrap();
         (first..first + n).for_each(|p| {
             done[p as usize].fetch_add(1, Ordering::SeqCst);
         });
     }
     stop.store(true, Ordering::SeqCst);
     let totals: Vec<(u64, u64)> = touchers.into_iter().map(|t| t.join().unwrap()).collect();
-    eprintln!(
-        "stress: {DISCARDS} discards, touchers (checks, refills) {totals:?}; {}",
-        summary(&r.engine)
-    );
+    eprintln!("stress: {DISCARDS} discards, touchers (checks, refills) {totals:?}; {}", summary(&r.engine));
     assert!(r.engine.failure().is_none());
 }
