@@ -98,6 +98,14 @@ pub const WORKLOAD_MIN_GPA: u64 = 0x80_0000;
 pub const MMIO_HOLE_START_GPA: u64 = 0xC000_0000;
 /// End of the hole below 4 GiB.
 pub const MMIO_HOLE_END_GPA: u64 = 0x1_0000_0000;
+/// The first virtio-mmio device window (virtio 1.x "version 2" registers). Device `n`
+/// sits at `VIRTIO_MMIO_BASE_GPA + n * VIRTIO_MMIO_WINDOW_BYTES`; the VMM names each on
+/// the kernel command line the way Linux expects: `virtio_mmio.device=4K@0xd0000000:5`.
+pub const VIRTIO_MMIO_BASE_GPA: u64 = 0xD000_0000;
+/// Size of one virtio-mmio device window.
+pub const VIRTIO_MMIO_WINDOW_BYTES: u64 = 0x1000;
+/// The interrupt (IOAPIC pin, via irqfd) of virtio-mmio device 0; device `n` uses `+ n`.
+pub const VIRTIO_MMIO_FIRST_IRQ: u32 = 5;
 /// The local APIC's MMIO page.
 pub const LAPIC_GPA: u64 = 0xFEE0_0000;
 /// Most vCPUs the guest supports (APIC IDs 0..MAX_CPUS).
