@@ -8,7 +8,7 @@ use crate::boot::{self, BootError};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORTS};
 use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_IRQ, SERIAL_PORTS};
-use crate::devices::{BusError, PioBus};
+use crate::devices::{BusError, DeviceBuses, MmioBus, PioBus};
 use crate::memory::{self, GuestRam};
 use crate::report::{GuestReportCollector, HostMemory, RunReport};
 use crate::vstate::runner::{self, RunError};
@@ -95,14 +95,14 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
     vcpus[0].set_entry(&entry)?;
 
     let collector = Arc::new(Mutex::new(GuestReportCollector::new(options.started)));
-    let bus = build_bus(&vm, config.console, collector.clone())?;
+    let buses = DeviceBuses::new(build_bus(&vm, config.console, collector.clone())?, MmioBus::new());
     let control = VmControl::new()?;
     let setup_ns = options.started.elapsed().as_nanos() as u64;
 
-    let exit = runner::run_vcpus(vcpus, &bus, ram.memory(), &control, options.timeout)?;
+    let exit = runner::run_vcpus(vcpus, &buses, ram.memory(), &control, options.timeout)?;
     let total_ns = options.started.elapsed().as_nanos() as u64;
     let host_memory = HostMemory::of_self();
-    drop(bus);
+    drop(buses);
     drop(vm);
     let memory_bytes = ram.size_bytes();
     drop(ram);

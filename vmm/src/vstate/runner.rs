@@ -10,7 +10,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::control::VmControl;
 use super::vcpu::Vcpu;
-use crate::devices::PioBus;
+use crate::devices::DeviceBuses;
 use crate::report::VmExit;
 
 /// Errors running the vCPUs.
@@ -51,7 +51,7 @@ impl MutEventSubscriber for ExitWatcher {
 /// threads are joined before this returns.
 pub fn run_vcpus(
     vcpus: Vec<Vcpu>,
-    bus: &PioBus,
+    buses: &DeviceBuses,
     memory: &GuestMemoryMmap,
     control: &VmControl,
     timeout: Option<Duration>,
@@ -63,7 +63,7 @@ pub fn run_vcpus(
             let id = vcpu.id();
             let started = std::thread::Builder::new()
                 .name(format!("fl-vcpu{id}"))
-                .spawn_scoped(scope, move || vcpu.run(bus, memory, control));
+                .spawn_scoped(scope, move || vcpu.run(buses, memory, control));
             if let Err(source) = started {
                 spawned = Err(RunError::Spawn { id, source });
                 control.end(VmExit::Stopped { reason: format!("vCPU {id} could not start") });
