@@ -34,6 +34,9 @@ pub struct BalloonCounters {
     pub huge_pages_freed: u64,
     /// Hugetlb pages held partially: some of their 4 KiB pages ballooned, not all.
     pub huge_pages_partial: u64,
+    /// Ballooned 4 KiB pages of partially held huge pages that were zeroed instead of
+    /// freed (so a deflated page reads as zeros on every backend).
+    pub pages_zeroed: u64,
     /// PFNs that were not guest RAM (skipped).
     pub invalid_pfns: u64,
     /// Inflates of pages already in the balloon, deflates of pages not in it (skipped).
@@ -54,6 +57,7 @@ pub(super) struct Counters {
     pub reported: AtomicU64,
     pub bytes_discarded: AtomicU64,
     pub huge_freed: AtomicU64,
+    pub zeroed: AtomicU64,
     pub invalid_pfns: AtomicU64,
     pub redundant_pfns: AtomicU64,
     pub discard_errors: AtomicU64,
@@ -200,6 +204,7 @@ impl BalloonHandle {
             bytes_discarded: get(&c.bytes_discarded),
             huge_pages_freed: get(&c.huge_freed),
             huge_pages_partial,
+            pages_zeroed: get(&c.zeroed),
             invalid_pfns: get(&c.invalid_pfns),
             redundant_pfns: get(&c.redundant_pfns),
             discard_errors: get(&c.discard_errors),

@@ -6,7 +6,7 @@
 //! DEVICE_NEEDS_RESET). A PFN that is not guest RAM is skipped and counted: one bad PFN
 //! never stops the others and never reaches a neighbour.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -18,6 +18,7 @@ use super::stats::{self, STAT_ENTRY_BYTES};
 use super::QueueIndices;
 use crate::devices::virtio::chain::{self, ValidChain};
 use crate::devices::virtio::{DeviceError, VirtioInterrupt};
+use crate::memory::accounting;
 use crate::smmu::discard::Discarder;
 use crate::smmu::{GuestRange, Regions, PAGE_2M, PAGE_4K};
 
@@ -158,7 +159,7 @@ impl Runtime {
 
     fn inflate(&mut self, handle: &BalloonHandle, pfns: impl Iterator<Item = u32>) {
         let mut small = Vec::new();
-        let mut huge = BTreeSet::new();
+        let mut huge: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
         for pfn in pfns {
             let gpa = (pfn as u64) << 12;
             match self.pages.insert(gpa) {
@@ -167,7 +168,7 @@ impl Runtime {
                 Ok(true) => {
                     add(&handle.counters.inflated, 1);
                     if self.pages.is_huge(gpa) == Some(true) {
-                        huge.insert(gpa / PAGE_2M * PAGE_2M);
+                        huge.entry(gpa / PAGE_2M * PAGE_2M).or_default().push(gpa);
                     } else {
                         small.push(gpa);
                     }
@@ -177,10 +178,28 @@ impl Runtime {
         for range in runs(small) {
             self.discard(handle, range);
         }
-        for base in huge {
-            if self.pages.huge_page_full(base) && self.discard(handle, GuestRange::new(base, PAGE_2M)) {
-                add(&handle.counters.huge_freed, 1);
+        for (base, gpas) in huge {
+            if self.pages.huge_page_full(base) {
+                if self.discard(handle, GuestRange::new(base, PAGE_2M)) {
+                    add(&handle.counters.huge_freed, 1);
+                }
+            } else {
+                gpas.into_iter().for_each(|gpa| self.zero_if_resident(handle, gpa));
             }
+        }
+    }
+
+    /// A ballooned 4 KiB page of a huge page that cannot be freed yet still holds the
+    /// guest's data; zero it, so every backend gives a deflated page back as zeros. A huge
+    /// page not resident in our mapping is skipped: writing would allocate it, and its
+    /// first touch gives zeros anyway.
+    fn zero_if_resident(&self, handle: &BalloonHandle, gpa: u64) {
+        let Some(region) = self.regions.by_gpa(gpa) else { return };
+        let resident = accounting::resident_bytes(region.host_of(gpa), PAGE_4K).unwrap_or(0) > 0;
+        let Some(active) = self.active.as_ref().filter(|_| resident) else { return };
+        match active.memory.write_slice(&[0u8; PAGE_4K as usize], GuestAddress(gpa)) {
+            Ok(()) => add(&handle.counters.zeroed, 1),
+            Err(e) => tracing::warn!("balloon: cannot zero ballooned page {gpa:#x}: {e}"),
         }
     }
 
