@@ -17,7 +17,9 @@ use crate::config::{Backend, ZoneConfig};
 use crate::devices::MmioBus;
 use crate::memory::GuestRam;
 use crate::smmu::discard::Discarder;
+use crate::smmu::fault_engine::{FaultEngine, FaultEngineConfig};
 use crate::smmu::invalidation::Invalidation;
+use crate::smmu::page_source::ZeroSource;
 use crate::smmu::page_state::PageStateTable;
 use crate::smmu::{RegionBacking, Regions, UffdMode, UffdRegion};
 
@@ -222,6 +224,8 @@ pub struct Rig {
     pub balloon: Arc<BalloonHandle>,
     /// The interrupt.
     pub interrupt: Arc<VirtioInterrupt>,
+    /// The userfaultfd engine, if guest RAM is demand-paged (stops before RAM goes).
+    pub engine: Option<FaultEngine>,
     /// The smmu's view of guest RAM.
     pub regions: Arc<Regions>,
     /// Guest RAM.
@@ -231,18 +235,30 @@ pub struct Rig {
 impl Rig {
     /// Guest RAM of `size_bytes` on `backend`, with a balloon configured by `config`.
     pub fn new(size_bytes: u64, backend: Backend, config: BalloonConfig) -> Rig {
+        Self::with_paging(size_bytes, backend, config, UffdMode::None)
+    }
+
+    /// Like [`Rig::new`], with guest RAM demand-paged by a fault engine in `mode`
+    /// (zero-filled pages) unless `mode` is `None`.
+    pub fn with_paging(size_bytes: u64, backend: Backend, config: BalloonConfig, mode: UffdMode) -> Rig {
         let ram = GuestRam::new(&[ZoneConfig::new(size_bytes, backend)]).unwrap();
-        let regions = Arc::new(smmu_regions(&ram));
+        let regions = Arc::new(smmu_regions(&ram, mode));
         let table =
             PageStateTable::new(&regions.iter().map(|r| (r.guest_addr, r.len, r.page_bytes)).collect::<Vec<_>>());
-        let discarder = Discarder::new(regions.clone(), Arc::new(table.unwrap()), Arc::new(Invalidation::new()), None);
+        let (table, inv) = (Arc::new(table.unwrap()), Arc::new(Invalidation::new()));
+        let engine = (mode != UffdMode::None).then(|| {
+            let source = Arc::new(ZeroSource);
+            FaultEngine::start(regions.clone(), table.clone(), inv.clone(), source, FaultEngineConfig::default())
+                .unwrap()
+        });
+        let discarder = Discarder::new(regions.clone(), table, inv, engine.as_ref().map(|e| e.link()));
         let interrupt = Arc::new(VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         let (device, balloon) = Balloon::new(config, discarder, regions.clone(), interrupt.clone());
         let transport =
             Arc::new(Mutex::new(MmioTransport::new(Box::new(device), ram.memory().clone(), interrupt.clone())));
         let mut bus = MmioBus::new();
         bus.insert(BASE, 0x1000, transport.clone()).unwrap();
-        Rig { bus, transport, balloon, interrupt, regions, ram }
+        Rig { bus, transport, balloon, interrupt, engine, regions, ram }
     }
 
     /// A driver for the rig's device.
@@ -290,7 +306,7 @@ pub fn pattern(gpa: u64, word: u64) -> u64 {
 
 /// The smmu's regions for `ram` (what the VMM builds; fds duplicated so each side owns
 /// its own).
-pub fn smmu_regions(ram: &GuestRam) -> Regions {
+pub fn smmu_regions(ram: &GuestRam, mode: UffdMode) -> Regions {
     let dup = |raw| -> Arc<OwnedFd> {
         // SAFETY: `raw` is the backing fd of a zone of `ram`, open while `ram` lives; it is
         // only borrowed for the duplication.
@@ -312,7 +328,7 @@ pub fn smmu_regions(ram: &GuestRam) -> Regions {
                     len: r.size_bytes,
                     page_bytes: r.page_bytes,
                     backing,
-                    mode: UffdMode::None,
+                    mode,
                     write_protect: false,
                 }
             })

@@ -3,6 +3,7 @@
 //! [`crate::memory::accounting`]. The malicious-driver tests are in `malicious.rs`.
 
 mod malicious;
+mod uffd;
 
 use vm_memory::{Bytes, GuestAddress};
 
