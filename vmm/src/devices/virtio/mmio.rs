@@ -328,7 +328,7 @@ impl MmioDevice for MmioTransport {
             self.device.read_config(offset - CONFIG_OFFSET, data);
             return;
         }
-        let value = (data.len() == 4 && offset % 4 == 0).then(|| self.read_register(offset)).flatten();
+        let value = (data.len() == 4 && offset.is_multiple_of(4)).then(|| self.read_register(offset)).flatten();
         match value {
             Some(v) => data.copy_from_slice(&v.to_le_bytes()),
             None => {
@@ -347,7 +347,7 @@ impl MmioDevice for MmioTransport {
             self.counters.bad_accesses += 1;
             return;
         };
-        if offset % 4 != 0 || !self.write_register(offset, u32::from_le_bytes(bytes)) {
+        if !offset.is_multiple_of(4) || !self.write_register(offset, u32::from_le_bytes(bytes)) {
             self.counters.bad_accesses += 1;
         }
     }
@@ -357,6 +357,7 @@ impl MmioDevice for MmioTransport {
 /// virtio-mmio device is: `virtio_mmio.device=<size>@<base>:<irq>`, e.g.
 /// `virtio_mmio.device=4K@0xd0000000:5`.
 pub fn virtio_mmio_cmdline_token(base: u64, size_bytes: u64, irq: u32) -> String {
-    let size = if size_bytes % (1 << 10) == 0 { format!("{}K", size_bytes >> 10) } else { size_bytes.to_string() };
+    let size =
+        if size_bytes.is_multiple_of(1 << 10) { format!("{}K", size_bytes >> 10) } else { size_bytes.to_string() };
     format!("virtio_mmio.device={size}@{base:#x}:{irq}")
 }

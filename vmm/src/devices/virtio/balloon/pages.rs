@@ -53,14 +53,10 @@ impl BalloonPages {
     }
 
     fn locate(&mut self, gpa: u64) -> Result<(&mut RegionBits, usize), PageError> {
-        if gpa % PAGE_4K != 0 {
+        if !gpa.is_multiple_of(PAGE_4K) {
             return Err(PageError::NotRam(gpa));
         }
-        self.regions
-            .iter_mut()
-            .find_map(|r| r.index(gpa).map(|i| (r, i)))
-            .map(|(r, i)| (r, i))
-            .ok_or(PageError::NotRam(gpa))
+        self.regions.iter_mut().find_map(|r| r.index(gpa).map(|i| (r, i))).ok_or(PageError::NotRam(gpa))
     }
 
     /// Whether `gpa` is a page of a hugetlb region; `None` if it is not RAM.

@@ -233,7 +233,7 @@ impl Runtime {
     fn take_stats(&mut self, handle: &BalloonHandle, chain: &ValidChain, queue: u16) -> Result<(), DeviceError> {
         check_readable(chain, queue)?;
         let total: usize = chain.segments.iter().map(|s| s.len as usize).sum();
-        if total % STAT_ENTRY_BYTES != 0 {
+        if !total.is_multiple_of(STAT_ENTRY_BYTES) {
             let what = format!("statistics buffer of {total} bytes is not a whole number of 10-byte entries");
             return Err(DeviceError::Request { queue, what });
         }
@@ -257,7 +257,7 @@ impl Runtime {
     /// device-writable, the contract's guest device-readable.
     fn report_free(&mut self, handle: &BalloonHandle, chain: &ValidChain, queue: u16) -> Result<(), DeviceError> {
         for s in &chain.segments {
-            if s.addr.0 % PAGE_4K != 0 || s.len as u64 % PAGE_4K != 0 {
+            if !s.addr.0.is_multiple_of(PAGE_4K) || !(s.len as u64).is_multiple_of(PAGE_4K) {
                 let what = format!("reported range [{:#x}, +{:#x}) is not 4 KiB aligned", s.addr.0, s.len);
                 return Err(DeviceError::Request { queue, what });
             }

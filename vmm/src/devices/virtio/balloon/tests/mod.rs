@@ -287,3 +287,31 @@ fn hugetlb_page_is_freed_only_when_all_512_pages_are_ballooned() {
     assert_eq!((c.deflated_pages, c.ballooned_pages, c.huge_pages_partial), (2, 511, 1));
     assert!(!rig.needs_reset());
 }
+
+#[test]
+fn a_control_thread_steers_the_balloon_while_the_device_works() {
+    let rig = Rig::new(16 << 20, Backend::Anon, BalloonConfig::default());
+    let mut qs = activate(&rig, ALL, 64);
+    let pfns: Vec<u32> = (0..32).map(|i| pfn(DATA) + i).collect();
+    let generation = rig.interrupt.generation();
+    std::thread::scope(|s| {
+        let handle = rig.balloon.clone();
+        s.spawn(move || {
+            for target in 1..=200u32 {
+                handle.set_target_pages(target);
+                let c = handle.counters();
+                assert!(c.ballooned_pages <= 32 && c.device_errors == 0);
+                handle.request_stats();
+            }
+        });
+        for _ in 0..50 {
+            send_pfns(&rig, &mut qs.inflate, &pfns);
+            send_pfns(&rig, &mut qs.deflate, &pfns);
+        }
+    });
+    assert!(!rig.needs_reset());
+    assert_eq!(rig.driver().config(0), 200);
+    assert_eq!(rig.interrupt.generation(), generation + 200, "every target change bumps the generation once");
+    let c = rig.balloon.counters();
+    assert_eq!((c.inflated_pages, c.deflated_pages, c.ballooned_pages), (50 * 32, 50 * 32, 0));
+}
