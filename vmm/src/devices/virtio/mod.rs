@@ -19,6 +19,8 @@ pub mod interrupt;
 pub mod mmio;
 
 #[cfg(test)]
+mod kvm_tests;
+#[cfg(test)]
 mod test_driver;
 #[cfg(test)]
 mod tests;
