@@ -231,9 +231,16 @@ impl MmioTransport {
             return;
         }
         let old = self.status;
-        // Bits only get set (NEEDS_RESET is the device's to set), in the order of 3.1.1.
+        // DEVICE_NEEDS_RESET is the device's bit: whatever the driver writes there is ignored.
+        let (value, kept) = (value & !status::DEVICE_NEEDS_RESET, old & !status::DEVICE_NEEDS_RESET);
+        if value & status::FAILED != 0 {
+            // The driver gave up on the device: allowed at any time.
+            self.status |= status::FAILED;
+            return;
+        }
+        // Bits only get set, in the order of 3.1.1.
         let added = value & !old;
-        let ordered = value & old == old & !status::DEVICE_NEEDS_RESET
+        let ordered = value & kept == kept
             && (value & status::DRIVER == 0 || value & status::ACKNOWLEDGE != 0)
             && (value & status::FEATURES_OK == 0 || value & status::DRIVER != 0)
             && (value & status::DRIVER_OK == 0 || value & status::FEATURES_OK != 0);
@@ -242,7 +249,7 @@ impl MmioTransport {
             self.counters.bad_status_writes += 1;
             return;
         }
-        let mut new = old | (value & !status::DEVICE_NEEDS_RESET);
+        let mut new = old | value;
         if added & status::FEATURES_OK != 0 && !self.features_acceptable() {
             // Leave FEATURES_OK clear: the driver reads Status back and gives up.
             new &= !status::FEATURES_OK;

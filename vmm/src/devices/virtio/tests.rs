@@ -125,27 +125,66 @@ fn schedule_moves_to_the_next_target_when_actual_reaches_the_current_one() {
 }
 
 #[test]
-fn notify_before_driver_ok_or_to_a_queue_not_ready_is_ignored() {
+fn notify_before_driver_ok_is_ignored_but_buffers_waiting_at_driver_ok_are_processed() {
     let rig = rig();
     let d = rig.driver();
     assert!(d.negotiate(ALL));
     let mut q = VirtQueue::new(0, 0x10000, 16);
     d.setup_queue(&q);
     rig.fill_page(0x20_0000);
-    q.add_chain(rig.mem(), &[(0x30000, 4, false)]);
+    rig.fill_page(0x20_1000);
     rig.mem().write_slice(&(0x200u32).to_le_bytes(), vm_memory::GuestAddress(0x30000)).unwrap();
-    d.notify(0); // before DRIVER_OK
-    d.driver_ok();
-    d.notify(1); // deflateq was never set ready
-    d.notify(9); // no such queue
-    assert_eq!(rig.transport.lock().unwrap().counters().ignored_notifies, 3);
-    assert!(rig.page_has_pattern(0x20_0000), "nothing was processed");
+    q.add_chain(rig.mem(), &[(0x30000, 4, false)]);
+    d.notify(0); // before DRIVER_OK: the device must not touch the queue yet
+    assert!(rig.page_has_pattern(0x20_0000), "processed before DRIVER_OK");
     assert_eq!(q.used_idx(rig.mem()), 0);
-    assert!(!rig.needs_reset());
-    d.notify(0);
+    // Linux's balloon kicks its first stats buffer before DRIVER_OK: activation picks
+    // up what is waiting.
+    d.driver_ok();
     assert_eq!(q.used_idx(rig.mem()), 1);
     assert!(rig.page_is_zero(0x20_0000));
     assert_eq!(d.read(reg::INTERRUPT_STATUS) & INT_USED_RING, INT_USED_RING);
+    d.notify(1); // deflateq was never set ready
+    d.notify(9); // no such queue
+    assert_eq!(rig.transport.lock().unwrap().counters().ignored_notifies, 3);
+    assert!(!rig.needs_reset());
+    rig.mem().write_slice(&(0x201u32).to_le_bytes(), vm_memory::GuestAddress(0x30000)).unwrap();
+    q.add_chain(rig.mem(), &[(0x30000, 4, false)]);
+    d.notify(0);
+    assert_eq!(q.used_idx(rig.mem()), 2);
+    assert!(rig.page_is_zero(0x20_1000));
+}
+
+#[test]
+fn used_interrupt_follows_the_drivers_no_interrupt_flag() {
+    let rig = rig();
+    let d = rig.driver();
+    assert!(d.negotiate(ALL));
+    let mut q = VirtQueue::new(0, 0x10000, 16);
+    d.setup_queue(&q);
+    d.driver_ok();
+    // VRING_AVAIL_F_NO_INTERRUPT: a polling driver asks for no used interrupts.
+    rig.mem().write_obj(1u16, vm_memory::GuestAddress(q.avail)).unwrap();
+    rig.mem().write_slice(&(0x200u32).to_le_bytes(), vm_memory::GuestAddress(0x30000)).unwrap();
+    q.add_chain(rig.mem(), &[(0x30000, 4, false)]);
+    let raised = rig.interrupt.raised_count();
+    d.notify(0);
+    assert_eq!(q.used_idx(rig.mem()), 1);
+    assert_eq!(rig.interrupt.raised_count(), raised);
+    rig.mem().write_obj(0u16, vm_memory::GuestAddress(q.avail)).unwrap();
+    q.add_chain(rig.mem(), &[(0x30000, 4, false)]);
+    d.notify(0);
+    assert_eq!(rig.interrupt.raised_count(), raised + 1);
+}
+
+#[test]
+fn failed_may_be_set_at_any_time_and_needs_reset_bit_is_the_devices() {
+    let rig = rig();
+    let d = rig.driver();
+    assert!(d.negotiate(ALL));
+    // A driver writing back what it read (NEEDS_RESET included) plus FAILED.
+    d.write(reg::STATUS, d.status() | status::DEVICE_NEEDS_RESET | status::FAILED);
+    assert_eq!(d.status() & (status::FAILED | status::DEVICE_NEEDS_RESET), status::FAILED);
 }
 
 #[test]

@@ -218,8 +218,14 @@ impl VirtioDevice for Balloon {
             )));
         }
         let active = Active { memory: context.memory, queues: context.queues, indices, stats_head: None };
-        self.handle.runtime().active = Some(active);
-        Ok(())
+        let mut runtime = self.handle.runtime();
+        runtime.active = Some(active);
+        let result = runtime.process_pending(&self.handle);
+        drop(runtime);
+        if let Err(e) = &result {
+            self.handle.record_error(&e.to_string());
+        }
+        result
     }
 
     fn queue_notify(&mut self, index: u16) -> Result<(), DeviceError> {

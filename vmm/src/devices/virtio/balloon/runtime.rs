@@ -61,7 +61,9 @@ impl Runtime {
         let queue = &mut active.queues[index as usize];
         match queue.add_used(&active.memory, head, 0) {
             Ok(()) => {
-                interrupt.signal_used();
+                if driver_wants_interrupt(queue, &active.memory) {
+                    interrupt.signal_used();
+                }
                 true
             }
             Err(e) => {
@@ -117,9 +119,29 @@ impl Runtime {
             used += add_used(self.active.as_mut().expect("active"), index, head)?;
         }
         if used > 0 {
-            handle.interrupt.signal_used();
+            self.notify_driver(handle, index);
         }
         result
+    }
+
+    /// Raises the used-buffer interrupt unless the driver suppressed it
+    /// (VRING_AVAIL_F_NO_INTERRUPT; a polling driver sets it).
+    fn notify_driver(&mut self, handle: &BalloonHandle, index: u16) {
+        let Some(active) = self.active.as_mut() else { return };
+        if driver_wants_interrupt(&active.queues[index as usize], &active.memory) {
+            handle.interrupt.signal_used();
+        }
+    }
+
+    /// Processes what every ready queue already holds: Linux's balloon posts its first
+    /// statistics buffer (and kicks) before it sets DRIVER_OK, a kick the transport
+    /// ignores, so activation must look for it.
+    pub fn process_pending(&mut self, handle: &BalloonHandle) -> Result<(), DeviceError> {
+        let ready: Vec<u16> = match self.active.as_ref() {
+            Some(active) => (0..active.queues.len() as u16).filter(|&i| active.queues[i as usize].ready()).collect(),
+            None => return Ok(()),
+        };
+        ready.into_iter().try_for_each(|index| self.process(handle, index))
     }
 
     /// Inflate or deflate: the chain is an array of le32 PFNs.
@@ -292,6 +314,15 @@ fn available_heads(queue: &mut Queue, memory: &GuestMemoryMmap, index: u16) -> R
         heads.push(head);
     }
     Ok(heads)
+}
+
+/// Whether the driver wants a used-buffer interrupt: not if it set
+/// VRING_AVAIL_F_NO_INTERRUPT in the avail ring's flags (virtio-queue 0.18 does not look
+/// at that flag, so it is read here; EVENT_IDX is not offered).
+fn driver_wants_interrupt(queue: &Queue, memory: &GuestMemoryMmap) -> bool {
+    const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+    let flags: u16 = memory.read_obj(GuestAddress(queue.avail_ring())).map(u16::from_le).unwrap_or(0);
+    flags & VRING_AVAIL_F_NO_INTERRUPT == 0
 }
 
 fn check_readable(chain: &ValidChain, queue: u16) -> Result<(), DeviceError> {

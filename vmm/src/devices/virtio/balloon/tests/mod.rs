@@ -34,6 +34,11 @@ struct Queues {
 fn activate(rig: &Rig, features: u64, size: u16) -> Queues {
     let d = rig.driver();
     assert!(d.negotiate(features));
+    // A driver zeroes its fresh rings. They and the buffers are the driver's memory:
+    // allocating them now also means host memory measured later changes only by what the
+    // device does.
+    rig.mem().write_slice(&vec![0u8; 0x8000 * 4], GuestAddress(0x1_0000)).unwrap();
+    rig.mem().write_slice(&[0u8; 0x4000], GuestAddress(BUFFERS)).unwrap();
     let mut next = 0u16;
     let mut queue = |on: bool| {
         on.then(|| {
@@ -48,10 +53,6 @@ fn activate(rig: &Rig, features: u64, size: u16) -> Queues {
     let stats = queue(features & (1 << F_STATS_VQ) != 0);
     let reporting = queue(features & (1 << F_REPORTING) != 0);
     d.driver_ok();
-    // The driver's rings and buffers are its memory: allocate them now, so host memory
-    // measured later changes only by what the device does.
-    rig.mem().write_slice(&vec![0u8; 0x8000 * next as usize], GuestAddress(0x1_0000)).unwrap();
-    rig.mem().write_slice(&[0u8; 0x4000], GuestAddress(BUFFERS)).unwrap();
     Queues { inflate, deflate, stats, reporting }
 }
 
