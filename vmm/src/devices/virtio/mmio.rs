@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::interrupt::VirtioInterrupt;
 use super::{status, ActivateContext, VirtioDevice, VIRTIO_F_VERSION_1};
@@ -82,6 +82,9 @@ pub struct MmioTransport {
     queue_sel: u32,
     /// The queues that exist with the negotiated features (empty before FEATURES_OK).
     queues: Vec<Queue>,
+    /// Per queue, the last value written to each of QueueNum, QueueDesc, QueueDriver and
+    /// QueueDevice that the queue refused (bad size, misaligned ring).
+    refused: Vec<[bool; 4]>,
     /// Snapshot of each queue's registers at DRIVER_OK, when the queues go to the device.
     active_queues: Vec<(u16, bool)>,
     last_error: Option<String>,
@@ -105,6 +108,7 @@ impl MmioTransport {
             driver_features: 0,
             queue_sel: 0,
             queues: Vec::new(),
+            refused: Vec::new(),
             active_queues: Vec::new(),
             last_error: None,
             counters: TransportCounters::default(),
@@ -184,17 +188,23 @@ impl MmioTransport {
             reg::DRIVER_FEATURES_SEL => self.driver_features_sel = value,
             reg::DRIVER_FEATURES => self.write_driver_features(value),
             reg::QUEUE_SEL => self.queue_sel = value,
-            reg::QUEUE_NUM => self.with_queue(|q| q.set_size(value.min(u16::MAX as u32) as u16)),
+            reg::QUEUE_NUM => self.set_queue(0, |q| q.try_set_size(value.min(u16::MAX as u32) as u16).map(|_| 0)),
             reg::QUEUE_READY => match self.selected_queue() {
                 Some(q) => q.set_ready(value == 1),
                 None => self.counters.bad_accesses += 1,
             },
-            reg::QUEUE_DESC_LOW => self.with_queue(|q| q.set_desc_table_address(Some(value), None)),
-            reg::QUEUE_DESC_HIGH => self.with_queue(|q| q.set_desc_table_address(None, Some(value))),
-            reg::QUEUE_DRIVER_LOW => self.with_queue(|q| q.set_avail_ring_address(Some(value), None)),
-            reg::QUEUE_DRIVER_HIGH => self.with_queue(|q| q.set_avail_ring_address(None, Some(value))),
-            reg::QUEUE_DEVICE_LOW => self.with_queue(|q| q.set_used_ring_address(Some(value), None)),
-            reg::QUEUE_DEVICE_HIGH => self.with_queue(|q| q.set_used_ring_address(None, Some(value))),
+            reg::QUEUE_DESC_LOW | reg::QUEUE_DESC_HIGH => self.set_queue(1, |q| {
+                let addr = merge(q.desc_table(), offset == reg::QUEUE_DESC_HIGH, value);
+                q.try_set_desc_table_address(GuestAddress(addr)).map(|_| addr)
+            }),
+            reg::QUEUE_DRIVER_LOW | reg::QUEUE_DRIVER_HIGH => self.set_queue(2, |q| {
+                let addr = merge(q.avail_ring(), offset == reg::QUEUE_DRIVER_HIGH, value);
+                q.try_set_avail_ring_address(GuestAddress(addr)).map(|_| addr)
+            }),
+            reg::QUEUE_DEVICE_LOW | reg::QUEUE_DEVICE_HIGH => self.set_queue(3, |q| {
+                let addr = merge(q.used_ring(), offset == reg::QUEUE_DEVICE_HIGH, value);
+                q.try_set_used_ring_address(GuestAddress(addr)).map(|_| addr)
+            }),
             reg::QUEUE_NOTIFY => self.notify(value),
             reg::INTERRUPT_ACK => self.interrupt.ack(value),
             reg::STATUS => self.write_status(value),
@@ -203,14 +213,20 @@ impl MmioTransport {
         true
     }
 
-    /// Applies a queue-register write to the selected queue. Ignored (and counted) after
-    /// DRIVER_OK, for a queue that does not exist, and on a ready queue (the driver must
-    /// set a queue up before it sets QueueReady).
-    fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
-        match self.selected_queue() {
+    /// Applies a queue-register write (`field`: 0 size, 1 desc, 2 driver, 3 device) to the
+    /// selected queue, remembering a value the queue refused so activation fails. Ignored
+    /// (and counted) after DRIVER_OK, for a queue that does not exist, and on a ready queue
+    /// (the driver must set a queue up before it sets QueueReady).
+    fn set_queue(&mut self, field: usize, f: impl FnOnce(&mut Queue) -> Result<u64, virtio_queue::Error>) {
+        let sel = self.queue_sel as usize;
+        let outcome = match self.selected_queue() {
             Some(q) if !q.ready() => f(q),
-            _ => self.counters.bad_accesses += 1,
-        }
+            _ => {
+                self.counters.bad_accesses += 1;
+                return;
+            }
+        };
+        self.refused[sel][field] = outcome.is_err();
     }
 
     fn write_driver_features(&mut self, value: u32) {
@@ -254,6 +270,7 @@ impl MmioTransport {
             // Leave FEATURES_OK clear: the driver reads Status back and gives up.
             new &= !status::FEATURES_OK;
         } else if added & status::FEATURES_OK != 0 {
+            self.refused = vec![[false; 4]; self.device.queue_max_sizes(self.driver_features).len()];
             self.queues = self
                 .device
                 .queue_max_sizes(self.driver_features)
@@ -275,9 +292,10 @@ impl MmioTransport {
     fn activate(&mut self) {
         let queues = std::mem::take(&mut self.queues);
         for (index, q) in queues.iter().enumerate() {
-            if q.ready() && !q.is_valid(&self.memory) {
+            let refused = self.refused.get(index).is_some_and(|r| r.contains(&true));
+            if q.ready() && (refused || !q.is_valid(&self.memory)) {
                 self.active_queues = queues.iter().map(|q| (q.size(), q.ready())).collect();
-                let what = format!("queue {index} rings are misaligned or not in guest RAM");
+                let what = format!("queue {index}: bad size, misaligned rings, or rings not in guest RAM");
                 self.device_error(super::DeviceError::Activate(what));
                 return;
             }
@@ -322,6 +340,7 @@ impl MmioTransport {
         self.driver_features = 0;
         self.queue_sel = 0;
         self.queues.clear();
+        self.refused.clear();
         self.active_queues.clear();
         self.last_error = None;
         self.interrupt.reset();
@@ -357,6 +376,14 @@ impl MmioDevice for MmioTransport {
         if !offset.is_multiple_of(4) || !self.write_register(offset, u32::from_le_bytes(bytes)) {
             self.counters.bad_accesses += 1;
         }
+    }
+}
+
+/// `old` with its low (or high) 32 bits replaced by `value`.
+fn merge(old: u64, high: bool, value: u32) -> u64 {
+    match high {
+        true => (old & 0xffff_ffff) | ((value as u64) << 32),
+        false => (old & !0xffff_ffff) | value as u64,
     }
 }
 

@@ -175,6 +175,12 @@ impl Driver<'_> {
 
     /// Programs `q` into the device and sets it ready.
     pub fn setup_queue(&self, q: &VirtQueue) {
+        self.setup_queue_unready(q);
+        self.write(reg::QUEUE_READY, 1);
+    }
+
+    /// Programs `q` into the device without setting it ready.
+    pub fn setup_queue_unready(&self, q: &VirtQueue) {
         self.write(reg::QUEUE_SEL, q.index as u32);
         assert!(self.read(reg::QUEUE_NUM_MAX) >= q.size as u32, "queue {} too small", q.index);
         self.write(reg::QUEUE_NUM, q.size as u32);
@@ -184,7 +190,6 @@ impl Driver<'_> {
             self.write(low, value as u32);
             self.write(low + 4, (value >> 32) as u32);
         }
-        self.write(reg::QUEUE_READY, 1);
     }
 
     /// Sets DRIVER_OK.

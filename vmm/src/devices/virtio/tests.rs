@@ -214,6 +214,32 @@ fn activation_with_rings_outside_guest_ram_needs_reset() {
 }
 
 #[test]
+fn misaligned_rings_or_a_bad_queue_size_fail_activation() {
+    let rig = rig();
+    let d = rig.driver();
+    for (what, offset, value) in [
+        ("descriptor table not 16-byte aligned", reg::QUEUE_DESC_LOW, 0x10008),
+        ("used ring not 4-byte aligned", reg::QUEUE_DEVICE_LOW, 0x12002),
+        ("queue size not a power of two", reg::QUEUE_NUM, 12),
+        ("queue size above the maximum", reg::QUEUE_NUM, 512),
+    ] {
+        assert!(d.negotiate(ALL));
+        let q = VirtQueue::new(0, 0x10000, 16);
+        d.write(reg::QUEUE_SEL, 0);
+        d.setup_queue_unready(&q);
+        d.write(offset, value);
+        d.write(reg::QUEUE_READY, 1);
+        d.driver_ok();
+        assert!(rig.needs_reset(), "{what}: activation succeeded");
+    }
+    // And a correct setup works.
+    assert!(d.negotiate(ALL));
+    d.setup_queue(&VirtQueue::new(0, 0x10000, 16));
+    d.driver_ok();
+    assert!(!rig.needs_reset());
+}
+
+#[test]
 fn cmdline_token_has_linux_format() {
     assert_eq!(virtio_mmio_cmdline_token(0xd000_0000, 0x1000, 5), "virtio_mmio.device=4K@0xd0000000:5");
     assert_eq!(virtio_mmio_cmdline_token(0xd000_1000, 0x200, 6), "virtio_mmio.device=512@0xd0001000:6");
