@@ -246,7 +246,12 @@ impl Rig {
     /// Like [`Rig::new`], with guest RAM demand-paged by a fault engine in `mode`
     /// (zero-filled pages) unless `mode` is `None`.
     pub fn with_paging(size_bytes: u64, backend: Backend, config: BalloonConfig, mode: UffdMode) -> Rig {
-        let ram = GuestRam::new(&[ZoneConfig::new(size_bytes, backend)]).unwrap();
+        Self::with_zone(ZoneConfig::new(size_bytes, backend), config, mode)
+    }
+
+    /// Like [`Rig::with_paging`], for one zone as configured.
+    pub fn with_zone(zone: ZoneConfig, config: BalloonConfig, mode: UffdMode) -> Rig {
+        let ram = GuestRam::new(&[zone]).unwrap();
         let regions = Arc::new(smmu_regions(&ram, mode));
         let table =
             PageStateTable::new(&regions.iter().map(|r| (r.guest_addr, r.len, r.page_bytes)).collect::<Vec<_>>());

@@ -8,11 +8,11 @@ mod uffd;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{BalloonConfig, F_DEFLATE_ON_OOM, F_MUST_TELL_HOST, F_REPORTING, F_STATS_VQ};
-use crate::config::Backend;
+use crate::config::{Backend, ZoneConfig};
 use crate::devices::virtio::test_driver::{Rig, VirtQueue};
 use crate::devices::virtio::VIRTIO_F_VERSION_1;
 use crate::memory::accounting;
-use crate::smmu::{PAGE_2M, PAGE_4K};
+use crate::smmu::{UffdMode, PAGE_2M, PAGE_4K};
 
 const V1: u64 = 1 << VIRTIO_F_VERSION_1;
 const ALL: u64 = V1 | 1 << F_MUST_TELL_HOST | 1 << F_STATS_VQ | 1 << F_DEFLATE_ON_OOM | 1 << F_REPORTING;
@@ -76,8 +76,9 @@ fn pfn(gpa: u64) -> u32 {
 
 /// Inflates 32 of 64 patterned pages (every other pair, sent out of order in a
 /// two-buffer chain), checks zeros, neighbours and freed host memory; deflates half.
-fn inflate_frees_memory_and_deflate_returns_pages(backend: Backend) {
-    let rig = Rig::new(16 << 20, backend, BalloonConfig::default());
+fn inflate_frees_memory_and_deflate_returns_pages(zone: ZoneConfig) {
+    let backend = zone.backend;
+    let rig = Rig::with_zone(zone, BalloonConfig::default(), UffdMode::None);
     let mut qs = activate(&rig, ALL, 64);
     let pages: Vec<u64> = (0..64).map(|i| DATA + i * PAGE_4K).collect();
     pages.iter().for_each(|&p| rig.fill_page(p));
@@ -123,12 +124,19 @@ fn inflate_frees_memory_and_deflate_returns_pages(backend: Backend) {
 
 #[test]
 fn anon_inflate_frees_memory_and_deflate_returns_pages() {
-    inflate_frees_memory_and_deflate_returns_pages(Backend::Anon);
+    inflate_frees_memory_and_deflate_returns_pages(ZoneConfig::new(16 << 20, Backend::Anon));
 }
 
 #[test]
 fn memfd_inflate_frees_memory_and_deflate_returns_pages() {
-    inflate_frees_memory_and_deflate_returns_pages(Backend::Memfd);
+    inflate_frees_memory_and_deflate_returns_pages(ZoneConfig::new(16 << 20, Backend::Memfd));
+}
+
+#[test]
+fn file_inflate_frees_memory_and_deflate_returns_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let zone = ZoneConfig { path: Some(dir.path().join("ram")), ..ZoneConfig::new(16 << 20, Backend::File) };
+    inflate_frees_memory_and_deflate_returns_pages(zone);
 }
 
 #[test]

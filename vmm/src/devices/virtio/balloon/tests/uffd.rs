@@ -6,7 +6,6 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::*;
-use crate::smmu::UffdMode;
 
 const PAGES: u64 = 64;
 const ROUNDS: u64 = 20;
