@@ -2,6 +2,7 @@
 //! register writes and lays out its rings by hand; host memory is measured with
 //! [`crate::memory::accounting`]. The malicious-driver tests are in `malicious.rs`.
 
+mod figures;
 mod malicious;
 mod uffd;
 
