@@ -30,7 +30,7 @@ pub struct BalloonCounters {
     pub reported_pages: u64,
     /// Bytes of guest RAM given back to the host (balloon and reporting).
     pub bytes_discarded: u64,
-    /// Hugetlb pages freed because all 512 of their 4 KiB pages were ballooned.
+    /// Hugetlb pages freed because all their 4 KiB pages were ballooned.
     pub huge_pages_freed: u64,
     /// Hugetlb pages held partially: some of their 4 KiB pages ballooned, not all.
     pub huge_pages_partial: u64,

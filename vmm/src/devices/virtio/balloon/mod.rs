@@ -8,8 +8,10 @@
 //!
 //! Inflated pages are coalesced into runs and discarded through
 //! [`Discarder`](crate::smmu::discard::Discarder), the invalidation layer's host
-//! operation for each backend. On hugetlb regions a 2 MiB page is freed only when all 512
-//! of its 4 KiB pages are in the balloon ([`pages`]).
+//! operation for each backend. On hugetlb regions a huge page (2 MiB or 1 GiB) is freed
+//! only when all of its 4 KiB pages are in the balloon ([`pages`]); until then the
+//! ballooned 4 KiB pages of a resident huge page are zeroed, so a deflated page reads as
+//! zeros on every backend.
 //!
 //! Construction, for the VMM:
 //! ```ignore

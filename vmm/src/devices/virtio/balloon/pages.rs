@@ -1,12 +1,11 @@
 //! Which 4 KiB pages of guest RAM are in the balloon: one bit per page per RAM region,
-//! with the per-2 MiB counts that decide when a hugetlb page can be freed, and the
-//! coalescing of page lists into contiguous runs for the discarder.
+//! with the per-huge-page counts that decide when a hugetlb page (2 MiB or 1 GiB) can be
+//! freed, and the coalescing of page lists into contiguous runs for the discarder.
 
-use crate::smmu::{GuestRange, Regions, PAGE_2M, PAGE_4K};
+use crate::smmu::{GuestRange, Regions, PAGE_4K};
 
 /// 4 KiB pages in a 2 MiB huge page.
-pub const PAGES_PER_HUGE: u64 = PAGE_2M / PAGE_4K;
-const WORDS_PER_HUGE: usize = (PAGES_PER_HUGE / 64) as usize;
+pub const PAGES_PER_HUGE: u64 = crate::smmu::PAGE_2M / PAGE_4K;
 
 /// Errors looking up a balloon page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -20,13 +19,23 @@ pub enum PageError {
 struct RegionBits {
     gpa: u64,
     len: u64,
-    huge: bool,
+    /// The region's page size: 4 KiB, or its huge page size for hugetlb.
+    granule: u64,
     bits: Vec<u64>,
 }
 
 impl RegionBits {
     fn index(&self, gpa: u64) -> Option<usize> {
         (gpa >= self.gpa && gpa - self.gpa < self.len).then(|| ((gpa - self.gpa) / PAGE_4K) as usize)
+    }
+
+    fn huge(&self) -> bool {
+        self.granule > PAGE_4K
+    }
+
+    /// The bitmap words of one huge page (a 64-page multiple: 2 MiB is 8 words).
+    fn words_per_huge(&self) -> usize {
+        (self.granule / PAGE_4K / 64) as usize
     }
 }
 
@@ -45,7 +54,7 @@ impl BalloonPages {
             .map(|r| RegionBits {
                 gpa: r.guest_addr,
                 len: r.len,
-                huge: r.page_bytes == PAGE_2M,
+                granule: r.page_bytes.max(PAGE_4K),
                 bits: vec![0; (r.len / PAGE_4K).div_ceil(64) as usize],
             })
             .collect();
@@ -59,9 +68,10 @@ impl BalloonPages {
         self.regions.iter_mut().find_map(|r| r.index(gpa).map(|i| (r, i))).ok_or(PageError::NotRam(gpa))
     }
 
-    /// Whether `gpa` is a page of a hugetlb region; `None` if it is not RAM.
-    pub fn is_huge(&self, gpa: u64) -> Option<bool> {
-        self.regions.iter().find(|r| r.index(gpa).is_some()).map(|r| r.huge)
+    /// The huge page containing `gpa`, if `gpa` is in a hugetlb region.
+    pub fn huge_page_of(&self, gpa: u64) -> Option<GuestRange> {
+        let r = self.regions.iter().find(|r| r.huge() && r.index(gpa).is_some())?;
+        Some(GuestRange::new(r.gpa + (gpa - r.gpa) / r.granule * r.granule, r.granule))
     }
 
     /// Puts the page at `gpa` in the balloon; `Ok(true)` if it was not there yet.
@@ -84,12 +94,12 @@ impl BalloonPages {
         Ok(was)
     }
 
-    /// Whether every 4 KiB page of the 2 MiB page at `huge_gpa` (aligned, in a hugetlb
-    /// region) is in the balloon.
-    pub fn huge_page_full(&self, huge_gpa: u64) -> bool {
-        self.regions.iter().find(|r| r.huge && r.index(huge_gpa).is_some()).is_some_and(|r| {
-            let first = ((huge_gpa - r.gpa) / PAGE_4K / 64) as usize;
-            r.bits.get(first..first + WORDS_PER_HUGE).is_some_and(|w| w.iter().all(|&x| x == u64::MAX))
+    /// Whether every 4 KiB page of the huge page `huge` (from [`Self::huge_page_of`]) is
+    /// in the balloon.
+    pub fn huge_page_full(&self, huge: GuestRange) -> bool {
+        self.regions.iter().find(|r| r.huge() && r.index(huge.gpa).is_some()).is_some_and(|r| {
+            let first = ((huge.gpa - r.gpa) / PAGE_4K / 64) as usize;
+            r.bits.get(first..first + r.words_per_huge()).is_some_and(|w| w.iter().all(|&x| x == u64::MAX))
         })
     }
 
@@ -103,11 +113,11 @@ impl BalloonPages {
     pub fn partial_huge_pages(&self) -> u64 {
         self.regions
             .iter()
-            .filter(|r| r.huge)
-            .flat_map(|r| r.bits.chunks(WORDS_PER_HUGE))
-            .filter(|words| {
-                let set: u32 = words.iter().map(|w| w.count_ones()).sum();
-                set > 0 && (set as u64) < PAGES_PER_HUGE
+            .filter(|r| r.huge())
+            .flat_map(|r| r.bits.chunks(r.words_per_huge()).map(|words| (words, r.granule / PAGE_4K)))
+            .filter(|(words, pages)| {
+                let set: u64 = words.iter().map(|w| w.count_ones() as u64).sum();
+                set > 0 && set < *pages
             })
             .count() as u64
     }
@@ -138,7 +148,7 @@ pub fn runs(mut gpas: Vec<u64>) -> Vec<GuestRange> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::smmu::{RegionBacking, UffdMode, UffdRegion};
+    use crate::smmu::{RegionBacking, UffdMode, UffdRegion, PAGE_2M};
 
     fn region(gpa: u64, len: u64, page_bytes: u64) -> UffdRegion {
         UffdRegion {
@@ -186,10 +196,12 @@ mod tests {
         for i in 0..PAGES_PER_HUGE - 1 {
             pages.insert(i * PAGE_4K).unwrap();
         }
-        assert!(!pages.huge_page_full(0));
+        let first = GuestRange::new(0, PAGE_2M);
+        assert_eq!(pages.huge_page_of(0x1f_f000), Some(first));
+        assert!(!pages.huge_page_full(first));
         assert_eq!(pages.partial_huge_pages(), 1);
         pages.insert((PAGES_PER_HUGE - 1) * PAGE_4K).unwrap();
-        assert!(pages.huge_page_full(0));
+        assert!(pages.huge_page_full(first));
         assert_eq!(pages.partial_huge_pages(), 0);
         pages.insert(PAGE_2M + 0x5000).unwrap();
         assert_eq!(pages.partial_huge_pages(), 1);
@@ -197,11 +209,27 @@ mod tests {
         for i in 0..PAGES_PER_HUGE {
             pages.insert(2 * PAGE_2M + i * PAGE_4K).unwrap();
         }
-        assert!(!pages.huge_page_full(2 * PAGE_2M));
-        assert_eq!(pages.is_huge(2 * PAGE_2M), Some(false));
-        assert_eq!(pages.is_huge(0), Some(true));
+        assert_eq!(pages.huge_page_of(2 * PAGE_2M), None);
+        assert!(!pages.huge_page_full(GuestRange::new(2 * PAGE_2M, PAGE_2M)));
         assert_eq!(pages.partial_huge_pages(), 1);
         pages.remove(0x3000).unwrap();
         assert_eq!(pages.partial_huge_pages(), 2);
+    }
+
+    #[test]
+    fn one_gib_huge_pages_need_all_262144_pages() {
+        const GIB: u64 = 1 << 30;
+        let regions = Regions::new(vec![region(GIB, GIB, GIB)]);
+        let mut pages = BalloonPages::new(&regions);
+        let huge = GuestRange::new(GIB, GIB);
+        assert_eq!(pages.huge_page_of(GIB + 0x1234_5000), Some(huge));
+        for i in 0..GIB / PAGE_4K - 1 {
+            pages.insert(GIB + i * PAGE_4K).unwrap();
+        }
+        assert!(!pages.huge_page_full(huge));
+        assert_eq!(pages.partial_huge_pages(), 1);
+        pages.insert(2 * GIB - PAGE_4K).unwrap();
+        assert!(pages.huge_page_full(huge));
+        assert_eq!(pages.partial_huge_pages(), 0);
     }
 }

@@ -20,7 +20,7 @@ use crate::devices::virtio::chain::{self, ValidChain};
 use crate::devices::virtio::{DeviceError, VirtioInterrupt};
 use crate::memory::accounting;
 use crate::smmu::discard::Discarder;
-use crate::smmu::{GuestRange, Regions, PAGE_2M, PAGE_4K};
+use crate::smmu::{GuestRange, Regions, PAGE_4K};
 
 /// PFNs are read this many bytes at a time, so a huge descriptor costs no host memory.
 const PFN_CHUNK_BYTES: usize = 4096;
@@ -181,7 +181,7 @@ impl Runtime {
 
     fn inflate(&mut self, handle: &BalloonHandle, pfns: impl Iterator<Item = u32>) {
         let mut small = Vec::new();
-        let mut huge: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        let mut huge: BTreeMap<u64, (GuestRange, Vec<u64>)> = BTreeMap::new();
         for pfn in pfns {
             let gpa = (pfn as u64) << 12;
             match self.pages.insert(gpa) {
@@ -189,8 +189,8 @@ impl Runtime {
                 Ok(false) => add(&handle.counters.redundant_pfns, 1),
                 Ok(true) => {
                     add(&handle.counters.inflated, 1);
-                    if self.pages.is_huge(gpa) == Some(true) {
-                        huge.entry(gpa / PAGE_2M * PAGE_2M).or_default().push(gpa);
+                    if let Some(page) = self.pages.huge_page_of(gpa) {
+                        huge.entry(page.gpa).or_insert_with(|| (page, Vec::new())).1.push(gpa);
                     } else {
                         small.push(gpa);
                     }
@@ -200,9 +200,9 @@ impl Runtime {
         for range in runs(small) {
             self.discard(handle, range);
         }
-        for (base, gpas) in huge {
-            if self.pages.huge_page_full(base) {
-                if self.discard(handle, GuestRange::new(base, PAGE_2M)) {
+        for (page, gpas) in huge.into_values() {
+            if self.pages.huge_page_full(page) {
+                if self.discard(handle, page) {
                     add(&handle.counters.huge_freed, 1);
                 }
             } else {
