@@ -177,6 +177,15 @@ impl Balloon {
     }
 }
 
+impl Drop for Balloon {
+    /// The handle may outlive the device (a control thread holds it): drop the device's
+    /// view of guest memory with the device, so the handle never reaches into guest RAM
+    /// after the VMM unmaps it.
+    fn drop(&mut self) {
+        self.handle.runtime().active = None;
+    }
+}
+
 impl VirtioDevice for Balloon {
     fn device_type(&self) -> u32 {
         DEVICE_ID_BALLOON

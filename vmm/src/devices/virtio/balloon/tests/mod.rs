@@ -185,6 +185,14 @@ fn statistics_are_held_until_the_host_asks_for_fresh_ones() {
     let stats = rig.balloon.stats().unwrap();
     assert_eq!((stats.get(4), stats.updates), (Some(6 << 20), 2));
     assert!(!rig.needs_reset());
+    // The handle outlives the device (a control thread holds it): once the device is gone
+    // it no longer reaches guest memory, and still answers.
+    let Rig { bus, transport, balloon, ram, .. } = rig;
+    drop((bus, transport));
+    assert!(!balloon.request_stats(), "a dropped device still held the statistics buffer");
+    assert_eq!(balloon.stats().unwrap().updates, 2);
+    drop(ram);
+    assert_eq!(balloon.counters().inflated_pages, 0);
 }
 
 #[test]
