@@ -98,6 +98,12 @@ pub const WORKLOAD_MIN_GPA: u64 = 0x80_0000;
 pub const MMIO_HOLE_START_GPA: u64 = 0xC000_0000;
 /// End of the hole below 4 GiB.
 pub const MMIO_HOLE_END_GPA: u64 = 0x1_0000_0000;
+/// The step-control port: reading it gives [`STEP_STOP`] once the VMM wants the running
+/// open-ended step (`churn` with `fl.until_stopped=1`) to end; any other value (0, or 0xff
+/// where no device answers, as under QEMU) means go on.
+pub const STEP_CONTROL_PORT: u16 = 0xEC;
+/// The value of [`STEP_CONTROL_PORT`] that asks the step to end.
+pub const STEP_STOP: u8 = 1;
 /// The first virtio-mmio device window (virtio 1.x "version 2" registers). Device `n`
 /// sits at `VIRTIO_MMIO_BASE_GPA + n * VIRTIO_MMIO_WINDOW_BYTES`; the VMM names each on
 /// the kernel command line the way Linux expects: `virtio_mmio.device=4K@0xd0000000:5`.
@@ -144,6 +150,9 @@ pub mod cmdline {
     pub const RATE_PAGES_PER_S: &str = "fl.rate";
     /// How long `dirty` and `idle` run, in milliseconds (default 1000).
     pub const DURATION_MS: &str = "fl.duration_ms";
+    /// `1`: `churn` ignores the duration and runs until the VMM asks it to stop on the
+    /// step-control port, then completes one last full round.
+    pub const UNTIL_STOPPED: &str = "fl.until_stopped";
 }
 
 /// The steps a guest can run.

@@ -84,6 +84,8 @@ pub struct Config {
     pub rate_pages_per_s: u64,
     /// Duration of `dirty` and `idle`.
     pub duration_ms: u64,
+    /// `churn` runs until the VMM asks it to stop instead of for `duration_ms`.
+    pub until_stopped: bool,
 }
 
 /// A key whose value could not be used.
@@ -124,6 +126,7 @@ impl Config {
             passes: 2,
             rate_pages_per_s: 10_000,
             duration_ms: 1000,
+            until_stopped: false,
         };
         let bad = |key, value, problem| BadValue { key, value, problem };
         if let Some(v) = cmdline_value(line, key::CPUS) {
@@ -184,6 +187,10 @@ impl Config {
         }
         if let Some(v) = cmdline_value(line, key::DURATION_MS) {
             config.duration_ms = parse_number(v).ok_or(bad(key::DURATION_MS, v, "cannot parse"))?;
+        }
+        if let Some(v) = cmdline_value(line, key::UNTIL_STOPPED) {
+            config.until_stopped =
+                parse_number(v).filter(|&n| n <= 1).ok_or(bad(key::UNTIL_STOPPED, v, "expected 0 or 1, got"))? == 1;
         }
         Ok(config)
     }

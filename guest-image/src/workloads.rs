@@ -381,10 +381,14 @@ fn churn(context: &Context, cpu: u32, result: &mut CpuResult) {
     let start = tsc::now();
     let mut round = 1u64;
     'rounds: while first < end {
+        // Asked to stop: this round is the last, and a whole one, so every page is checked
+        // once more after the VMM's last invalidation.
+        let last =
+            config.until_stopped && crate::serial::inb(faultline_abi::STEP_CONTROL_PORT) == faultline_abi::STEP_STOP;
         let previous = churn_seed(config.seed, round - 1);
         let current = churn_seed(config.seed, round);
         for index in first..end {
-            if tsc::now() - start >= duration {
+            if !config.until_stopped && tsc::now() - start >= duration {
                 break 'rounds;
             }
             let gpa = context.region.gpa(index);
@@ -408,6 +412,9 @@ fn churn(context: &Context, cpu: u32, result: &mut CpuResult) {
             result.pages += 1;
         }
         round += 1;
+        if last {
+            break;
+        }
     }
     result.rounds = round - 1;
 }

@@ -609,6 +609,10 @@ impl VmConfig {
                 tokens.push(format!("{}={}", abi::cmdline::TSC_KHZ, khz));
             }
             tokens.extend(self.workload.cmdline_tokens());
+            if self.chaos.is_some() {
+                // The chaos driver ends `churn` when it has done its events.
+                tokens.push(format!("{}=1", abi::cmdline::UNTIL_STOPPED));
+            }
         }
         if !self.cmdline.is_empty() {
             tokens.push(self.cmdline.clone());

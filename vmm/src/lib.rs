@@ -11,6 +11,7 @@ pub mod config;
 pub mod devices;
 pub mod experiments;
 pub mod memory;
+pub mod paging;
 pub mod report;
 pub mod smmu;
 pub mod vmm;

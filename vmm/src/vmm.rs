@@ -1,5 +1,6 @@
 //! Builds a VM step by step from a [`VmConfig`] and runs it to its end: guest RAM, the
 //! KVM VM, the kernel and its boot data, devices, vCPUs, then the run and the report.
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use faultline_abi as abi;
@@ -8,9 +9,13 @@ use crate::boot::{self, BootError};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORTS};
 use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_IRQ, SERIAL_PORTS};
+use crate::devices::step_control::{StepControl, STEP_CONTROL_PORTS};
 use crate::devices::{BusError, PioBus};
+use crate::experiments::chaos::{self, ChaosReport};
 use crate::memory::{self, GuestRam};
-use crate::report::{GuestReportCollector, HostMemory, RunReport};
+use crate::paging::{EngineFailureHook, GuestPaging, PagingError};
+use crate::report::{GuestReportCollector, HostMemory, RunReport, VmExit};
+use crate::smmu::page_source::{PageSource, ZeroSource};
 use crate::vstate::runner::{self, RunError};
 use crate::vstate::{ControlError, Kvm, KvmError, Vcpu, VcpuError, Vm, VmControl, VmError};
 
@@ -42,6 +47,9 @@ pub enum VmmError {
     /// VM control (exit eventfd, kick signal) could not be set up.
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// Demand paging could not be set up or checked.
+    #[error(transparent)]
+    Paging(#[from] PagingError),
     /// Running the vCPUs failed.
     #[error(transparent)]
     Run(#[from] RunError),
@@ -64,12 +72,32 @@ pub enum VmmError {
 }
 
 /// Options of one run that are not part of the VM's configuration.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RunOptions {
     /// When the process started (boot figures are measured from here).
     pub started: std::time::Instant,
     /// Stop the VM after this long (None: no limit).
     pub timeout: Option<std::time::Duration>,
+    /// Where MISSING faults of `uffd-missing` zones get their contents (None: zeros, a
+    /// fresh VM). Restores plug a memory image in here.
+    pub page_source: Option<Arc<dyn PageSource>>,
+}
+
+impl RunOptions {
+    /// Options for a run that started at `started`, with an optional time limit.
+    pub fn new(started: std::time::Instant, timeout: Option<std::time::Duration>) -> Self {
+        RunOptions { started, timeout, page_source: None }
+    }
+}
+
+impl std::fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("started", &self.started)
+            .field("timeout", &self.timeout)
+            .field("page_source", &self.page_source.as_ref().map(|_| "custom"))
+            .finish()
+    }
 }
 
 /// Builds the VM described by `config`, runs it until it ends, and reports.
@@ -80,6 +108,10 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
         return Err(VmmError::TooManyVcpus { vcpus: config.vcpus, max: kvm.max_vcpus() });
     }
     let ram = GuestRam::new(&config.zones)?;
+    let control = Arc::new(VmControl::new()?);
+    // Paging starts before anything touches guest RAM, so the state table sees the
+    // kernel loader's writes too.
+    let paging = start_paging(config, options, &ram, &control)?;
     let vm = Vm::new(&kvm, &ram)?;
     let kernel = boot::load_kernel(&config.kernel, ram.memory())?;
     tracing::debug!("loaded {}: {:?}, ends at {:#x}", kernel.name, kernel.entry, kernel.end_gpa);
@@ -95,13 +127,26 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
     vcpus[0].set_entry(&entry)?;
 
     let collector = Arc::new(Mutex::new(GuestReportCollector::new(options.started)));
-    let bus = build_bus(&vm, config.console, collector.clone())?;
-    let control = VmControl::new()?;
+    let step_stop = Arc::new(AtomicBool::new(false));
+    let bus = build_bus(&vm, config.console, collector.clone(), step_stop.clone())?;
     let setup_ns = options.started.elapsed().as_nanos() as u64;
 
-    let exit = runner::run_vcpus(vcpus, &bus, ram.memory(), &control, options.timeout)?;
+    let (exit, chaos) = std::thread::scope(|scope| {
+        let chaos = config.chaos.as_ref().map(|chaos_config| {
+            let segments = chaos::workload_segments(&ram.ram_ranges(), config.workload.size_bytes);
+            let (paging, control, stop) = (&paging, &*control, &*step_stop);
+            scope
+                .spawn(move || chaos::run(chaos_config, paging.discarder(), paging.regions(), &segments, control, stop))
+        });
+        let exit = runner::run_vcpus(vcpus, &bus, ram.memory(), &control, options.timeout);
+        control.end(VmExit::Stopped { reason: "the vCPUs returned".into() });
+        let chaos = chaos.map(|h| h.join().unwrap_or_else(|_| chaos_panicked()));
+        (exit, chaos)
+    });
+    let exit = exit?;
     let total_ns = options.started.elapsed().as_nanos() as u64;
     let host_memory = HostMemory::of_self();
+    let faults = paging.finish()?;
     drop(bus);
     drop(vm);
     let memory_bytes = ram.size_bytes();
@@ -116,11 +161,36 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
         setup_ns,
         total_ns,
         host_memory,
+        faults: Some(faults),
+        chaos,
     })
 }
 
-/// The port-I/O devices: COM1 (IRQ 4 via irqfd) and the debug-exit port.
-fn build_bus(vm: &Vm, echo: bool, collector: Arc<Mutex<GuestReportCollector>>) -> Result<PioBus, VmmError> {
+/// Starts demand paging for every zone; a dying fault engine ends the VM.
+fn start_paging(
+    config: &VmConfig,
+    options: &RunOptions,
+    ram: &GuestRam,
+    control: &Arc<VmControl>,
+) -> Result<GuestPaging, VmmError> {
+    let control = control.clone();
+    let on_failure: EngineFailureHook = Arc::new(move |reason| control.end(VmExit::FaultEngineFailed { reason }));
+    let source = options.page_source.clone().unwrap_or_else(|| Arc::new(ZeroSource));
+    let write_protect = config.chaos.is_some();
+    Ok(GuestPaging::start(ram, &config.zones, &config.fault_engine, write_protect, source, on_failure)?)
+}
+
+fn chaos_panicked() -> ChaosReport {
+    ChaosReport { errors: 1, first_errors: vec!["the chaos driver panicked".into()], ..ChaosReport::default() }
+}
+
+/// The port-I/O devices: COM1 (IRQ 4 via irqfd), the debug-exit and step-control ports.
+fn build_bus(
+    vm: &Vm,
+    echo: bool,
+    collector: Arc<Mutex<GuestReportCollector>>,
+    step_stop: Arc<AtomicBool>,
+) -> Result<PioBus, VmmError> {
     let interrupt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
         .map_err(|source| VmmError::EventFd { what: "the serial interrupt", source })?;
     vm.register_irqfd(&interrupt, COM1_IRQ)?;
@@ -128,6 +198,7 @@ fn build_bus(vm: &Vm, echo: bool, collector: Arc<Mutex<GuestReportCollector>>) -
     let mut bus = PioBus::new();
     bus.insert(abi::SERIAL_PORT, SERIAL_PORTS, Arc::new(Mutex::new(serial)))?;
     bus.insert(abi::DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, Arc::new(Mutex::new(DebugExit)))?;
+    bus.insert(abi::STEP_CONTROL_PORT, STEP_CONTROL_PORTS, Arc::new(Mutex::new(StepControl::new(step_stop))))?;
     Ok(bus)
 }
 
@@ -157,7 +228,7 @@ mod tests {
     }
 
     fn options() -> RunOptions {
-        RunOptions { started: std::time::Instant::now(), timeout: Some(std::time::Duration::from_secs(30)) }
+        RunOptions::new(std::time::Instant::now(), Some(std::time::Duration::from_secs(30)))
     }
 
     #[test]

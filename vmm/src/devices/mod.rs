@@ -3,6 +3,7 @@
 
 pub mod debug_exit;
 pub mod serial;
+pub mod step_control;
 
 use std::sync::{Arc, Mutex};
 
