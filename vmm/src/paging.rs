@@ -275,8 +275,8 @@ fn start_engine(
 ) -> Result<FaultEngine, PagingError> {
     let uffd_slot: Arc<OnceLock<(Arc<Uffd>, Arc<Regions>)>> = Arc::new(OnceLock::new());
     let slot = uffd_slot.clone();
-    let hook = Arc::new(move |e: &FaultEngineError| {
-        on_failure(e.to_string());
+    let hook = Arc::new(move |message: &str| {
+        on_failure(message.to_string());
         if let Some((uffd, regions)) = slot.get() {
             for r in regions.iter() {
                 // Unregistering wakes every thread waiting on a fault in the range; the
