@@ -70,6 +70,9 @@ pub struct RunArgs {
     /// Seed of the chaos driver's ranges [default: 7].
     #[arg(long, value_name = "SEED", requires = "chaos_events")]
     pub chaos_seed: Option<u64>,
+    /// Pause between chaos operations, microseconds (0: back to back) [default: 50].
+    #[arg(long, value_name = "US", requires = "chaos_events")]
+    pub chaos_interval_us: Option<u64>,
     /// A kernel to boot instead of the built-in guest: PVH ELF, Linux vmlinux or bzImage.
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
@@ -151,6 +154,9 @@ impl RunArgs {
             }
             if let Some(v) = self.chaos_seed {
                 chaos.seed = v;
+            }
+            if let Some(v) = self.chaos_interval_us {
+                chaos.interval_us = v;
             }
         }
         if let Some(kernel) = &self.kernel {
