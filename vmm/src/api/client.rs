@@ -66,7 +66,13 @@ impl ControlClient {
         self.next_id += 1;
         let mut line = serde_json::to_vec(&Request { id, cmd: cmd.to_string(), args }).expect("requests serialize");
         line.push(b'\n');
-        self.writer.write_all(&line)?;
+        if let Err(write_error) = self.writer.write_all(&line) {
+            // The server may have closed the connection after saying why (e.g. busy).
+            return match self.read_response() {
+                Ok(Response { id: None, error: Some(error), .. }) => Err(ClientError::Server(error)),
+                _ => Err(ClientError::Io(write_error)),
+            };
+        }
         let response = self.read_response()?;
         if response.id != Some(id) {
             return match response.error {

@@ -172,7 +172,7 @@ fn describe_stats(stats: &BalloonStats) -> String {
 }
 
 /// `bytes` in the largest binary unit that keeps it short: exact when it divides, else
-/// one decimal (`512 MiB`, `1.5 GiB`, `4095 B`).
+/// one decimal (`512 MiB`, `1.5 GiB`, `1023 B`).
 pub fn format_bytes(bytes: u64) -> String {
     const UNITS: [(&str, u32); 4] = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
     for (unit, shift) in UNITS {
@@ -194,7 +194,8 @@ mod tests {
     #[test]
     fn sizes_read_well() {
         assert_eq!(format_bytes(0), "0 B");
-        assert_eq!(format_bytes(4095), "4095 B");
+        assert_eq!(format_bytes(1023), "1023 B");
+        assert_eq!(format_bytes(1536), "1.5 KiB");
         assert_eq!(format_bytes(4096), "4 KiB");
         assert_eq!(format_bytes(512 << 20), "512 MiB");
         assert_eq!(format_bytes(3 << 29), "1.5 GiB");
