@@ -177,7 +177,7 @@ pub fn format_bytes(bytes: u64) -> String {
     const UNITS: [(&str, u32); 4] = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
     for (unit, shift) in UNITS {
         if bytes >= 1 << shift {
-            return if bytes % (1 << shift) == 0 {
+            return if bytes & ((1 << shift) - 1) == 0 {
                 format!("{} {unit}", bytes >> shift)
             } else {
                 format!("{:.1} {unit}", bytes as f64 / (1u64 << shift) as f64)
