@@ -168,15 +168,17 @@ impl Connection {
             self.output.extend_from_slice(&response.to_line());
         }
         self.input.drain(..start);
+        if self.input.contains(&b'\n') {
+            return; // Complete lines wait for output room.
+        }
         if self.discarding {
-            self.input.clear();
-        } else if !self.input.contains(&b'\n') && self.input.len() > MAX_LINE_BYTES {
+            self.input.clear(); // Still inside the oversized line.
+        } else if self.input.len() > MAX_LINE_BYTES {
             // No newline within the limit: answer now, skip the rest when it comes.
             self.output.extend_from_slice(&too_long().to_line());
             self.input.clear();
             self.discarding = true;
-        }
-        if self.read_closed && !self.input.is_empty() && !self.input.contains(&b'\n') {
+        } else if self.read_closed && !self.input.is_empty() {
             tracing::debug!("control client left with {} bytes of an unfinished line", self.input.len());
             self.input.clear();
         }

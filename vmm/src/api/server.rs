@@ -46,6 +46,8 @@ pub struct ControlServer {
     target: Arc<dyn ControlTarget>,
     connections: HashMap<RawFd, Connection>,
     max_clients: usize,
+    /// The listener is watched (false after an accept failure, until a client leaves).
+    accepting: bool,
 }
 
 impl std::fmt::Debug for ControlServer {
@@ -61,7 +63,14 @@ impl ControlServer {
     /// when the server is dropped.
     pub fn bind(path: impl AsRef<Path>, target: Arc<dyn ControlTarget>) -> Result<Self, ApiError> {
         let (listener, file) = socket_file::bind(path.as_ref())?;
-        Ok(ControlServer { listener, file, target, connections: HashMap::new(), max_clients: DEFAULT_MAX_CLIENTS })
+        Ok(ControlServer {
+            listener,
+            file,
+            target,
+            connections: HashMap::new(),
+            max_clients: DEFAULT_MAX_CLIENTS,
+            accepting: false,
+        })
     }
 
     /// Serves at most `max` clients at once (at least 1).
@@ -92,9 +101,14 @@ impl ControlServer {
                 Ok((stream, _)) => self.admit(stream, ops),
                 Err(e) if e.kind() == IoKind::WouldBlock => return,
                 Err(e) if e.kind() == IoKind::Interrupted => continue,
+                Err(e) if e.kind() == IoKind::ConnectionAborted => continue,
                 Err(e) => {
-                    // E.g. EMFILE: leave the connection queued; the next turn retries.
-                    tracing::warn!("control socket: cannot accept a client: {e}");
+                    // E.g. EMFILE. The listener stays readable, so watching it would spin
+                    // the loop: stop watching until a client leaves (and frees an fd).
+                    tracing::warn!("control socket: cannot accept a client ({e}); waiting for one to leave");
+                    if ops.remove(Events::new(&self.listener, EventSet::IN)).is_ok() {
+                        self.accepting = false;
+                    }
                     return;
                 }
             }
@@ -146,10 +160,21 @@ impl ControlServer {
         }
     }
 
+    fn watch_listener(&mut self, ops: &mut EventOps) {
+        match ops.add(Events::new(&self.listener, EventSet::IN)) {
+            Ok(()) => self.accepting = true,
+            Err(e) => tracing::warn!("control socket {}: cannot watch for clients: {e:?}", self.path().display()),
+        }
+    }
+
     fn close(&mut self, fd: RawFd, ops: &mut EventOps) {
         if let Some(connection) = self.connections.remove(&fd) {
             // Unregister before the fd closes (on drop), so a reused fd number is free.
             let _ = ops.remove(Events::empty(connection.stream()));
+            drop(connection);
+        }
+        if !self.accepting {
+            self.watch_listener(ops);
         }
     }
 }
@@ -164,8 +189,6 @@ impl MutEventSubscriber for ControlServer {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
-            tracing::warn!("control socket {}: cannot watch for clients: {e:?}", self.path().display());
-        }
+        self.watch_listener(ops);
     }
 }
