@@ -27,6 +27,9 @@ pub enum ClientError {
     /// Sending or receiving failed.
     #[error("the control socket connection failed: {0}")]
     Io(#[from] std::io::Error),
+    /// No answer within the timeout given to [`ControlClient::connect`].
+    #[error("the VM did not answer within {0:?}; it may be busy or stuck (try a longer --timeout)")]
+    Timeout(Duration),
     /// The server closed the connection before answering.
     #[error("the VM closed the control connection without answering (did it just end?)")]
     Closed,
@@ -44,6 +47,7 @@ pub struct ControlClient {
     writer: UnixStream,
     reader: BufReader<UnixStream>,
     next_id: u64,
+    timeout: Option<Duration>,
 }
 
 impl ControlClient {
@@ -56,7 +60,7 @@ impl ControlClient {
         stream.set_read_timeout(timeout)?;
         stream.set_write_timeout(timeout)?;
         let reader = BufReader::new(stream.try_clone()?);
-        Ok(ControlClient { writer: stream, reader, next_id: 1 })
+        Ok(ControlClient { writer: stream, reader, next_id: 1, timeout })
     }
 
     /// Sends `cmd` with `args` (JSON null for none) and returns the `result` of a success,
@@ -91,8 +95,13 @@ impl ControlClient {
     /// Reads one response line.
     pub fn read_response(&mut self) -> Result<Response, ClientError> {
         let mut line = String::new();
-        if self.reader.read_line(&mut line)? == 0 {
-            return Err(ClientError::Closed);
+        match self.reader.read_line(&mut line) {
+            Ok(0) => return Err(ClientError::Closed),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return Err(ClientError::Timeout(self.timeout.unwrap_or_default()));
+            }
+            Err(e) => return Err(e.into()),
         }
         serde_json::from_str(&line).map_err(|e| ClientError::Protocol(e.to_string()))
     }

@@ -447,3 +447,15 @@ fn a_server_does_not_remove_a_successors_socket() {
     drop(second);
     assert!(!path.exists());
 }
+
+#[test]
+fn a_vm_that_does_not_answer_times_the_client_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("silent.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let mut client = ControlClient::connect(&path, Some(std::time::Duration::from_millis(20))).unwrap();
+    let _accepted = listener.accept().unwrap();
+    let err = client.status().unwrap_err();
+    assert!(matches!(err, ClientError::Timeout(_)), "{err:?}");
+    assert!(err.to_string().contains("--timeout"), "{err}");
+}
