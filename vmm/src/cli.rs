@@ -30,6 +30,8 @@ pub enum Command {
         /// Where to write it.
         output: PathBuf,
     },
+    /// Steer a running VM through its control socket (status, balloon).
+    Ctl(crate::api::CtlArgs),
 }
 
 /// Benchmarks.

@@ -5,6 +5,7 @@
 //! VM and vCPUs) → `devices` → experiments (`run`, `bench`). Data flows down, events up.
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod boot;
 pub mod cli;
 pub mod config;

@@ -25,6 +25,7 @@ fn main() -> ExitCode {
             }
             Err(err) => fail(&err),
         },
+        Command::Ctl(args) => faultline::api::ctl::main(&args),
         Command::GuestImage { output } => match std::fs::write(&output, faultline::BUILTIN_GUEST_ELF) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => fail(&format!("cannot write {}: {err}", output.display())),
