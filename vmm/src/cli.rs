@@ -75,6 +75,9 @@ pub struct RunArgs {
     /// Pause between chaos operations, microseconds (0: back to back) [default: 50].
     #[arg(long, value_name = "US", requires = "chaos_events")]
     pub chaos_interval_us: Option<u64>,
+    /// Serve the control API on this Unix socket while the VM runs (see `faultline ctl`).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
     /// A kernel to boot instead of the built-in guest: PVH ELF, Linux vmlinux or bzImage.
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use faultline_abi as abi;
 
+use crate::api::{ApiError, ControlServer};
 use crate::boot::{self, BootError};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORTS};
@@ -16,7 +17,8 @@ use crate::memory::{self, GuestRam};
 use crate::paging::{EngineFailureHook, GuestPaging, PagingError};
 use crate::report::{GuestReportCollector, HostMemory, RunReport, VmExit};
 use crate::smmu::page_source::{PageSource, ZeroSource};
-use crate::vstate::runner::{self, RunError};
+use crate::vm_target::VmTarget;
+use crate::vstate::runner::{self, LoopSubscriber, RunError};
 use crate::vstate::{ControlError, Kvm, KvmError, Vcpu, VcpuError, Vm, VmControl, VmError};
 
 /// Errors building or running a VM. Each wraps its layer's error, whose message says
@@ -50,6 +52,12 @@ pub enum VmmError {
     /// Demand paging could not be set up or checked.
     #[error(transparent)]
     Paging(#[from] PagingError),
+    /// The control socket could not be served.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// A part of the VM was still in use after the run (a bug).
+    #[error("{0} was still in use after the VM ended; this is a bug in faultline")]
+    StillShared(&'static str),
     /// Running the vCPUs failed.
     #[error(transparent)]
     Run(#[from] RunError),
@@ -81,12 +89,14 @@ pub struct RunOptions {
     /// Where MISSING faults of `uffd-missing` zones get their contents (None: zeros, a
     /// fresh VM). Restores plug a memory image in here.
     pub page_source: Option<Arc<dyn PageSource>>,
+    /// Serve the control API on this Unix socket while the VM runs (`faultline ctl`).
+    pub api_socket: Option<std::path::PathBuf>,
 }
 
 impl RunOptions {
     /// Options for a run that started at `started`, with an optional time limit.
     pub fn new(started: std::time::Instant, timeout: Option<std::time::Duration>) -> Self {
-        RunOptions { started, timeout, page_source: None }
+        RunOptions { started, timeout, page_source: None, api_socket: None }
     }
 }
 
@@ -96,6 +106,7 @@ impl std::fmt::Debug for RunOptions {
             .field("started", &self.started)
             .field("timeout", &self.timeout)
             .field("page_source", &self.page_source.as_ref().map(|_| "custom"))
+            .field("api_socket", &self.api_socket)
             .finish()
     }
 }
@@ -111,7 +122,7 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
     let control = Arc::new(VmControl::new()?);
     // Paging starts before anything touches guest RAM, so the state table sees the
     // kernel loader's writes too.
-    let paging = start_paging(config, options, &ram, &control)?;
+    let paging = Arc::new(start_paging(config, options, &ram, &control)?);
     let vm = Vm::new(&kvm, &ram)?;
     let kernel = boot::load_kernel(&config.kernel, ram.memory())?;
     tracing::debug!("loaded {}: {:?}, ends at {:#x}", kernel.name, kernel.entry, kernel.end_gpa);
@@ -129,6 +140,21 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
     let collector = Arc::new(Mutex::new(GuestReportCollector::new(options.started)));
     let step_stop = Arc::new(AtomicBool::new(false));
     let bus = build_bus(&vm, config.console, collector.clone(), step_stop.clone())?;
+    let api = match &options.api_socket {
+        Some(path) => {
+            let target = Arc::new(VmTarget {
+                control: control.clone(),
+                collector: collector.clone(),
+                paging: paging.clone(),
+                started: options.started,
+                vcpus: config.vcpus,
+                memory_bytes: ram.size_bytes(),
+            });
+            let server: LoopSubscriber = Arc::new(Mutex::new(ControlServer::bind(path, target)?));
+            vec![server]
+        }
+        None => Vec::new(),
+    };
     let setup_ns = options.started.elapsed().as_nanos() as u64;
 
     let (exit, chaos) = std::thread::scope(|scope| {
@@ -138,7 +164,7 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
             scope
                 .spawn(move || chaos::run(chaos_config, paging.discarder(), paging.regions(), &segments, control, stop))
         });
-        let exit = runner::run_vcpus(vcpus, &bus, ram.memory(), &control, options.timeout);
+        let exit = runner::run_vcpus(vcpus, &bus, ram.memory(), &control, options.timeout, api);
         control.end(VmExit::Stopped { reason: "the vCPUs returned".into() });
         let chaos = chaos.map(|h| h.join().unwrap_or_else(|_| chaos_panicked()));
         (exit, chaos)
@@ -146,6 +172,8 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
     let exit = exit?;
     let total_ns = options.started.elapsed().as_nanos() as u64;
     let host_memory = HostMemory::of_self();
+    // The control server (and its hold on paging) went with the event loop.
+    let paging = Arc::try_unwrap(paging).map_err(|_| VmmError::StillShared("demand paging"))?;
     let faults = paging.finish()?;
     drop(bus);
     drop(vm);

@@ -44,7 +44,7 @@ fn run_code_with(code: &[u8], blobs: &[(u64, &[u8])], vcpus: u32, timeout: Durat
         .unwrap();
     bus.insert(0xf4, 4, Arc::new(Mutex::new(DebugExit))).unwrap();
     let control = VmControl::new().unwrap();
-    let exit = run_vcpus(vcpus, &bus, ram.memory(), &control, Some(timeout)).unwrap();
+    let exit = run_vcpus(vcpus, &bus, ram.memory(), &control, Some(timeout), Vec::new()).unwrap();
     drop(bus);
     let collector = Arc::try_unwrap(collector).ok().unwrap().into_inner().unwrap();
     (exit, collector)
