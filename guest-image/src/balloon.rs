@@ -53,7 +53,7 @@ impl fmt::Display for BalloonError {
             Self::NotFound { windows: 0 } => write!(
                 f,
                 "balloon: no virtio_mmio.device= token on the command line (Faultline: give the VM a balloon; \
-                 QEMU: -M microvm -device virtio-balloon-device)"
+                 QEMU: -M microvm,acpi=off -device virtio-balloon-device)"
             ),
             Self::NotFound { windows } => {
                 write!(f, "balloon: none of the {windows} virtio_mmio.device= windows holds a balloon (device id 5)")

@@ -80,6 +80,8 @@ pub enum VirtioError {
         /// The queue index.
         index: u16,
     },
+    /// The device's status did not read 0 after a reset.
+    ResetTimeout,
     /// The device set DEVICE_NEEDS_RESET.
     NeedsReset {
         /// Its status register.
@@ -123,6 +125,7 @@ impl fmt::Display for VirtioError {
             Self::Timeout { index } => {
                 write!(f, "queue {index}: the device used no buffer within {DEVICE_TIMEOUT_MS} ms")
             }
+            Self::ResetTimeout => write!(f, "the device did not finish its reset within {DEVICE_TIMEOUT_MS} ms"),
             Self::NeedsReset { status } => write!(f, "the device set DEVICE_NEEDS_RESET (status {status:#x})"),
             Self::BadUsedId { index, id } => {
                 write!(f, "queue {index}: the device used descriptor {id}, not one in flight")
@@ -182,7 +185,11 @@ impl Transport {
     /// and calls [`Transport::driver_ok`].
     pub fn initialize(&self, choose: impl FnOnce(u64) -> Option<u64>) -> Result<u64, VirtioError> {
         self.write(mmio::STATUS, 0);
+        let deadline = tsc::now() + tsc::ms_to_cycles(DEVICE_TIMEOUT_MS, self.tsc_khz);
         while self.read(mmio::STATUS) != 0 {
+            if tsc::now() > deadline {
+                return Err(VirtioError::ResetTimeout);
+            }
             spin_loop();
         }
         self.write(mmio::STATUS, status::ACKNOWLEDGE);
