@@ -74,6 +74,11 @@ impl Qmp {
         }
     }
 
+    fn guest_stats(&mut self) -> Value {
+        self.execute("qom-get", json!({"path": "/machine/peripheral/balloon0", "property": "guest-stats"}))["stats"]
+            .clone()
+    }
+
     fn set_balloon(&mut self, guest_bytes: u64) {
         self.execute("balloon", json!({ "value": guest_bytes }));
     }
@@ -182,17 +187,32 @@ fn balloon_inflates_and_deflates_under_qemu_virtio_mmio() {
     let balloon_pages = pages(BALLOON_MIB);
     qmp.set_balloon((RAM_MIB - BALLOON_MIB) << 20);
     let inflated = serial.next_report("balloon");
+    eprintln!("inflated: {inflated}");
     assert_change(&inflated, balloon_pages, balloon_pages, 0, region_pages);
     assert_eq!(qmp.execute("query-balloon", json!({}))["actual"], (RAM_MIB - BALLOON_MIB) << 20);
 
     // The guest sent its statistics when the driver started: its workload region.
-    let stats = qmp.execute("qom-get", json!({"path": "/machine/peripheral/balloon0", "property": "guest-stats"}));
-    assert_eq!(stats["stats"]["stat-total-memory"], region_pages * 4096, "{stats}");
-    assert_eq!(stats["stats"]["stat-free-memory"], REPORT_PAGES * 4096, "{stats}");
-    assert_eq!(stats["stats"]["stat-swap-in"], 0, "{stats}");
+    let stats = qmp.guest_stats();
+    assert_eq!(stats["stat-total-memory"], region_pages * 4096, "{stats}");
+    assert_eq!(stats["stat-free-memory"], REPORT_PAGES * 4096, "{stats}");
+    assert_eq!(stats["stat-available-memory"], region_pages * 4096, "{stats}");
+    assert_eq!(stats["stat-swap-in"], 0, "{stats}");
+    // Once QEMU polls (it hands the stats buffer back every second), the guest answers
+    // with fresh numbers: the balloon is no longer available memory.
+    qmp.execute(
+        "qom-set",
+        json!({"path": "/machine/peripheral/balloon0", "property": "guest-stats-polling-interval", "value": 1}),
+    );
+    let want_available = (region_pages - balloon_pages) * 4096;
+    let deadline = Instant::now() + HANG_GUARD;
+    while qmp.guest_stats()["stat-available-memory"] != want_available {
+        assert!(Instant::now() < deadline, "the guest never refreshed its stats: {}", qmp.guest_stats());
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     qmp.set_balloon(RAM_MIB << 20);
     let deflated = serial.next_report("balloon");
+    eprintln!("deflated: {deflated}");
     assert_change(&deflated, 0, 0, balloon_pages, region_pages);
 
     let lines = serial.rest();
