@@ -306,7 +306,7 @@ impl Transport {
                 return Ok(written);
             }
             polls = polls.wrapping_add(1);
-            if polls % 1024 == 0 {
+            if polls.is_multiple_of(1024) {
                 self.check_status()?;
                 if tsc::now() > deadline {
                     return Err(VirtioError::Timeout { index: queue.index });
