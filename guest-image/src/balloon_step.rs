@@ -37,6 +37,9 @@ const WORDS_PER_PAGE: u64 = PAGE_SIZE / 8;
 const REPORT_RANGE_PAGES: u64 = 512;
 /// How often the idle loop looks at the device (about every 200 µs).
 const POLL_INTERVAL_US: u64 = 200;
+/// Shortest time between two statistics updates: a device that hands the buffer straight
+/// back gets fresh numbers at most this often, not on every poll.
+const STATS_MIN_INTERVAL_MS: u64 = 100;
 
 /// What one followed change did, for its `balloon` line.
 #[derive(Default)]
@@ -105,11 +108,15 @@ impl Step<'_> {
         let poll = tsc::ms_to_cycles(1, context.tsc_khz) * POLL_INTERVAL_US / 1000;
         balloon.set_actual(0);
         balloon.service_stats(&self.stats())?;
+        let stats_interval = tsc::ms_to_cycles(STATS_MIN_INTERVAL_MS, context.tsc_khz);
+        let mut next_stats = start + stats_interval;
         let (mut target, _) = balloon.target()?;
         let (mut changes, mut change, mut changing, mut capped_noted) = (0u64, Change::default(), false, false);
         let mut failed = false;
         loop {
-            balloon.service_stats(&self.stats())?;
+            if tsc::now() >= next_stats && balloon.service_stats(&self.stats())? {
+                next_stats = tsc::now() + stats_interval;
+            }
             if balloon.config_changed() {
                 target = balloon.target()?.0;
             }
