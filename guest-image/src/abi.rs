@@ -189,7 +189,9 @@ pub enum Step {
     /// target (inflating pages from the top of the region, deflating them back), send
     /// statistics, report free pages; after each change check that kept pages hold the
     /// pattern and that deflated pages read as zero. Prints `balloon` lines, then a
-    /// `result` and a `verify` line. Runs on the BSP; other CPUs wait.
+    /// `result` and a `verify` line. Runs on the BSP; other CPUs wait. Needs the pattern
+    /// in place (a `fill` step before it); a later `verify` (or a second `balloon`) step
+    /// passes only if the host's last target was 0, since held pages stay the host's.
     Balloon,
 }
 
