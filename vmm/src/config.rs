@@ -399,7 +399,7 @@ impl Workload {
             if abi::Step::parse(step).is_none() {
                 return Err(ConfigError::BadWorkload {
                     field: "steps",
-                    reason: format!("unknown step '{step}' (choose from fill, verify, touch, dirty, idle, churn, triple-fault, cpl0-sse)"),
+                    reason: format!("unknown step '{step}' (choose from fill, verify, touch, dirty, idle, churn, balloon, triple-fault, cpl0-sse)"),
                 });
             }
         }
