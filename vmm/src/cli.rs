@@ -56,7 +56,8 @@ pub struct RunArgs {
     pub memory: Vec<String>,
     /// How guest RAM is populated, for every zone without its own paging=: kernel (first
     /// touch filled by the kernel), prefault (all up front), uffd-missing or uffd-minor
-    /// (by Faultline's userfaultfd fault engine) [default: kernel].
+    /// (by Faultline's userfaultfd fault engine) [default: kernel]. With uffd-minor and no
+    /// --memory, the default zone is a memfd (MINOR faults need a page cache).
     #[arg(long, value_enum, value_name = "MODE")]
     pub paging: Option<PagingMode>,
     /// Fault handler threads of the userfaultfd engine [default: 2].
@@ -140,6 +141,10 @@ impl RunArgs {
             config.zones = self.memory.iter().map(|spec| ZoneConfig::parse(spec)).collect::<Result<_, _>>()?;
         }
         if let Some(paging) = self.paging {
+            if paging == PagingMode::UffdMinor && self.memory.is_empty() && config.zones == VmConfig::default().zones {
+                // MINOR faults need a page cache: the default zone becomes a memfd.
+                config.zones.iter_mut().for_each(|z| z.backend = crate::config::Backend::Memfd);
+            }
             // Zones whose spec names paging= keep it; the rest take --paging.
             for (zone, spec) in config.zones.iter_mut().zip(self.memory.iter().map(Some).chain(std::iter::repeat(None)))
             {
@@ -281,5 +286,7 @@ mod tests {
         assert_eq!(config.chaos.as_ref().map(|c| c.events), Some(100));
         let config = parse(&["run", "--paging", "prefault"]).to_config().unwrap();
         assert_eq!(config.zones[0].paging, PagingMode::Prefault);
+        let config = parse(&["run", "--paging", "uffd-minor"]).to_config().unwrap();
+        assert_eq!((config.zones[0].backend, config.zones[0].paging), (Backend::Memfd, PagingMode::UffdMinor));
     }
 }
