@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    AccessKind, AccessPattern, ChaosConfig, ConfigError, KernelImage, PagingMode, VmConfig, ZoneConfig,
+    AccessKind, AccessPattern, BalloonOptions, ChaosConfig, ConfigError, KernelImage, PagingMode, VmConfig, ZoneConfig,
 };
 
 /// Faultline: a minimal KVM VMM for experiments on guest memory.
@@ -76,6 +76,14 @@ pub struct RunArgs {
     /// Pause between chaos operations, microseconds (0: back to back) [default: 50].
     #[arg(long, value_name = "US", requires = "chaos_events")]
     pub chaos_interval_us: Option<u64>,
+    /// Give the VM a virtio-balloon device (virtio-mmio at 0xd0000000, IRQ 5).
+    #[arg(long)]
+    pub balloon: bool,
+    /// Balloon targets to follow in order, e.g. 128M,0 (each next one once the guest has
+    /// reached the current one; implies --balloon). The built-in guest's `balloon` step
+    /// ends after the last.
+    #[arg(long, value_name = "SIZES")]
+    pub balloon_schedule: Option<String>,
     /// Serve the control API on this Unix socket while the VM runs (see `faultline ctl`).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
@@ -167,6 +175,12 @@ impl RunArgs {
             }
             if let Some(v) = self.chaos_interval_us {
                 chaos.interval_us = v;
+            }
+        }
+        if self.balloon || self.balloon_schedule.is_some() {
+            let balloon = config.balloon.get_or_insert_with(BalloonOptions::default);
+            if let Some(schedule) = &self.balloon_schedule {
+                balloon.schedule_bytes = BalloonOptions::parse_schedule(schedule)?;
             }
         }
         if let Some(kernel) = &self.kernel {
