@@ -23,18 +23,6 @@ const REPORT_PAGES: u64 = 512;
 /// How long to wait for one expected line or reply before calling the run hung.
 const HANG_GUARD: Duration = Duration::from_secs(90);
 
-fn qemu() -> Option<&'static str> {
-    let found = Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
-    if !found {
-        if std::env::var("FAULTLINE_REQUIRE_QEMU").as_deref() == Ok("1") {
-            panic!("qemu-system-x86_64 is not installed and FAULTLINE_REQUIRE_QEMU=1");
-        }
-        eprintln!("!!!! SKIPPED: qemu-system-x86_64 not installed (apt-get install qemu-system-x86) !!!!");
-        return None;
-    }
-    Some("qemu-system-x86_64")
-}
-
 /// A QMP connection (one command at a time; events are skipped).
 struct Qmp(BufReader<UnixStream>);
 
@@ -153,8 +141,7 @@ fn balloon_inflates_and_deflates_under_qemu_virtio_mmio() {
     }
     let Some(qemu) = qemu() else { return };
     let dir = ScratchDir::new("qemu-balloon");
-    let image = dir.0.join("guest.elf");
-    assert!(faultline().arg("guest-image").arg(&image).status().unwrap().success());
+    let image = guest_image_in(&dir.0);
     let qmp_path = dir.0.join("qmp.sock");
     let append = format!(
         "fl.steps=fill,balloon,verify fl.balloon_changes=2 fl.balloon_report_pages={REPORT_PAGES} \
