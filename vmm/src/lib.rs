@@ -5,14 +5,17 @@
 //! VM and vCPUs) → `devices` → experiments (`run`, `bench`). Data flows down, events up.
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod devices;
 pub mod experiments;
 pub mod memory;
+pub mod paging;
 pub mod report;
 pub mod smmu;
+pub mod vm_target;
 pub mod vmm;
 pub mod vstate;
 

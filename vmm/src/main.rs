@@ -25,6 +25,7 @@ fn main() -> ExitCode {
             }
             Err(err) => fail(&err),
         },
+        Command::Ctl(args) => faultline::api::ctl::main(&args),
         Command::GuestImage { output } => match std::fs::write(&output, faultline::BUILTIN_GUEST_ELF) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => fail(&format!("cannot write {}: {err}", output.display())),
@@ -39,7 +40,10 @@ fn run(args: &RunArgs, started: Instant) -> ExitCode {
         Ok(config) => config,
         Err(err) => return fail(&err),
     };
-    let options = RunOptions { started, timeout: args.timeout.map(std::time::Duration::from_secs_f64) };
+    let options = RunOptions {
+        api_socket: args.api_socket.clone(),
+        ..RunOptions::new(started, args.timeout.map(std::time::Duration::from_secs_f64))
+    };
     match vmm::run(&config, &options) {
         Ok(report) => {
             if args.json {

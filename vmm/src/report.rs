@@ -6,6 +6,9 @@ use std::time::Instant;
 use faultline_abi as abi;
 use serde::Serialize;
 
+use crate::experiments::chaos::ChaosReport;
+use crate::paging::FaultReport;
+
 /// The guest's `ready` line.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
 #[serde(default)]
@@ -235,6 +238,11 @@ pub enum VmExit {
         /// What happened.
         reason: String,
     },
+    /// The userfaultfd fault engine died: the guest's faults could no longer be resolved.
+    FaultEngineFailed {
+        /// The engine's error.
+        reason: String,
+    },
     /// The run was stopped from outside (signal, control socket, timeout).
     Stopped {
         /// Why.
@@ -261,6 +269,7 @@ impl VmExit {
                 if *suberror == 1 { ": emulation failure" } else { "" }
             ),
             VmExit::Fatal { vcpu, reason } => format!("vCPU {vcpu}: {reason}"),
+            VmExit::FaultEngineFailed { reason } => format!("the fault engine failed, VM stopped: {reason}"),
             VmExit::Stopped { reason } => format!("stopped: {reason}"),
         }
     }
@@ -318,13 +327,19 @@ pub struct RunReport {
     pub total_ns: u64,
     /// Host memory at the end.
     pub host_memory: HostMemory,
+    /// What demand paging did (fault latency, races, coherence at the end).
+    pub faults: Option<FaultReport>,
+    /// What the chaos driver did, when it ran.
+    pub chaos: Option<ChaosReport>,
 }
 
 impl RunReport {
     /// True when the VM ended with the guest's success status and the guest reported
     /// success for every step.
     pub fn success(&self) -> bool {
-        self.exit.is_success() && self.guest.success()
+        let coherent = self.faults.as_ref().and_then(|f| f.coherence.as_ref()).is_none_or(|c| c.is_clean());
+        let chaos_ok = self.chaos.as_ref().is_none_or(|c| c.errors == 0);
+        self.exit.is_success() && self.guest.success() && coherent && chaos_ok
     }
 
     /// A short summary for people.
@@ -383,6 +398,25 @@ impl RunReport {
         }
         for exception in &self.guest.exceptions {
             out.push_str(&format!("  guest exception: {exception}\n"));
+        }
+        if let Some(faults) = self.faults.as_ref().filter(|f| f.modes.iter().any(|m| *m != "kernel")) {
+            for line in faults.summary_lines() {
+                out.push_str(&format!("  {line}\n"));
+            }
+        }
+        if let Some(c) = &self.chaos {
+            out.push_str(&format!(
+                "  chaos: {} events ({} discards freeing {:.1} MiB, {} write-protects, {} unprotects), {} errors\n",
+                c.events,
+                c.discards,
+                c.bytes_discarded as f64 / 1048576.0,
+                c.write_protects,
+                c.unprotects,
+                c.errors
+            ));
+            for e in &c.first_errors {
+                out.push_str(&format!("    chaos error: {e}\n"));
+            }
         }
         out.push_str(&format!(
             "  host RSS {:.1} MiB (peak {:.1} MiB), total {:.2} ms\n",

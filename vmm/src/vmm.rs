@@ -1,17 +1,24 @@
 //! Builds a VM step by step from a [`VmConfig`] and runs it to its end: guest RAM, the
 //! KVM VM, the kernel and its boot data, devices, vCPUs, then the run and the report.
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use faultline_abi as abi;
 
+use crate::api::{ApiError, ControlServer};
 use crate::boot::{self, BootError};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORTS};
 use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_IRQ, SERIAL_PORTS};
+use crate::devices::step_control::{StepControl, STEP_CONTROL_PORTS};
 use crate::devices::{BusError, DeviceBuses, MmioBus, PioBus};
+use crate::experiments::chaos::{self, ChaosReport};
 use crate::memory::{self, GuestRam};
-use crate::report::{GuestReportCollector, HostMemory, RunReport};
-use crate::vstate::runner::{self, RunError};
+use crate::paging::{EngineFailureHook, GuestPaging, PagingError};
+use crate::report::{GuestReportCollector, HostMemory, RunReport, VmExit};
+use crate::smmu::page_source::{PageSource, ZeroSource};
+use crate::vm_target::VmTarget;
+use crate::vstate::runner::{self, LoopSubscriber, RunError};
 use crate::vstate::{ControlError, Kvm, KvmError, Vcpu, VcpuError, Vm, VmControl, VmError};
 
 /// Errors building or running a VM. Each wraps its layer's error, whose message says
@@ -42,6 +49,15 @@ pub enum VmmError {
     /// VM control (exit eventfd, kick signal) could not be set up.
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// Demand paging could not be set up or checked.
+    #[error(transparent)]
+    Paging(#[from] PagingError),
+    /// The control socket could not be served.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// A part of the VM was still in use after the run (a bug).
+    #[error("{0} was still in use after the VM ended; this is a bug in faultline")]
+    StillShared(&'static str),
     /// Running the vCPUs failed.
     #[error(transparent)]
     Run(#[from] RunError),
@@ -64,12 +80,35 @@ pub enum VmmError {
 }
 
 /// Options of one run that are not part of the VM's configuration.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RunOptions {
     /// When the process started (boot figures are measured from here).
     pub started: std::time::Instant,
     /// Stop the VM after this long (None: no limit).
     pub timeout: Option<std::time::Duration>,
+    /// Where MISSING faults of `uffd-missing` zones get their contents (None: zeros, a
+    /// fresh VM). Restores plug a memory image in here.
+    pub page_source: Option<Arc<dyn PageSource>>,
+    /// Serve the control API on this Unix socket while the VM runs (`faultline ctl`).
+    pub api_socket: Option<std::path::PathBuf>,
+}
+
+impl RunOptions {
+    /// Options for a run that started at `started`, with an optional time limit.
+    pub fn new(started: std::time::Instant, timeout: Option<std::time::Duration>) -> Self {
+        RunOptions { started, timeout, page_source: None, api_socket: None }
+    }
+}
+
+impl std::fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("started", &self.started)
+            .field("timeout", &self.timeout)
+            .field("page_source", &self.page_source.as_ref().map(|_| "custom"))
+            .field("api_socket", &self.api_socket)
+            .finish()
+    }
 }
 
 /// Builds the VM described by `config`, runs it until it ends, and reports.
@@ -80,6 +119,10 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
         return Err(VmmError::TooManyVcpus { vcpus: config.vcpus, max: kvm.max_vcpus() });
     }
     let ram = GuestRam::new(&config.zones)?;
+    let control = Arc::new(VmControl::new()?);
+    // Paging starts before anything touches guest RAM, so the state table sees the
+    // kernel loader's writes too.
+    let paging = Arc::new(start_paging(config, options, &ram, &control)?);
     let vm = Vm::new(&kvm, &ram)?;
     let kernel = boot::load_kernel(&config.kernel, ram.memory())?;
     tracing::debug!("loaded {}: {:?}, ends at {:#x}", kernel.name, kernel.entry, kernel.end_gpa);
@@ -95,13 +138,43 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
     vcpus[0].set_entry(&entry)?;
 
     let collector = Arc::new(Mutex::new(GuestReportCollector::new(options.started)));
-    let buses = DeviceBuses::new(build_bus(&vm, config.console, collector.clone())?, MmioBus::new());
-    let control = VmControl::new()?;
+    let step_stop = Arc::new(AtomicBool::new(false));
+    let buses = DeviceBuses::new(build_bus(&vm, config.console, collector.clone(), step_stop.clone())?, MmioBus::new());
+    let api = match &options.api_socket {
+        Some(path) => {
+            let target = Arc::new(VmTarget {
+                control: control.clone(),
+                collector: collector.clone(),
+                paging: paging.clone(),
+                started: options.started,
+                vcpus: config.vcpus,
+                memory_bytes: ram.size_bytes(),
+            });
+            let server: LoopSubscriber = Arc::new(Mutex::new(ControlServer::bind(path, target)?));
+            vec![server]
+        }
+        None => Vec::new(),
+    };
     let setup_ns = options.started.elapsed().as_nanos() as u64;
 
-    let exit = runner::run_vcpus(vcpus, &buses, ram.memory(), &control, options.timeout)?;
+    let (exit, chaos) = std::thread::scope(|scope| {
+        let chaos = config.chaos.as_ref().map(|chaos_config| {
+            let segments = chaos::workload_segments(&ram.ram_ranges(), config.workload.size_bytes);
+            let (paging, control, stop) = (&paging, &*control, &*step_stop);
+            scope
+                .spawn(move || chaos::run(chaos_config, paging.discarder(), paging.regions(), &segments, control, stop))
+        });
+        let exit = runner::run_vcpus(vcpus, &buses, ram.memory(), &control, options.timeout, api);
+        control.end(VmExit::Stopped { reason: "the vCPUs returned".into() });
+        let chaos = chaos.map(|h| h.join().unwrap_or_else(|_| chaos_panicked()));
+        (exit, chaos)
+    });
+    let exit = exit?;
     let total_ns = options.started.elapsed().as_nanos() as u64;
     let host_memory = HostMemory::of_self();
+    // The control server (and its hold on paging) went with the event loop.
+    let paging = Arc::try_unwrap(paging).map_err(|_| VmmError::StillShared("demand paging"))?;
+    let faults = paging.finish()?;
     drop(buses);
     drop(vm);
     let memory_bytes = ram.size_bytes();
@@ -116,11 +189,36 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
         setup_ns,
         total_ns,
         host_memory,
+        faults: Some(faults),
+        chaos,
     })
 }
 
-/// The port-I/O devices: COM1 (IRQ 4 via irqfd) and the debug-exit port.
-fn build_bus(vm: &Vm, echo: bool, collector: Arc<Mutex<GuestReportCollector>>) -> Result<PioBus, VmmError> {
+/// Starts demand paging for every zone; a dying fault engine ends the VM.
+fn start_paging(
+    config: &VmConfig,
+    options: &RunOptions,
+    ram: &GuestRam,
+    control: &Arc<VmControl>,
+) -> Result<GuestPaging, VmmError> {
+    let control = control.clone();
+    let on_failure: EngineFailureHook = Arc::new(move |reason| control.end(VmExit::FaultEngineFailed { reason }));
+    let source = options.page_source.clone().unwrap_or_else(|| Arc::new(ZeroSource));
+    let write_protect = config.chaos.is_some();
+    Ok(GuestPaging::start(ram, &config.zones, &config.fault_engine, write_protect, source, on_failure)?)
+}
+
+fn chaos_panicked() -> ChaosReport {
+    ChaosReport { errors: 1, first_errors: vec!["the chaos driver panicked".into()], ..ChaosReport::default() }
+}
+
+/// The port-I/O devices: COM1 (IRQ 4 via irqfd), the debug-exit and step-control ports.
+fn build_bus(
+    vm: &Vm,
+    echo: bool,
+    collector: Arc<Mutex<GuestReportCollector>>,
+    step_stop: Arc<AtomicBool>,
+) -> Result<PioBus, VmmError> {
     let interrupt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
         .map_err(|source| VmmError::EventFd { what: "the serial interrupt", source })?;
     vm.register_irqfd(&interrupt, COM1_IRQ)?;
@@ -128,6 +226,7 @@ fn build_bus(vm: &Vm, echo: bool, collector: Arc<Mutex<GuestReportCollector>>) -
     let mut bus = PioBus::new();
     bus.insert(abi::SERIAL_PORT, SERIAL_PORTS, Arc::new(Mutex::new(serial)))?;
     bus.insert(abi::DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, Arc::new(Mutex::new(DebugExit)))?;
+    bus.insert(abi::STEP_CONTROL_PORT, STEP_CONTROL_PORTS, Arc::new(Mutex::new(StepControl::new(step_stop))))?;
     Ok(bus)
 }
 
@@ -157,7 +256,7 @@ mod tests {
     }
 
     fn options() -> RunOptions {
-        RunOptions { started: std::time::Instant::now(), timeout: Some(std::time::Duration::from_secs(30)) }
+        RunOptions::new(std::time::Instant::now(), Some(std::time::Duration::from_secs(30)))
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod debug_exit;
 pub mod mmio;
 pub mod serial;
+pub mod step_control;
 pub mod virtio;
 
 pub use mmio::{MmioBus, MmioBusError, MmioDevice};

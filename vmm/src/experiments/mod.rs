@@ -2,4 +2,5 @@
 //! restore, migration and balloon policy later.
 
 pub mod boot_bench;
+pub mod chaos;
 pub mod child_timing;

@@ -157,7 +157,7 @@ impl Discarder {
         let uffd = self.uffd.as_ref().ok_or(DiscardError::NotWriteProtectable(range.gpa))?;
         for (region, part) in self.wp_parts(range)? {
             let _inv = self.inv.invalidate(part);
-            uffd.write_protect(region.host_of(part.gpa), part.len, true, false)?;
+            retry_mm_changing(|| uffd.write_protect(region.host_of(part.gpa), part.len, true, false))?;
             self.table.update(part, PageState::WRITE_PROTECTED, PageState::DIRTY);
         }
         Ok(())
@@ -168,10 +168,30 @@ impl Discarder {
     pub fn unprotect(&self, range: GuestRange) -> Result<(), DiscardError> {
         let uffd = self.uffd.as_ref().ok_or(DiscardError::NotWriteProtectable(range.gpa))?;
         for (region, part) in self.wp_parts(range)? {
-            uffd.write_protect(region.host_of(part.gpa), part.len, false, false)?;
+            retry_mm_changing(|| uffd.write_protect(region.host_of(part.gpa), part.len, false, false))?;
             self.table.clear(part, PageState::WRITE_PROTECTED);
         }
         Ok(())
+    }
+}
+
+/// Runs a write-protect ioctl again while it fails with EAGAIN: another thread's
+/// MADV_DONTNEED has a REMOVE event pending, which a handler thread reads shortly. Gives
+/// up (returning the EAGAIN) after about a second, when no handler reads events any more.
+fn retry_mm_changing(mut op: impl FnMut() -> Result<(), UffdError>) -> Result<(), UffdError> {
+    let mut tries = 0u32;
+    loop {
+        match op() {
+            Err(e) if e.is_mm_changing() && tries < 10_000 => {
+                tries += 1;
+                if tries < 100 {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(std::time::Duration::from_micros(100));
+                }
+            }
+            other => return other,
+        }
     }
 }
 

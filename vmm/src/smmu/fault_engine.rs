@@ -76,8 +76,9 @@ pub enum FaultEngineError {
     Os(#[from] std::io::Error),
 }
 
-/// Called once, from the failing handler thread, when the engine dies.
-pub type FailureCallback = Arc<dyn Fn(&FaultEngineError) + Send + Sync>;
+/// Called once, from the failing handler thread, when the engine dies, with the error's
+/// message ([`FaultEngine::failure`] already returns it when this runs).
+pub type FailureCallback = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Engine settings.
 #[derive(Clone)]

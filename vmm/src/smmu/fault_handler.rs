@@ -54,12 +54,11 @@ pub(super) fn handler_main(shared: &Arc<Shared>, idx: usize, wake: &OwnedFd) {
         }
     };
     tracing::error!("fault handler {idx} died: {err}");
+    // Recorded before the callback runs, so whoever the callback wakes finds the reason.
+    let message = err.to_string();
+    shared.failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(err);
     if let Some(cb) = &shared.config.on_failure {
-        cb(&err);
-    }
-    {
-        let mut slot = shared.failure.lock().unwrap_or_else(|p| p.into_inner());
-        slot.get_or_insert(err);
+        cb(&message);
     }
     signal(&shared.failure_fd);
     signal(&shared.shutdown_fd); // stop the other handlers too
@@ -204,6 +203,10 @@ impl<'a> Handler<'a> {
             let state = s.table.get(gpa);
             // A page write-protected before it was populated is installed protected.
             let wp = state.contains(PageState::WRITE_PROTECTED);
+            // A MINOR fault whose page was discarded (hole punched) after the fault was
+            // raised: the page cache no longer holds it, so CONTINUE would fail (EFAULT).
+            // Fill it with zeros instead, as a MISSING fault on a discarded page.
+            let minor_discarded = f.kind == FaultKind::Minor && state.contains(PageState::DISCARDED);
             let data = if f.kind != FaultKind::Missing || state.contains(PageState::DISCARDED) {
                 PageData::Zero
             } else {
@@ -227,6 +230,10 @@ impl<'a> Handler<'a> {
             s.table.update(range, set, clear);
             let outcome = match (f.kind, data) {
                 (FaultKind::Missing, PageData::Zero) if ioctls.zeropage() && !wp => s.uffd.zeropage(f.hva, page, false),
+                (FaultKind::Minor, _) if minor_discarded => {
+                    self.buf[..page as usize].fill(0);
+                    s.uffd.copy(f.hva, &self.buf[..page as usize], wp, false)
+                }
                 (FaultKind::Missing, data) => {
                     if data == PageData::Zero {
                         self.buf[..page as usize].fill(0);
@@ -234,9 +241,12 @@ impl<'a> Handler<'a> {
                     s.uffd.copy(f.hva, &self.buf[..page as usize], wp, false)
                 }
                 (FaultKind::Minor, _) => s.uffd.continue_(f.hva, page, wp, false),
-                (FaultKind::WriteProtect, _) => {
-                    s.uffd.write_protect(f.hva, page, false, false).map(|()| FillOutcome::Filled)
-                }
+                (FaultKind::WriteProtect, _) => match s.uffd.write_protect(f.hva, page, false, false) {
+                    Ok(()) => Ok(FillOutcome::Filled),
+                    // Like a fill: a REMOVE is pending, read it before retrying.
+                    Err(e) if e.is_mm_changing() => Ok(FillOutcome::MmChanging { filled_bytes: 0 }),
+                    Err(e) => Err(e),
+                },
             };
             if !matches!(outcome, Ok(FillOutcome::Filled | FillOutcome::AlreadyFilled)) {
                 let restore = PageState(before.0 & clear.0);

@@ -8,7 +8,8 @@ use hdrhistogram::Histogram;
 use super::PAGE_2M;
 
 /// The kinds of fault, for statistics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum FaultKind {
     /// A missing page (COPY / ZEROPAGE).
     Missing,
@@ -19,7 +20,7 @@ pub enum FaultKind {
 }
 
 /// Per-kind latency figures (nanoseconds, message read → installed).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct LatencySummary {
     /// Fault kind.
     pub kind: FaultKind,
@@ -29,8 +30,14 @@ pub struct LatencySummary {
     pub count: u64,
     /// Median latency.
     pub p50_ns: u64,
+    /// 90th percentile latency.
+    pub p90_ns: u64,
     /// 99th percentile latency.
     pub p99_ns: u64,
+    /// 99.9th percentile latency.
+    pub p999_ns: u64,
+    /// Mean latency.
+    pub mean_ns: u64,
     /// Largest latency.
     pub max_ns: u64,
 }
@@ -68,7 +75,10 @@ impl EngineStats {
                 page_bytes: if i % 2 == 1 { PAGE_2M } else { 4096 },
                 count: h.len(),
                 p50_ns: h.value_at_quantile(0.5),
+                p90_ns: h.value_at_quantile(0.9),
                 p99_ns: h.value_at_quantile(0.99),
+                p999_ns: h.value_at_quantile(0.999),
+                mean_ns: h.mean() as u64,
                 max_ns: h.max(),
             });
         }

@@ -16,6 +16,8 @@
 //! All ranges in this layer are guest-physical ([`GuestRange`]); [`Regions`] translates
 //! between guest-physical and host-virtual addresses.
 
+pub mod access;
+pub mod coherence;
 pub mod discard;
 pub mod fault_engine;
 mod fault_handler;

@@ -62,6 +62,14 @@ pub enum UffdError {
     UnknownEvent(u8),
 }
 
+impl UffdError {
+    /// `EAGAIN` from an ioctl: the address space is changing (a REMOVE/UNMAP event is
+    /// pending). Read the pending events (or let a handler read them), then retry.
+    pub fn is_mm_changing(&self) -> bool {
+        matches!(self, UffdError::Ioctl { source, .. } if source.raw_os_error() == Some(libc::EAGAIN))
+    }
+}
+
 /// Result type of this module.
 pub type Result<T> = std::result::Result<T, UffdError>;
 

@@ -56,7 +56,7 @@ fn run_code_on(
     bus.insert(0xf4, 4, Arc::new(Mutex::new(DebugExit))).unwrap();
     let control = VmControl::new().unwrap();
     let buses = DeviceBuses::new(bus, mmio);
-    let exit = run_vcpus(vcpus, &buses, ram.memory(), &control, Some(timeout)).unwrap();
+    let exit = run_vcpus(vcpus, &buses, ram.memory(), &control, Some(timeout), Vec::new()).unwrap();
     drop(buses);
     let collector = Arc::try_unwrap(collector).ok().unwrap().into_inner().unwrap();
     (exit, collector)

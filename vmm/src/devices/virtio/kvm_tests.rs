@@ -84,7 +84,8 @@ fn a_guest_inflates_the_balloon_through_real_mmio_exits() {
     pio.insert(0xf4, 4, Arc::new(Mutex::new(DebugExit))).unwrap();
     let buses = DeviceBuses::new(pio, std::mem::take(&mut rig.bus));
     let control = VmControl::new().unwrap();
-    let exit = run_vcpus(vec![vcpu], &buses, rig.ram.memory(), &control, Some(Duration::from_secs(30))).unwrap();
+    let exit =
+        run_vcpus(vec![vcpu], &buses, rig.ram.memory(), &control, Some(Duration::from_secs(30)), Vec::new()).unwrap();
     drop(buses);
     drop(vm);
 

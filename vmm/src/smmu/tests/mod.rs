@@ -2,6 +2,8 @@
 //! registered with a fault engine, and touched from other threads. The stress test is in
 //! `stress.rs`, the hugetlb tests in `hugetlb.rs`.
 
+mod access;
+mod coherence;
 mod hugetlb;
 mod stress;
 
@@ -106,6 +108,8 @@ struct Rig {
     engine: FaultEngine,
     discarder: Discarder,
     table: Arc<PageStateTable>,
+    regions: Arc<Regions>,
+    inv: Arc<Invalidation>,
     map: Mapping,
 }
 
@@ -114,8 +118,8 @@ fn rig(map: Mapping, region: UffdRegion, source: Arc<dyn PageSource>, cfg: Fault
     let inv = Arc::new(Invalidation::new());
     let regions = Arc::new(Regions::new(vec![region]));
     let engine = FaultEngine::start(regions.clone(), table.clone(), inv.clone(), source, cfg).unwrap();
-    let discarder = Discarder::new(regions, table.clone(), inv, Some(engine.link()));
-    Rig { engine, discarder, table, map }
+    let discarder = Discarder::new(regions.clone(), table.clone(), inv.clone(), Some(engine.link()));
+    Rig { engine, discarder, table, regions, inv, map }
 }
 
 fn region_of(map: &Mapping, page_bytes: u64, mode: UffdMode, wp: bool) -> UffdRegion {

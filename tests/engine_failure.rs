@@ -1,0 +1,54 @@
+//! A fault engine whose page source fails (a memory image that cannot be read, a remote
+//! peer that went away) ends the VM with that error: no vCPU is left waiting forever on a
+//! fault nobody will resolve.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use faultline::config::{Backend, PagingMode, VmConfig, ZoneConfig};
+use faultline::report::VmExit;
+use faultline::smmu::page_source::{PageData, PageSource, PageSourceError};
+use faultline::vmm::{run, RunOptions};
+
+mod common;
+
+/// Serves zero pages, then fails every request after `left` of them.
+struct FailsAfter {
+    left: AtomicU64,
+}
+
+impl PageSource for FailsAfter {
+    fn read_page(&self, gpa: u64, _buf: &mut [u8]) -> Result<PageData, PageSourceError> {
+        if self.left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_err() {
+            return Err(PageSourceError::Failed { gpa, reason: "the memory image server went away".into() });
+        }
+        Ok(PageData::Zero)
+    }
+}
+
+#[test]
+fn a_failing_page_source_ends_the_vm_with_its_error() {
+    if !common::kvm_available() {
+        return;
+    }
+    let zone = ZoneConfig { paging: PagingMode::UffdMissing, ..ZoneConfig::new(64 << 20, Backend::Anon) };
+    let config = VmConfig { vcpus: 2, zones: vec![zone], ..VmConfig::default() };
+    let timeout = Duration::from_secs(60);
+    let mut options = RunOptions::new(Instant::now(), Some(timeout));
+    // Enough for the kernel image and boot data, then the guest's fill hits the failure.
+    options.page_source = Some(Arc::new(FailsAfter { left: AtomicU64::new(3000) }));
+    let started = Instant::now();
+    let report = run(&config, &options).expect("the run itself works");
+    match &report.exit {
+        VmExit::FaultEngineFailed { reason } => {
+            assert!(reason.contains("the memory image server went away"), "{reason}")
+        }
+        other => panic!("expected the engine failure to end the VM, got {other:?}"),
+    }
+    assert!(started.elapsed() < timeout, "ended by the timeout, not by the failure");
+    assert!(!report.success());
+    let faults = report.faults.as_ref().expect("fault report");
+    assert!(faults.engine_failure.as_ref().is_some_and(|e| e.contains("went away")), "{faults:?}");
+    assert!(report.summary().contains("the fault engine failed"), "{}", report.summary());
+}

@@ -1,0 +1,256 @@
+//! `faultline ctl`: steer a running VM through its control socket, printing one short
+//! line per answer (or the raw JSON result with `--json`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::Value;
+
+use super::client::{ClientError, ControlClient};
+use super::protocol::{BalloonInfo, BalloonStats, HelloResult, VmState, VmStatus};
+
+/// Options of `faultline ctl`.
+#[derive(Debug, Args, Clone)]
+pub struct CtlArgs {
+    /// The VM's control socket (the path given to `faultline run --api-socket`).
+    #[arg(long, short = 's', value_name = "PATH")]
+    pub socket: PathBuf,
+    /// Print the JSON result instead of a sentence.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Give up if the VM does not answer within this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub timeout: f64,
+    /// What to ask.
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+/// What `faultline ctl` asks.
+#[derive(Debug, Subcommand, Clone)]
+pub enum CtlCommand {
+    /// The protocol version and the commands the VM knows.
+    Hello,
+    /// The VM's state: running or not, vCPUs, memory, uptime, guest ready.
+    Status,
+    /// The balloon.
+    #[command(subcommand)]
+    Balloon(BalloonCommand),
+    /// Demand paging (the smmu).
+    #[command(subcommand)]
+    Paging(PagingCommand),
+}
+
+/// `faultline ctl paging ...`.
+#[derive(Debug, Subcommand, Clone)]
+pub enum PagingCommand {
+    /// Paging modes, faults resolved and engine latency so far.
+    Stats,
+    /// Run the coherence checker now: the state table against the host's page tables.
+    Check,
+}
+
+/// `faultline ctl balloon ...`.
+#[derive(Debug, Subcommand, Clone)]
+pub enum BalloonCommand {
+    /// Target and actual size, host memory freed, guest statistics.
+    Get,
+    /// Ask the guest to make the balloon this size (e.g. 512M, 1G, 0 to give it all back).
+    Set {
+        /// The target size.
+        #[arg(value_name = "SIZE")]
+        target: String,
+    },
+    /// The guest's latest memory statistics.
+    Stats,
+}
+
+/// Runs `faultline ctl` and prints its answer. Exit codes: 0 done; 1 the VM answered with
+/// an error (e.g. no balloon); 2 no answer (cannot connect, connection failed).
+pub fn main(args: &CtlArgs) -> ExitCode {
+    match execute(args) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(err @ ClientError::Server(_)) => {
+            eprintln!("faultline ctl: {err}");
+            ExitCode::from(1)
+        }
+        Err(err) => {
+            eprintln!("faultline ctl: error: {err}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs `faultline ctl` and returns what it prints.
+pub fn execute(args: &CtlArgs) -> Result<String, ClientError> {
+    let timeout = Duration::try_from_secs_f64(args.timeout).ok().filter(|t| !t.is_zero());
+    let mut client = ControlClient::connect(&args.socket, timeout)?;
+    let (cmd, call_args) = match &args.command {
+        CtlCommand::Hello => ("hello", Value::Null),
+        CtlCommand::Status => ("status", Value::Null),
+        CtlCommand::Balloon(BalloonCommand::Get) => ("balloon.get", Value::Null),
+        CtlCommand::Balloon(BalloonCommand::Set { target }) => ("balloon.set", serde_json::json!({ "target": target })),
+        CtlCommand::Balloon(BalloonCommand::Stats) => ("balloon.stats", Value::Null),
+        CtlCommand::Paging(PagingCommand::Stats) => ("paging.stats", Value::Null),
+        CtlCommand::Paging(PagingCommand::Check) => ("paging.check", Value::Null),
+    };
+    let result = client.call(cmd, call_args)?;
+    if args.json {
+        return Ok(serde_json::to_string_pretty(&result).expect("JSON values serialize"));
+    }
+    let bad = |e: serde_json::Error| ClientError::Protocol(format!("{cmd}: {e}"));
+    Ok(match &args.command {
+        CtlCommand::Hello => describe_hello(&serde_json::from_value(result).map_err(bad)?),
+        CtlCommand::Status => describe_status(&serde_json::from_value(result).map_err(bad)?),
+        CtlCommand::Balloon(BalloonCommand::Get) => describe_balloon(&serde_json::from_value(result).map_err(bad)?),
+        CtlCommand::Balloon(BalloonCommand::Set { .. }) => {
+            let info: BalloonInfo = serde_json::from_value(result).map_err(bad)?;
+            format!("balloon target set: {}", describe_balloon(&info).trim_start_matches("balloon: "))
+        }
+        CtlCommand::Balloon(BalloonCommand::Stats) => describe_stats(&serde_json::from_value(result).map_err(bad)?),
+        CtlCommand::Paging(PagingCommand::Stats) => describe_paging(&result),
+        CtlCommand::Paging(PagingCommand::Check) => describe_coherence(&result),
+    })
+}
+
+fn describe_hello(hello: &HelloResult) -> String {
+    format!("{}, control protocol {}: {}", hello.server, hello.protocol, hello.commands.join(", "))
+}
+
+fn describe_status(status: &VmStatus) -> String {
+    let state = match status.state {
+        VmState::Running => "running",
+        VmState::Stopping => "stopping",
+        VmState::Ended => "ended",
+    };
+    let mut text = format!(
+        "{state}: {} vCPU{}, {} RAM, up {:.1} s, guest {}, {}",
+        status.vcpus,
+        if status.vcpus == 1 { "" } else { "s" },
+        format_bytes(status.memory_bytes),
+        status.uptime_ms as f64 / 1000.0,
+        if status.guest_ready { "ready" } else { "not ready yet" },
+        if status.balloon { "balloon" } else { "no balloon" },
+    );
+    if let Some(exit) = &status.exit {
+        text.push_str(&format!(" ({exit})"));
+    }
+    text
+}
+
+fn describe_balloon(info: &BalloonInfo) -> String {
+    let mut text = format!(
+        "balloon: target {} ({} pages), actual {} ({} pages)",
+        format_bytes(info.target_bytes),
+        info.target_pages,
+        format_bytes(info.actual_bytes),
+        info.actual_pages
+    );
+    if let Some(freed) = info.host_freed_bytes {
+        text.push_str(&format!(", host freed {}", format_bytes(freed)));
+    }
+    if let Some(partial) = info.partial_huge_pages.filter(|&p| p > 0) {
+        text.push_str(&format!(", {partial} huge pages partly ballooned"));
+    }
+    text
+}
+
+fn describe_stats(stats: &BalloonStats) -> String {
+    let Some(age_ms) = stats.age_ms else {
+        return "the guest has not reported memory statistics yet".to_string();
+    };
+    let bytes = [
+        ("free", stats.free_bytes),
+        ("available", stats.available_bytes),
+        ("total", stats.total_bytes),
+        ("caches", stats.disk_caches_bytes),
+        ("swapped in", stats.swap_in_bytes),
+        ("swapped out", stats.swap_out_bytes),
+    ];
+    let counts = [
+        ("major faults", stats.major_faults),
+        ("minor faults", stats.minor_faults),
+        ("hugetlb allocations", stats.hugetlb_allocations),
+        ("hugetlb failures", stats.hugetlb_failures),
+    ];
+    let parts: Vec<String> = bytes
+        .iter()
+        .filter_map(|(name, v)| v.map(|v| format!("{name} {}", format_bytes(v))))
+        .chain(counts.iter().filter_map(|(name, v)| v.map(|v| format!("{name} {v}"))))
+        .collect();
+    let listed = if parts.is_empty() { "no figures".to_string() } else { parts.join(", ") };
+    format!("guest memory: {listed} (reported {:.1} s ago)", age_ms as f64 / 1000.0)
+}
+
+fn describe_paging(stats: &Value) -> String {
+    let modes: Vec<&str> = stats["modes"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    let mut text = format!("paging: {}", modes.join(", "));
+    for l in stats["latency"].as_array().into_iter().flatten() {
+        let us = |key: &str| l[key].as_f64().unwrap_or(0.0) / 1e3;
+        text.push_str(&format!(
+            "\n  {} faults ({} KiB pages): {}, engine latency p50 {:.1} µs p99 {:.1} µs",
+            l["kind"].as_str().unwrap_or("?"),
+            l["page_bytes"].as_u64().unwrap_or(0) >> 10,
+            l["count"],
+            us("p50_ns"),
+            us("p99_ns")
+        ));
+    }
+    text
+}
+
+fn describe_coherence(report: &Value) -> String {
+    let checked = &report["granules_checked"];
+    let populated = &report["granules_populated"];
+    match report["mismatch_count"].as_u64() {
+        Some(0) => format!("coherence: clean ({checked} pages checked, {populated} populated)"),
+        Some(n) => {
+            format!("coherence: {n} disagreements ({checked} pages checked); first: {}", report["mismatches"][0])
+        }
+        None => format!("coherence: unexpected answer {report}"),
+    }
+}
+
+/// `bytes` in the largest binary unit that keeps it short: exact when it divides, else
+/// one decimal (`512 MiB`, `1.5 GiB`, `1023 B`).
+pub fn format_bytes(bytes: u64) -> String {
+    const UNITS: [(&str, u32); 4] = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
+    for (unit, shift) in UNITS {
+        if bytes >= 1 << shift {
+            return if bytes & ((1 << shift) - 1) == 0 {
+                format!("{} {unit}", bytes >> shift)
+            } else {
+                format!("{:.1} {unit}", bytes as f64 / (1u64 << shift) as f64)
+            };
+        }
+    }
+    format!("{bytes} B")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_well() {
+        assert_eq!(format_bytes(0), "0 B");
+        assert_eq!(format_bytes(1023), "1023 B");
+        assert_eq!(format_bytes(1536), "1.5 KiB");
+        assert_eq!(format_bytes(4096), "4 KiB");
+        assert_eq!(format_bytes(512 << 20), "512 MiB");
+        assert_eq!(format_bytes(3 << 29), "1.5 GiB");
+    }
+
+    #[test]
+    fn stats_line_names_what_the_guest_reported() {
+        assert!(describe_stats(&BalloonStats::default()).contains("not reported"));
+        let stats =
+            BalloonStats { free_bytes: Some(1 << 20), major_faults: Some(3), age_ms: Some(1500), ..Default::default() };
+        assert_eq!(describe_stats(&stats), "guest memory: free 1 MiB, major faults 3 (reported 1.5 s ago)");
+    }
+}

@@ -1,0 +1,65 @@
+//! What the control server steers: the traits the VMM implements for it.
+//!
+//! The server calls these on the thread that runs its event loop (the VMM's main event
+//! loop), so every method must return promptly: read shared state, or post a request to
+//! a device (write its config space, raise its interrupt) and return. Never wait for the
+//! guest here; a client that wants to see the guest follow polls `balloon.get`.
+
+use super::protocol::{BalloonStats, VmStatus};
+
+/// A running VM, as the control server sees it.
+pub trait ControlTarget: Send + Sync {
+    /// The VM's state now.
+    fn status(&self) -> VmStatus;
+
+    /// The balloon device, if the VM has one.
+    fn balloon(&self) -> Option<&dyn BalloonControl>;
+
+    /// Demand paging (the smmu), if the VM exposes it.
+    fn paging(&self) -> Option<&dyn PagingControl> {
+        None
+    }
+}
+
+/// The smmu of a running VM, for debugging: statistics and the coherence checker.
+pub trait PagingControl: Send + Sync {
+    /// Paging modes, faults resolved, engine latency and race counters so far (JSON).
+    fn stats(&self) -> serde_json::Value;
+
+    /// Runs the coherence checker now; its report (JSON) or why it could not run. Takes
+    /// each range's invalidation lock briefly, so faults go on meanwhile.
+    fn check_coherence(&self) -> Result<serde_json::Value, String>;
+}
+
+/// A balloon's sizes, in 4 KiB balloon pages (virtio-balloon's unit), plus what the
+/// device measured on the host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BalloonSizes {
+    /// The target the host set (virtio config `num_pages`).
+    pub target_pages: u64,
+    /// What the guest has given (virtio config `actual`).
+    pub actual_pages: u64,
+    /// Host memory actually freed by the balloon, bytes, if the device measures it.
+    pub host_freed_bytes: Option<u64>,
+    /// Huge pages only partly ballooned (hugetlb backends), if the device tracks them.
+    pub partial_huge_pages: Option<u64>,
+}
+
+/// Why a balloon refused a new target (shown to the user as is: say what to do).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BalloonRefused(pub String);
+
+/// A balloon device, as the control server steers it.
+pub trait BalloonControl: Send + Sync {
+    /// The current target, actual size and host accounting.
+    fn sizes(&self) -> BalloonSizes;
+
+    /// Asks the guest to make the balloon `pages` 4 KiB pages big (updates config space
+    /// and notifies the guest). Returns once the request is posted, not when the guest
+    /// has followed. The server has already checked that `pages` fits in guest RAM.
+    fn set_target_pages(&self, pages: u64) -> Result<(), BalloonRefused>;
+
+    /// The guest's latest memory statistics (all `None` until it reports).
+    fn stats(&self) -> BalloonStats;
+}
