@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +35,10 @@ pub struct BalloonCounters {
     pub huge_pages_freed: u64,
     /// Hugetlb pages held partially: some of their 4 KiB pages ballooned, not all.
     pub huge_pages_partial: u64,
+    /// Host memory the balloon holds freed now, by its bookkeeping: ballooned 4 KiB pages
+    /// plus whole ballooned huge pages (true while the guest keeps out of its balloon;
+    /// `memory::accounting` measures what the host really holds).
+    pub freed_bytes: u64,
     /// Ballooned 4 KiB pages of partially held huge pages that were zeroed instead of
     /// freed (so a deflated page reads as zeros on every backend).
     pub pages_zeroed: u64,
@@ -74,7 +79,7 @@ pub struct BalloonHandle {
     target: AtomicU32,
     actual: AtomicU32,
     schedule: Mutex<VecDeque<u32>>,
-    stats: Mutex<Option<GuestStats>>,
+    stats: Mutex<Option<(GuestStats, Instant)>>,
     last_error: Mutex<Option<String>>,
     invalid_pfn_logged: AtomicBool,
     pub(super) counters: Counters,
@@ -170,13 +175,18 @@ impl BalloonHandle {
 
     /// The latest statistics the guest sent (None until it sends some).
     pub fn stats(&self) -> Option<GuestStats> {
-        self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(s, _)| s.clone())
+    }
+
+    /// How long ago the guest last sent statistics (None if it never has).
+    pub fn stats_age(&self) -> Option<Duration> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(_, at)| at.elapsed())
     }
 
     pub(super) fn store_stats(&self, values: std::collections::BTreeMap<String, u64>) {
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        let updates = stats.as_ref().map_or(0, |s| s.updates) + 1;
-        *stats = Some(GuestStats { values, updates });
+        let updates = stats.as_ref().map_or(0, |(s, _)| s.updates) + 1;
+        *stats = Some((GuestStats { values, updates }, Instant::now()));
     }
 
     /// Asks the guest for fresh statistics: gives back the statistics buffer it posted,
@@ -188,9 +198,9 @@ impl BalloonHandle {
 
     /// A snapshot of the counters.
     pub fn counters(&self) -> BalloonCounters {
-        let (ballooned_pages, huge_pages_partial) = {
+        let (ballooned_pages, huge_pages_partial, freed_bytes) = {
             let rt = self.runtime();
-            (rt.pages.count(), rt.pages.partial_huge_pages())
+            (rt.pages.count(), rt.pages.partial_huge_pages(), rt.pages.freed_bytes())
         };
         let c = &self.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -204,6 +214,7 @@ impl BalloonHandle {
             bytes_discarded: get(&c.bytes_discarded),
             huge_pages_freed: get(&c.huge_freed),
             huge_pages_partial,
+            freed_bytes,
             pages_zeroed: get(&c.zeroed),
             invalid_pfns: get(&c.invalid_pfns),
             redundant_pfns: get(&c.redundant_pfns),

@@ -24,6 +24,7 @@
 //! handle.set_target_pages(32768); // from any thread
 //! ```
 
+mod control;
 pub mod handle;
 pub mod pages;
 mod runtime;

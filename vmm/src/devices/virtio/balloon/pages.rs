@@ -122,6 +122,21 @@ impl BalloonPages {
             .count() as u64
     }
 
+    /// Bytes the balloon frees by its bookkeeping: every ballooned page of a 4 KiB region,
+    /// and every huge page all of whose pages are ballooned.
+    pub fn freed_bytes(&self) -> u64 {
+        self.regions
+            .iter()
+            .map(|r| match r.huge() {
+                false => r.bits.iter().map(|w| w.count_ones() as u64).sum::<u64>() * PAGE_4K,
+                true => {
+                    let full = r.bits.chunks(r.words_per_huge()).filter(|w| w.iter().all(|&x| x == u64::MAX)).count();
+                    full as u64 * r.granule
+                }
+            })
+            .sum()
+    }
+
     /// Empties the balloon (device reset: the guest owns all its memory again).
     pub fn clear(&mut self) {
         for r in &mut self.regions {
@@ -203,6 +218,7 @@ mod tests {
         pages.insert((PAGES_PER_HUGE - 1) * PAGE_4K).unwrap();
         assert!(pages.huge_page_full(first));
         assert_eq!(pages.partial_huge_pages(), 0);
+        assert_eq!(pages.freed_bytes(), PAGE_2M);
         pages.insert(PAGE_2M + 0x5000).unwrap();
         assert_eq!(pages.partial_huge_pages(), 1);
         // 4 KiB regions are never "huge", however full.

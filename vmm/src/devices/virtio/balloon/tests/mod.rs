@@ -108,7 +108,10 @@ fn inflate_frees_memory_and_deflate_returns_pages(zone: ZoneConfig) {
         }
     }
     let c = rig.balloon.counters();
-    assert_eq!((c.inflated_pages, c.ballooned_pages, c.bytes_discarded), (32, 32, 32 * PAGE_4K));
+    assert_eq!(
+        (c.inflated_pages, c.ballooned_pages, c.bytes_discarded, c.freed_bytes),
+        (32, 32, 32 * PAGE_4K, 32 * PAGE_4K)
+    );
 
     send_pfns(&rig, &mut qs.deflate, &pfns[..16]);
     let c = rig.balloon.counters();
@@ -278,6 +281,7 @@ fn hugetlb_page_is_freed_only_when_all_512_pages_are_ballooned() {
     }
     let c = rig.balloon.counters();
     assert_eq!((c.inflated_pages, c.huge_pages_partial, c.huge_pages_freed, c.bytes_discarded), (511, 1, 0, 0));
+    assert_eq!(c.freed_bytes, 0);
     assert_eq!(held(), before);
     // Not freed, but zeroed: a page given back later reads as zeros, as on other backends.
     assert_eq!(c.pages_zeroed, 511);
@@ -287,6 +291,7 @@ fn hugetlb_page_is_freed_only_when_all_512_pages_are_ballooned() {
     send_pfns(&rig, &mut qs.inflate, &pfns[511..]);
     let c = rig.balloon.counters();
     assert_eq!((c.inflated_pages, c.huge_pages_partial, c.huge_pages_freed, c.bytes_discarded), (512, 0, 1, PAGE_2M));
+    assert_eq!(c.freed_bytes, PAGE_2M);
     assert_eq!(held(), before - PAGE_2M);
     eprintln!("hugetlb balloon: free 2 MiB pages on the host now {:?}", accounting::free_hugepages_2m());
     assert!(rig.page_is_zero(huge) && rig.page_is_zero(huge + PAGE_2M - PAGE_4K));
