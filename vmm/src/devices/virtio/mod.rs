@@ -6,6 +6,8 @@
 //!   control threads.
 //! - [`chain`]: validation of every descriptor chain a driver hands us.
 //! - [`balloon`]: the virtio-balloon device.
+//! - [`slot`]: where devices live (window, IRQ, command-line token) and
+//!   [`install_balloon`], the one call the VMM makes.
 //!
 //! A misbehaving driver never crashes the VMM: every chain is checked before use, guest
 //! memory is reached only through vm-memory (which refuses anything outside guest RAM),
@@ -17,6 +19,7 @@ pub mod balloon;
 pub mod chain;
 pub mod interrupt;
 pub mod mmio;
+pub mod slot;
 
 #[cfg(test)]
 mod kvm_tests;
@@ -31,6 +34,7 @@ use vm_memory::GuestMemoryMmap;
 pub use chain::ChainError;
 pub use interrupt::VirtioInterrupt;
 pub use mmio::MmioTransport;
+pub use slot::{install_balloon, InstalledBalloon, MmioSlot, SlotError};
 
 /// VIRTIO_F_VERSION_1: the device follows virtio 1.x (required by this transport).
 pub const VIRTIO_F_VERSION_1: u32 = 32;

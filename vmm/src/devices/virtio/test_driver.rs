@@ -8,11 +8,10 @@ use std::sync::{Arc, Mutex};
 
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
-use super::balloon::{Balloon, BalloonConfig, BalloonHandle};
+use super::balloon::{BalloonConfig, BalloonHandle};
 use super::mmio::MmioTransport;
-use super::{status, VirtioInterrupt};
+use super::{install_balloon, status, InstalledBalloon, MmioSlot, VirtioInterrupt};
 use crate::config::{Backend, ZoneConfig};
 use crate::devices::MmioBus;
 use crate::memory::GuestRam;
@@ -262,12 +261,11 @@ impl Rig {
                 .unwrap()
         });
         let discarder = Discarder::new(regions.clone(), table, inv, engine.as_ref().map(|e| e.link()));
-        let interrupt = Arc::new(VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-        let (device, balloon) = Balloon::new(config, discarder, regions.clone(), interrupt.clone());
-        let transport =
-            Arc::new(Mutex::new(MmioTransport::new(Box::new(device), ram.memory().clone(), interrupt.clone())));
         let mut bus = MmioBus::new();
-        bus.insert(BASE, 0x1000, transport.clone()).unwrap();
+        let slot = MmioSlot::nth(0);
+        assert_eq!(slot.base, BASE);
+        let installed = install_balloon(&mut bus, slot, ram.memory(), discarder, regions.clone(), config).unwrap();
+        let InstalledBalloon { handle: balloon, interrupt, transport } = installed;
         Rig { bus, transport, balloon, interrupt, engine, regions, ram }
     }
 
