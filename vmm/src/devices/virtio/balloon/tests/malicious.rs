@@ -161,6 +161,15 @@ fn avail_index_running_ahead_or_repeating_a_head_is_refused() {
         q.add_chain(rig.mem(), &[(BUFFERS, 4, false)]);
         q.set_avail_idx(rig.mem(), 9);
     });
+    refused("avail index moved backwards", |rig, q| {
+        let len = write_pfns(rig, BUFFERS, &[pfn(RAM)]);
+        q.add_chain(rig.mem(), &[(BUFFERS, len, false)]);
+        rig.driver().notify(0);
+        assert_eq!(q.used_idx(rig.mem()), 1, "the first, good request is used");
+        q.set_avail_idx(rig.mem(), 0);
+        // (`refused` then expects nothing new in the used ring: rewind our view of it.)
+        rig.mem().write_obj(0u16, GuestAddress(q.used + 2)).unwrap();
+    });
     refused("the same head made available twice in one batch", |rig, q| {
         let len = write_pfns(rig, BUFFERS, &[pfn(DATA)]);
         let head = q.add_chain(rig.mem(), &[(BUFFERS, len, false)]);
