@@ -352,11 +352,17 @@ impl MmioDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_OFFSET {
             self.device.read_config(offset - CONFIG_OFFSET, data);
+            self.device.config_observed();
             return;
         }
         let value = (data.len() == 4 && offset.is_multiple_of(4)).then(|| self.read_register(offset)).flatten();
         match value {
-            Some(v) => data.copy_from_slice(&v.to_le_bytes()),
+            Some(v) => {
+                data.copy_from_slice(&v.to_le_bytes());
+                if offset == reg::CONFIG_GENERATION {
+                    self.device.config_observed();
+                }
+            }
             None => {
                 self.counters.bad_accesses += 1;
                 data.fill(0);

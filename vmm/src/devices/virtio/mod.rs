@@ -112,6 +112,10 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes device config space at `offset`.
     fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver has just read ConfigGeneration or config space (after the transport
+    /// answered): a device that defers config changes until the driver has seen the
+    /// current config makes them here.
+    fn config_observed(&mut self) {}
     /// Starts the device with the driver's queues.
     fn activate(&mut self, context: ActivateContext) -> Result<(), DeviceError>;
     /// The driver notified queue `index`: process what it made available.

@@ -106,22 +106,33 @@ fn target_changes_bump_the_generation_and_raise_a_config_interrupt() {
 }
 
 #[test]
-fn schedule_moves_to_the_next_target_when_actual_reaches_the_current_one() {
+fn schedule_moves_to_the_next_target_once_the_driver_has_seen_the_reached_one() {
     let config = BalloonConfig { schedule: vec![300, 0, 50], ..BalloonConfig::default() };
     let rig = Rig::new(RAM, Backend::Anon, config);
     let d = rig.driver();
     assert_eq!(d.config(0), 300);
     d.set_config(4, 100);
+    assert_eq!(d.read(reg::CONFIG_GENERATION), 0);
     assert_eq!(d.config(0), 300);
-    let generation = d.read(reg::CONFIG_GENERATION);
     d.set_config(4, 300);
+    // The driver's next look still shows the target it reached (it verifies now) ...
+    assert_eq!(d.read(reg::CONFIG_GENERATION), 0);
+    assert_eq!(rig.balloon.target_pages(), 0, "the next target comes right after that look");
+    // ... and the look after that shows the next target, with a config interrupt.
+    assert_eq!(d.read(reg::CONFIG_GENERATION), 1);
     assert_eq!(d.config(0), 0);
-    assert_eq!(d.read(reg::CONFIG_GENERATION), generation + 1);
+    assert_ne!(d.read(reg::INTERRUPT_STATUS) & INT_CONFIG, 0);
     d.set_config(4, 0);
+    assert_eq!(d.config(0), 0, "a plain config read counts as a look too");
     assert_eq!(d.config(0), 50);
     assert_eq!(rig.balloon.remaining_schedule(), Vec::<u32>::new());
     d.set_config(4, 50);
-    assert_eq!(d.config(0), 50, "the schedule is over: the target stays");
+    assert_eq!((d.config(0), d.config(0)), (50, 50), "the schedule is over: the target stays");
+    // An explicit target drops the rest of a schedule and any pending move.
+    rig.balloon.set_schedule(&[10, 20]);
+    d.set_config(4, 10);
+    rig.balloon.set_target_pages(7);
+    assert_eq!((d.config(0), d.config(0)), (7, 7));
 }
 
 #[test]

@@ -82,6 +82,7 @@ pub struct BalloonHandle {
     stats: Mutex<Option<(GuestStats, Instant)>>,
     last_error: Mutex<Option<String>>,
     invalid_pfn_logged: AtomicBool,
+    advance_pending: AtomicBool,
     pub(super) counters: Counters,
     pub(super) interrupt: Arc<VirtioInterrupt>,
     pub(super) runtime: Mutex<Runtime>,
@@ -104,6 +105,7 @@ impl BalloonHandle {
             stats: Mutex::new(None),
             last_error: Mutex::new(None),
             invalid_pfn_logged: AtomicBool::new(false),
+            advance_pending: AtomicBool::new(false),
             counters: Counters::default(),
             interrupt,
             runtime: Mutex::new(runtime),
@@ -147,6 +149,7 @@ impl BalloonHandle {
     }
 
     fn store_target(&self, pages: u32) {
+        self.advance_pending.store(false, Ordering::SeqCst);
         self.target.store(pages, Ordering::SeqCst);
         self.interrupt.signal_config_change();
     }
@@ -156,20 +159,34 @@ impl BalloonHandle {
         self.actual.load(Ordering::SeqCst)
     }
 
-    /// The guest wrote `actual`: record it and move along the schedule if it reached the
-    /// target.
+    /// The guest wrote `actual`: record it. If it reached the target and a schedule
+    /// follows, the next target comes once the driver has looked at its config again
+    /// ([`BalloonHandle::driver_read_config`]): a polling driver then sees the reached
+    /// target stay put long enough to verify it, instead of a new target in the same
+    /// breath as its own write.
     pub(super) fn guest_wrote_actual(&self, pages: u32) {
         self.actual.store(pages, Ordering::SeqCst);
+        let reached = pages == self.target_pages() && !self.lock_schedule().is_empty();
+        self.advance_pending.store(reached, Ordering::SeqCst);
+    }
+
+    /// The driver read ConfigGeneration or config space (the transport calls this after
+    /// answering): time to move to the next scheduled target, if one is pending.
+    pub(super) fn driver_read_config(&self) {
+        if !self.advance_pending.swap(false, Ordering::SeqCst) {
+            return;
+        }
         let mut schedule = self.lock_schedule();
-        if pages == self.target_pages() {
+        if self.actual_pages() == self.target_pages() {
             if let Some(next) = schedule.pop_front() {
-                tracing::debug!("balloon reached {pages} pages; next target {next}");
+                tracing::debug!("balloon reached {} pages; next target {next}", self.actual_pages());
                 self.store_target(next);
             }
         }
     }
 
     pub(super) fn reset_actual(&self) {
+        self.advance_pending.store(false, Ordering::SeqCst);
         self.actual.store(0, Ordering::SeqCst);
     }
 

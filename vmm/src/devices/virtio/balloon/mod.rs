@@ -219,6 +219,10 @@ impl VirtioDevice for Balloon {
         self.handle.guest_wrote_actual(u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes")));
     }
 
+    fn config_observed(&mut self) {
+        self.handle.driver_read_config();
+    }
+
     fn activate(&mut self, context: ActivateContext) -> Result<(), DeviceError> {
         let indices = QueueIndices::for_features(context.features);
         if context.queues.len() != indices.count() {
