@@ -1,11 +1,12 @@
 //! The running VM as the control socket sees it ([`crate::api::ControlTarget`]): status
 //! from the VM's control and the guest's report lines, the smmu's statistics and its
-//! coherence checker. (The balloon joins here when the VM has one.)
+//! coherence checker, the balloon.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::api::{BalloonControl, ControlTarget, PagingControl, VmState, VmStatus};
+use crate::devices::virtio::balloon::BalloonHandle;
 use crate::paging::GuestPaging;
 use crate::report::GuestReportCollector;
 use crate::vstate::VmControl;
@@ -18,6 +19,8 @@ pub struct VmTarget {
     pub collector: Arc<Mutex<GuestReportCollector>>,
     /// Demand paging.
     pub paging: Arc<GuestPaging>,
+    /// The balloon, if the VM has one.
+    pub balloon: Option<Arc<BalloonHandle>>,
     /// When the VM started.
     pub started: Instant,
     /// vCPUs.
@@ -41,13 +44,13 @@ impl ControlTarget for VmTarget {
             memory_bytes: self.memory_bytes,
             uptime_ms: self.started.elapsed().as_millis() as u64,
             guest_ready,
-            balloon: false,
+            balloon: self.balloon.is_some(),
             exit: exit.map(|e| e.describe()),
         }
     }
 
     fn balloon(&self) -> Option<&dyn BalloonControl> {
-        None
+        self.balloon.as_deref().map(|h| h as &dyn BalloonControl)
     }
 
     fn paging(&self) -> Option<&dyn PagingControl> {

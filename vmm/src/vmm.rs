@@ -11,7 +11,10 @@ use crate::config::{ConfigError, VmConfig};
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORTS};
 use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_IRQ, SERIAL_PORTS};
 use crate::devices::step_control::{StepControl, STEP_CONTROL_PORTS};
+use crate::devices::virtio::balloon::{BalloonConfig, BalloonHandle};
+use crate::devices::virtio::{install_balloon, MmioSlot, SlotError};
 use crate::devices::{BusError, DeviceBuses, MmioBus, PioBus};
+use crate::experiments::balloon_watch;
 use crate::experiments::chaos::{self, ChaosReport};
 use crate::memory::{self, GuestRam};
 use crate::paging::{EngineFailureHook, GuestPaging, PagingError};
@@ -52,6 +55,9 @@ pub enum VmmError {
     /// Demand paging could not be set up or checked.
     #[error(transparent)]
     Paging(#[from] PagingError),
+    /// A virtio device could not be placed.
+    #[error(transparent)]
+    Device(#[from] SlotError),
     /// The control socket could not be served.
     #[error(transparent)]
     Api(#[from] ApiError),
@@ -139,13 +145,16 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
 
     let collector = Arc::new(Mutex::new(GuestReportCollector::new(options.started)));
     let step_stop = Arc::new(AtomicBool::new(false));
-    let buses = DeviceBuses::new(build_bus(&vm, config.console, collector.clone(), step_stop.clone())?, MmioBus::new());
+    let mut mmio = MmioBus::new();
+    let balloon = attach_balloon(config, &ram, &vm, &paging, &mut mmio)?;
+    let buses = DeviceBuses::new(build_bus(&vm, config.console, collector.clone(), step_stop.clone())?, mmio);
     let api = match &options.api_socket {
         Some(path) => {
             let target = Arc::new(VmTarget {
                 control: control.clone(),
                 collector: collector.clone(),
                 paging: paging.clone(),
+                balloon: balloon.clone(),
                 started: options.started,
                 vcpus: config.vcpus,
                 memory_bytes: ram.size_bytes(),
@@ -157,17 +166,22 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
     };
     let setup_ns = options.started.elapsed().as_nanos() as u64;
 
-    let (exit, chaos) = std::thread::scope(|scope| {
+    let (exit, chaos, balloon_report) = std::thread::scope(|scope| {
         let chaos = config.chaos.as_ref().map(|chaos_config| {
             let segments = chaos::workload_segments(&ram.ram_ranges(), config.workload.size_bytes);
             let (paging, control, stop) = (&paging, &*control, &*step_stop);
             scope
                 .spawn(move || chaos::run(chaos_config, paging.discarder(), paging.regions(), &segments, control, stop))
         });
+        let watch = balloon.as_ref().map(|handle| {
+            let (regions, control) = (paging.regions(), &*control);
+            scope.spawn(move || balloon_watch::watch(handle, regions, control))
+        });
         let exit = runner::run_vcpus(vcpus, &buses, ram.memory(), &control, options.timeout, api);
         control.end(VmExit::Stopped { reason: "the vCPUs returned".into() });
         let chaos = chaos.map(|h| h.join().unwrap_or_else(|_| chaos_panicked()));
-        (exit, chaos)
+        let balloon_report = watch.and_then(|h| h.join().ok());
+        (exit, chaos, balloon_report)
     });
     let exit = exit?;
     let total_ns = options.started.elapsed().as_nanos() as u64;
@@ -191,7 +205,34 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
         host_memory,
         faults: Some(faults),
         chaos,
+        balloon: balloon_report,
     })
+}
+
+/// Puts a virtio-balloon on the MMIO bus (window 0) when the config asks for one; its
+/// discards go through the smmu.
+fn attach_balloon(
+    config: &VmConfig,
+    ram: &GuestRam,
+    vm: &Vm,
+    paging: &GuestPaging,
+    mmio: &mut MmioBus,
+) -> Result<Option<Arc<BalloonHandle>>, VmmError> {
+    let Some(options) = &config.balloon else {
+        return Ok(None);
+    };
+    let device_config = BalloonConfig {
+        schedule: options.schedule_pages(),
+        stats: !options.no_stats,
+        reporting: !options.no_free_page_reporting,
+        deflate_on_oom: !options.no_deflate_on_oom,
+        ..BalloonConfig::default()
+    };
+    let slot = MmioSlot::nth(0);
+    let discarder = paging.discarder().clone();
+    let installed = install_balloon(mmio, slot, ram.memory(), discarder, paging.regions().clone(), device_config)?;
+    vm.register_irqfd(installed.interrupt.event(), slot.irq)?;
+    Ok(Some(installed.handle))
 }
 
 /// Starts demand paging for every zone; a dying fault engine ends the VM.
