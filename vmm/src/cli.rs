@@ -76,6 +76,9 @@ pub struct RunArgs {
     /// Pause between chaos operations, microseconds (0: back to back) [default: 50].
     #[arg(long, value_name = "US", requires = "chaos_events")]
     pub chaos_interval_us: Option<u64>,
+    /// Chaos only write-protects and unprotects (no discards: the guest's data stays).
+    #[arg(long, requires = "chaos_events")]
+    pub chaos_no_discard: bool,
     /// Give the VM a virtio-balloon device (virtio-mmio at 0xd0000000, IRQ 5).
     #[arg(long)]
     pub balloon: bool,
@@ -84,6 +87,10 @@ pub struct RunArgs {
     /// ends after the last.
     #[arg(long, value_name = "SIZES")]
     pub balloon_schedule: Option<String>,
+    /// Target changes the guest's balloon step follows before it ends (for steering by hand
+    /// with `faultline ctl balloon set`; default: the schedule's length).
+    #[arg(long, value_name = "N")]
+    pub balloon_changes: Option<u64>,
     /// Serve the control API on this Unix socket while the VM runs (see `faultline ctl`).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
@@ -176,9 +183,13 @@ impl RunArgs {
             if let Some(v) = self.chaos_interval_us {
                 chaos.interval_us = v;
             }
+            chaos.discards = !self.chaos_no_discard;
         }
-        if self.balloon || self.balloon_schedule.is_some() {
+        if self.balloon || self.balloon_schedule.is_some() || self.balloon_changes.is_some() {
             let balloon = config.balloon.get_or_insert_with(BalloonOptions::default);
+            if self.balloon_changes.is_some() {
+                balloon.guest_changes = self.balloon_changes;
+            }
             if let Some(schedule) = &self.balloon_schedule {
                 balloon.schedule_bytes = BalloonOptions::parse_schedule(schedule)?;
             }

@@ -13,6 +13,10 @@ pub struct BalloonOptions {
     /// guest has reached the current one. Empty: start at 0 and wait for `faultline ctl`.
     #[serde(deserialize_with = "deserialize_sizes")]
     pub schedule_bytes: Vec<u64>,
+    /// Target changes the built-in guest's `balloon` step follows before it ends (default:
+    /// the schedule's length; 0 with no schedule: until the workload duration ends). Set it
+    /// when steering the balloon by hand with `faultline ctl balloon set`.
+    pub guest_changes: Option<u64>,
     /// Do not offer the statistics queue.
     pub no_stats: bool,
     /// Do not offer free page reporting.

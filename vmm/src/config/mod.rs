@@ -553,7 +553,8 @@ impl VmConfig {
             }
             if let Some(balloon) = &self.balloon {
                 // The guest's balloon step ends after following the whole schedule.
-                tokens.push(format!("{}={}", abi::cmdline::BALLOON_CHANGES, balloon.schedule_bytes.len()));
+                let changes = balloon.guest_changes.unwrap_or(balloon.schedule_bytes.len() as u64);
+                tokens.push(format!("{}={}", abi::cmdline::BALLOON_CHANGES, changes));
             }
         }
         if self.balloon.is_some() {

@@ -76,10 +76,13 @@ pub struct ChaosConfig {
     pub seed: u64,
     /// Pause between operations, microseconds.
     pub interval_us: u64,
+    /// Discard ranges too (false: only write-protect and unprotect, so the guest's data
+    /// stays; e.g. to race write-protect faults against a balloon).
+    pub discards: bool,
 }
 
 impl Default for ChaosConfig {
     fn default() -> Self {
-        ChaosConfig { events: 10_000, max_pages: 64, seed: 7, interval_us: 50 }
+        ChaosConfig { events: 10_000, max_pages: 64, seed: 7, interval_us: 50, discards: true }
     }
 }

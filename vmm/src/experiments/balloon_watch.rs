@@ -3,6 +3,8 @@
 //! blocks of memfd/file, hugetlb pages) sampled beside the balloon's size, so the report
 //! can set "memory freed" against "balloon size" and time the inflation.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::devices::virtio::balloon::{BalloonCounters, BalloonHandle};
@@ -41,8 +43,18 @@ pub struct BalloonReport {
     pub device: BalloonCounters,
 }
 
-/// Samples until the VM stops; returns the report.
-pub fn watch(handle: &BalloonHandle, regions: &Regions, control: &VmControl) -> BalloonReport {
+/// Samples until the VM stops; returns the report. "Before" is measured by the device
+/// itself just before its first inflation (a sampling thread can be starved by busy vCPUs
+/// exactly then); the peak is the last sample at the balloon's largest size.
+pub fn watch(handle: &BalloonHandle, regions: &Arc<Regions>, control: &VmControl) -> BalloonReport {
+    let before = Arc::new(AtomicU64::new(u64::MAX));
+    let (observed_regions, observed) = (regions.clone(), before.clone());
+    handle.set_inflate_observer(Box::new(move || {
+        if observed.load(Ordering::Acquire) == u64::MAX {
+            let held = accounting::measure(&observed_regions).map(|h| h.total_bytes()).unwrap_or(0);
+            observed.store(held, Ordering::Release);
+        }
+    }));
     let mut report = BalloonReport::default();
     let mut peak_pages = 0u64;
     let (mut first_ballooned, mut peak_at, mut back_at) = (None::<Instant>, None::<Instant>, None::<Instant>);
@@ -53,9 +65,6 @@ pub fn watch(handle: &BalloonHandle, regions: &Regions, control: &VmControl) -> 
         let now = Instant::now();
         report.samples += 1;
         report.held_at_end_bytes = held;
-        if actual == 0 && first_ballooned.is_none() {
-            report.held_before_bytes = held;
-        }
         if actual > 0 && first_ballooned.is_none() {
             first_ballooned = Some(now);
         }
@@ -77,6 +86,10 @@ pub fn watch(handle: &BalloonHandle, regions: &Regions, control: &VmControl) -> 
         }
         std::thread::sleep(SAMPLE_EVERY);
     }
+    report.held_before_bytes = match before.load(Ordering::Acquire) {
+        u64::MAX => 0,
+        held => held,
+    };
     report.peak_balloon_bytes = peak_pages * BALLOON_PAGE;
     report.freed_bytes = report.held_before_bytes.saturating_sub(report.held_at_peak_bytes);
     if report.peak_balloon_bytes > 0 {

@@ -86,7 +86,12 @@ pub struct BalloonHandle {
     pub(super) counters: Counters,
     pub(super) interrupt: Arc<VirtioInterrupt>,
     pub(super) runtime: Mutex<Runtime>,
+    inflate_observer: Mutex<Option<InflateObserver>>,
 }
+
+/// Called on the device's thread just before an empty balloon takes its first page (so an
+/// observer can measure host memory "before", e.g. `experiments::balloon_watch`).
+pub type InflateObserver = Box<dyn Fn() + Send + Sync>;
 
 impl std::fmt::Debug for BalloonHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -109,11 +114,23 @@ impl BalloonHandle {
             counters: Counters::default(),
             interrupt,
             runtime: Mutex::new(runtime),
+            inflate_observer: Mutex::new(None),
         }
     }
 
     pub(super) fn runtime(&self) -> MutexGuard<'_, Runtime> {
         self.runtime.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the observer called whenever an empty balloon starts to inflate.
+    pub fn set_inflate_observer(&self, observer: InflateObserver) {
+        *self.inflate_observer.lock().unwrap_or_else(|e| e.into_inner()) = Some(observer);
+    }
+
+    pub(super) fn inflating_from_empty(&self) {
+        if let Some(observer) = self.inflate_observer.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            observer();
+        }
     }
 
     /// The host's target (config `num_pages`), in 4 KiB pages.

@@ -180,6 +180,9 @@ impl Runtime {
     }
 
     fn inflate(&mut self, handle: &BalloonHandle, pfns: impl Iterator<Item = u32>) {
+        if self.pages.count() == 0 {
+            handle.inflating_from_empty();
+        }
         let mut small = Vec::new();
         let mut huge: BTreeMap<u64, (GuestRange, Vec<u64>)> = BTreeMap::new();
         for pfn in pfns {
