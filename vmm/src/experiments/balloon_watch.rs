@@ -33,7 +33,8 @@ pub struct BalloonReport {
     pub freed_ratio: f64,
     /// From the first ballooned page to the largest size, milliseconds (2 ms sampling).
     pub inflate_ms: f64,
-    /// From the largest size back to the final size, milliseconds.
+    /// From the first page leaving the largest balloon to the final size, milliseconds
+    /// (the built-in guest checks and rewrites each returned page before it reports).
     pub deflate_ms: Option<f64>,
     /// Guest RAM held at the end, bytes.
     pub held_at_end_bytes: u64,
@@ -57,7 +58,8 @@ pub fn watch(handle: &BalloonHandle, regions: &Arc<Regions>, control: &VmControl
     }));
     let mut report = BalloonReport::default();
     let mut peak_pages = 0u64;
-    let (mut first_ballooned, mut peak_at, mut back_at) = (None::<Instant>, None::<Instant>, None::<Instant>);
+    let (mut first_ballooned, mut peak_at) = (None::<Instant>, None::<Instant>);
+    let (mut deflate_started, mut back_at) = (None::<Instant>, None::<Instant>);
     loop {
         let stopping = control.is_stopping();
         let actual = u64::from(handle.actual_pages());
@@ -71,7 +73,10 @@ pub fn watch(handle: &BalloonHandle, regions: &Arc<Regions>, control: &VmControl
         if actual > peak_pages {
             peak_pages = actual;
             peak_at = Some(now);
-            back_at = None;
+            (deflate_started, back_at) = (None, None);
+        }
+        if actual < peak_pages && deflate_started.is_none() {
+            deflate_started = Some(now);
         }
         if actual == peak_pages && actual > 0 {
             // Discards happen before the guest reports `actual`; the latest sample at the
@@ -99,7 +104,7 @@ pub fn watch(handle: &BalloonHandle, regions: &Arc<Regions>, control: &VmControl
     if let (Some(first), Some(peak)) = (first_ballooned, peak_at) {
         report.inflate_ms = ms(first, peak);
     }
-    report.deflate_ms = peak_at.zip(back_at).map(|(peak, back)| ms(peak, back));
+    report.deflate_ms = deflate_started.zip(back_at).map(|(start, back)| ms(start, back));
     report.device = handle.counters();
     report
 }
