@@ -95,7 +95,11 @@ fn every_mode_on_hugetlb_memory() {
             let latency = run.report["faults"]["latency"].as_array().unwrap().clone();
             let huge: Vec<&Value> = latency.iter().filter(|l| l["kind"] == kind).collect();
             assert!(huge.iter().all(|l| l["page_bytes"] == 2 << 20), "{latency:?}");
-            assert!(huge.iter().map(|l| l["count"].as_u64().unwrap()).sum::<u64>() <= 32, "{latency:?}");
+            // A fault two vCPUs raise on the same page is resolved once and woken once
+            // (EEXIST), and both are recorded.
+            let eexist = run.report["faults"]["eexist"].as_u64().unwrap();
+            let resolved: u64 = huge.iter().map(|l| l["count"].as_u64().unwrap()).sum();
+            assert!(resolved <= 32 + eexist, "{latency:?}");
         }
     }
 }
@@ -172,7 +176,7 @@ fn modes_that_cannot_work_are_refused_with_the_fix() {
         if run.code == 0 {
             // The temp dir is itself on tmpfs here: nothing to refuse.
             eprintln!("note: {} is on tmpfs, the not-tmpfs error is not exercised", dir.0.display());
-            return;
+            break;
         }
         assert!(run.stderr.contains("tmpfs") && run.stderr.contains("/dev/shm"), "{}", run.stderr);
     }

@@ -55,7 +55,7 @@ fn run(args: &RunArgs, started: Instant) -> ExitCode {
                 ExitCode::SUCCESS
             } else {
                 if !args.json {
-                    eprintln!("faultline: the guest did not succeed: {}", report.exit.describe());
+                    eprintln!("faultline: the run did not succeed: {}", report.failure_reason());
                 }
                 ExitCode::from(1)
             }

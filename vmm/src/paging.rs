@@ -14,7 +14,7 @@
 //! included) touches guest RAM, so the table sees every population.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use rustix::fs::SeekFrom;
 use rustix::mm::{madvise, mmap, munmap, Advice, MapFlags, ProtFlags};
@@ -28,7 +28,6 @@ use crate::smmu::fault_engine::{EngineStats, FaultEngine, FaultEngineConfig, Fau
 use crate::smmu::invalidation::Invalidation;
 use crate::smmu::page_source::PageSource;
 use crate::smmu::page_state::{PageStateError, PageStateTable};
-use crate::smmu::uffd::Uffd;
 use crate::smmu::{RegionBacking, Regions, UffdMode, UffdRegion};
 
 /// tmpfs / shmem (`statfs.f_type`).
@@ -255,6 +254,8 @@ impl GuestPaging {
         if tracked && report.engine_failure.is_none() {
             report.coherence = Some(self.check_coherence()?);
         }
+        // Taken before shutdown, which returns only the error when the engine failed.
+        report.add_engine_stats(&engine.stats());
         match engine.shutdown() {
             Ok(stats) => report.add_engine_stats(&stats),
             Err(e) => {
@@ -275,8 +276,8 @@ impl GuestPaging {
     }
 }
 
-/// Starts the engine with a failure hook that ends the VM and unregisters guest RAM, so
-/// vCPUs (and VMM threads) blocked on faults nobody will resolve are released.
+/// Starts the engine; if it dies, `on_failure` ends the VM (the engine itself releases
+/// every thread waiting on it: see `fault_engine::release_after_failure`).
 fn start_engine(
     regions: &Arc<Regions>,
     table: &Arc<PageStateTable>,
@@ -285,29 +286,13 @@ fn start_engine(
     source: Arc<dyn PageSource>,
     on_failure: EngineFailureHook,
 ) -> Result<FaultEngine, PagingError> {
-    let uffd_slot: Arc<OnceLock<(Arc<Uffd>, Arc<Regions>)>> = Arc::new(OnceLock::new());
-    let slot = uffd_slot.clone();
-    let hook = Arc::new(move |message: &str| {
-        on_failure(message.to_string());
-        if let Some((uffd, regions)) = slot.get() {
-            for r in regions.iter() {
-                // Unregistering wakes every thread waiting on a fault in the range; the
-                // retried fault is then filled by the kernel. The VM is ending already.
-                if let Err(e) = uffd.unregister(r.host_addr, r.len) {
-                    tracing::warn!("cannot unregister guest RAM at {:#x} after an engine failure: {e}", r.guest_addr);
-                }
-            }
-        }
-    });
     let config = FaultEngineConfig {
         handler_threads: options.handler_threads,
         batch: options.batch,
         non_cooperative_events: true,
-        on_failure: Some(hook),
+        on_failure: Some(Arc::new(move |message: &str| on_failure(message.to_string()))),
     };
-    let engine = FaultEngine::start(regions.clone(), table.clone(), inv.clone(), source, config)?;
-    let _ = uffd_slot.set((engine.uffd().clone(), regions.clone()));
-    Ok(engine)
+    Ok(FaultEngine::start(regions.clone(), table.clone(), inv.clone(), source, config)?)
 }
 
 /// Checks what the kernel's userfaultfd can page, per zone.

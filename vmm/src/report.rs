@@ -350,6 +350,26 @@ impl RunReport {
         self.exit.is_success() && self.guest.success() && coherent && chaos_ok
     }
 
+    /// Why the run did not succeed, in one line (the first reason found).
+    pub fn failure_reason(&self) -> String {
+        if !self.exit.is_success() {
+            return self.exit.describe();
+        }
+        if !self.guest.success() {
+            return "the guest reported a failure (see the verify, balloon and error lines)".into();
+        }
+        if let Some(c) = self.faults.as_ref().and_then(|f| f.coherence.as_ref()).filter(|c| !c.is_clean()) {
+            return format!(
+                "the coherence check found {} disagreements between the smmu and the host",
+                c.mismatch_count
+            );
+        }
+        if let Some(c) = self.chaos.as_ref().filter(|c| c.errors > 0) {
+            return format!("the chaos driver had {} errors", c.errors);
+        }
+        "it succeeded".into()
+    }
+
     /// A short summary for people.
     pub fn summary(&self) -> String {
         let mut out = String::new();

@@ -14,7 +14,7 @@ use crate::devices::step_control::{StepControl, STEP_CONTROL_PORTS};
 use crate::devices::virtio::balloon::{BalloonConfig, BalloonHandle};
 use crate::devices::virtio::{install_balloon, MmioSlot, SlotError};
 use crate::devices::{BusError, DeviceBuses, MmioBus, PioBus};
-use crate::experiments::balloon_watch;
+use crate::experiments::balloon_watch::BalloonWatch;
 use crate::experiments::chaos::{self, ChaosReport};
 use crate::memory::{self, GuestRam};
 use crate::paging::{EngineFailureHook, GuestPaging, PagingError};
@@ -166,26 +166,23 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
     };
     let setup_ns = options.started.elapsed().as_nanos() as u64;
 
-    let (exit, chaos, balloon_report) = std::thread::scope(|scope| {
+    let watch = balloon.as_ref().map(|handle| BalloonWatch::attach(handle, paging.regions().clone()));
+    let (exit, chaos) = std::thread::scope(|scope| {
         let chaos = config.chaos.as_ref().map(|chaos_config| {
             let segments = chaos::workload_segments(&ram.ram_ranges(), config.workload.size_bytes);
             let (paging, control, stop) = (&paging, &*control, &*step_stop);
             scope
                 .spawn(move || chaos::run(chaos_config, paging.discarder(), paging.regions(), &segments, control, stop))
         });
-        let watch = balloon.as_ref().map(|handle| {
-            let (regions, control) = (paging.regions(), &*control);
-            scope.spawn(move || balloon_watch::watch(handle, regions, control))
-        });
         let exit = runner::run_vcpus(vcpus, &buses, ram.memory(), &control, options.timeout, api);
         control.end(VmExit::Stopped { reason: "the vCPUs returned".into() });
         let chaos = chaos.map(|h| h.join().unwrap_or_else(|_| chaos_panicked()));
-        let balloon_report = watch.and_then(|h| h.join().ok());
-        (exit, chaos, balloon_report)
+        (exit, chaos)
     });
     let exit = exit?;
     let total_ns = options.started.elapsed().as_nanos() as u64;
     let host_memory = HostMemory::of_self();
+    let balloon_report = watch.zip(balloon.as_ref()).map(|(watch, handle)| watch.report(handle));
     // The control server (and its hold on paging) went with the event loop.
     let paging = Arc::try_unwrap(paging).map_err(|_| VmmError::StillShared("demand paging"))?;
     let faults = paging.finish()?;

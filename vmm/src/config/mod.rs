@@ -518,9 +518,9 @@ impl VmConfig {
             return Err(ConfigError::BadSetting { field: "workload.steps", value: 0, reason });
         }
         if let Some(chaos) = &self.chaos {
-            if chaos.max_pages == 0 {
-                let reason = "a chaos range needs at least 1 page (--chaos-max-pages)";
-                return Err(ConfigError::BadSetting { field: "chaos.max_pages", value: 0, reason });
+            if !(1..=1 << 20).contains(&chaos.max_pages) {
+                let reason = "a chaos range is 1 to 1048576 pages (4 GiB) (--chaos-max-pages)";
+                return Err(ConfigError::BadSetting { field: "chaos.max_pages", value: chaos.max_pages, reason });
             }
             if self.kernel != KernelImage::BuiltIn {
                 let reason = "the chaos driver needs the built-in guest (it works on its workload region)";

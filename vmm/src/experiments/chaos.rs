@@ -63,8 +63,11 @@ pub fn run(
     control: &VmControl,
     done: &AtomicBool,
 ) -> ChaosReport {
+    // Set however this returns (a panic included), or the guest's churn never ends.
+    let _done = SetOnDrop(done);
     let mut report = ChaosReport::default();
     let total_pages: u64 = segments.iter().map(|s| s.len / PAGE_4K).sum();
+    let mut misses = 0u32;
     let mut rng = config.seed;
     let mut next = || {
         rng = rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -72,8 +75,19 @@ pub fn run(
     };
     while report.events < config.events && total_pages > 0 && !control.is_stopping() {
         let Some(range) = pick_range(next(), next(), config.max_pages, total_pages, segments, regions) else {
+            misses += 1;
+            if misses == MAX_MISSES {
+                report.errors += 1;
+                report.first_errors.push(format!(
+                    "no whole page of the guest's memory fits in its workload region ({} bytes from {:#x}); give a larger --size",
+                    segments.iter().map(|s| s.len).sum::<u64>(),
+                    abi::WORKLOAD_MIN_GPA
+                ));
+                break;
+            }
             continue;
         };
+        misses = 0;
         let op = if config.discards { next() % 4 } else { 2 + next() % 2 };
         let result = match op {
             0 | 1 => discarder.discard(range).map(|r| {
@@ -95,8 +109,19 @@ pub fn run(
             std::thread::sleep(Duration::from_micros(config.interval_us));
         }
     }
-    done.store(true, Ordering::Release);
     report
+}
+
+/// Consecutive draws with no range that fit before the driver gives up.
+const MAX_MISSES: u32 = 10_000;
+
+/// Sets the flag when dropped.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 /// A random range of up to `max_pages` 4 KiB pages inside one segment and one region,
@@ -123,7 +148,7 @@ fn pick_range(
     let granule = region.page_bytes;
     let start = gpa / granule * granule;
     let limit = segment.end().min(region.guest_addr + region.len);
-    let granules = ((max_pages * PAGE_4K) / granule).max(1);
+    let granules = (max_pages.saturating_mul(PAGE_4K) / granule).max(1);
     let len = (1 + r2 % granules) * granule;
     let end = (start + len).min(limit / granule * granule);
     (start >= segment.gpa && end > start).then(|| GuestRange::new(start, end - start))

@@ -5,14 +5,20 @@
 //! invalidation, and must not keep a view of a page across one. [`GuestAccess`] copies
 //! each page under the invalidation layer's retry protocol:
 //!
-//! 1. `read_begin(page)`;
-//! 2. if the fault engine tracks the page and it is not populated (never touched, or
+//! 1. if the fault engine tracks the page and it is not populated (never touched, or
 //!    discarded), or it is write-protected and we want to write, populate it with
 //!    `MADV_POPULATE_READ/WRITE` — with **no lock held**, because that raises a userfaultfd
 //!    fault which a handler thread resolves under the same lock;
-//! 3. take the lock; if `read_retry` (the page was invalidated meanwhile), or the page
-//!    is still not in the wanted state, start again;
-//! 4. copy under the lock, so no invalidation of the page can run during the copy.
+//! 2. take the lock at a moment no invalidation of the page is in progress
+//!    (`lock_stable`); if the page is not in the wanted state (invalidated again since
+//!    step 1), start again;
+//! 3. copy under the lock, so no invalidation of the page can run during the copy.
+//!
+//! The copy is volatile (vCPUs may write the page at the same time; the copy is then as
+//! torn as any concurrent read of guest memory, but never mixes in contents from before
+//! an invalidation). It cannot fault into the engine: the page is populated and its
+//! invalidations wait for our lock. One assumption: nobody outside the VMM
+//! `MADV_DONTNEED`s guest RAM behind the smmu (such a REMOVE is only seen afterwards).
 //!
 //! Copies go through raw host addresses for the duration of one page only; nothing is
 //! cached or pinned, which is what keeps devices coherent without mmu-notifier-style
@@ -76,20 +82,24 @@ impl GuestAccess {
     /// Copies `buf.len()` bytes of guest RAM at `gpa` into `buf`.
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), AccessError> {
         self.for_each_page(gpa, buf.len() as u64, false, |hva, at, len| {
-            // SAFETY: `hva..hva+len` lies in a live guest RAM mapping (checked by
-            // for_each_page), the page is populated and its invalidation lock is held, so
-            // reading it cannot fault to the engine or race a discard. Guest RAM is never
-            // borrowed by Rust references, so a plain copy does not alias one.
-            unsafe { std::ptr::copy_nonoverlapping(hva as *const u8, buf[at..].as_mut_ptr(), len) };
+            for (i, byte) in buf[at..at + len].iter_mut().enumerate() {
+                // SAFETY: `hva..hva+len` lies in a live guest RAM mapping (checked by
+                // for_each_page), populated, with its invalidation lock held, so the read
+                // cannot fault to the engine or race a discard; volatile because vCPUs may
+                // write guest RAM meanwhile (never borrowed by Rust references).
+                *byte = unsafe { std::ptr::read_volatile((hva as *const u8).add(i)) };
+            }
         })
     }
 
     /// Copies `data` into guest RAM at `gpa`.
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), AccessError> {
         self.for_each_page(gpa, data.len() as u64, true, |hva, at, len| {
-            // SAFETY: as in `read`; the page is populated and not write-protected (checked
-            // under the lock), so the write cannot raise a userfaultfd fault.
-            unsafe { std::ptr::copy_nonoverlapping(data[at..].as_ptr(), hva as *mut u8, len) };
+            for (i, &byte) in data[at..at + len].iter().enumerate() {
+                // SAFETY: as in `read`; the page is also not write-protected (checked under
+                // the lock), so the write cannot raise a userfaultfd fault.
+                unsafe { std::ptr::write_volatile((hva as *mut u8).add(i), byte) };
+            }
         })
     }
 
@@ -130,12 +140,11 @@ impl GuestAccess {
             (!tracked || state.contains(PageState::POPULATED)) && !(write && state.contains(PageState::WRITE_PROTECTED))
         };
         for _ in 0..MAX_ATTEMPTS {
-            let seq = self.inv.read_begin(page);
             if !ready(self.table.get(page.gpa)) {
                 self.populate(region, page, write)?;
             }
-            let lock = self.inv.lock(page);
-            if lock.read_retry(seq) || !ready(self.table.get(page.gpa)) {
+            let _lock = self.inv.lock_stable(page);
+            if !ready(self.table.get(page.gpa)) {
                 continue;
             }
             copy();

@@ -31,6 +31,8 @@ const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
 /// pagemap: the pte is write-protected by userfaultfd.
 const PM_UFFD_WP: u64 = 1 << 57;
+/// pagemap: the frame field (pfn, or swap type + offset), zero when hidden from us.
+const PM_FRAME_BITS: u64 = (1 << 55) - 1;
 /// pagemap: the swap type of a swapped entry (bits 0–4).
 const PM_SWAP_TYPE: u64 = 0x1f;
 /// The swap type Linux gives pte markers (the last one: `SWP_PTE_MARKER`). A marker —
@@ -137,9 +139,8 @@ fn check_step(
     report: &mut CoherenceReport,
 ) -> Result<(), CoherenceError> {
     let granule = region.page_bytes;
-    // Waiting for in-progress invalidations first means none is half done under our lock.
-    let _seq = inv.read_begin(range);
-    let _lock = inv.lock(range);
+    // No invalidation of the range is half done while we hold this (see lock_stable).
+    let _lock = inv.lock_stable(range);
     let hva = region.host_of(range.gpa);
     let entries = read_pagemap(pagemap, hva, range.len)?;
     let resident = match region.backing {
@@ -151,8 +152,7 @@ fn check_step(
         let gpa = range.gpa + i as u64 * granule;
         let state = table.get(gpa);
         let entry = entries[i * per_granule];
-        let marker = entry & PM_SWAPPED != 0 && entry & PM_SWAP_TYPE == PTE_MARKER_SWAP_TYPE;
-        let mapped = entry & PM_PRESENT != 0 || (entry & PM_SWAPPED != 0 && !marker);
+        let mapped = holds_contents(entry);
         let in_cache = resident.as_ref().is_some_and(|r| r[i * per_granule] & 1 != 0);
         let populated = state.contains(PageState::POPULATED);
         report.granules_checked += 1;
@@ -175,6 +175,22 @@ fn check_step(
     Ok(())
 }
 
+/// Whether a pagemap entry stands for contents: present, or swapped out (or migrating) —
+/// but not a pte marker. Without CAP_SYS_ADMIN the kernel hides the frame field (and so
+/// the swap type); a swapped entry with the uffd-wp bit and a hidden frame is then taken
+/// for the uffd-wp marker it almost always is here (no swap device is needed for it).
+fn holds_contents(entry: u64) -> bool {
+    if entry & PM_PRESENT != 0 {
+        return true;
+    }
+    if entry & PM_SWAPPED == 0 {
+        return false;
+    }
+    let marker =
+        entry & PM_SWAP_TYPE == PTE_MARKER_SWAP_TYPE || (entry & PM_FRAME_BITS == 0 && entry & PM_UFFD_WP != 0);
+    !marker
+}
+
 /// The pagemap entries of the 4 KiB pages of `[hva, hva + len)`.
 fn read_pagemap(pagemap: &File, hva: u64, len: u64) -> Result<Vec<u64>, CoherenceError> {
     let pages = (len / PAGE_4K) as usize;
@@ -194,4 +210,22 @@ fn mincore(hva: u64, len: u64) -> Result<Vec<u8>, CoherenceError> {
         return Err(CoherenceError::Mincore { hva, source: std::io::Error::last_os_error() });
     }
     Ok(vec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pte_markers_are_not_contents_whether_or_not_frames_are_visible() {
+        assert!(holds_contents(PM_PRESENT | 0x1234));
+        assert!(!holds_contents(0));
+        // Seen on this host (root): swapped, uffd-wp, swap type 31, offset 1.
+        assert!(!holds_contents(0x4200_0000_0000_003f));
+        // The same marker read without CAP_SYS_ADMIN: frame hidden.
+        assert!(!holds_contents(PM_SWAPPED | PM_UFFD_WP));
+        // A real swap entry (type 0, some offset), protected or not, holds contents.
+        assert!(holds_contents(PM_SWAPPED | (77 << 5)));
+        assert!(holds_contents(PM_SWAPPED | PM_UFFD_WP | (77 << 5)));
+    }
 }

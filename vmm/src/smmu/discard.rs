@@ -127,8 +127,7 @@ impl Discarder {
             let aligned = GuestRange::new(start, end - start);
             let _inv = self.inv.invalidate(aligned);
             self.free_host(region, aligned)?;
-            let gone = PageState::POPULATED.union(PageState::DIRTY).union(PageState::WRITE_PROTECTED);
-            self.table.update(aligned, PageState::DISCARDED, gone);
+            self.table.mark_discarded(aligned);
             report.freed.push(aligned);
         }
         Ok(report)
@@ -168,8 +167,14 @@ impl Discarder {
     pub fn unprotect(&self, range: GuestRange) -> Result<(), DiscardError> {
         let uffd = self.uffd.as_ref().ok_or(DiscardError::NotWriteProtectable(range.gpa))?;
         for (region, part) in self.wp_parts(range)? {
-            retry_mm_changing(|| uffd.write_protect(region.host_of(part.gpa), part.len, false, false))?;
-            self.table.clear(part, PageState::WRITE_PROTECTED);
+            // Under the range's lock, so the pte and the table change together for a
+            // fault handler or the coherence checker (the lock is dropped between retries).
+            retry_mm_changing(|| {
+                let _lock = self.inv.lock(part);
+                uffd.write_protect(region.host_of(part.gpa), part.len, false, false)?;
+                self.table.clear(part, PageState::WRITE_PROTECTED);
+                Ok(())
+            })?;
         }
         Ok(())
     }

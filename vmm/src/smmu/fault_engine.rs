@@ -387,12 +387,33 @@ impl FaultEngine {
             let _ = t.join();
         }
         self.shared.inv.unsubscribe(self.subscription);
-        for (r, io) in self.shared.regions.iter().zip(&self.shared.ioctls) {
-            if io.0 != 0 {
-                if let Err(e) = self.shared.uffd.unregister(r.host_addr, r.len) {
-                    tracing::warn!("unregistering guest RAM at {:#x}: {e}", r.guest_addr);
-                }
+        unregister_all(&self.shared);
+    }
+}
+
+/// Unregisters every region the engine registered.
+fn unregister_all(shared: &Shared) {
+    for (r, io) in shared.regions.iter().zip(&shared.ioctls) {
+        if io.0 != 0 {
+            if let Err(e) = shared.uffd.unregister(r.host_addr, r.len) {
+                tracing::warn!("unregistering guest RAM at {:#x}: {e}", r.guest_addr);
             }
+        }
+    }
+}
+
+/// After a handler died, releases every thread that would wait for it: unregistering
+/// guest RAM wakes the threads waiting on a fault (their retry is filled by the kernel),
+/// and reading the pending events completes the `MADV_DONTNEED`s that block until their
+/// REMOVE is read. Unregistering and queueing an event both hold the mmap lock, so no
+/// event can be queued after the unregister and one drain is enough.
+pub(super) fn release_after_failure(shared: &Shared) {
+    unregister_all(shared);
+    let mut msgs = super::uffd::msg_buffer(64);
+    let mut events = Vec::new();
+    while let Ok(n) = shared.uffd.read_events(&mut msgs, &mut events) {
+        if n == 0 {
+            break;
         }
     }
 }

@@ -57,6 +57,7 @@ pub(super) fn handler_main(shared: &Arc<Shared>, idx: usize, wake: &OwnedFd) {
     // Recorded before the callback runs, so whoever the callback wakes finds the reason.
     let message = err.to_string();
     shared.failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(err);
+    super::fault_engine::release_after_failure(shared);
     if let Some(cb) = &shared.config.on_failure {
         cb(&message);
     }
@@ -180,8 +181,7 @@ impl<'a> Handler<'a> {
                 tracing::warn!("guest RAM [{:#x}, +{:#x}) was unmapped behind the smmu", range.gpa, range.len);
             }
             let _g = self.s.inv.invalidate(range);
-            let gone = PageState::POPULATED.union(PageState::DIRTY).union(PageState::WRITE_PROTECTED);
-            self.s.table.update(range, PageState::DISCARDED, gone);
+            self.s.table.mark_discarded(range);
         }
     }
 

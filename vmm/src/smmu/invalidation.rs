@@ -203,6 +203,19 @@ impl Invalidation {
         RangeLock { range, guards }
     }
 
+    /// The lock of `range` at a moment when no invalidation of it is in progress (waits
+    /// for those running, retries if one starts in between): what a reader that needs the
+    /// table and the host to agree takes (the coherence checker, coherent accesses).
+    pub fn lock_stable(&self, range: GuestRange) -> RangeLock<'_> {
+        loop {
+            let seq = self.read_begin(range);
+            let lock = self.lock(range);
+            if !lock.read_retry(seq) {
+                return lock;
+            }
+        }
+    }
+
     /// Starts invalidating `range`: bumps the sequence count and marks the range in
     /// progress (under the installers' locks), then tells every subscriber whose interest
     /// overlaps. Until the matching [`Invalidation::invalidate_range_end`], readers of the

@@ -110,6 +110,12 @@ impl PageStateTable {
         PageState(((word >> ((page % PAGES_PER_WORD) * BITS_PER_PAGE)) & 0xf) as u8)
     }
 
+    /// Marks `range` discarded: not populated, not dirty, not write-protected.
+    pub fn mark_discarded(&self, range: GuestRange) {
+        let gone = PageState::POPULATED.union(PageState::DIRTY).union(PageState::WRITE_PROTECTED);
+        self.update(range, PageState::DISCARDED, gone);
+    }
+
     /// For every page touching `range`: sets the bits of `set`, then clears those of
     /// `clear` (each word in one atomic step).
     pub fn update(&self, range: GuestRange, set: PageState, clear: PageState) {

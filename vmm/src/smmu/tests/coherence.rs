@@ -20,7 +20,8 @@ fn clean_after_faults_discards_and_write_protection() {
     });
     r.discarder.write_protect(GuestRange::new(GPA + 3 * PAGE_4K, PAGE_4K)).unwrap();
     r.discarder.discard(GuestRange::new(GPA + 40 * PAGE_4K, PAGE_4K)).unwrap();
-    // Protected, then discarded: the kernel leaves a uffd-wp pte marker, not contents.
+    // Protected, then discarded (private anon: the zap drops the protection with the page;
+    // shared memory keeps a marker, see the memfd test below).
     let c = r.map.page(41);
     on_thread(move || fill_words(c, PAGE_4K, 9));
     r.discarder.write_protect(GuestRange::new(GPA + 41 * PAGE_4K, PAGE_4K)).unwrap();
@@ -78,4 +79,20 @@ fn shared_memory_in_the_page_cache_is_not_lost() {
     r.table.set(GuestRange::new(GPA, PAGE_4K), PageState::POPULATED);
     let report = check(&r.regions, &r.table, &r.inv).unwrap();
     assert!(report.is_clean(), "{report:?}");
+}
+
+#[test]
+fn write_protecting_untouched_shared_memory_leaves_markers_not_contents() {
+    // On shmem, UFFDIO_WRITEPROTECT of a page never touched installs a uffd-wp pte marker
+    // (a swap-type entry in pagemap): the checker must not call it mapped.
+    let map = Mapping::memfd(16 * PAGE_4K, false).unwrap();
+    let region = region_of(&map, PAGE_4K, UffdMode::Missing, true);
+    let r = rig(map, region, Arc::new(ZeroSource), FaultEngineConfig::default());
+    r.discarder.write_protect(GuestRange::new(GPA, 4 * PAGE_4K)).unwrap();
+    let a = r.map.page(0);
+    on_thread(move || fill_words(a, PAGE_4K, 3));
+    r.discarder.discard(GuestRange::new(GPA + PAGE_4K, PAGE_4K)).unwrap();
+    let report = check(&r.regions, &r.table, &r.inv).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.granules_populated, 1);
 }

@@ -86,12 +86,27 @@ pub struct BalloonHandle {
     pub(super) counters: Counters,
     pub(super) interrupt: Arc<VirtioInterrupt>,
     pub(super) runtime: Mutex<Runtime>,
-    inflate_observer: Mutex<Option<InflateObserver>>,
+    observer: Mutex<Option<BalloonObserver>>,
 }
 
-/// Called on the device's thread just before an empty balloon takes its first page (so an
-/// observer can measure host memory "before", e.g. `experiments::balloon_watch`).
-pub type InflateObserver = Box<dyn Fn() + Send + Sync>;
+/// What a [`BalloonObserver`] is told, on the device's thread, at the moment it happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BalloonEvent {
+    /// An empty balloon is about to take its first page.
+    InflatingFromEmpty,
+    /// The guest wrote `actual` (pages).
+    ActualWritten {
+        /// The guest's `actual`.
+        actual: u32,
+        /// The target at that moment.
+        target: u32,
+    },
+}
+
+/// Observes the balloon (e.g. `experiments::balloon_watch` measures host memory exactly
+/// when the balloon starts inflating and when it reaches a target: a sampling thread can
+/// be starved by busy vCPUs at just those moments).
+pub type BalloonObserver = Box<dyn Fn(BalloonEvent) + Send + Sync>;
 
 impl std::fmt::Debug for BalloonHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -114,7 +129,7 @@ impl BalloonHandle {
             counters: Counters::default(),
             interrupt,
             runtime: Mutex::new(runtime),
-            inflate_observer: Mutex::new(None),
+            observer: Mutex::new(None),
         }
     }
 
@@ -122,14 +137,14 @@ impl BalloonHandle {
         self.runtime.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sets the observer called whenever an empty balloon starts to inflate.
-    pub fn set_inflate_observer(&self, observer: InflateObserver) {
-        *self.inflate_observer.lock().unwrap_or_else(|e| e.into_inner()) = Some(observer);
+    /// Sets the observer told of [`BalloonEvent`]s.
+    pub fn set_observer(&self, observer: BalloonObserver) {
+        *self.observer.lock().unwrap_or_else(|e| e.into_inner()) = Some(observer);
     }
 
-    pub(super) fn inflating_from_empty(&self) {
-        if let Some(observer) = self.inflate_observer.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            observer();
+    pub(super) fn notify(&self, event: BalloonEvent) {
+        if let Some(observer) = self.observer.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            observer(event);
         }
     }
 
@@ -183,6 +198,7 @@ impl BalloonHandle {
     /// breath as its own write.
     pub(super) fn guest_wrote_actual(&self, pages: u32) {
         self.actual.store(pages, Ordering::SeqCst);
+        self.notify(BalloonEvent::ActualWritten { actual: pages, target: self.target_pages() });
         let reached = pages == self.target_pages() && !self.lock_schedule().is_empty();
         self.advance_pending.store(reached, Ordering::SeqCst);
     }

@@ -35,7 +35,7 @@ mod tests;
 
 use std::sync::Arc;
 
-pub use handle::{BalloonCounters, BalloonHandle};
+pub use handle::{BalloonCounters, BalloonEvent, BalloonHandle, BalloonObserver};
 pub use stats::GuestStats;
 
 use super::{ActivateContext, DeviceError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};

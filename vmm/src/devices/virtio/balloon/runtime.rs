@@ -6,6 +6,7 @@
 //! DEVICE_NEEDS_RESET). A PFN that is not guest RAM is skipped and counted: one bad PFN
 //! never stops the others and never reaches a neighbour.
 
+use super::handle::BalloonEvent;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -181,7 +182,7 @@ impl Runtime {
 
     fn inflate(&mut self, handle: &BalloonHandle, pfns: impl Iterator<Item = u32>) {
         if self.pages.count() == 0 {
-            handle.inflating_from_empty();
+            handle.notify(BalloonEvent::InflatingFromEmpty);
         }
         let mut small = Vec::new();
         let mut huge: BTreeMap<u64, (GuestRange, Vec<u64>)> = BTreeMap::new();
