@@ -39,6 +39,9 @@ pub enum Command {
 pub enum BenchCommand {
     /// Process start → guest ready, Faultline vs QEMU (microvm) booting the same ELF.
     Boot(crate::experiments::boot_bench::BootBenchArgs),
+    /// Fault latency over a matrix of backend x paging mode x engine x vCPUs x threads x
+    /// pattern x access x size, with kernel baselines and the reference handler beside.
+    Faults(crate::experiments::fault_bench::FaultBenchArgs),
 }
 
 /// Options of `faultline run`.

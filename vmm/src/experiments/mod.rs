@@ -4,3 +4,4 @@
 pub mod boot_bench;
 pub mod chaos;
 pub mod child_timing;
+pub mod fault_bench;

@@ -8,7 +8,7 @@ use hdrhistogram::Histogram;
 use super::PAGE_2M;
 
 /// The kinds of fault, for statistics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FaultKind {
     /// A missing page (COPY / ZEROPAGE).
@@ -20,7 +20,7 @@ pub enum FaultKind {
 }
 
 /// Per-kind latency figures (nanoseconds, message read → installed).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LatencySummary {
     /// Fault kind.
     pub kind: FaultKind,

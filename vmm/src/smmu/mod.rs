@@ -19,6 +19,7 @@
 pub mod access;
 pub mod coherence;
 pub mod discard;
+pub mod engine_tuning;
 pub mod fault_engine;
 mod fault_handler;
 pub mod fault_stats;

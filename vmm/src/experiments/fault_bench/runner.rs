@@ -1,0 +1,110 @@
+//! Runs one cell: one `faultline run --json` child process.
+//!
+//! Child processes rather than in-process `vmm::run`: every run starts from a fresh
+//! address space (peak RSS, page cache of a memfd and the hugetlb pool are per run, so no
+//! run inherits another's populated memory or allocator state), a cell that crashes or
+//! hangs ends only its own process (the sweep notes the error and goes on), and the
+//! engine options reach the engine through the child's environment. It is also what
+//! `bench boot` does.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use super::matrix::{access_name, Cell};
+use super::sample::RunSample;
+use crate::config::{AccessPattern, Backend};
+use crate::smmu::engine_tuning::ENGINE_OPTS_ENV;
+
+/// How to start runs.
+#[derive(Debug, Clone)]
+pub struct Runner {
+    /// The `faultline` binary.
+    pub binary: PathBuf,
+    /// Per-run limit, seconds (the child's own `--timeout`).
+    pub timeout_s: f64,
+    /// Directory for `file` backends (must be tmpfs for userfaultfd modes).
+    pub file_dir: PathBuf,
+}
+
+impl Runner {
+    /// The exact command of a cell (`file_path`: the backing file of a `file` cell).
+    pub fn command(&self, cell: &Cell, file_path: &Path) -> Command {
+        let mut c = Command::new(&self.binary);
+        let mut zone = format!("size={}K,backend={}", cell.memory_bytes() >> 10, cell.backend.name());
+        if cell.backend == Backend::File {
+            zone.push_str(&format!(",path={}", file_path.display()));
+        }
+        zone.push_str(&format!(",paging={}", cell.paging.name()));
+        c.args(["run", "--json", "--vcpus", &cell.vcpus.to_string(), "--memory", &zone]);
+        if cell.threads > 0 {
+            c.args(["--fault-threads", &cell.threads.to_string()]);
+        }
+        let pattern = match cell.pattern {
+            AccessPattern::Sequential => "sequential",
+            AccessPattern::Random => "random",
+            AccessPattern::Strided => "strided",
+        };
+        c.args(["--steps", "touch", "--passes", "2", "--pattern", pattern, "--access", access_name(cell.access)]);
+        c.args(["--size", &format!("{}K", cell.size_bytes >> 10), "--timeout", &self.timeout_s.to_string()]);
+        if cell.paging.uses_userfaultfd() {
+            c.env(ENGINE_OPTS_ENV, &cell.engine);
+        } else {
+            c.env_remove(ENGINE_OPTS_ENV);
+        }
+        c
+    }
+
+    /// The command line of a cell as text (for the report).
+    pub fn command_line(&self, cell: &Cell) -> String {
+        let c = self.command(cell, &self.file_path(cell, 0));
+        let env =
+            if cell.paging.uses_userfaultfd() { format!("{ENGINE_OPTS_ENV}={} ", cell.engine) } else { String::new() };
+        let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        format!("{env}{} {}", c.get_program().to_string_lossy(), args.join(" "))
+    }
+
+    fn file_path(&self, _cell: &Cell, run: usize) -> PathBuf {
+        self.file_dir.join(format!("faultline-bench-{}-{run}.img", std::process::id()))
+    }
+
+    /// Runs a cell once. Errors say what went wrong with the child.
+    pub fn run(&self, cell: &Cell, run: usize) -> Result<RunSample, String> {
+        let path = self.file_path(cell, run);
+        let _ = std::fs::remove_file(&path);
+        let output = self
+            .command(cell, &path)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot start {}: {e}", self.binary.display()));
+        let _ = std::fs::remove_file(&path);
+        let output = output?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let why = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
+            let exit = serde_json::from_str::<serde_json::Value>(&stdout).ok().map(|v| v["exit"].to_string());
+            return Err(format!("run failed ({}): {}", output.status, exit.unwrap_or(why)));
+        }
+        RunSample::from_json(&stdout)
+    }
+}
+
+/// Hugetlb pages a cell needs beyond what the pool has free, if any.
+pub fn hugetlb_shortfall(cell: &Cell) -> Option<String> {
+    if cell.backend != Backend::Hugetlb {
+        return None;
+    }
+    let needed = cell.memory_bytes().div_ceil(2 << 20);
+    match crate::memory::limits::HugepagePool::read(2 << 20) {
+        Ok(pool) => {
+            let available = pool.free.saturating_sub(pool.reserved);
+            (available < needed).then(|| {
+                format!(
+                    "needs {needed} free 2 MiB huge pages, the pool has {available}; as root: echo {} > /proc/sys/vm/nr_hugepages",
+                    pool.total + needed - available
+                )
+            })
+        }
+        Err(e) => Some(e.to_string()),
+    }
+}

@@ -1,0 +1,158 @@
+//! Tuning options of the fault engine, each measurable on its own in `faultline bench
+//! faults`: which handler design runs, and the engine's optional fast paths.
+//!
+//! Written as a short text, options joined by `+`: `default`, `reference`, or any of
+//! `batch=N`, `dontwake`, `zeropool`, `around=N`, `busypoll` (e.g. `dontwake+around=16`).
+//!
+//! **Temporary plumbing**: until `FaultEngineOptions` (config.rs) and the `run` CLI carry
+//! these fields, [`EngineTuning::from_env`] reads them from `FAULTLINE_ENGINE_OPTS` when
+//! the engine starts. That variable is the only place they are read.
+
+use serde::Serialize;
+
+/// The environment variable read by [`EngineTuning::from_env`] (temporary, see above).
+pub const ENGINE_OPTS_ENV: &str = "FAULTLINE_ENGINE_OPTS";
+
+/// Largest fault-around window, in pages.
+pub const MAX_FAULT_AROUND: u32 = 512;
+
+/// Errors parsing tuning options.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TuningError {
+    /// An unknown option.
+    #[error("unknown fault-engine option '{0}' (use default, reference, batch=N, dontwake, zeropool, around=N, busypoll, joined by '+')")]
+    Unknown(String),
+    /// An option's number is out of range.
+    #[error("fault-engine option '{option}': {reason}")]
+    BadValue {
+        /// The option as written.
+        option: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Which handler design resolves faults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HandlerKind {
+    /// The engine: batched reads, retry protocol, deferral, several threads.
+    #[default]
+    Engine,
+    /// The textbook handler: one thread, poll + read one message + one ioctl per fault
+    /// (see [`super::reference_handler`]).
+    Reference,
+}
+
+/// The engine's tuning options (all off by default).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct EngineTuning {
+    /// Which handler runs.
+    pub handler: HandlerKind,
+    /// Messages per `read()`, overriding `FaultEngineConfig::batch`.
+    pub batch: Option<usize>,
+    /// Install with DONTWAKE and wake every resolved range once, after the whole batch.
+    pub dont_wake: bool,
+    /// Fill zero pages with UFFDIO_COPY from a buffer that is kept zeroed, instead of
+    /// UFFDIO_ZEROPAGE (which maps the shared zero page on anonymous memory, so a write
+    /// faults a second time) or a memset before each COPY.
+    pub zero_pool: bool,
+    /// On a MISSING or MINOR 4 KiB fault, also install up to this many following pages
+    /// that the state table says are not populated (0: off).
+    pub fault_around: u32,
+    /// Spin on non-blocking reads of the userfaultfd instead of sleeping in poll(2).
+    pub busy_poll: bool,
+}
+
+impl EngineTuning {
+    /// Parses `default`, `reference`, or options joined by `+`.
+    pub fn parse(text: &str) -> Result<Self, TuningError> {
+        let mut t = EngineTuning::default();
+        for option in text.split('+').map(str::trim).filter(|o| !o.is_empty()) {
+            let (name, value) = option.split_once('=').map_or((option, None), |(n, v)| (n, Some(v)));
+            let number = |max: u64| -> Result<u64, TuningError> {
+                let bad = |reason: String| TuningError::BadValue { option: option.to_string(), reason };
+                let v = value.ok_or_else(|| bad("needs a number, e.g. around=16".into()))?;
+                let n: u64 = v.parse().map_err(|_| bad(format!("'{v}' is not a number")))?;
+                if n == 0 || n > max {
+                    return Err(bad(format!("must be 1..={max}")));
+                }
+                Ok(n)
+            };
+            match name {
+                "default" => {}
+                "reference" => t.handler = HandlerKind::Reference,
+                "batch" => t.batch = Some(number(4096)? as usize),
+                "dontwake" => t.dont_wake = true,
+                "zeropool" => t.zero_pool = true,
+                "around" => t.fault_around = number(MAX_FAULT_AROUND as u64)? as u32,
+                "busypoll" => t.busy_poll = true,
+                _ => return Err(TuningError::Unknown(option.to_string())),
+            }
+        }
+        Ok(t)
+    }
+
+    /// Reads [`ENGINE_OPTS_ENV`] (unset or empty: defaults).
+    pub fn from_env() -> Result<Self, TuningError> {
+        match std::env::var(ENGINE_OPTS_ENV) {
+            Ok(text) => Self::parse(&text),
+            Err(_) => Ok(Self::default()),
+        }
+    }
+
+    /// The canonical text form (parses back to the same options).
+    pub fn name(&self) -> String {
+        let mut parts = Vec::new();
+        if self.handler == HandlerKind::Reference {
+            parts.push("reference".to_string());
+        }
+        if let Some(b) = self.batch {
+            parts.push(format!("batch={b}"));
+        }
+        if self.dont_wake {
+            parts.push("dontwake".into());
+        }
+        if self.zero_pool {
+            parts.push("zeropool".into());
+        }
+        if self.fault_around > 0 {
+            parts.push(format!("around={}", self.fault_around));
+        }
+        if self.busy_poll {
+            parts.push("busypoll".into());
+        }
+        if parts.is_empty() {
+            "default".into()
+        } else {
+            parts.join("+")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_parse_and_print_back() {
+        assert_eq!(EngineTuning::parse("default").unwrap(), EngineTuning::default());
+        assert_eq!(EngineTuning::parse("").unwrap(), EngineTuning::default());
+        let t = EngineTuning::parse("dontwake+around=16+zeropool+busypoll+batch=8").unwrap();
+        assert!(t.dont_wake && t.zero_pool && t.busy_poll);
+        assert_eq!((t.fault_around, t.batch), (16, Some(8)));
+        assert_eq!(EngineTuning::parse(&t.name()).unwrap(), t);
+        assert_eq!(EngineTuning::parse("reference").unwrap().handler, HandlerKind::Reference);
+        assert_eq!(EngineTuning::default().name(), "default");
+    }
+
+    #[test]
+    fn bad_options_say_what_is_allowed() {
+        let e = EngineTuning::parse("dontwake+turbo").unwrap_err().to_string();
+        assert!(e.contains("'turbo'") && e.contains("around=N"), "{e}");
+        let e = EngineTuning::parse("around=0").unwrap_err().to_string();
+        assert!(e.contains("1..=512"), "{e}");
+        assert!(EngineTuning::parse("around").is_err());
+        assert!(EngineTuning::parse("batch=x").is_err());
+    }
+}
