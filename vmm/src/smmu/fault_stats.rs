@@ -59,6 +59,8 @@ pub struct EngineStats {
     pub remove_events: u64,
     /// REMOVE / UNMAP events not caused by our own invalidations (invalidated here).
     pub external_removes: u64,
+    /// Pages installed by fault-around (`around=N`) before anyone touched them.
+    pub fault_around_pages: u64,
 }
 
 impl EngineStats {
@@ -106,4 +108,5 @@ pub(crate) struct Counters {
     pub(crate) deferred: AtomicU64,
     pub(crate) remove_events: AtomicU64,
     pub(crate) external_removes: AtomicU64,
+    pub(crate) fault_around_pages: AtomicU64,
 }
