@@ -29,7 +29,9 @@ impl FaultAround {
     }
 
     /// Installs the untouched 4 KiB pages from host address `hva` on (at most the window,
-    /// stopping at the first touched page or the region's end) of region `r`. Woken ranges
+    /// stopping at the first touched page or the region's end) of region `r`. `write`:
+    /// the fault that triggered it was a write, so the neighbours are likely written too
+    /// and zero pages get writable copies rather than the shared zero page. Woken ranges
     /// are pushed to `to_wake` when DONTWAKE is on. Returns the pages installed.
     pub(super) fn install(
         &mut self,
@@ -37,6 +39,7 @@ impl FaultAround {
         r: &UffdRegion,
         ioctls: RangeIoctls,
         hva: u64,
+        write: bool,
         to_wake: &mut Vec<(u64, u64)>,
     ) -> Result<u64, FaultEngineError> {
         if self.pages == 0 || r.page_bytes != PAGE_4K || r.mode == UffdMode::None {
@@ -81,7 +84,7 @@ impl FaultAround {
         let dw = s.tuning.dont_wake;
         let outcome = match r.mode {
             UffdMode::Minor => s.uffd.continue_(hva, len, false, dw),
-            _ if all_zero && !s.tuning.zero_pool && ioctls.zeropage() => s.uffd.zeropage(hva, len, dw),
+            _ if all_zero && !write && !s.tuning.zero_pool && ioctls.zeropage() => s.uffd.zeropage(hva, len, dw),
             _ => s.uffd.copy(hva, &self.buf[..len as usize], false, dw),
         };
         let filled = match outcome {

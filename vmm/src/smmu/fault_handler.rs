@@ -242,7 +242,12 @@ impl<'a> Handler<'a> {
             let zero_fill = (f.kind == FaultKind::Missing && data == PageData::Zero) || minor_discarded;
             let outcome = match (f.kind, data) {
                 _ if zero_fill && s.tuning.zero_pool => s.uffd.copy(f.hva, &self.zeros[..page as usize], wp, dw),
-                (FaultKind::Missing, PageData::Zero) if ioctls.zeropage() && !wp => s.uffd.zeropage(f.hva, page, dw),
+                // ZEROPAGE only for reads: on anon it maps the shared zero page, and a
+                // write would at once take a second (copy-on-write) fault in the kernel.
+                // Writes get a writable page by COPY, as the kernel's own fault does.
+                (FaultKind::Missing, PageData::Zero) if ioctls.zeropage() && !wp && !f.write => {
+                    s.uffd.zeropage(f.hva, page, dw)
+                }
                 (FaultKind::Minor, _) if minor_discarded => {
                     self.buf[..page as usize].fill(0);
                     s.uffd.copy(f.hva, &self.buf[..page as usize], wp, dw)
@@ -290,7 +295,7 @@ impl<'a> Handler<'a> {
         }
         record_latency(s, self.idx, f.kind, page, f.read_at);
         if f.kind != FaultKind::WriteProtect && page < PAGE_2M {
-            let filled = self.around.install(s, r, ioctls, f.hva + page, &mut self.to_wake)?;
+            let filled = self.around.install(s, r, ioctls, f.hva + page, f.write, &mut self.to_wake)?;
             if filled > 0 {
                 s.counters.fault_around_pages.fetch_add(filled, Ordering::Relaxed);
             }

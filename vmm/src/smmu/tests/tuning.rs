@@ -90,13 +90,15 @@ fn reference_handler_stops_with_an_error_on_write_protect_faults() {
     let base = r.map.addr;
     on_thread(move || read_words(base, 8));
     r.discarder.write_protect(GuestRange::new(GPA, PAGE_4K)).unwrap();
-    // No failure hook here: dropping the rig shuts the engine down, which unregisters the
-    // range and releases the blocked writer.
     let writer = std::thread::spawn(move || fill_words(base, 8, 1));
     let failure = r.engine.wait_failure(Duration::from_secs(60)).expect("the reference handler must fail");
     assert!(failure.contains("reference handler") && failure.contains("write-protect"), "{failure}");
-    drop(r);
+    // No failure hook here: shutting the engine down unregisters the range, which releases
+    // the blocked writer; the mapping goes only after the writer is done with it.
+    let Rig { engine, map, .. } = r;
+    drop(engine);
     writer.join().unwrap();
+    drop(map);
 }
 
 #[test]
