@@ -36,6 +36,7 @@ pub enum Command {
 
 /// Benchmarks.
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process; boxing would only move it
 pub enum BenchCommand {
     /// Process start → guest ready, Faultline vs QEMU (microvm) booting the same ELF.
     Boot(crate::experiments::boot_bench::BootBenchArgs),

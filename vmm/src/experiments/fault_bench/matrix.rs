@@ -172,10 +172,10 @@ fn normalize(mut cell: Cell) -> Result<Cell, Skipped> {
     if cell.paging == PagingMode::UffdMinor && cell.backend == Backend::Anon {
         return Err(skip(&cell, "uffd-minor needs a shared backing (memfd, file on tmpfs, hugetlb)"));
     }
-    if cell.backend == Backend::Hugetlb && cell.size_bytes % HUGEPAGE_2M != 0 {
+    if cell.backend == Backend::Hugetlb && !cell.size_bytes.is_multiple_of(HUGEPAGE_2M) {
         return Err(skip(&cell, "hugetlb sizes must be multiples of 2 MiB"));
     }
-    if cell.size_bytes == 0 || cell.size_bytes % 4096 != 0 {
+    if cell.size_bytes == 0 || !cell.size_bytes.is_multiple_of(4096) {
         return Err(skip(&cell, "sizes must be non-zero multiples of 4 KiB"));
     }
     Ok(cell)
