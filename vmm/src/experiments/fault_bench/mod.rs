@@ -69,6 +69,11 @@ pub struct FaultBenchArgs {
     /// Per-run limit in seconds.
     #[arg(long, default_value_t = 120.0)]
     pub timeout: f64,
+    /// Add the 2 MiB huge pages hugetlb cells need to the host pool for the sweep and give
+    /// them back after (root only); without it, hugetlb cells the pool cannot hold are
+    /// skipped.
+    #[arg(long)]
+    pub reserve_hugepages: bool,
     /// No progress lines on stderr.
     #[arg(long)]
     pub quiet: bool,
@@ -144,6 +149,8 @@ pub struct FaultBenchReport {
     pub cells: Vec<CellResult>,
     /// Combinations not run, and why.
     pub skipped: Vec<Skipped>,
+    /// What the sweep did to the host (huge page pool), or failed to.
+    pub notes: Vec<String>,
 }
 
 impl FaultBenchReport {
@@ -173,6 +180,19 @@ pub fn run(args: &FaultBenchArgs) -> Result<FaultBenchReport, FaultBenchError> {
         return Err(FaultBenchError::NoRepeat);
     }
     let (cells, mut skipped) = matrix::expand(&spec_of(args)?);
+    let mut notes = Vec::new();
+    let needed = cells.iter().map(runner::hugetlb_pages).max().unwrap_or(0);
+    let _loan = match (args.reserve_hugepages && needed > 0).then(|| runner::HugepageLoan::take(needed)) {
+        Some(Ok(loan)) => {
+            notes.push(format!("added {} 2 MiB pages to the host pool for the sweep", loan.added()));
+            Some(loan)
+        }
+        Some(Err(e)) => {
+            notes.push(format!("--reserve-hugepages: {e}"));
+            None
+        }
+        None => None,
+    };
     let mut runnable = Vec::new();
     for cell in cells {
         match runner::hugetlb_shortfall(&cell) {
@@ -248,7 +268,7 @@ pub fn run(args: &FaultBenchArgs) -> Result<FaultBenchReport, FaultBenchError> {
         }
     }
     finish(&mut results);
-    Ok(FaultBenchReport { machine, repeat: args.repeat, cells: results, skipped })
+    Ok(FaultBenchReport { machine, repeat: args.repeat, cells: results, skipped, notes })
 }
 
 /// Computes per-run metrics, the ratios to each cell's kernel baseline and reference

@@ -89,22 +89,77 @@ impl Runner {
     }
 }
 
-/// Hugetlb pages a cell needs beyond what the pool has free, if any.
+/// 2 MiB pages a cell's guest RAM takes from the hugetlb pool (0 for other backends).
+pub fn hugetlb_pages(cell: &Cell) -> u64 {
+    if cell.backend == Backend::Hugetlb {
+        cell.memory_bytes().div_ceil(2 << 20)
+    } else {
+        0
+    }
+}
+
+/// Why the hugetlb pool cannot hold a cell's guest RAM, if it cannot.
 pub fn hugetlb_shortfall(cell: &Cell) -> Option<String> {
     if cell.backend != Backend::Hugetlb {
         return None;
     }
-    let needed = cell.memory_bytes().div_ceil(2 << 20);
+    let needed = hugetlb_pages(cell);
     match crate::memory::limits::HugepagePool::read(2 << 20) {
         Ok(pool) => {
             let available = pool.free.saturating_sub(pool.reserved);
             (available < needed).then(|| {
                 format!(
-                    "needs {needed} free 2 MiB huge pages, the pool has {available}; as root: echo {} > /proc/sys/vm/nr_hugepages",
+                    "needs {needed} free 2 MiB huge pages, the pool has {available}; pass --reserve-hugepages (root) or: echo {} > /proc/sys/vm/nr_hugepages",
                     pool.total + needed - available
                 )
             })
         }
         Err(e) => Some(e.to_string()),
+    }
+}
+
+/// 2 MiB pages added to the host pool for the sweep (`--reserve-hugepages`, root only);
+/// given back on drop. Relative, so pool changes made meanwhile by others are kept.
+#[derive(Debug)]
+pub struct HugepageLoan {
+    added: u64,
+}
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+impl HugepageLoan {
+    /// Adds what the pool lacks to have `needed` unreserved free pages; `Err` says why not.
+    pub fn take(needed: u64) -> Result<Self, String> {
+        let read = || crate::memory::limits::HugepagePool::read(2 << 20).map_err(|e| e.to_string());
+        let pool = read()?;
+        let short = needed.saturating_sub(pool.free.saturating_sub(pool.reserved));
+        if short == 0 {
+            return Ok(HugepageLoan { added: 0 });
+        }
+        std::fs::write(NR_HUGEPAGES, (pool.total + short).to_string()).map_err(|e| {
+            format!("cannot raise {NR_HUGEPAGES} by {short} ({e}); run as root or reserve them yourself")
+        })?;
+        let loan = HugepageLoan { added: short };
+        let now = read()?;
+        if now.free.saturating_sub(now.reserved) < needed {
+            return Err(format!("asked the kernel for {short} more 2 MiB pages, it found only {}", now.free));
+        }
+        Ok(loan)
+    }
+
+    /// Pages added.
+    pub fn added(&self) -> u64 {
+        self.added
+    }
+}
+
+impl Drop for HugepageLoan {
+    fn drop(&mut self) {
+        if self.added == 0 {
+            return;
+        }
+        if let Some(now) = std::fs::read_to_string(NR_HUGEPAGES).ok().and_then(|t| t.trim().parse::<u64>().ok()) {
+            let _ = std::fs::write(NR_HUGEPAGES, now.saturating_sub(self.added).to_string());
+        }
     }
 }

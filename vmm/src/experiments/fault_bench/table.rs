@@ -90,6 +90,9 @@ impl FaultBenchReport {
              multiples of the same cell in kernel mode / with the reference handler (paired run by run);\n\
              +-% = (max - min) / median of the first-touch mean over the runs.\n",
         );
+        for n in &self.notes {
+            out.push_str(&format!("note: {n}\n"));
+        }
         for s in &self.skipped {
             out.push_str(&format!("skipped: {}: {}\n", s.cell, s.reason));
         }
