@@ -63,6 +63,13 @@ impl Cell {
         })
     }
 
+    /// The default-engine cell of the same configuration (same handler threads), for
+    /// cells with engine options: what the options buy.
+    pub fn default_engine(&self) -> Option<Cell> {
+        (self.paging.uses_userfaultfd() && self.engine != "default" && self.engine != "reference")
+            .then(|| Cell { engine: "default".into(), ..self.clone() })
+    }
+
     /// The reference-handler cell of the same configuration, for userfaultfd cells that
     /// do not use it themselves.
     pub fn reference(&self) -> Option<Cell> {
@@ -249,6 +256,11 @@ mod tests {
             }
         }
         assert!(cells.iter().filter(|c| c.engine == "reference").all(|c| c.threads == 1));
+        let mut s = spec();
+        s.engines.push("dontwake+around=8".into());
+        let (cells, _) = expand(&s);
+        let with_options: Vec<_> = cells.iter().filter_map(Cell::default_engine).collect();
+        assert!(!with_options.is_empty() && with_options.iter().all(|d| cells.contains(d)));
     }
 
     #[test]

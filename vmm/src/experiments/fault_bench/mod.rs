@@ -279,7 +279,11 @@ fn finish(results: &mut [CellResult]) {
     let index_of = |cell: &Cell| results.iter().position(|r| &r.cell == cell);
     let mut with_ratios = per_run.clone();
     for (i, r) in results.iter().enumerate() {
-        let others = [("kernel", r.cell.kernel_baseline()), ("reference", r.cell.reference())];
+        let others = [
+            ("kernel", r.cell.kernel_baseline()),
+            ("reference", r.cell.reference()),
+            ("default", r.cell.default_engine()),
+        ];
         for (name, other) in others {
             let Some(j) = other.as_ref().and_then(index_of) else { continue };
             for (rep, mine) in with_ratios[i].iter_mut().enumerate() {

@@ -33,12 +33,14 @@ impl FaultBenchReport {
             out.push('\n');
         }
         let width = self.cells.iter().map(|c| c.label.len()).max().unwrap_or(10).max(10);
+        // "x default" only when the sweep has engine options to compare with the default.
+        let options = self.cells.iter().any(|c| c.metrics.contains_key("x_default_rate"));
         out.push_str(&format!(
             "\nmedians of {} runs; latencies in us as the vCPU saw them (guest TSC), rates in 1000 pages/s\n",
             self.repeat
         ));
         out.push_str(&format!(
-            "{:<width$} {:>23} {:>6} {:>7} {:>7} {:>23} {:>7} {:>13} {:>13} {:>6} {:>8}\n",
+            "{:<width$} {:>23} {:>6} {:>7} {:>7} {:>23} {:>7} {:>13} {:>13}{} {:>6} {:>8}\n",
             "cell",
             "first touch p50/p99/mean",
             "warm50",
@@ -48,6 +50,7 @@ impl FaultBenchReport {
             "/vCPU",
             "x kernel l/r",
             "x ref l/r",
+            if options { format!(" {:>13}", "x default l/r") } else { String::new() },
             "+-%",
             "total ms",
         ));
@@ -59,7 +62,7 @@ impl FaultBenchReport {
                 _ => format!("{:>13}", "-"),
             };
             out.push_str(&format!(
-                "{:<width$} {} {} {} {} {} {} {} {} {} {}\n",
+                "{:<width$} {} {} {} {} {} {} {} {}{} {} {}\n",
                 c.label,
                 format_args!(
                     "{}/{}/{}",
@@ -77,6 +80,7 @@ impl FaultBenchReport {
                 num(m("rate_per_vcpu_pages_s"), 1e3, 7, 1),
                 ratio("kernel"),
                 ratio("reference"),
+                if options { format!(" {}", ratio("default")) } else { String::new() },
                 num(spread_percent(c, "first_mean_ns"), 1.0, 6, 1),
                 num(m("total_ms"), 1.0, 8, 0),
             ));
@@ -86,8 +90,9 @@ impl FaultBenchReport {
         }
         out.push_str(
             "\nfault50 = first-touch p50 minus warm-pass p50 (the fault's share of a touch); engin50 = engine-side\n\
-             p50 (message read -> page installed); x kernel / x ref: first-touch mean latency / paging rate as\n\
-             multiples of the same cell in kernel mode / with the reference handler (paired run by run);\n\
+             p50 (message read -> page installed); x kernel / x ref / x default: first-touch mean latency /\n\
+             paging rate as multiples of the same cell in kernel mode / with the reference handler / with the\n\
+             default engine (paired run by run);\n\
              +-% = (max - min) / median of the first-touch mean over the runs.\n",
         );
         for n in &self.notes {
