@@ -8,7 +8,7 @@
 //! these fields, [`EngineTuning::from_env`] reads them from `FAULTLINE_ENGINE_OPTS` when
 //! the engine starts. That variable is the only place they are read.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The environment variable read by [`EngineTuning::from_env`] (temporary, see above).
 pub const ENGINE_OPTS_ENV: &str = "FAULTLINE_ENGINE_OPTS";
@@ -33,7 +33,7 @@ pub enum TuningError {
 }
 
 /// Which handler design resolves faults.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum HandlerKind {
     /// The engine: batched reads, retry protocol, deferral, several threads.
@@ -44,8 +44,10 @@ pub enum HandlerKind {
     Reference,
 }
 
-/// The engine's tuning options (all off by default).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+/// The engine's tuning options (all off by default). Deserializes from a TOML table with
+/// these field names (for `FaultEngineOptions`), parses from the `+` text for the CLI.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct EngineTuning {
     /// Which handler runs.
     pub handler: HandlerKind,
@@ -92,6 +94,11 @@ impl EngineTuning {
             }
         }
         Ok(t)
+    }
+
+    /// [`EngineTuning::parse`] for clap's `value_parser`.
+    pub fn parse_arg(text: &str) -> Result<Self, String> {
+        Self::parse(text).map_err(|e| e.to_string())
     }
 
     /// Reads [`ENGINE_OPTS_ENV`] (unset or empty: defaults).
@@ -145,6 +152,13 @@ mod tests {
         assert_eq!(EngineTuning::parse(&t.name()).unwrap(), t);
         assert_eq!(EngineTuning::parse("reference").unwrap().handler, HandlerKind::Reference);
         assert_eq!(EngineTuning::default().name(), "default");
+    }
+
+    #[test]
+    fn options_read_from_a_toml_table() {
+        let t: EngineTuning = toml::from_str("handler = \"reference\"\nfault_around = 64\ndont_wake = true").unwrap();
+        assert_eq!(t, EngineTuning::parse("reference+around=64+dontwake").unwrap());
+        assert!(toml::from_str::<EngineTuning>("warp = 1").is_err());
     }
 
     #[test]
