@@ -2,7 +2,8 @@
 //! faults`: which handler design runs, and the engine's optional fast paths.
 //!
 //! Written as a short text, options joined by `+`: `default`, `reference`, or any of
-//! `batch=N`, `dontwake`, `zeropool`, `around=N`, `busypoll` (e.g. `dontwake+around=16`).
+//! `batch=N`, `dontwake`, `zeropool`, `around=N`, `busypoll`, `exclusive` (e.g.
+//! `dontwake+around=16`).
 //!
 //! **Temporary plumbing**: until `FaultEngineOptions` (config.rs) and the `run` CLI carry
 //! these fields, [`EngineTuning::from_env`] reads them from `FAULTLINE_ENGINE_OPTS` when
@@ -20,7 +21,7 @@ pub const MAX_FAULT_AROUND: u32 = 512;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TuningError {
     /// An unknown option.
-    #[error("unknown fault-engine option '{0}' (use default, reference, batch=N, dontwake, zeropool, around=N, busypoll, joined by '+')")]
+    #[error("unknown fault-engine option '{0}' (use default, reference, batch=N, dontwake, zeropool, around=N, busypoll, exclusive, joined by '+')")]
     Unknown(String),
     /// An option's number is out of range.
     #[error("fault-engine option '{option}': {reason}")]
@@ -65,6 +66,9 @@ pub struct EngineTuning {
     pub fault_around: u32,
     /// Spin on non-blocking reads of the userfaultfd instead of sleeping in poll(2).
     pub busy_poll: bool,
+    /// Each handler sleeps in its own epoll with the userfaultfd added `EPOLLEXCLUSIVE`,
+    /// so a fault wakes one handler instead of every handler polling the fd.
+    pub exclusive: bool,
 }
 
 impl EngineTuning {
@@ -90,6 +94,7 @@ impl EngineTuning {
                 "zeropool" => t.zero_pool = true,
                 "around" => t.fault_around = number(MAX_FAULT_AROUND as u64)? as u32,
                 "busypoll" => t.busy_poll = true,
+                "exclusive" => t.exclusive = true,
                 _ => return Err(TuningError::Unknown(option.to_string())),
             }
         }
@@ -130,6 +135,9 @@ impl EngineTuning {
         if self.busy_poll {
             parts.push("busypoll".into());
         }
+        if self.exclusive {
+            parts.push("exclusive".into());
+        }
         if parts.is_empty() {
             "default".into()
         } else {
@@ -146,8 +154,8 @@ mod tests {
     fn options_parse_and_print_back() {
         assert_eq!(EngineTuning::parse("default").unwrap(), EngineTuning::default());
         assert_eq!(EngineTuning::parse("").unwrap(), EngineTuning::default());
-        let t = EngineTuning::parse("dontwake+around=16+zeropool+busypoll+batch=8").unwrap();
-        assert!(t.dont_wake && t.zero_pool && t.busy_poll);
+        let t = EngineTuning::parse("dontwake+around=16+zeropool+busypoll+batch=8+exclusive").unwrap();
+        assert!(t.dont_wake && t.zero_pool && t.busy_poll && t.exclusive);
         assert_eq!((t.fault_around, t.batch), (16, Some(8)));
         assert_eq!(EngineTuning::parse(&t.name()).unwrap(), t);
         assert_eq!(EngineTuning::parse("reference").unwrap().handler, HandlerKind::Reference);

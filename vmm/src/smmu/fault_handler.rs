@@ -5,7 +5,8 @@
 //! The tuning options of [`super::engine_tuning`] change the loop here: `dontwake` fills
 //! without waking and wakes every resolved range once per batch; `zeropool` fills zero
 //! pages by COPY from a buffer that stays zeroed; `around=N` installs following pages too
-//! ([`super::fault_around`]); `busypoll` polls with a zero timeout instead of sleeping.
+//! ([`super::fault_around`]); `busypoll` polls with a zero timeout instead of sleeping;
+//! `exclusive` sleeps in a per-thread epoll where the userfaultfd wakes one handler.
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
@@ -14,7 +15,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use std::mem::MaybeUninit;
+
+use rustix::event::{epoll, poll, PollFd, PollFlags, Timespec};
 
 use super::engine_tuning::HandlerKind;
 use super::fault_engine::{signal, FaultEngineError, Shared};
@@ -104,6 +107,7 @@ impl<'a> Handler<'a> {
         let mut msgs = super::uffd::msg_buffer(self.s.tuning.batch.unwrap_or(self.s.config.batch).max(1));
         let mut events = Vec::new();
         let mut mm_changing = false;
+        let ep = if self.s.tuning.exclusive { Some(exclusive_epoll(self.s, wake)?) } else { None };
         loop {
             // With EAGAIN-deferred faults, wake soon even if nothing arrives: the kernel
             // ends "mm changing" without an event once the remover resumes. Busy-polling
@@ -111,19 +115,11 @@ impl<'a> Handler<'a> {
             let short = Timespec { tv_sec: 0, tv_nsec: 200_000 };
             let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
             let timeout = if self.s.tuning.busy_poll { Some(&zero) } else { mm_changing.then_some(&short) };
-            let mut fds = [
-                PollFd::new(&*self.s.uffd, PollFlags::IN),
-                PollFd::new(&self.s.shutdown_fd, PollFlags::IN),
-                PollFd::new(wake, PollFlags::IN),
-            ];
-            match poll(&mut fds, timeout) {
-                Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(std::io::Error::from(e).into()),
-            }
-            if !fds[1].revents().is_empty() {
+            let (shutdown, woken) = self.wait(wake, ep.as_ref(), timeout)?;
+            if shutdown {
                 return Ok(());
             }
-            if !fds[2].revents().is_empty() {
+            if woken {
                 let mut b = [0u8; 8];
                 let _ = rustix::io::read(wake, &mut b);
             }
@@ -144,6 +140,37 @@ impl<'a> Handler<'a> {
             }
             self.wake_batch()?;
         }
+    }
+
+    /// Sleeps until the userfaultfd, the shutdown eventfd or the wake eventfd is readable,
+    /// or `timeout` passes; returns (shutdown, woken). With `ep` (the `exclusive` option)
+    /// through that epoll instance, else poll(2) on the three fds.
+    fn wait(
+        &self,
+        wake: &OwnedFd,
+        ep: Option<&OwnedFd>,
+        timeout: Option<&Timespec>,
+    ) -> Result<(bool, bool), FaultEngineError> {
+        if let Some(ep) = ep {
+            let mut buf = [MaybeUninit::<epoll::Event>::uninit(); 3];
+            let (ready, _) = match epoll::wait(ep, &mut buf, timeout) {
+                Ok(r) => r,
+                Err(rustix::io::Errno::INTR) => return Ok((false, false)),
+                Err(e) => return Err(std::io::Error::from(e).into()),
+            };
+            let has = |token: u64| ready.iter().any(|e| e.data.u64() == token);
+            return Ok((has(TOKEN_SHUTDOWN), has(TOKEN_WAKE)));
+        }
+        let mut fds = [
+            PollFd::new(&*self.s.uffd, PollFlags::IN),
+            PollFd::new(&self.s.shutdown_fd, PollFlags::IN),
+            PollFd::new(wake, PollFlags::IN),
+        ];
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(std::io::Error::from(e).into()),
+        }
+        Ok((!fds[1].revents().is_empty(), !fds[2].revents().is_empty()))
     }
 
     /// Wakes the ranges filled with DONTWAKE, adjacent ranges merged into one WAKE.
@@ -302,6 +329,24 @@ impl<'a> Handler<'a> {
         }
         Ok(None)
     }
+}
+
+const TOKEN_UFFD: u64 = 0;
+const TOKEN_SHUTDOWN: u64 = 1;
+const TOKEN_WAKE: u64 = 2;
+
+/// A handler's own epoll instance for the `exclusive` option: the userfaultfd added with
+/// `EPOLLEXCLUSIVE` (the kernel wakes one waiting instance per event, not all of them;
+/// level-triggered, so a message nobody was woken for is found by the next wait), the
+/// shutdown and wake eventfds added normally.
+fn exclusive_epoll(s: &Shared, wake: &OwnedFd) -> Result<OwnedFd, FaultEngineError> {
+    let io = |e: rustix::io::Errno| FaultEngineError::Os(e.into());
+    let ep = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(io)?;
+    let exclusive = epoll::EventFlags::IN | epoll::EventFlags::EXCLUSIVE;
+    epoll::add(&ep, &*s.uffd, epoll::EventData::new_u64(TOKEN_UFFD), exclusive).map_err(io)?;
+    epoll::add(&ep, &s.shutdown_fd, epoll::EventData::new_u64(TOKEN_SHUTDOWN), epoll::EventFlags::IN).map_err(io)?;
+    epoll::add(&ep, wake, epoll::EventData::new_u64(TOKEN_WAKE), epoll::EventFlags::IN).map_err(io)?;
+    Ok(ep)
 }
 
 /// Every event but a page fault: REMOVE / UNMAP (invalidate), REMAP (log), FORK (close).

@@ -194,6 +194,14 @@ fn busy_polling_handlers_resolve_faults_and_shut_down() {
 
 #[test]
 fn every_option_together_keeps_contents_and_coherence() {
-    let r = image_pages_resolve("dontwake+zeropool+around=16+batch=8", 256, 3);
+    let r = image_pages_resolve("dontwake+zeropool+around=16+batch=8+exclusive", 256, 3);
     assert!(r.engine.stats().fault_around_pages > 0);
+}
+
+#[test]
+fn exclusive_epoll_wakeups_resolve_concurrent_faults_and_shut_down() {
+    let r = image_pages_resolve("exclusive", 256, 4);
+    eventually("256 MISSING faults counted", || r.engine.stats().resolved(FaultKind::Missing) == 256);
+    let r = image_pages_resolve("exclusive+dontwake+batch=4", 128, 3);
+    assert_eq!(r.engine.shutdown().unwrap().resolved(FaultKind::Missing), 128);
 }
