@@ -38,7 +38,7 @@ pub struct FaultBenchArgs {
     #[arg(long, value_enum, value_delimiter = ',', default_value = "kernel,uffd-missing,uffd-minor")]
     pub paging: Vec<PagingMode>,
     /// Engine variants for userfaultfd modes: default, reference, or options joined by
-    /// '+': batch=N, dontwake, zeropool, around=N, busypoll.
+    /// '+': batch=N, dontwake, zeropool, around=N, busypoll, exclusive.
     #[arg(long, value_delimiter = ',', default_value = "default,reference")]
     pub engines: Vec<String>,
     /// vCPU counts.
