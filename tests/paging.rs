@@ -185,3 +185,37 @@ fn modes_that_cannot_work_are_refused_with_the_fix() {
     assert_ne!(run.code, 0);
     assert!(run.stderr.contains("holds data") && run.stderr.contains("uffd-minor"), "{}", run.stderr);
 }
+
+#[test]
+fn the_coherence_checker_runs_on_a_live_vm_through_the_control_socket() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = ScratchDir::new("paging-ctl");
+    let socket = dir.0.join("api.sock");
+    let socket_arg = socket.to_str().unwrap();
+    let child = faultline()
+        .args(["run", "--json", "--timeout", "120", "-m", "size=64M,paging=uffd-missing", "--steps", "fill,churn"])
+        .args(["--chaos-events", "20000", "--api-socket", socket_arg])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut checks = Vec::new();
+    for _ in 0..200 {
+        let out = faultline().args(["ctl", "-s", socket_arg, "paging", "check"]).output().unwrap();
+        if out.status.success() {
+            checks.push(String::from_utf8_lossy(&out.stdout).to_string());
+            if checks.len() == 3 {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let run = outcome(child.wait_with_output().unwrap());
+    run.assert_success();
+    assert!(!checks.is_empty(), "never reached the control socket: {}", run.stderr);
+    for check in &checks {
+        assert!(check.starts_with("coherence: clean"), "{check}");
+    }
+}

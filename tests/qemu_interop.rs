@@ -4,19 +4,6 @@
 mod common;
 use common::*;
 
-fn qemu() -> Option<&'static str> {
-    let found =
-        std::process::Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
-    if !found {
-        if std::env::var("FAULTLINE_REQUIRE_QEMU").as_deref() == Ok("1") {
-            panic!("qemu-system-x86_64 is not installed and FAULTLINE_REQUIRE_QEMU=1");
-        }
-        eprintln!("!!!! SKIPPED: qemu-system-x86_64 not installed (apt-get install qemu-system-x86) !!!!");
-        return None;
-    }
-    Some("qemu-system-x86_64")
-}
-
 #[test]
 fn same_elf_boots_under_qemu_microvm() {
     if !kvm_available() {
@@ -24,8 +11,7 @@ fn same_elf_boots_under_qemu_microvm() {
     }
     let Some(qemu) = qemu() else { return };
     let dir = ScratchDir::new("qemu");
-    let image = dir.0.join("guest.elf");
-    assert!(faultline().arg("guest-image").arg(&image).status().unwrap().success());
+    let image = guest_image_in(&dir.0);
     for cpus in ["1", "2"] {
         let output = std::process::Command::new("timeout")
             .args([

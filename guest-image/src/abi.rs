@@ -14,6 +14,8 @@
 #[cfg(test)]
 extern crate std;
 
+pub mod virtio;
+
 // ---------------------------------------------------------------------------------------
 // Ports
 // ---------------------------------------------------------------------------------------
@@ -42,6 +44,9 @@ pub enum ExitStatus {
     Exception = 4,
     /// An application processor did not come up in time.
     ApStartFailed = 5,
+    /// A device a step needs is missing, refused the driver or stopped answering; an
+    /// `FL error` line says which and why.
+    DeviceError = 6,
 }
 
 impl ExitStatus {
@@ -54,6 +59,7 @@ impl ExitStatus {
             3 => Self::Panic,
             4 => Self::Exception,
             5 => Self::ApStartFailed,
+            6 => Self::DeviceError,
             _ => return None,
         })
     }
@@ -67,6 +73,7 @@ impl ExitStatus {
             Self::Panic => "panic",
             Self::Exception => "exception",
             Self::ApStartFailed => "ap-start-failed",
+            Self::DeviceError => "device-error",
         }
     }
 }
@@ -131,7 +138,7 @@ pub mod cmdline {
     /// TSC frequency in kHz, if the VMM knows it (else CPUID 0x15/0x16, else 0x40000010).
     pub const TSC_KHZ: &str = "fl.tsc_khz";
     /// Comma-separated steps run in order, each split across all CPUs:
-    /// `fill`, `verify`, `touch`, `dirty`, `idle`, `churn`, and the fault-injection steps
+    /// `fill`, `verify`, `touch`, `dirty`, `idle`, `churn`, `balloon`, and the fault-injection steps
     /// `triple-fault` and `cpl0-sse` (tests only). Default `fill,verify`.
     pub const STEPS: &str = "fl.steps";
     /// Bytes of the workload region to use (`all`, or a size like `64M`); default all.
@@ -148,11 +155,21 @@ pub mod cmdline {
     pub const PASSES: &str = "fl.passes";
     /// Pages per second `dirty` rewrites (all CPUs together; default 10000).
     pub const RATE_PAGES_PER_S: &str = "fl.rate";
-    /// How long `dirty` and `idle` run, in milliseconds (default 1000).
+    /// How long `dirty` and `idle` run, in milliseconds (default 1000); also how long
+    /// `balloon` follows the host when `fl.balloon_changes=0`.
     pub const DURATION_MS: &str = "fl.duration_ms";
     /// `1`: `churn` ignores the duration and runs until the VMM asks it to stop on the
     /// step-control port, then completes one last full round.
     pub const UNTIL_STOPPED: &str = "fl.until_stopped";
+    /// `balloon`: end after following this many changes of the host's target to
+    /// completion (default 0: follow changes until `fl.duration_ms` has elapsed).
+    pub const BALLOON_CHANGES: &str = "fl.balloon_changes";
+    /// `balloon`: pages (4 KiB) of the bottom of the region reported free after each
+    /// change when free page reporting was negotiated (default 512; 0 = never report).
+    pub const BALLOON_REPORT_PAGES: &str = "fl.balloon_report_pages";
+    /// `balloon` with `fl.balloon_changes>0`: give up (and fail) when the changes have not
+    /// all happened after this many milliseconds (default 120000).
+    pub const BALLOON_TIMEOUT_MS: &str = "fl.balloon_timeout_ms";
 }
 
 /// The steps a guest can run.
@@ -177,6 +194,14 @@ pub enum Step {
     TripleFault,
     /// Execute an SSE instruction at CPL0 (stops nested KVMs that emulate CPL0).
     Cpl0Sse,
+    /// Drive the virtio-balloon device named by `virtio_mmio.device=`: follow the host's
+    /// target (inflating pages from the top of the region, deflating them back), send
+    /// statistics, report free pages; after each change check that kept pages hold the
+    /// pattern and that deflated pages read as zero. Prints `balloon` lines, then a
+    /// `result` and a `verify` line. Runs on the BSP; other CPUs wait. Needs the pattern
+    /// in place (a `fill` step before it); a later `verify` (or a second `balloon`) step
+    /// passes only if the host's last target was 0, since held pages stay the host's.
+    Balloon,
 }
 
 impl Step {
@@ -191,6 +216,7 @@ impl Step {
             "churn" => Self::Churn,
             "triple-fault" => Self::TripleFault,
             "cpl0-sse" => Self::Cpl0Sse,
+            "balloon" => Self::Balloon,
             _ => return None,
         })
     }
@@ -206,6 +232,7 @@ impl Step {
             Self::Churn => "churn",
             Self::TripleFault => "triple-fault",
             Self::Cpl0Sse => "cpl0-sse",
+            Self::Balloon => "balloon",
         }
     }
 }
@@ -305,6 +332,15 @@ pub mod report {
     pub const DONE: &str = "done";
     /// A problem the guest explains: `{"msg":"..."}`.
     pub const ERROR: &str = "error";
+    /// Printed by `balloon` after each change of the host's target it followed:
+    /// `{"change":C,"target_pages":T,"actual_pages":A,"inflated":I,"deflated":D,
+    ///   "kept_pages":K,"kept_ok":true,"zero_ok":true,"mismatches":M,
+    ///   "reported_pages":R,"reported_zero_pages":Z}`. `inflated`/`deflated` count the
+    /// pages given to / taken back from the host for this change; `kept_ok` says every
+    /// page the guest kept holds the pattern, `zero_ok` that every deflated page read as
+    /// zero before it was rewritten; `mismatches` counts the words that broke either.
+    /// `reported_*`: pages sent by free page reporting, and how many read as zero after.
+    pub const BALLOON: &str = "balloon";
     /// An unexpected CPU exception, printed by the ring-0 handler:
     /// `{"vector":V,"error_code":E,"rip":R,"cpu":C}` (numbers in decimal).
     pub const EXCEPTION: &str = "exception";
@@ -384,7 +420,7 @@ mod tests {
 
     #[test]
     fn steps_round_trip() {
-        for name in ["fill", "verify", "touch", "dirty", "idle", "churn", "triple-fault", "cpl0-sse"] {
+        for name in ["fill", "verify", "touch", "dirty", "idle", "churn", "triple-fault", "cpl0-sse", "balloon"] {
             assert_eq!(Step::parse(name).unwrap().name(), name);
         }
         assert_eq!(Step::parse("nope"), None);
@@ -424,9 +460,9 @@ mod tests {
 
     #[test]
     fn exit_status_round_trips() {
-        for byte in 0..=5u8 {
+        for byte in 0..=6u8 {
             assert_eq!(ExitStatus::from_byte(byte).unwrap() as u8, byte);
         }
-        assert_eq!(ExitStatus::from_byte(6), None);
+        assert_eq!(ExitStatus::from_byte(7), None);
     }
 }

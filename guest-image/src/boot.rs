@@ -5,7 +5,9 @@
 //!
 //! 1. `pvh_start32` (BSP, 32-bit protected mode, paging off, `ebx` = `hvm_start_info`):
 //!    saves `ebx`, identity-maps guest physical memory (1 GiB pages for the first 64 GiB
-//!    when CPUID says so, else 2 MiB pages for the first 4 GiB), every page U/S=1.
+//!    when CPUID says so, else 2 MiB pages for the first 4 GiB), every page U/S=1, the
+//!    MMIO hole at 3–4 GiB (LAPIC, IOAPIC, virtio-mmio windows) uncached (PCD|PWT) so
+//!    ring 3 can drive devices there.
 //! 2. `ap_trampoline` (APs, real mode at 0x8000 after SIPI vector 0x08): loads the GDT and
 //!    jumps to 32-bit code, reusing the BSP's page tables.
 //! 3. `long_mode_entry32` (both): PAE + OSFXSR + OSXMMEXCPT, LME, PG|NE|MP|PE.
@@ -19,7 +21,7 @@
 //! exception before that triple-faults).
 //!
 //! Instructions executed at CPL0: about 520 on the BSP (460 of them the 64-entry page
-//! table loop) and about 70 per AP.
+//! table loop; the 2 MiB fallback runs about 12,000) and about 70 per AP.
 //!
 //! Two things are as they are because of the nested KVM (`kvm_pvm`) this project runs on:
 //! port I/O from ring 3 is checked against the TSS I/O bitmap even with IOPL=3, so every
@@ -128,6 +130,7 @@ pvh_start32:
     addl $8, %edi
     decl %ecx
     jnz 1b
+    orl $0x18, pdpt + 24        /* 3-4 GiB, the MMIO hole: PCD | PWT (uncached) */
     movl $1, boot_huge_1g
     jmp long_mode_entry32
     /* 2 MiB pages for the first 4 GiB: PDPT[0..4] -> four page directories */
@@ -147,6 +150,13 @@ pvh_start32:
     addl $8, %edi
     decl %ecx
     jnz 3b
+    /* the fourth directory maps 3-4 GiB, the MMIO hole: PCD | PWT (uncached) */
+    movl $(pds + 3 * 4096), %edi
+    movl $512, %ecx
+4:  orl $0x18, (%edi)
+    addl $8, %edi
+    decl %ecx
+    jnz 4b
 
 /* ---- BSP and APs: enter long mode with the shared page tables ---- */
 long_mode_entry32:

@@ -82,10 +82,17 @@ pub struct Config {
     pub passes: u32,
     /// Pages per second `dirty` rewrites (all CPUs together).
     pub rate_pages_per_s: u64,
-    /// Duration of `dirty` and `idle`.
+    /// Duration of `dirty` and `idle` (and of `balloon` when `balloon_changes` is 0).
     pub duration_ms: u64,
     /// `churn` runs until the VMM asks it to stop instead of for `duration_ms`.
     pub until_stopped: bool,
+    /// `balloon`: changes of the host's target to follow before the step ends (0 = until
+    /// `duration_ms`).
+    pub balloon_changes: u64,
+    /// `balloon`: pages at the bottom of the region sent by free page reporting.
+    pub balloon_report_pages: u64,
+    /// `balloon`: how long to wait for `balloon_changes` changes before failing.
+    pub balloon_timeout_ms: u64,
 }
 
 /// A key whose value could not be used.
@@ -127,6 +134,9 @@ impl Config {
             rate_pages_per_s: 10_000,
             duration_ms: 1000,
             until_stopped: false,
+            balloon_changes: 0,
+            balloon_report_pages: 512,
+            balloon_timeout_ms: 120_000,
         };
         let bad = |key, value, problem| BadValue { key, value, problem };
         if let Some(v) = cmdline_value(line, key::CPUS) {
@@ -191,6 +201,15 @@ impl Config {
         if let Some(v) = cmdline_value(line, key::UNTIL_STOPPED) {
             config.until_stopped =
                 parse_number(v).filter(|&n| n <= 1).ok_or(bad(key::UNTIL_STOPPED, v, "expected 0 or 1, got"))? == 1;
+        }
+        if let Some(v) = cmdline_value(line, key::BALLOON_CHANGES) {
+            config.balloon_changes = parse_number(v).ok_or(bad(key::BALLOON_CHANGES, v, "cannot parse"))?;
+        }
+        if let Some(v) = cmdline_value(line, key::BALLOON_REPORT_PAGES) {
+            config.balloon_report_pages = parse_number(v).ok_or(bad(key::BALLOON_REPORT_PAGES, v, "cannot parse"))?;
+        }
+        if let Some(v) = cmdline_value(line, key::BALLOON_TIMEOUT_MS) {
+            config.balloon_timeout_ms = parse_number(v).ok_or(bad(key::BALLOON_TIMEOUT_MS, v, "cannot parse"))?;
         }
         Ok(config)
     }

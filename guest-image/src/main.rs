@@ -11,6 +11,8 @@
 
 #[macro_use]
 mod serial;
+mod balloon;
+mod balloon_step;
 mod boot;
 mod cmdline;
 mod histogram;
@@ -19,6 +21,7 @@ mod pvh;
 mod region;
 mod smp;
 mod tsc;
+mod virtio_mmio;
 mod workloads;
 
 use core::fmt::Write;
@@ -43,7 +46,7 @@ extern "C" fn ring3_entry(cpu: u64) -> ! {
 }
 
 /// Prints an `FL error` line.
-fn error(message: impl core::fmt::Display) {
+pub(crate) fn error(message: impl core::fmt::Display) {
     report!(report::ERROR, "{{\"msg\":\"{}\"}}", JsonEscaped(message));
 }
 
@@ -74,7 +77,7 @@ fn bsp_main() -> ! {
         error(e);
         exit(ExitStatus::BadCommandLine)
     });
-    workloads::set_context(Context { config, region, tsc_khz });
+    workloads::set_context(Context { config, region, tsc_khz, cmdline: info.cmdline });
     fence(Ordering::SeqCst);
     if let Err(online) = smp::start_aps(config.cpus, tsc_khz) {
         error(format_args!(

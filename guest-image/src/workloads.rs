@@ -13,6 +13,7 @@ use faultline_abi::{
     VERIFY_REPORT_MAX,
 };
 
+use crate::balloon_step;
 use crate::boot;
 use crate::cmdline::{Access, Config, GuestStep, TouchPattern};
 use crate::histogram::Histogram;
@@ -32,6 +33,8 @@ pub struct Context {
     pub region: Region,
     /// TSC frequency (0 = unknown).
     pub tsc_khz: u64,
+    /// The kernel command line (for device tokens such as `virtio_mmio.device=`).
+    pub cmdline: &'static str,
 }
 
 static CONTEXT: Shared<Option<Context>> = Shared::new(None);
@@ -50,17 +53,21 @@ pub fn context() -> &'static Context {
 
 /// A word of the region that did not hold the pattern.
 #[derive(Clone, Copy, Default)]
-struct Mismatch {
-    gpa: u64,
-    expected: u64,
-    found: u64,
+pub struct Mismatch {
+    /// Address of the word.
+    pub gpa: u64,
+    /// What it should hold.
+    pub expected: u64,
+    /// What it held.
+    pub found: u64,
 }
 
 /// One CPU's result of one step (or touch pass).
 #[derive(Clone, Copy)]
-struct CpuResult {
+pub struct CpuResult {
     cycles: u64,
-    pages: u64,
+    /// Pages the step covered.
+    pub pages: u64,
     mismatches: u64,
     first: [Mismatch; VERIFY_REPORT_MAX],
     first_count: usize,
@@ -85,7 +92,8 @@ impl CpuResult {
         }
     }
 
-    fn note_mismatch(&mut self, mismatch: Mismatch) {
+    /// Counts a mismatch (and keeps the first few for the verify line).
+    pub fn note_mismatch(&mut self, mismatch: Mismatch) {
         if self.first_count < VERIFY_REPORT_MAX {
             self.first[self.first_count] = mismatch;
             self.first_count += 1;
@@ -178,6 +186,26 @@ pub fn run_steps(cpu: u32) -> ExitStatus {
                     }
                 }
             }
+            GuestStep::Abi(Step::Balloon) => {
+                // The BSP drives the device alone; the APs wait at the phase's closing
+                // barrier (the driver has one set of queues and is not shared).
+                let mut balloon_status = ExitStatus::Success;
+                phase(cpus, cpu, |result| {
+                    if cpu == 0 {
+                        balloon_status = balloon_step::run(context, result);
+                    }
+                });
+                if cpu == 0 {
+                    print_result(step, None, cpus);
+                    // A device error already printed its error line; a verify line
+                    // saying ok would mislead.
+                    if balloon_status == ExitStatus::DeviceError {
+                        status = balloon_status;
+                    } else if !print_verify(cpus) || balloon_status != ExitStatus::Success {
+                        status = ExitStatus::VerifyFailed;
+                    }
+                }
+            }
             GuestStep::Abi(Step::TripleFault) => phase(cpus, cpu, |_| {
                 if cpu == 0 {
                     boot::triple_fault();
@@ -205,7 +233,7 @@ pub fn run_steps(cpu: u32) -> ExitStatus {
 }
 
 /// Writes the pattern into every word of the page at `gpa`.
-fn write_pattern_page(seed: u64, gpa: u64) {
+pub fn write_pattern_page(seed: u64, gpa: u64) {
     let page = gpa as *mut u64;
     for word in 0..WORDS_PER_PAGE {
         // SAFETY: `gpa` is a page of the workload region: identity-mapped RAM that only

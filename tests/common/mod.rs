@@ -26,6 +26,27 @@ pub fn kvm_available() -> bool {
     ok
 }
 
+/// QEMU's binary when installed. Without it, the test is skipped with a loud message,
+/// unless FAULTLINE_REQUIRE_QEMU=1 (CI), where it fails.
+pub fn qemu() -> Option<&'static str> {
+    let found = Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !found {
+        if std::env::var("FAULTLINE_REQUIRE_QEMU").as_deref() == Ok("1") {
+            panic!("qemu-system-x86_64 is not installed and FAULTLINE_REQUIRE_QEMU=1");
+        }
+        eprintln!("!!!! SKIPPED: qemu-system-x86_64 not installed (apt-get install qemu-system-x86) !!!!");
+        return None;
+    }
+    Some("qemu-system-x86_64")
+}
+
+/// Writes the built-in guest's ELF into `dir` (for other VMMs) and returns its path.
+pub fn guest_image_in(dir: &std::path::Path) -> PathBuf {
+    let image = dir.join("guest.elf");
+    assert!(faultline().arg("guest-image").arg(&image).status().unwrap().success());
+    image
+}
+
 /// The outcome of one `faultline run --json`.
 pub struct RunOutcome {
     /// The process's exit code.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    AccessKind, AccessPattern, ChaosConfig, ConfigError, KernelImage, PagingMode, VmConfig, ZoneConfig,
+    AccessKind, AccessPattern, BalloonOptions, ChaosConfig, ConfigError, KernelImage, PagingMode, VmConfig, ZoneConfig,
 };
 
 /// Faultline: a minimal KVM VMM for experiments on guest memory.
@@ -60,7 +60,8 @@ pub struct RunArgs {
     pub memory: Vec<String>,
     /// How guest RAM is populated, for every zone without its own paging=: kernel (first
     /// touch filled by the kernel), prefault (all up front), uffd-missing or uffd-minor
-    /// (by Faultline's userfaultfd fault engine) [default: kernel].
+    /// (by Faultline's userfaultfd fault engine) [default: kernel]. With uffd-minor and no
+    /// --memory, the default zone is a memfd (MINOR faults need a page cache).
     #[arg(long, value_enum, value_name = "MODE")]
     pub paging: Option<PagingMode>,
     /// Fault handler threads of the userfaultfd engine [default: 2].
@@ -79,6 +80,24 @@ pub struct RunArgs {
     /// Pause between chaos operations, microseconds (0: back to back) [default: 50].
     #[arg(long, value_name = "US", requires = "chaos_events")]
     pub chaos_interval_us: Option<u64>,
+    /// Chaos only write-protects and unprotects (no discards: the guest's data stays).
+    #[arg(long, requires = "chaos_events")]
+    pub chaos_no_discard: bool,
+    /// Give the VM a virtio-balloon device (virtio-mmio at 0xd0000000, IRQ 5).
+    #[arg(long)]
+    pub balloon: bool,
+    /// Balloon targets to follow in order, e.g. 128M,0 (each next one once the guest has
+    /// reached the current one; implies --balloon). The built-in guest's `balloon` step
+    /// ends after the last.
+    #[arg(long, value_name = "SIZES")]
+    pub balloon_schedule: Option<String>,
+    /// Target changes the guest's balloon step follows before it ends (for steering by hand
+    /// with `faultline ctl balloon set`; default: the schedule's length).
+    #[arg(long, value_name = "N")]
+    pub balloon_changes: Option<u64>,
+    /// Serve the control API on this Unix socket while the VM runs (see `faultline ctl`).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
     /// A kernel to boot instead of the built-in guest: PVH ELF, Linux vmlinux or bzImage.
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
@@ -141,6 +160,10 @@ impl RunArgs {
             config.zones = self.memory.iter().map(|spec| ZoneConfig::parse(spec)).collect::<Result<_, _>>()?;
         }
         if let Some(paging) = self.paging {
+            if paging == PagingMode::UffdMinor && self.memory.is_empty() && config.zones == VmConfig::default().zones {
+                // MINOR faults need a page cache: the default zone becomes a memfd.
+                config.zones.iter_mut().for_each(|z| z.backend = crate::config::Backend::Memfd);
+            }
             // Zones whose spec names paging= keep it; the rest take --paging.
             for (zone, spec) in config.zones.iter_mut().zip(self.memory.iter().map(Some).chain(std::iter::repeat(None)))
             {
@@ -163,6 +186,16 @@ impl RunArgs {
             }
             if let Some(v) = self.chaos_interval_us {
                 chaos.interval_us = v;
+            }
+            chaos.discards = !self.chaos_no_discard;
+        }
+        if self.balloon || self.balloon_schedule.is_some() || self.balloon_changes.is_some() {
+            let balloon = config.balloon.get_or_insert_with(BalloonOptions::default);
+            if self.balloon_changes.is_some() {
+                balloon.guest_changes = self.balloon_changes;
+            }
+            if let Some(schedule) = &self.balloon_schedule {
+                balloon.schedule_bytes = BalloonOptions::parse_schedule(schedule)?;
             }
         }
         if let Some(kernel) = &self.kernel {
@@ -282,5 +315,7 @@ mod tests {
         assert_eq!(config.chaos.as_ref().map(|c| c.events), Some(100));
         let config = parse(&["run", "--paging", "prefault"]).to_config().unwrap();
         assert_eq!(config.zones[0].paging, PagingMode::Prefault);
+        let config = parse(&["run", "--paging", "uffd-minor"]).to_config().unwrap();
+        assert_eq!((config.zones[0].backend, config.zones[0].paging), (Backend::Memfd, PagingMode::UffdMinor));
     }
 }

@@ -15,6 +15,7 @@ pub mod memory;
 pub mod paging;
 pub mod report;
 pub mod smmu;
+pub mod vm_target;
 pub mod vmm;
 pub mod vstate;
 

@@ -24,7 +24,7 @@ use crate::memory::{GuestRam, RamRegion};
 use crate::smmu::access::GuestAccess;
 use crate::smmu::coherence::{self, CoherenceError, CoherenceReport};
 use crate::smmu::discard::Discarder;
-use crate::smmu::fault_engine::{FaultEngine, FaultEngineConfig, FaultEngineError, LatencySummary};
+use crate::smmu::fault_engine::{EngineStats, FaultEngine, FaultEngineConfig, FaultEngineError, LatencySummary};
 use crate::smmu::invalidation::Invalidation;
 use crate::smmu::page_source::PageSource;
 use crate::smmu::page_state::{PageStateError, PageStateTable};
@@ -113,6 +113,15 @@ pub struct FaultReport {
 }
 
 impl FaultReport {
+    fn add_engine_stats(&mut self, stats: &EngineStats) {
+        self.latency = stats.summaries();
+        self.eexist = stats.eexist;
+        self.eagain = stats.eagain;
+        self.retries = stats.retries;
+        self.deferred = stats.deferred;
+        self.remove_events = stats.remove_events;
+    }
+
     /// Lines for the run summary.
     pub fn summary_lines(&self) -> Vec<String> {
         let mut out = vec![format!("paging: {}", self.modes.join(", "))];
@@ -246,20 +255,23 @@ impl GuestPaging {
         if tracked && report.engine_failure.is_none() {
             report.coherence = Some(self.check_coherence()?);
         }
-        let stats = match engine.shutdown() {
-            Ok(stats) => stats,
+        match engine.shutdown() {
+            Ok(stats) => report.add_engine_stats(&stats),
             Err(e) => {
                 report.engine_failure.get_or_insert(e.to_string());
-                return Ok(report);
             }
-        };
-        report.latency = stats.summaries();
-        report.eexist = stats.eexist;
-        report.eagain = stats.eagain;
-        report.retries = stats.retries;
-        report.deferred = stats.deferred;
-        report.remove_events = stats.remove_events;
+        }
         Ok(report)
+    }
+
+    /// What paging did so far, while the VM runs (no coherence check).
+    pub fn live_report(&self) -> FaultReport {
+        let mut report = FaultReport { modes: self.modes.clone(), ..FaultReport::default() };
+        if let Some(engine) = &self.engine {
+            report.add_engine_stats(&engine.stats());
+            report.engine_failure = engine.failure();
+        }
+        report
     }
 }
 

@@ -6,6 +6,7 @@ use std::time::Instant;
 use faultline_abi as abi;
 use serde::Serialize;
 
+use crate::experiments::balloon_watch::BalloonReport;
 use crate::experiments::chaos::ChaosReport;
 use crate::paging::FaultReport;
 
@@ -137,6 +138,9 @@ pub struct GuestReport {
     pub errors: Vec<String>,
     /// Exception lines, raw JSON.
     pub exceptions: Vec<serde_json::Value>,
+    /// The balloon step's lines, one per target change it followed (raw JSON: target,
+    /// actual, inflated, deflated, kept_ok, zero_ok, mismatches, ...).
+    pub balloon_changes: Vec<serde_json::Value>,
     /// Report lines that could not be parsed (a guest bug worth seeing).
     pub unparsed: Vec<String>,
 }
@@ -148,6 +152,7 @@ impl GuestReport {
             && self.verifies.iter().all(|v| v.ok)
             && self.errors.is_empty()
             && self.exceptions.is_empty()
+            && self.balloon_changes.iter().all(|c| c["kept_ok"] == true && c["zero_ok"] == true && c["mismatches"] == 0)
     }
 }
 
@@ -196,6 +201,7 @@ impl GuestReportCollector {
             abi::report::ERROR => serde_json::from_str::<serde_json::Value>(json)
                 .map(|v| report.errors.push(v.get("msg").and_then(|m| m.as_str()).unwrap_or(json).to_string())),
             abi::report::EXCEPTION => serde_json::from_str(json).map(|v| report.exceptions.push(v)),
+            abi::report::BALLOON => serde_json::from_str(json).map(|v| report.balloon_changes.push(v)),
             _ => Ok(()),
         };
         if parsed.is_err() {
@@ -331,6 +337,8 @@ pub struct RunReport {
     pub faults: Option<FaultReport>,
     /// What the chaos driver did, when it ran.
     pub chaos: Option<ChaosReport>,
+    /// What the balloon gave back to the host, when the VM had one.
+    pub balloon: Option<BalloonReport>,
 }
 
 impl RunReport {
@@ -417,6 +425,20 @@ impl RunReport {
             for e in &c.first_errors {
                 out.push_str(&format!("    chaos error: {e}\n"));
             }
+        }
+        if let Some(b) = &self.balloon {
+            let mib = |bytes: u64| bytes as f64 / 1048576.0;
+            out.push_str(&format!(
+                "  balloon: peak {:.1} MiB, host memory freed {:.1} MiB ({:.1}% of it), inflated in {:.1} ms; {} huge pages freed, {} partial; {} device errors, {} bad PFNs\n",
+                mib(b.peak_balloon_bytes),
+                mib(b.freed_bytes),
+                b.freed_ratio * 100.0,
+                b.inflate_ms,
+                b.device.huge_pages_freed,
+                b.device.huge_pages_partial,
+                b.device.device_errors,
+                b.device.invalid_pfns
+            ));
         }
         out.push_str(&format!(
             "  host RSS {:.1} MiB (peak {:.1} MiB), total {:.2} ms\n",

@@ -5,18 +5,23 @@ use std::sync::{Arc, Mutex};
 
 use faultline_abi as abi;
 
+use crate::api::{ApiError, ControlServer};
 use crate::boot::{self, BootError};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORTS};
 use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_IRQ, SERIAL_PORTS};
 use crate::devices::step_control::{StepControl, STEP_CONTROL_PORTS};
-use crate::devices::{BusError, PioBus};
+use crate::devices::virtio::balloon::{BalloonConfig, BalloonHandle};
+use crate::devices::virtio::{install_balloon, MmioSlot, SlotError};
+use crate::devices::{BusError, DeviceBuses, MmioBus, PioBus};
+use crate::experiments::balloon_watch;
 use crate::experiments::chaos::{self, ChaosReport};
 use crate::memory::{self, GuestRam};
 use crate::paging::{EngineFailureHook, GuestPaging, PagingError};
 use crate::report::{GuestReportCollector, HostMemory, RunReport, VmExit};
 use crate::smmu::page_source::{PageSource, ZeroSource};
-use crate::vstate::runner::{self, RunError};
+use crate::vm_target::VmTarget;
+use crate::vstate::runner::{self, LoopSubscriber, RunError};
 use crate::vstate::{ControlError, Kvm, KvmError, Vcpu, VcpuError, Vm, VmControl, VmError};
 
 /// Errors building or running a VM. Each wraps its layer's error, whose message says
@@ -50,6 +55,15 @@ pub enum VmmError {
     /// Demand paging could not be set up or checked.
     #[error(transparent)]
     Paging(#[from] PagingError),
+    /// A virtio device could not be placed.
+    #[error(transparent)]
+    Device(#[from] SlotError),
+    /// The control socket could not be served.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// A part of the VM was still in use after the run (a bug).
+    #[error("{0} was still in use after the VM ended; this is a bug in faultline")]
+    StillShared(&'static str),
     /// Running the vCPUs failed.
     #[error(transparent)]
     Run(#[from] RunError),
@@ -81,12 +95,14 @@ pub struct RunOptions {
     /// Where MISSING faults of `uffd-missing` zones get their contents (None: zeros, a
     /// fresh VM). Restores plug a memory image in here.
     pub page_source: Option<Arc<dyn PageSource>>,
+    /// Serve the control API on this Unix socket while the VM runs (`faultline ctl`).
+    pub api_socket: Option<std::path::PathBuf>,
 }
 
 impl RunOptions {
     /// Options for a run that started at `started`, with an optional time limit.
     pub fn new(started: std::time::Instant, timeout: Option<std::time::Duration>) -> Self {
-        RunOptions { started, timeout, page_source: None }
+        RunOptions { started, timeout, page_source: None, api_socket: None }
     }
 }
 
@@ -96,6 +112,7 @@ impl std::fmt::Debug for RunOptions {
             .field("started", &self.started)
             .field("timeout", &self.timeout)
             .field("page_source", &self.page_source.as_ref().map(|_| "custom"))
+            .field("api_socket", &self.api_socket)
             .finish()
     }
 }
@@ -111,7 +128,7 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
     let control = Arc::new(VmControl::new()?);
     // Paging starts before anything touches guest RAM, so the state table sees the
     // kernel loader's writes too.
-    let paging = start_paging(config, options, &ram, &control)?;
+    let paging = Arc::new(start_paging(config, options, &ram, &control)?);
     let vm = Vm::new(&kvm, &ram)?;
     let kernel = boot::load_kernel(&config.kernel, ram.memory())?;
     tracing::debug!("loaded {}: {:?}, ends at {:#x}", kernel.name, kernel.entry, kernel.end_gpa);
@@ -128,26 +145,51 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
 
     let collector = Arc::new(Mutex::new(GuestReportCollector::new(options.started)));
     let step_stop = Arc::new(AtomicBool::new(false));
-    let bus = build_bus(&vm, config.console, collector.clone(), step_stop.clone())?;
+    let mut mmio = MmioBus::new();
+    let balloon = attach_balloon(config, &ram, &vm, &paging, &mut mmio)?;
+    let buses = DeviceBuses::new(build_bus(&vm, config.console, collector.clone(), step_stop.clone())?, mmio);
+    let api = match &options.api_socket {
+        Some(path) => {
+            let target = Arc::new(VmTarget {
+                control: control.clone(),
+                collector: collector.clone(),
+                paging: paging.clone(),
+                balloon: balloon.clone(),
+                started: options.started,
+                vcpus: config.vcpus,
+                memory_bytes: ram.size_bytes(),
+            });
+            let server: LoopSubscriber = Arc::new(Mutex::new(ControlServer::bind(path, target)?));
+            vec![server]
+        }
+        None => Vec::new(),
+    };
     let setup_ns = options.started.elapsed().as_nanos() as u64;
 
-    let (exit, chaos) = std::thread::scope(|scope| {
+    let (exit, chaos, balloon_report) = std::thread::scope(|scope| {
         let chaos = config.chaos.as_ref().map(|chaos_config| {
             let segments = chaos::workload_segments(&ram.ram_ranges(), config.workload.size_bytes);
             let (paging, control, stop) = (&paging, &*control, &*step_stop);
             scope
                 .spawn(move || chaos::run(chaos_config, paging.discarder(), paging.regions(), &segments, control, stop))
         });
-        let exit = runner::run_vcpus(vcpus, &bus, ram.memory(), &control, options.timeout);
+        let watch = balloon.as_ref().map(|handle| {
+            let (regions, control) = (paging.regions(), &*control);
+            scope.spawn(move || balloon_watch::watch(handle, regions, control))
+        });
+        let exit = runner::run_vcpus(vcpus, &buses, ram.memory(), &control, options.timeout, api);
         control.end(VmExit::Stopped { reason: "the vCPUs returned".into() });
         let chaos = chaos.map(|h| h.join().unwrap_or_else(|_| chaos_panicked()));
-        (exit, chaos)
+        let balloon_report = watch.and_then(|h| h.join().ok());
+        (exit, chaos, balloon_report)
     });
     let exit = exit?;
     let total_ns = options.started.elapsed().as_nanos() as u64;
     let host_memory = HostMemory::of_self();
+    // The control server (and its hold on paging) went with the event loop.
+    let paging = Arc::try_unwrap(paging).map_err(|_| VmmError::StillShared("demand paging"))?;
     let faults = paging.finish()?;
-    drop(bus);
+    drop(buses);
     drop(vm);
     let memory_bytes = ram.size_bytes();
     drop(ram);
@@ -163,7 +205,34 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
         host_memory,
         faults: Some(faults),
         chaos,
+        balloon: balloon_report,
     })
+}
+
+/// Puts a virtio-balloon on the MMIO bus (window 0) when the config asks for one; its
+/// discards go through the smmu.
+fn attach_balloon(
+    config: &VmConfig,
+    ram: &GuestRam,
+    vm: &Vm,
+    paging: &GuestPaging,
+    mmio: &mut MmioBus,
+) -> Result<Option<Arc<BalloonHandle>>, VmmError> {
+    let Some(options) = &config.balloon else {
+        return Ok(None);
+    };
+    let device_config = BalloonConfig {
+        schedule: options.schedule_pages(),
+        stats: !options.no_stats,
+        reporting: !options.no_free_page_reporting,
+        deflate_on_oom: !options.no_deflate_on_oom,
+        ..BalloonConfig::default()
+    };
+    let slot = MmioSlot::nth(0);
+    let discarder = paging.discarder().clone();
+    let installed = install_balloon(mmio, slot, ram.memory(), discarder, paging.regions().clone(), device_config)?;
+    vm.register_irqfd(installed.interrupt.event(), slot.irq)?;
+    Ok(Some(installed.handle))
 }
 
 /// Starts demand paging for every zone; a dying fault engine ends the VM.

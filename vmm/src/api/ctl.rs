@@ -38,6 +38,18 @@ pub enum CtlCommand {
     /// The balloon.
     #[command(subcommand)]
     Balloon(BalloonCommand),
+    /// Demand paging (the smmu).
+    #[command(subcommand)]
+    Paging(PagingCommand),
+}
+
+/// `faultline ctl paging ...`.
+#[derive(Debug, Subcommand, Clone)]
+pub enum PagingCommand {
+    /// Paging modes, faults resolved and engine latency so far.
+    Stats,
+    /// Run the coherence checker now: the state table against the host's page tables.
+    Check,
 }
 
 /// `faultline ctl balloon ...`.
@@ -84,6 +96,8 @@ pub fn execute(args: &CtlArgs) -> Result<String, ClientError> {
         CtlCommand::Balloon(BalloonCommand::Get) => ("balloon.get", Value::Null),
         CtlCommand::Balloon(BalloonCommand::Set { target }) => ("balloon.set", serde_json::json!({ "target": target })),
         CtlCommand::Balloon(BalloonCommand::Stats) => ("balloon.stats", Value::Null),
+        CtlCommand::Paging(PagingCommand::Stats) => ("paging.stats", Value::Null),
+        CtlCommand::Paging(PagingCommand::Check) => ("paging.check", Value::Null),
     };
     let result = client.call(cmd, call_args)?;
     if args.json {
@@ -99,6 +113,8 @@ pub fn execute(args: &CtlArgs) -> Result<String, ClientError> {
             format!("balloon target set: {}", describe_balloon(&info).trim_start_matches("balloon: "))
         }
         CtlCommand::Balloon(BalloonCommand::Stats) => describe_stats(&serde_json::from_value(result).map_err(bad)?),
+        CtlCommand::Paging(PagingCommand::Stats) => describe_paging(&result),
+        CtlCommand::Paging(PagingCommand::Check) => describe_coherence(&result),
     })
 }
 
@@ -169,6 +185,35 @@ fn describe_stats(stats: &BalloonStats) -> String {
         .collect();
     let listed = if parts.is_empty() { "no figures".to_string() } else { parts.join(", ") };
     format!("guest memory: {listed} (reported {:.1} s ago)", age_ms as f64 / 1000.0)
+}
+
+fn describe_paging(stats: &Value) -> String {
+    let modes: Vec<&str> = stats["modes"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    let mut text = format!("paging: {}", modes.join(", "));
+    for l in stats["latency"].as_array().into_iter().flatten() {
+        let us = |key: &str| l[key].as_f64().unwrap_or(0.0) / 1e3;
+        text.push_str(&format!(
+            "\n  {} faults ({} KiB pages): {}, engine latency p50 {:.1} µs p99 {:.1} µs",
+            l["kind"].as_str().unwrap_or("?"),
+            l["page_bytes"].as_u64().unwrap_or(0) >> 10,
+            l["count"],
+            us("p50_ns"),
+            us("p99_ns")
+        ));
+    }
+    text
+}
+
+fn describe_coherence(report: &Value) -> String {
+    let checked = &report["granules_checked"];
+    let populated = &report["granules_populated"];
+    match report["mismatch_count"].as_u64() {
+        Some(0) => format!("coherence: clean ({checked} pages checked, {populated} populated)"),
+        Some(n) => {
+            format!("coherence: {n} disagreements ({checked} pages checked); first: {}", report["mismatches"][0])
+        }
+        None => format!("coherence: unexpected answer {report}"),
+    }
 }
 
 /// `bytes` in the largest binary unit that keeps it short: exact when it divides, else

@@ -6,7 +6,7 @@ use serde_json::Value;
 use super::protocol::{
     parse_request_line, BalloonInfo, Command, ErrorBody, ErrorKind, HelloResult, Response, BALLOON_PAGE_BYTES,
 };
-use super::target::{BalloonControl, ControlTarget};
+use super::target::{BalloonControl, ControlTarget, PagingControl};
 
 /// The response to one request line (newline already cut off).
 pub(super) fn answer(target: &dyn ControlTarget, line: &[u8]) -> Response {
@@ -26,6 +26,10 @@ fn run(target: &dyn ControlTarget, command: Command) -> Result<Value, ErrorBody>
         Command::Status => Ok(to_value(target.status())),
         Command::BalloonGet => Ok(to_value(balloon_info(balloon(target)?))),
         Command::BalloonStats => Ok(to_value(balloon(target)?.stats())),
+        Command::PagingStats => Ok(paging(target)?.stats()),
+        Command::PagingCheck => {
+            paging(target)?.check_coherence().map_err(|e| ErrorBody::new(ErrorKind::PagingError, e))
+        }
         Command::BalloonSet { target_bytes } => {
             let balloon = balloon(target)?;
             let memory_bytes = target.status().memory_bytes;
@@ -53,6 +57,10 @@ fn balloon(target: &dyn ControlTarget) -> Result<&dyn BalloonControl, ErrorBody>
             "this VM has no balloon device; start it with a balloon (faultline run --balloon) to steer one",
         )
     })
+}
+
+fn paging(target: &dyn ControlTarget) -> Result<&dyn PagingControl, ErrorBody> {
+    target.paging().ok_or_else(|| ErrorBody::new(ErrorKind::NoPaging, "this VM does not expose its paging state"))
 }
 
 fn balloon_info(balloon: &dyn BalloonControl) -> BalloonInfo {

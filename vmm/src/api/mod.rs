@@ -24,4 +24,4 @@ pub use ctl::CtlArgs;
 pub use protocol::{BalloonInfo, BalloonStats, VmState, VmStatus};
 pub use server::{ControlServer, DEFAULT_MAX_CLIENTS};
 pub use socket_file::ApiError;
-pub use target::{BalloonControl, BalloonRefused, BalloonSizes, ControlTarget};
+pub use target::{BalloonControl, BalloonRefused, BalloonSizes, ControlTarget, PagingControl};

@@ -25,7 +25,8 @@ pub const MAX_LINE_BYTES: usize = 64 * 1024;
 pub const BALLOON_PAGE_BYTES: u64 = 4096;
 
 /// Every command this server knows, as `hello` lists them.
-pub const COMMANDS: &[&str] = &["hello", "status", "balloon.get", "balloon.set", "balloon.stats"];
+pub const COMMANDS: &[&str] =
+    &["hello", "status", "balloon.get", "balloon.set", "balloon.stats", "paging.stats", "paging.check"];
 
 /// A request as a client sends it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -93,6 +94,10 @@ pub enum ErrorKind {
     BalloonError,
     /// The server has as many clients as it takes; try again later.
     Busy,
+    /// The VM does not expose its paging state.
+    NoPaging,
+    /// The paging layer could not answer (e.g. the coherence checker could not read pagemap).
+    PagingError,
     /// A kind this client does not know (sent by a newer server).
     #[serde(other)]
     Unknown,
@@ -131,6 +136,10 @@ pub enum Command {
     },
     /// `balloon.stats`: the guest's latest memory statistics.
     BalloonStats,
+    /// `paging.stats`: paging modes, fault counts and engine latency so far.
+    PagingStats,
+    /// `paging.check`: run the coherence checker (state table vs host page tables) now.
+    PagingCheck,
 }
 
 /// The arguments of `balloon.set`: exactly one of the two.
@@ -157,6 +166,8 @@ impl Command {
             "balloon.get" => no_args(Command::BalloonGet),
             "balloon.stats" => no_args(Command::BalloonStats),
             "balloon.set" => parse_balloon_set(args),
+            "paging.stats" => no_args(Command::PagingStats),
+            "paging.check" => no_args(Command::PagingCheck),
             _ => Err(ErrorBody::new(
                 ErrorKind::UnknownCommand,
                 format!("unknown command \"{cmd}\"; this server knows: {}", COMMANDS.join(", ")),

@@ -14,6 +14,21 @@ pub trait ControlTarget: Send + Sync {
 
     /// The balloon device, if the VM has one.
     fn balloon(&self) -> Option<&dyn BalloonControl>;
+
+    /// Demand paging (the smmu), if the VM exposes it.
+    fn paging(&self) -> Option<&dyn PagingControl> {
+        None
+    }
+}
+
+/// The smmu of a running VM, for debugging: statistics and the coherence checker.
+pub trait PagingControl: Send + Sync {
+    /// Paging modes, faults resolved, engine latency and race counters so far (JSON).
+    fn stats(&self) -> serde_json::Value;
+
+    /// Runs the coherence checker now; its report (JSON) or why it could not run. Takes
+    /// each range's invalidation lock briefly, so faults go on meanwhile.
+    fn check_coherence(&self) -> Result<serde_json::Value, String>;
 }
 
 /// A balloon's sizes, in 4 KiB balloon pages (virtio-balloon's unit), plus what the

@@ -1,9 +1,14 @@
-//! Devices the guest reaches through port I/O, and the bus that dispatches to them.
-//! Reads of ports no device claims return all ones; writes to them are ignored.
+//! Devices the guest reaches through port I/O or MMIO, and the buses that dispatch to
+//! them ([`PioBus`], [`mmio::MmioBus`], bundled as [`DeviceBuses`]). Reads no device
+//! claims return all ones; writes to them are ignored.
 
 pub mod debug_exit;
+pub mod mmio;
 pub mod serial;
 pub mod step_control;
+pub mod virtio;
+
+pub use mmio::{MmioBus, MmioBusError, MmioDevice};
 
 use std::sync::{Arc, Mutex};
 
@@ -85,6 +90,22 @@ impl PioBus {
                 None
             }
         }
+    }
+}
+
+/// The buses a vCPU dispatches its I/O exits to.
+#[derive(Default)]
+pub struct DeviceBuses {
+    /// Port I/O (IN/OUT exits).
+    pub pio: PioBus,
+    /// Memory-mapped I/O (MMIO read/write exits).
+    pub mmio: MmioBus,
+}
+
+impl DeviceBuses {
+    /// Both buses, as given.
+    pub fn new(pio: PioBus, mmio: MmioBus) -> Self {
+        Self { pio, mmio }
     }
 }
 

@@ -74,7 +74,8 @@ pub fn run(
         let Some(range) = pick_range(next(), next(), config.max_pages, total_pages, segments, regions) else {
             continue;
         };
-        let result = match next() % 4 {
+        let op = if config.discards { next() % 4 } else { 2 + next() % 2 };
+        let result = match op {
             0 | 1 => discarder.discard(range).map(|r| {
                 report.discards += 1;
                 report.bytes_discarded += r.freed.iter().map(|f| f.len).sum::<u64>();

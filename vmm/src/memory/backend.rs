@@ -279,6 +279,7 @@ mod tests {
 
     #[test]
     fn read_only_file_is_refused_naming_the_path() {
+        // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } == 0 {
             // root ignores file permissions; /proc/version is read-only for everyone.
             let err = map_zone(0, &file_zone(Path::new("/proc/version"), 4096)).unwrap_err().to_string();

@@ -4,6 +4,7 @@
 //!
 //! This is the only place that mmaps guest RAM.
 
+pub mod accounting;
 pub mod backend;
 pub mod layout;
 pub mod limits;

@@ -7,7 +7,8 @@
 //!
 //! Per tracked granule, with the granule's invalidation lock held (so no fault resolution
 //! or invalidation of it is half done while we look):
-//! - **mapped behind the smmu**: the host maps the page (pagemap present or swapped) but
+//! - **mapped behind the smmu**: the host maps the page (pagemap present or swapped, a pte
+//!   marker not counting) but
 //!   the table says it is not populated — a fault that never reached the engine;
 //! - **lost**: the table says populated, but the host neither maps it nor holds it in the
 //!   page cache (shared memory) — contents the smmu believes in are gone;
@@ -30,6 +31,13 @@ const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
 /// pagemap: the pte is write-protected by userfaultfd.
 const PM_UFFD_WP: u64 = 1 << 57;
+/// pagemap: the swap type of a swapped entry (bits 0–4).
+const PM_SWAP_TYPE: u64 = 0x1f;
+/// The swap type Linux gives pte markers (the last one: `SWP_PTE_MARKER`). A marker —
+/// e.g. the uffd-wp marker a write-protect leaves on a page that is then discarded — is
+/// reported with the swapped bit but holds no contents. Other swap entries (swap, and
+/// migration entries of a page being moved) do.
+const PTE_MARKER_SWAP_TYPE: u64 = 0x1f;
 /// Granules checked under one lock (bounded so the guest is never held up for long).
 const GRANULES_PER_STEP: u64 = 64;
 
@@ -143,7 +151,8 @@ fn check_step(
         let gpa = range.gpa + i as u64 * granule;
         let state = table.get(gpa);
         let entry = entries[i * per_granule];
-        let mapped = entry & (PM_PRESENT | PM_SWAPPED) != 0;
+        let marker = entry & PM_SWAPPED != 0 && entry & PM_SWAP_TYPE == PTE_MARKER_SWAP_TYPE;
+        let mapped = entry & PM_PRESENT != 0 || (entry & PM_SWAPPED != 0 && !marker);
         let in_cache = resident.as_ref().is_some_and(|r| r[i * per_granule] & 1 != 0);
         let populated = state.contains(PageState::POPULATED);
         report.granules_checked += 1;

@@ -10,7 +10,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::control::VmControl;
 use super::vcpu::Vcpu;
-use crate::devices::PioBus;
+use crate::devices::DeviceBuses;
 use crate::report::VmExit;
 
 /// Errors running the vCPUs.
@@ -47,14 +47,19 @@ impl MutEventSubscriber for ExitWatcher {
     }
 }
 
-/// Runs `vcpus` until the VM ends or `timeout` passes; returns how it ended. All vCPU
-/// threads are joined before this returns.
+/// An event source served by the VMM's main loop while the vCPUs run (e.g. the control
+/// socket).
+pub type LoopSubscriber = Arc<Mutex<dyn MutEventSubscriber>>;
+
+/// Runs `vcpus` until the VM ends or `timeout` passes; returns how it ended. The main
+/// thread serves `subscribers` meanwhile. All vCPU threads are joined before this returns.
 pub fn run_vcpus(
     vcpus: Vec<Vcpu>,
-    bus: &PioBus,
+    buses: &DeviceBuses,
     memory: &GuestMemoryMmap,
     control: &VmControl,
     timeout: Option<Duration>,
+    subscribers: Vec<LoopSubscriber>,
 ) -> Result<VmExit, RunError> {
     let deadline = timeout.map(|t| Instant::now() + t);
     std::thread::scope(|scope| {
@@ -63,7 +68,7 @@ pub fn run_vcpus(
             let id = vcpu.id();
             let started = std::thread::Builder::new()
                 .name(format!("fl-vcpu{id}"))
-                .spawn_scoped(scope, move || vcpu.run(bus, memory, control));
+                .spawn_scoped(scope, move || vcpu.run(buses, memory, control));
             if let Err(source) = started {
                 spawned = Err(RunError::Spawn { id, source });
                 control.end(VmExit::Stopped { reason: format!("vCPU {id} could not start") });
@@ -71,7 +76,7 @@ pub fn run_vcpus(
             }
         }
         spawned?;
-        let waited = wait_for_end(control, deadline, timeout);
+        let waited = wait_for_end(control, deadline, timeout, subscribers);
         if let Err(e) = &waited {
             control.end(VmExit::Stopped { reason: e.to_string() });
         }
@@ -81,12 +86,20 @@ pub fn run_vcpus(
 }
 
 /// Waits on the exit eventfd until the VM ends or the deadline passes (then ends it).
-fn wait_for_end(control: &VmControl, deadline: Option<Instant>, timeout: Option<Duration>) -> Result<(), RunError> {
+fn wait_for_end(
+    control: &VmControl,
+    deadline: Option<Instant>,
+    timeout: Option<Duration>,
+    subscribers: Vec<LoopSubscriber>,
+) -> Result<(), RunError> {
     use std::os::fd::AsRawFd;
     let loop_err = |e: event_manager::Error| RunError::EventLoop(format!("{e:?}"));
     let watcher = Arc::new(Mutex::new(ExitWatcher { fd: control.exit_event().as_raw_fd(), fired: false }));
     let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber>>> = EventManager::new().map_err(loop_err)?;
     manager.add_subscriber(watcher.clone());
+    for subscriber in subscribers {
+        manager.add_subscriber(subscriber);
+    }
     while control.exit().is_none() {
         let wait_ms = match deadline {
             None => -1,

@@ -11,7 +11,7 @@ use super::{Kvm, Vcpu, Vm, VmControl};
 use crate::config::{Backend, ZoneConfig};
 use crate::devices::debug_exit::DebugExit;
 use crate::devices::serial::{ConsoleSink, SerialDevice};
-use crate::devices::PioBus;
+use crate::devices::{DeviceBuses, MmioBus, MmioDevice, PioBus};
 use crate::memory::GuestRam;
 use crate::report::{GuestReportCollector, VmExit};
 
@@ -25,6 +25,17 @@ fn run_code(code: &[u8], data: &[u8], vcpus: u32, timeout: Duration) -> (VmExit,
 
 /// Like [`run_code`], with extra `(gpa, bytes)` written to guest memory first.
 fn run_code_with(code: &[u8], blobs: &[(u64, &[u8])], vcpus: u32, timeout: Duration) -> (VmExit, GuestReportCollector) {
+    run_code_on(code, blobs, vcpus, timeout, MmioBus::new())
+}
+
+/// Like [`run_code_with`], with `mmio` as the MMIO bus.
+fn run_code_on(
+    code: &[u8],
+    blobs: &[(u64, &[u8])],
+    vcpus: u32,
+    timeout: Duration,
+    mmio: MmioBus,
+) -> (VmExit, GuestReportCollector) {
     let kvm = Kvm::open().unwrap();
     let ram = GuestRam::new(&[ZoneConfig::new(16 << 20, Backend::Anon)]).unwrap();
     let vm = Vm::new(&kvm, &ram).unwrap();
@@ -44,8 +55,9 @@ fn run_code_with(code: &[u8], blobs: &[(u64, &[u8])], vcpus: u32, timeout: Durat
         .unwrap();
     bus.insert(0xf4, 4, Arc::new(Mutex::new(DebugExit))).unwrap();
     let control = VmControl::new().unwrap();
-    let exit = run_vcpus(vcpus, &bus, ram.memory(), &control, Some(timeout)).unwrap();
-    drop(bus);
+    let buses = DeviceBuses::new(bus, mmio);
+    let exit = run_vcpus(vcpus, &buses, ram.memory(), &control, Some(timeout), Vec::new()).unwrap();
+    drop(buses);
     let collector = Arc::try_unwrap(collector).ok().unwrap().into_inner().unwrap();
     (exit, collector)
 }
@@ -74,6 +86,34 @@ fn unclaimed_mmio_reads_as_all_ones() {
     let code = [0xa1, 0x00, 0x00, 0x00, 0xd0, 0xe6, 0xf4, 0xf4];
     let (exit, _) = run_code(&code, &[], 1, Duration::from_secs(20));
     assert_eq!(exit, VmExit::DebugExit { status: 0xff });
+}
+
+/// An MMIO register that keeps the last value written and reads it back plus one.
+struct Register(u32);
+
+impl MmioDevice for Register {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        let bytes = (self.0 + 1).to_le_bytes();
+        data.copy_from_slice(&bytes[..data.len()]);
+    }
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        let mut bytes = [0u8; 4];
+        bytes[..data.len()].copy_from_slice(data);
+        self.0 = u32::from_le_bytes(bytes);
+    }
+}
+
+#[test]
+fn mmio_exits_reach_the_device_on_the_mmio_bus() {
+    // mov dword [0xd0000010], 0x41; mov eax, [0xd0000010]; out 0xf4, al
+    let mut code = vec![0xc7, 0x05, 0x10, 0x00, 0x00, 0xd0, 0x41, 0x00, 0x00, 0x00];
+    code.extend_from_slice(&[0xa1, 0x10, 0x00, 0x00, 0xd0, 0xe6, 0xf4, 0xf4]);
+    let register = Arc::new(Mutex::new(Register(0)));
+    let mut mmio = MmioBus::new();
+    mmio.insert(0xd000_0000, 0x1000, register.clone()).unwrap();
+    let (exit, _) = run_code_on(&code, &[], 1, Duration::from_secs(20), mmio);
+    assert_eq!(exit, VmExit::DebugExit { status: 0x42 });
+    assert_eq!(register.lock().unwrap().0, 0x41);
 }
 
 #[test]

@@ -8,7 +8,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::control::{publish_kvm_run, VmControl};
 use super::vm::Vm;
 use crate::boot::CpuEntry;
-use crate::devices::PioBus;
+use crate::devices::DeviceBuses;
 use crate::report::VmExit;
 
 /// Errors creating or configuring a vCPU.
@@ -127,11 +127,11 @@ impl Vcpu {
 
     /// Runs the vCPU on the calling thread until the VM ends (by this vCPU, another, a
     /// device or the main thread). Never returns early without ending the VM.
-    pub fn run(&mut self, bus: &PioBus, memory: &GuestMemoryMmap, control: &VmControl) {
+    pub fn run(&mut self, buses: &DeviceBuses, memory: &GuestMemoryMmap, control: &VmControl) {
         control.register_vcpu_thread();
         publish_kvm_run(self.fd.get_kvm_run());
         while !control.is_stopping() {
-            if let Some(exit) = self.run_once(bus, memory) {
+            if let Some(exit) = self.run_once(buses, memory) {
                 control.end(exit);
             }
         }
@@ -142,7 +142,7 @@ impl Vcpu {
     }
 
     /// One KVM_RUN and the handling of its exit; `Some` when the VM must end.
-    fn run_once(&mut self, bus: &PioBus, memory: &GuestMemoryMmap) -> Option<VmExit> {
+    fn run_once(&mut self, buses: &DeviceBuses, memory: &GuestMemoryMmap) -> Option<VmExit> {
         let id = self.id;
         let fatal = |reason: String| Some(VmExit::Fatal { vcpu: id, reason });
         let exit = match self.fd.run() {
@@ -156,17 +156,16 @@ impl Vcpu {
         };
         match exit {
             VcpuExit::IoIn(port, data) => {
-                bus.read(port, data);
+                buses.pio.read(port, data);
                 None
             }
-            VcpuExit::IoOut(port, data) => bus.write(port, data),
+            VcpuExit::IoOut(port, data) => buses.pio.write(port, data),
             VcpuExit::MmioRead(addr, data) => {
-                tracing::debug!("vCPU {id}: read of unclaimed MMIO {addr:#x}");
-                data.fill(0xff);
+                buses.mmio.read(addr, data);
                 None
             }
             VcpuExit::MmioWrite(addr, data) => {
-                tracing::debug!("vCPU {id}: write of {data:x?} to unclaimed MMIO {addr:#x}");
+                buses.mmio.write(addr, data);
                 None
             }
             VcpuExit::Intr | VcpuExit::IrqWindowOpen => None,

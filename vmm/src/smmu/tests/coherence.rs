@@ -20,6 +20,11 @@ fn clean_after_faults_discards_and_write_protection() {
     });
     r.discarder.write_protect(GuestRange::new(GPA + 3 * PAGE_4K, PAGE_4K)).unwrap();
     r.discarder.discard(GuestRange::new(GPA + 40 * PAGE_4K, PAGE_4K)).unwrap();
+    // Protected, then discarded: the kernel leaves a uffd-wp pte marker, not contents.
+    let c = r.map.page(41);
+    on_thread(move || fill_words(c, PAGE_4K, 9));
+    r.discarder.write_protect(GuestRange::new(GPA + 41 * PAGE_4K, PAGE_4K)).unwrap();
+    r.discarder.discard(GuestRange::new(GPA + 41 * PAGE_4K, PAGE_4K)).unwrap();
     let report = check(&r.regions, &r.table, &r.inv).unwrap();
     assert!(report.is_clean(), "{report:?}");
     assert_eq!((report.granules_checked, report.granules_populated), (64, 1));

@@ -7,6 +7,12 @@ use std::path::PathBuf;
 use faultline_abi as abi;
 use serde::{Deserialize, Serialize};
 
+mod balloon;
+mod paging;
+
+pub use balloon::BalloonOptions;
+pub use paging::{ChaosConfig, FaultEngineOptions, PagingMode};
+
 /// Errors in a configuration. Each message names the field and the fix.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -138,87 +144,6 @@ impl Backend {
             "hugetlb" => Backend::Hugetlb,
             _ => return None,
         })
-    }
-}
-
-/// How a zone's pages get populated (see `smmu`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum PagingMode {
-    /// No userfaultfd: the kernel fills a page on its first touch.
-    #[default]
-    Kernel,
-    /// Populate the whole zone before the guest starts (MADV_POPULATE_WRITE).
-    Prefault,
-    /// userfaultfd MISSING faults, resolved by the fault engine (COPY / ZEROPAGE).
-    UffdMissing,
-    /// userfaultfd MINOR faults (memfd, file on tmpfs, hugetlb): the page cache is filled
-    /// up front and the engine maps pages with CONTINUE.
-    UffdMinor,
-}
-
-impl PagingMode {
-    /// The mode's name as used on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            PagingMode::Kernel => "kernel",
-            PagingMode::Prefault => "prefault",
-            PagingMode::UffdMissing => "uffd-missing",
-            PagingMode::UffdMinor => "uffd-minor",
-        }
-    }
-
-    /// Parses a mode name.
-    pub fn parse(text: &str) -> Option<Self> {
-        Some(match text {
-            "kernel" => PagingMode::Kernel,
-            "prefault" => PagingMode::Prefault,
-            "uffd-missing" | "missing" => PagingMode::UffdMissing,
-            "uffd-minor" | "minor" => PagingMode::UffdMinor,
-            _ => return None,
-        })
-    }
-
-    /// Whether the fault engine resolves this zone's first touches.
-    pub fn uses_userfaultfd(self) -> bool {
-        matches!(self, PagingMode::UffdMissing | PagingMode::UffdMinor)
-    }
-}
-
-/// Settings of the userfaultfd fault engine (used when any zone pages through it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FaultEngineOptions {
-    /// Handler threads.
-    pub handler_threads: usize,
-    /// Fault messages read per `read()`.
-    pub batch: usize,
-}
-
-impl Default for FaultEngineOptions {
-    fn default() -> Self {
-        FaultEngineOptions { handler_threads: 2, batch: 64 }
-    }
-}
-
-/// The chaos driver: a VMM thread that discards, write-protects and unprotects random
-/// ranges of the workload region while the guest runs (pair with the guest's `churn`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ChaosConfig {
-    /// Operations to perform (the driver stops earlier if the guest ends).
-    pub events: u64,
-    /// Largest range of one operation, in 4 KiB pages (hugetlb zones round to 2 MiB).
-    pub max_pages: u64,
-    /// Seed of the random ranges.
-    pub seed: u64,
-    /// Pause between operations, microseconds.
-    pub interval_us: u64,
-}
-
-impl Default for ChaosConfig {
-    fn default() -> Self {
-        ChaosConfig { events: 10_000, max_pages: 64, seed: 7, interval_us: 50 }
     }
 }
 
@@ -399,7 +324,7 @@ impl Workload {
             if abi::Step::parse(step).is_none() {
                 return Err(ConfigError::BadWorkload {
                     field: "steps",
-                    reason: format!("unknown step '{step}' (choose from fill, verify, touch, dirty, idle, churn, triple-fault, cpl0-sse)"),
+                    reason: format!("unknown step '{step}' (choose from fill, verify, touch, dirty, idle, churn, balloon, triple-fault, cpl0-sse)"),
                 });
             }
         }
@@ -480,6 +405,8 @@ pub struct VmConfig {
     pub fault_engine: FaultEngineOptions,
     /// Run the chaos driver during the workload.
     pub chaos: Option<ChaosConfig>,
+    /// A virtio-balloon device.
+    pub balloon: Option<BalloonOptions>,
 }
 
 /// Most vCPUs supported (the tiny guest's limit).
@@ -496,6 +423,7 @@ impl Default for VmConfig {
             console: false,
             fault_engine: FaultEngineOptions::default(),
             chaos: None,
+            balloon: None,
         }
     }
 }
@@ -579,6 +507,16 @@ impl VmConfig {
             let reason = "give 1 to 1024 messages per read";
             return Err(ConfigError::BadSetting { field: "fault_engine.batch", value: engine.batch as u64, reason });
         }
+        if let Some(balloon) = &self.balloon {
+            balloon.validate(self.total_memory_bytes())?;
+        }
+        if self.kernel == KernelImage::BuiltIn
+            && self.workload.steps.iter().any(|s| s == "balloon")
+            && self.balloon.is_none()
+        {
+            let reason = "the balloon step needs a balloon device: add --balloon (and --balloon-schedule)";
+            return Err(ConfigError::BadSetting { field: "workload.steps", value: 0, reason });
+        }
         if let Some(chaos) = &self.chaos {
             if chaos.max_pages == 0 {
                 let reason = "a chaos range needs at least 1 page (--chaos-max-pages)";
@@ -613,6 +551,20 @@ impl VmConfig {
                 // The chaos driver ends `churn` when it has done its events.
                 tokens.push(format!("{}=1", abi::cmdline::UNTIL_STOPPED));
             }
+            if let Some(balloon) = &self.balloon {
+                // The guest's balloon step ends after following the whole schedule.
+                let changes = balloon.guest_changes.unwrap_or(balloon.schedule_bytes.len() as u64);
+                tokens.push(format!("{}={}", abi::cmdline::BALLOON_CHANGES, changes));
+            }
+        }
+        if self.balloon.is_some() {
+            // How Linux (and the built-in guest) find a virtio-mmio device.
+            tokens.push(format!(
+                "virtio_mmio.device={}K@{:#x}:{}",
+                abi::VIRTIO_MMIO_WINDOW_BYTES >> 10,
+                abi::VIRTIO_MMIO_BASE_GPA,
+                abi::VIRTIO_MMIO_FIRST_IRQ
+            ));
         }
         if !self.cmdline.is_empty() {
             tokens.push(self.cmdline.clone());
@@ -719,5 +671,25 @@ mod tests {
         assert!(config.validate().unwrap_err().to_string().contains("chaos.max_pages"));
         config.chaos = Some(ChaosConfig::default());
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn balloon_schedule_is_checked_and_reaches_the_guest() {
+        let mut config = VmConfig {
+            balloon: Some(BalloonOptions { schedule_bytes: vec![64 << 20, 0], ..Default::default() }),
+            workload: Workload { steps: vec!["fill".into(), "balloon".into(), "verify".into()], ..Default::default() },
+            ..Default::default()
+        };
+        config.validate().unwrap();
+        let line = config.guest_cmdline(None);
+        assert!(line.contains("fl.balloon_changes=2") && line.contains("virtio_mmio.device=4K@0xd0000000:5"), "{line}");
+        config.balloon = Some(BalloonOptions { schedule_bytes: vec![5000], ..Default::default() });
+        assert!(config.validate().unwrap_err().to_string().contains("whole 4 KiB pages"));
+        config.balloon = Some(BalloonOptions { schedule_bytes: vec![1 << 30], ..Default::default() });
+        assert!(config.validate().unwrap_err().to_string().contains("smaller than guest RAM"));
+        config.balloon = None;
+        assert!(config.validate().unwrap_err().to_string().contains("--balloon"));
+        assert_eq!(BalloonOptions::parse_schedule("128M, 0").unwrap(), vec![128 << 20, 0]);
+        assert!(BalloonOptions::parse_schedule("lots").is_err());
     }
 }

@@ -1,0 +1,78 @@
+//! The balloon device's settings.
+
+use faultline_abi as abi;
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+
+/// A virtio-balloon device (virtio-mmio window 0).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BalloonOptions {
+    /// Targets to follow in order, bytes (multiples of 4 KiB): each next one when the
+    /// guest has reached the current one. Empty: start at 0 and wait for `faultline ctl`.
+    #[serde(deserialize_with = "deserialize_sizes")]
+    pub schedule_bytes: Vec<u64>,
+    /// Target changes the built-in guest's `balloon` step follows before it ends (default:
+    /// the schedule's length; 0 with no schedule: until the workload duration ends). Set it
+    /// when steering the balloon by hand with `faultline ctl balloon set`.
+    pub guest_changes: Option<u64>,
+    /// Do not offer the statistics queue.
+    pub no_stats: bool,
+    /// Do not offer free page reporting.
+    pub no_free_page_reporting: bool,
+    /// Do not offer deflate-on-OOM.
+    pub no_deflate_on_oom: bool,
+}
+
+fn deserialize_sizes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum SizeValue {
+        Number(u64),
+        Text(String),
+    }
+    Vec::<SizeValue>::deserialize(d)?
+        .into_iter()
+        .map(|v| match v {
+            SizeValue::Number(n) => Ok(n),
+            SizeValue::Text(t) => abi::parse_size(&t)
+                .ok_or_else(|| serde::de::Error::custom(format!("cannot parse size '{t}' (use e.g. 512M, 1G)"))),
+        })
+        .collect()
+}
+
+impl BalloonOptions {
+    /// Parses a schedule such as `128M,0`.
+    pub fn parse_schedule(text: &str) -> Result<Vec<u64>, ConfigError> {
+        text.split(',')
+            .map(|t| {
+                abi::parse_size(t.trim()).ok_or_else(|| ConfigError::BadSetting {
+                    field: "balloon.schedule_bytes",
+                    value: 0,
+                    reason: "cannot parse a size in the schedule; give sizes like 128M,0",
+                })
+            })
+            .collect()
+    }
+
+    /// The schedule in 4 KiB balloon pages.
+    pub fn schedule_pages(&self) -> Vec<u32> {
+        self.schedule_bytes.iter().map(|b| (b / abi::PAGE_SIZE) as u32).collect()
+    }
+
+    /// Checks the schedule against guest RAM.
+    pub fn validate(&self, memory_bytes: u64) -> Result<(), ConfigError> {
+        for &target in &self.schedule_bytes {
+            if target % abi::PAGE_SIZE != 0 {
+                let reason = "balloon targets are whole 4 KiB pages; round the size";
+                return Err(ConfigError::BadSetting { field: "balloon.schedule_bytes", value: target, reason });
+            }
+            if target >= memory_bytes {
+                let reason = "a balloon target must be smaller than guest RAM";
+                return Err(ConfigError::BadSetting { field: "balloon.schedule_bytes", value: target, reason });
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,275 @@
+//! The balloon's state shared with the rest of the VMM: the host's target, the guest's
+//! `actual`, the target schedule, the latest guest statistics and the counters. A
+//! [`BalloonHandle`] (`Arc`) lets a control thread read and steer the balloon while the
+//! VM runs; the device (on vCPU threads) uses the same state.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::runtime::Runtime;
+use super::stats::GuestStats;
+use crate::devices::virtio::VirtioInterrupt;
+
+/// Counters of what the balloon did, as a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonCounters {
+    /// The host's target, in 4 KiB pages.
+    pub target_pages: u32,
+    /// What the guest says it holds in the balloon (config field `actual`), in pages.
+    pub actual_pages: u32,
+    /// Pages the device holds as ballooned (from the inflate/deflate queues).
+    pub ballooned_pages: u64,
+    /// Pages inflated (each counted when it enters the balloon).
+    pub inflated_pages: u64,
+    /// Pages deflated (each counted when it leaves the balloon).
+    pub deflated_pages: u64,
+    /// Pages freed through free page reporting (not part of the balloon).
+    pub reported_pages: u64,
+    /// Bytes of guest RAM given back to the host (balloon and reporting).
+    pub bytes_discarded: u64,
+    /// Hugetlb pages freed because all their 4 KiB pages were ballooned.
+    pub huge_pages_freed: u64,
+    /// Hugetlb pages held partially: some of their 4 KiB pages ballooned, not all.
+    pub huge_pages_partial: u64,
+    /// Host memory the balloon holds freed now, by its bookkeeping: ballooned 4 KiB pages
+    /// plus whole ballooned huge pages (true while the guest keeps out of its balloon;
+    /// `memory::accounting` measures what the host really holds).
+    pub freed_bytes: u64,
+    /// Ballooned 4 KiB pages of partially held huge pages that were zeroed instead of
+    /// freed (so a deflated page reads as zeros on every backend).
+    pub pages_zeroed: u64,
+    /// PFNs that were not guest RAM (skipped).
+    pub invalid_pfns: u64,
+    /// Inflates of pages already in the balloon, deflates of pages not in it (skipped).
+    pub redundant_pfns: u64,
+    /// Host discard operations that failed (memory not freed; see the log).
+    pub discard_errors: u64,
+    /// Protocol errors that put the device in DEVICE_NEEDS_RESET.
+    pub device_errors: u64,
+    /// The last such error.
+    pub last_error: Option<String>,
+}
+
+/// Atomic counters, updated on vCPU threads.
+#[derive(Debug, Default)]
+pub(super) struct Counters {
+    pub inflated: AtomicU64,
+    pub deflated: AtomicU64,
+    pub reported: AtomicU64,
+    pub bytes_discarded: AtomicU64,
+    pub huge_freed: AtomicU64,
+    pub zeroed: AtomicU64,
+    pub invalid_pfns: AtomicU64,
+    pub redundant_pfns: AtomicU64,
+    pub discard_errors: AtomicU64,
+    pub device_errors: AtomicU64,
+}
+
+/// Adds `n` to a counter.
+pub(super) fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+/// The balloon as seen from outside the device: target, schedule, statistics, counters.
+pub struct BalloonHandle {
+    target: AtomicU32,
+    actual: AtomicU32,
+    schedule: Mutex<VecDeque<u32>>,
+    stats: Mutex<Option<(GuestStats, Instant)>>,
+    last_error: Mutex<Option<String>>,
+    invalid_pfn_logged: AtomicBool,
+    advance_pending: AtomicBool,
+    pub(super) counters: Counters,
+    pub(super) interrupt: Arc<VirtioInterrupt>,
+    pub(super) runtime: Mutex<Runtime>,
+    inflate_observer: Mutex<Option<InflateObserver>>,
+}
+
+/// Called on the device's thread just before an empty balloon takes its first page (so an
+/// observer can measure host memory "before", e.g. `experiments::balloon_watch`).
+pub type InflateObserver = Box<dyn Fn() + Send + Sync>;
+
+impl std::fmt::Debug for BalloonHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BalloonHandle").field("counters", &self.counters()).finish()
+    }
+}
+
+impl BalloonHandle {
+    pub(super) fn new(runtime: Runtime, interrupt: Arc<VirtioInterrupt>, schedule: &[u32], target: u32) -> Self {
+        let mut schedule: VecDeque<u32> = schedule.iter().copied().collect();
+        let target = schedule.pop_front().unwrap_or(target);
+        Self {
+            target: AtomicU32::new(target),
+            actual: AtomicU32::new(0),
+            schedule: Mutex::new(schedule),
+            stats: Mutex::new(None),
+            last_error: Mutex::new(None),
+            invalid_pfn_logged: AtomicBool::new(false),
+            advance_pending: AtomicBool::new(false),
+            counters: Counters::default(),
+            interrupt,
+            runtime: Mutex::new(runtime),
+            inflate_observer: Mutex::new(None),
+        }
+    }
+
+    pub(super) fn runtime(&self) -> MutexGuard<'_, Runtime> {
+        self.runtime.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the observer called whenever an empty balloon starts to inflate.
+    pub fn set_inflate_observer(&self, observer: InflateObserver) {
+        *self.inflate_observer.lock().unwrap_or_else(|e| e.into_inner()) = Some(observer);
+    }
+
+    pub(super) fn inflating_from_empty(&self) {
+        if let Some(observer) = self.inflate_observer.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            observer();
+        }
+    }
+
+    /// The host's target (config `num_pages`), in 4 KiB pages.
+    pub fn target_pages(&self) -> u32 {
+        self.target.load(Ordering::SeqCst)
+    }
+
+    /// Sets the host's target and tells the guest (config change interrupt). Clears any
+    /// remaining schedule: an explicit target wins.
+    pub fn set_target_pages(&self, pages: u32) {
+        self.lock_schedule().clear();
+        self.store_target(pages);
+    }
+
+    /// Follows `targets` in order: the first becomes the target now; each next one when
+    /// the guest's `actual` reaches the current one.
+    pub fn set_schedule(&self, targets: &[u32]) {
+        let mut schedule: VecDeque<u32> = targets.iter().copied().collect();
+        let first = schedule.pop_front();
+        *self.lock_schedule() = schedule;
+        if let Some(first) = first {
+            self.store_target(first);
+        }
+    }
+
+    /// Targets still to come in the schedule.
+    pub fn remaining_schedule(&self) -> Vec<u32> {
+        self.lock_schedule().iter().copied().collect()
+    }
+
+    fn lock_schedule(&self) -> MutexGuard<'_, VecDeque<u32>> {
+        self.schedule.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn store_target(&self, pages: u32) {
+        self.advance_pending.store(false, Ordering::SeqCst);
+        self.target.store(pages, Ordering::SeqCst);
+        self.interrupt.signal_config_change();
+    }
+
+    /// What the guest says the balloon holds (config `actual`), in 4 KiB pages.
+    pub fn actual_pages(&self) -> u32 {
+        self.actual.load(Ordering::SeqCst)
+    }
+
+    /// The guest wrote `actual`: record it. If it reached the target and a schedule
+    /// follows, the next target comes once the driver has looked at its config again
+    /// ([`BalloonHandle::driver_read_config`]): a polling driver then sees the reached
+    /// target stay put long enough to verify it, instead of a new target in the same
+    /// breath as its own write.
+    pub(super) fn guest_wrote_actual(&self, pages: u32) {
+        self.actual.store(pages, Ordering::SeqCst);
+        let reached = pages == self.target_pages() && !self.lock_schedule().is_empty();
+        self.advance_pending.store(reached, Ordering::SeqCst);
+    }
+
+    /// The driver read ConfigGeneration or config space (the transport calls this after
+    /// answering): time to move to the next scheduled target, if one is pending.
+    pub(super) fn driver_read_config(&self) {
+        if !self.advance_pending.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        let mut schedule = self.lock_schedule();
+        if self.actual_pages() == self.target_pages() {
+            if let Some(next) = schedule.pop_front() {
+                tracing::debug!("balloon reached {} pages; next target {next}", self.actual_pages());
+                self.store_target(next);
+            }
+        }
+    }
+
+    pub(super) fn reset_actual(&self) {
+        self.advance_pending.store(false, Ordering::SeqCst);
+        self.actual.store(0, Ordering::SeqCst);
+    }
+
+    /// The latest statistics the guest sent (None until it sends some).
+    pub fn stats(&self) -> Option<GuestStats> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(s, _)| s.clone())
+    }
+
+    /// How long ago the guest last sent statistics (None if it never has).
+    pub fn stats_age(&self) -> Option<Duration> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(_, at)| at.elapsed())
+    }
+
+    pub(super) fn store_stats(&self, values: std::collections::BTreeMap<String, u64>) {
+        let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let updates = stats.as_ref().map_or(0, |(s, _)| s.updates) + 1;
+        *stats = Some((GuestStats { values, updates }, Instant::now()));
+    }
+
+    /// Asks the guest for fresh statistics: gives back the statistics buffer it posted,
+    /// which the driver refills and posts again. Returns false when there is no buffer
+    /// to give back (no stats queue, or the guest has not posted one yet).
+    pub fn request_stats(&self) -> bool {
+        self.runtime().return_stats_buffer(&self.interrupt)
+    }
+
+    /// A snapshot of the counters.
+    pub fn counters(&self) -> BalloonCounters {
+        let (ballooned_pages, huge_pages_partial, freed_bytes) = {
+            let rt = self.runtime();
+            (rt.pages.count(), rt.pages.partial_huge_pages(), rt.pages.freed_bytes())
+        };
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        BalloonCounters {
+            target_pages: self.target_pages(),
+            actual_pages: self.actual_pages(),
+            ballooned_pages,
+            inflated_pages: get(&c.inflated),
+            deflated_pages: get(&c.deflated),
+            reported_pages: get(&c.reported),
+            bytes_discarded: get(&c.bytes_discarded),
+            huge_pages_freed: get(&c.huge_freed),
+            huge_pages_partial,
+            freed_bytes,
+            pages_zeroed: get(&c.zeroed),
+            invalid_pfns: get(&c.invalid_pfns),
+            redundant_pfns: get(&c.redundant_pfns),
+            discard_errors: get(&c.discard_errors),
+            device_errors: get(&c.device_errors),
+            last_error: self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        }
+    }
+
+    pub(super) fn record_error(&self, error: &str) {
+        add(&self.counters.device_errors, 1);
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());
+    }
+
+    /// Counts a PFN that is not guest RAM; logs the first one.
+    pub(super) fn invalid_pfn(&self, pfn: u64) {
+        add(&self.counters.invalid_pfns, 1);
+        if !self.invalid_pfn_logged.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "balloon: the guest sent PFN {pfn:#x}, which is not guest RAM; skipped (further ones are only counted)"
+            );
+        }
+    }
+}
