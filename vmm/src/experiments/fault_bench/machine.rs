@@ -23,8 +23,9 @@ pub struct MachineInfo {
     pub memory_mib: u64,
     /// Faultline's version.
     pub faultline_version: String,
-    /// `git describe --always --dirty` of the source tree the binary was built from, if
-    /// it is still there.
+    /// `git describe --always --dirty` of the source tree the binary was built from, read
+    /// when the benchmark runs (if the tree is still there): a binary older than the tree
+    /// is not detected.
     pub git_commit: Option<String>,
     /// The exact command line of the benchmark.
     pub command_line: String,
@@ -135,7 +136,7 @@ impl MachineInfo {
             format!(
                 "faultline {} ({}); command: {}",
                 self.faultline_version,
-                self.git_commit.as_deref().unwrap_or("commit unknown"),
+                self.git_commit.as_deref().map_or("commit unknown".to_string(), |c| format!("tree at {c}")),
                 self.command_line
             ),
         ]
