@@ -9,22 +9,32 @@ use common::*;
 
 /// Runs `events` chaos operations on `zone` and checks the outcome.
 fn chaos(zone: &str, events: u64, max_pages: u64) {
+    chaos_with(zone, events, max_pages, &[]);
+}
+
+/// [`chaos`] with extra `faultline run` arguments.
+fn chaos_with(zone: &str, events: u64, max_pages: u64, extra: &[&str]) {
     let events_arg = events.to_string();
     let max_pages_arg = max_pages.to_string();
-    let run = run_json(&[
-        "--vcpus",
-        "2",
-        "--memory",
-        zone,
-        "--steps",
-        "fill,churn",
-        "--chaos-events",
-        &events_arg,
-        "--chaos-max-pages",
-        &max_pages_arg,
-        "--chaos-interval-us",
-        "0",
-    ]);
+    let run = run_json(
+        &vec![
+            "--vcpus",
+            "2",
+            "--memory",
+            zone,
+            "--steps",
+            "fill,churn",
+            "--chaos-events",
+            &events_arg,
+            "--chaos-max-pages",
+            &max_pages_arg,
+            "--chaos-interval-us",
+            "0",
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect::<Vec<_>>(),
+    );
     run.assert_success();
     let chaos = &run.report["chaos"];
     assert_eq!(chaos["events"], events, "{chaos}");
@@ -84,4 +94,16 @@ fn hugetlb_uffd_minor_survives_20k_invalidations() {
     if let Some(_pool) = HugepagePool::reserve(40) {
         chaos("size=64M,backend=hugetlb,paging=uffd-minor", 20_000, 1024);
     }
+}
+
+#[test]
+fn fault_around_and_batched_wakes_survive_50k_invalidations() {
+    if !kvm_available() {
+        return;
+    }
+    // Fault-around installs pages nobody faulted on: it must never install one a discard
+    // has just emptied, nor one the table is about to protect.
+    let engine = ["--fault-engine", "dontwake+zeropool+around=64"];
+    chaos_with("size=64M,backend=anon,paging=uffd-missing", 50_000, 64, &engine);
+    chaos_with("size=64M,backend=memfd,paging=uffd-minor", 50_000, 64, &engine);
 }

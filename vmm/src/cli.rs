@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{
     AccessKind, AccessPattern, BalloonOptions, ChaosConfig, ConfigError, KernelImage, PagingMode, VmConfig, ZoneConfig,
 };
+use crate::smmu::engine_tuning::EngineTuning;
 
 /// Faultline: a minimal KVM VMM for experiments on guest memory.
 #[derive(Debug, Parser)]
@@ -36,9 +37,13 @@ pub enum Command {
 
 /// Benchmarks.
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process; boxing would only move it
 pub enum BenchCommand {
     /// Process start → guest ready, Faultline vs QEMU (microvm) booting the same ELF.
     Boot(crate::experiments::boot_bench::BootBenchArgs),
+    /// Fault latency over a matrix of backend x paging mode x engine x vCPUs x threads x
+    /// pattern x access x size, with kernel baselines and the reference handler beside.
+    Faults(crate::experiments::fault_bench::FaultBenchArgs),
 }
 
 /// Options of `faultline run`.
@@ -63,6 +68,11 @@ pub struct RunArgs {
     /// Fault handler threads of the userfaultfd engine [default: 2].
     #[arg(long, value_name = "N")]
     pub fault_threads: Option<usize>,
+    /// Fault engine design and fast paths: default, reference (the textbook one-thread
+    /// handler), or options joined by '+': batch=N, dontwake, zeropool, around=N,
+    /// busypoll, exclusive (see docs/benchmarks.md).
+    #[arg(long, value_name = "OPTIONS", value_parser = EngineTuning::parse_arg)]
+    pub fault_engine: Option<EngineTuning>,
     /// Run the chaos driver: this many random discard / write-protect / unprotect
     /// operations on the workload region while the guest runs (use with --steps churn).
     #[arg(long, value_name = "N")]
@@ -170,6 +180,9 @@ impl RunArgs {
         }
         if let Some(threads) = self.fault_threads {
             config.fault_engine.handler_threads = threads;
+        }
+        if let Some(tuning) = self.fault_engine {
+            config.fault_engine.tuning = tuning;
         }
         if let Some(events) = self.chaos_events {
             let chaos = config.chaos.get_or_insert_with(ChaosConfig::default);

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use faultline::cli::{BenchCommand, Cli, Command, RunArgs};
-use faultline::experiments::boot_bench;
+use faultline::experiments::{boot_bench, fault_bench};
 use faultline::vmm::{self, RunOptions};
 
 fn main() -> ExitCode {
@@ -25,6 +25,7 @@ fn main() -> ExitCode {
             }
             Err(err) => fail(&err),
         },
+        Command::Bench(BenchCommand::Faults(args)) => bench_faults(&args),
         Command::Ctl(args) => faultline::api::ctl::main(&args),
         Command::GuestImage { output } => match std::fs::write(&output, faultline::BUILTIN_GUEST_ELF) {
             Ok(()) => ExitCode::SUCCESS,
@@ -61,6 +62,26 @@ fn run(args: &RunArgs, started: Instant) -> ExitCode {
             }
         }
         Err(err) => fail(&err),
+    }
+}
+
+/// `bench faults`: the table (or JSON) on stdout, files in --out.
+fn bench_faults(args: &fault_bench::FaultBenchArgs) -> ExitCode {
+    let report = match fault_bench::run(args) {
+        Ok(report) => report,
+        Err(err) => return fail(&err),
+    };
+    if let Some(dir) = &args.out {
+        match report.write_to(dir) {
+            Ok(files) => eprintln!("bench faults: wrote {}", files.join(", ")),
+            Err(err) => return fail(&err),
+        }
+    }
+    if args.json {
+        print_json(&report)
+    } else {
+        print!("{}", report.table());
+        ExitCode::SUCCESS
     }
 }
 

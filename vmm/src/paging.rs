@@ -93,6 +93,8 @@ pub type EngineFailureHook = Arc<dyn Fn(String) + Send + Sync>;
 pub struct FaultReport {
     /// Paging mode of each zone, in order.
     pub modes: Vec<&'static str>,
+    /// The fault engine's tuning (`default`, `reference`, `dontwake+around=16`, ...).
+    pub engine: String,
     /// Engine-side latency (message read → page installed) per fault kind and page size.
     pub latency: Vec<LatencySummary>,
     /// Fills that found the page already there (EEXIST): the waiter was woken.
@@ -123,7 +125,7 @@ impl FaultReport {
 
     /// Lines for the run summary.
     pub fn summary_lines(&self) -> Vec<String> {
-        let mut out = vec![format!("paging: {}", self.modes.join(", "))];
+        let mut out = vec![format!("paging: {} (fault engine: {})", self.modes.join(", "), self.engine)];
         for l in &self.latency {
             let page = if l.page_bytes >= HUGEPAGE_2M { "2M" } else { "4K" };
             out.push(format!(
@@ -163,6 +165,7 @@ pub struct GuestPaging {
     engine: Option<FaultEngine>,
     discarder: Discarder,
     modes: Vec<&'static str>,
+    tuning: String,
 }
 
 impl GuestPaging {
@@ -209,7 +212,8 @@ impl GuestPaging {
             if needs_engine { Some(start_engine(&regions, &table, &inv, options, source, on_failure)?) } else { None };
         let discarder = Discarder::new(regions.clone(), table.clone(), inv.clone(), engine.as_ref().map(|e| e.link()));
         let modes = zones.iter().map(|z| z.paging.name()).collect();
-        Ok(GuestPaging { regions, table, inv, engine, discarder, modes })
+        let tuning = options.tuning.name();
+        Ok(GuestPaging { regions, table, inv, engine, discarder, modes, tuning })
     }
 
     /// Discards and write-protects guest RAM through the invalidation layer.
@@ -245,7 +249,8 @@ impl GuestPaging {
     /// Ends paging after the vCPUs stopped: checks coherence, stops the engine, and says
     /// what happened. Guest RAM must still be mapped.
     pub fn finish(mut self) -> Result<FaultReport, PagingError> {
-        let mut report = FaultReport { modes: self.modes.clone(), ..FaultReport::default() };
+        let mut report =
+            FaultReport { modes: self.modes.clone(), engine: self.tuning.clone(), ..FaultReport::default() };
         let Some(engine) = self.engine.take() else {
             return Ok(report);
         };
@@ -267,7 +272,8 @@ impl GuestPaging {
 
     /// What paging did so far, while the VM runs (no coherence check).
     pub fn live_report(&self) -> FaultReport {
-        let mut report = FaultReport { modes: self.modes.clone(), ..FaultReport::default() };
+        let mut report =
+            FaultReport { modes: self.modes.clone(), engine: self.tuning.clone(), ..FaultReport::default() };
         if let Some(engine) = &self.engine {
             report.add_engine_stats(&engine.stats());
             report.engine_failure = engine.failure();
@@ -292,7 +298,7 @@ fn start_engine(
         non_cooperative_events: true,
         on_failure: Some(Arc::new(move |message: &str| on_failure(message.to_string()))),
     };
-    Ok(FaultEngine::start(regions.clone(), table.clone(), inv.clone(), source, config)?)
+    Ok(FaultEngine::start_tuned(regions.clone(), table.clone(), inv.clone(), source, config, options.tuning)?)
 }
 
 /// Checks what the kernel's userfaultfd can page, per zone.

@@ -503,6 +503,11 @@ impl VmConfig {
                 reason,
             });
         }
+        if engine.tuning.fault_around > crate::smmu::engine_tuning::MAX_FAULT_AROUND {
+            let reason = "fault-around installs at most 512 neighbouring pages";
+            let value = u64::from(engine.tuning.fault_around);
+            return Err(ConfigError::BadSetting { field: "fault_engine.tuning.fault_around", value, reason });
+        }
         if !(1..=1024).contains(&engine.batch) {
             let reason = "give 1 to 1024 messages per read";
             return Err(ConfigError::BadSetting { field: "fault_engine.batch", value: engine.batch as u64, reason });
@@ -518,6 +523,10 @@ impl VmConfig {
             return Err(ConfigError::BadSetting { field: "workload.steps", value: 0, reason });
         }
         if let Some(chaos) = &self.chaos {
+            if self.fault_engine.tuning.handler == crate::smmu::engine_tuning::HandlerKind::Reference {
+                let reason = "the reference handler does not resolve write-protect faults, which the chaos driver raises; use the default engine";
+                return Err(ConfigError::BadSetting { field: "chaos.events", value: chaos.events, reason });
+            }
             if !(1..=1 << 20).contains(&chaos.max_pages) {
                 let reason = "a chaos range is 1 to 1048576 pages (4 GiB) (--chaos-max-pages)";
                 return Err(ConfigError::BadSetting { field: "chaos.max_pages", value: chaos.max_pages, reason });

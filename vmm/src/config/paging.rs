@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::smmu::engine_tuning::EngineTuning;
+
 /// How a zone's pages get populated (see `smmu`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -55,11 +57,13 @@ pub struct FaultEngineOptions {
     pub handler_threads: usize,
     /// Fault messages read per `read()`.
     pub batch: usize,
+    /// Handler design and fast paths (`faultline run --fault-engine`, `[fault_engine.tuning]`).
+    pub tuning: EngineTuning,
 }
 
 impl Default for FaultEngineOptions {
     fn default() -> Self {
-        FaultEngineOptions { handler_threads: 2, batch: 64 }
+        FaultEngineOptions { handler_threads: 2, batch: 64, tuning: EngineTuning::default() }
     }
 }
 

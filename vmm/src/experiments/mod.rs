@@ -5,3 +5,4 @@ pub mod balloon_watch;
 pub mod boot_bench;
 pub mod chaos;
 pub mod child_timing;
+pub mod fault_bench;

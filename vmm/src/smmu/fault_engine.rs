@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
 
+use super::engine_tuning::{EngineTuning, HandlerKind};
 use super::fault_handler::handler_main;
 use super::fault_stats::{new_histograms, Counters};
 pub use super::fault_stats::{EngineStats, FaultKind, LatencySummary};
@@ -71,6 +72,9 @@ pub enum FaultEngineError {
         /// The panic payload, if it was a string.
         message: String,
     },
+    /// The reference handler met a fault it does not resolve.
+    #[error("the reference handler does not resolve {0}; use the default engine for this workload")]
+    ReferenceUnsupported(&'static str),
     /// A handler thread could not be started, or an eventfd/poll failed.
     #[error("fault engine setup failed: {0}")]
     Os(#[from] std::io::Error),
@@ -129,6 +133,7 @@ pub(super) struct Shared {
     pub(super) inv: Arc<Invalidation>,
     pub(super) source: Arc<dyn PageSource>,
     pub(super) config: FaultEngineConfig,
+    pub(super) tuning: EngineTuning,
     pub(super) shutdown_fd: OwnedFd,
     pub(super) failure_fd: OwnedFd,
     pub(super) expected_removes: Arc<ExpectedRemoves>,
@@ -234,7 +239,7 @@ fn required_features(regions: &Regions, non_coop: bool) -> (Features, Features) 
 
 impl FaultEngine {
     /// Opens a userfaultfd, registers every region whose mode or `write_protect` asks for
-    /// it, and starts the handler threads.
+    /// it, and starts the handler threads with the default tuning.
     pub fn start(
         regions: Arc<Regions>,
         table: Arc<PageStateTable>,
@@ -242,6 +247,21 @@ impl FaultEngine {
         source: Arc<dyn PageSource>,
         config: FaultEngineConfig,
     ) -> Result<FaultEngine, FaultEngineError> {
+        Self::start_tuned(regions, table, inv, source, config, EngineTuning::default())
+    }
+
+    /// [`FaultEngine::start`] with explicit tuning options.
+    pub fn start_tuned(
+        regions: Arc<Regions>,
+        table: Arc<PageStateTable>,
+        inv: Arc<Invalidation>,
+        source: Arc<dyn PageSource>,
+        config: FaultEngineConfig,
+        tuning: EngineTuning,
+    ) -> Result<FaultEngine, FaultEngineError> {
+        if tuning != EngineTuning::default() {
+            tracing::info!("fault engine tuning: {}", tuning.name());
+        }
         let (req, opt) = required_features(&regions, config.non_cooperative_events);
         let uffd = Arc::new(Uffd::open(req, opt)?);
         let mut ioctls = Vec::new();
@@ -280,7 +300,7 @@ impl FaultEngine {
             ioctls.push(got);
         }
         let efd = || eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK);
-        let n = config.handler_threads.max(1);
+        let n = if tuning.handler == HandlerKind::Reference { 1 } else { config.handler_threads.max(1) };
         let wake_fds: Vec<Arc<OwnedFd>> =
             (0..n).map(|_| efd().map(Arc::new)).collect::<Result<_, _>>().map_err(std::io::Error::from)?;
         let shared = Arc::new(Shared {
@@ -291,6 +311,7 @@ impl FaultEngine {
             inv: inv.clone(),
             source,
             config,
+            tuning,
             expected_removes: Arc::new(ExpectedRemoves::default()),
             shutdown_fd: efd().map_err(std::io::Error::from)?,
             failure_fd: efd().map_err(std::io::Error::from)?,
@@ -309,6 +330,11 @@ impl FaultEngine {
             engine.threads.push(t);
         }
         Ok(engine)
+    }
+
+    /// The tuning options the engine runs with.
+    pub fn tuning(&self) -> EngineTuning {
+        self.shared.tuning
     }
 
     /// The userfaultfd (for write-protect and discard operations).
@@ -366,6 +392,7 @@ impl FaultEngine {
             deferred: c.deferred.load(Ordering::Relaxed),
             remove_events: c.remove_events.load(Ordering::Relaxed),
             external_removes: c.external_removes.load(Ordering::Relaxed),
+            fault_around_pages: c.fault_around_pages.load(Ordering::Relaxed),
         }
     }
 

@@ -1,6 +1,12 @@
 //! One fault handler thread: poll, read a batch of events, resolve each page fault under
 //! the retry protocol (see [`super::fault_engine`] for the whole picture), retry the faults
 //! it had to put aside, and report its own death.
+//!
+//! The tuning options of [`super::engine_tuning`] change the loop here: `dontwake` fills
+//! without waking and wakes every resolved range once per batch; `zeropool` fills zero
+//! pages by COPY from a buffer that stays zeroed; `around=N` installs following pages too
+//! ([`super::fault_around`]); `busypoll` polls with a zero timeout instead of sleeping;
+//! `exclusive` sleeps in a per-thread epoll where the userfaultfd wakes one handler.
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
@@ -9,8 +15,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use std::mem::MaybeUninit;
 
+use rustix::event::{epoll, poll, PollFd, PollFlags, Timespec};
+
+use super::engine_tuning::HandlerKind;
 use super::fault_engine::{signal, FaultEngineError, Shared};
 use super::fault_stats::FaultKind;
 use super::page_source::PageData;
@@ -40,7 +49,10 @@ enum Defer {
 
 /// The body of handler thread `idx`: runs until shutdown, reports a failure or panic.
 pub(super) fn handler_main(shared: &Arc<Shared>, idx: usize, wake: &OwnedFd) {
-    let result = catch_unwind(AssertUnwindSafe(|| Handler::new(shared, idx).run(wake)));
+    let result = catch_unwind(AssertUnwindSafe(|| match shared.tuning.handler {
+        HandlerKind::Engine => Handler::new(shared, idx).run(wake),
+        HandlerKind::Reference => super::reference_handler::run(shared),
+    }));
     let err = match result {
         Ok(Ok(())) => return,
         Ok(Err(e)) => e,
@@ -69,37 +81,46 @@ struct Handler<'a> {
     s: &'a Shared,
     idx: usize,
     buf: Vec<u8>,
+    /// `zeropool`: a buffer that is never written, so always zero.
+    zeros: Vec<u8>,
     deferred: VecDeque<Fault>,
+    /// `dontwake`: ranges filled without waking, woken once per batch.
+    to_wake: Vec<(u64, u64)>,
+    around: super::fault_around::FaultAround,
 }
 
 impl<'a> Handler<'a> {
     fn new(s: &'a Shared, idx: usize) -> Self {
-        let max_page = s.regions.iter().map(|r| r.page_bytes).max().unwrap_or(4096);
-        Self { s, idx, buf: vec![0u8; max_page as usize], deferred: VecDeque::new() }
+        let max_page = s.regions.iter().map(|r| r.page_bytes).max().unwrap_or(4096) as usize;
+        let zeros = if s.tuning.zero_pool { vec![0u8; max_page] } else { Vec::new() };
+        Self {
+            s,
+            idx,
+            buf: vec![0u8; max_page],
+            zeros,
+            deferred: VecDeque::new(),
+            to_wake: Vec::new(),
+            around: super::fault_around::FaultAround::new(s.tuning.fault_around),
+        }
     }
 
     fn run(&mut self, wake: &OwnedFd) -> Result<(), FaultEngineError> {
-        let mut msgs = super::uffd::msg_buffer(self.s.config.batch.max(1));
+        let mut msgs = super::uffd::msg_buffer(self.s.tuning.batch.unwrap_or(self.s.config.batch).max(1));
         let mut events = Vec::new();
         let mut mm_changing = false;
+        let ep = if self.s.tuning.exclusive { Some(exclusive_epoll(self.s, wake)?) } else { None };
         loop {
             // With EAGAIN-deferred faults, wake soon even if nothing arrives: the kernel
-            // ends "mm changing" without an event once the remover resumes.
+            // ends "mm changing" without an event once the remover resumes. Busy-polling
+            // never sleeps at all.
             let short = Timespec { tv_sec: 0, tv_nsec: 200_000 };
-            let timeout = mm_changing.then_some(&short);
-            let mut fds = [
-                PollFd::new(&*self.s.uffd, PollFlags::IN),
-                PollFd::new(&self.s.shutdown_fd, PollFlags::IN),
-                PollFd::new(wake, PollFlags::IN),
-            ];
-            match poll(&mut fds, timeout) {
-                Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(std::io::Error::from(e).into()),
-            }
-            if !fds[1].revents().is_empty() {
+            let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
+            let timeout = if self.s.tuning.busy_poll { Some(&zero) } else { mm_changing.then_some(&short) };
+            let (shutdown, woken) = self.wait(wake, ep.as_ref(), timeout)?;
+            if shutdown {
                 return Ok(());
             }
-            if !fds[2].revents().is_empty() {
+            if woken {
                 let mut b = [0u8; 8];
                 let _ = rustix::io::read(wake, &mut b);
             }
@@ -118,7 +139,63 @@ impl<'a> Handler<'a> {
                 let f = self.deferred.pop_front().expect("counted");
                 mm_changing |= self.resolve(f)? == Some(Defer::MmChanging);
             }
+            self.wake_batch()?;
         }
+    }
+
+    /// Sleeps until the userfaultfd, the shutdown eventfd or the wake eventfd is readable,
+    /// or `timeout` passes; returns (shutdown, woken). With `ep` (the `exclusive` option)
+    /// through that epoll instance, else poll(2) on the three fds.
+    fn wait(
+        &self,
+        wake: &OwnedFd,
+        ep: Option<&OwnedFd>,
+        timeout: Option<&Timespec>,
+    ) -> Result<(bool, bool), FaultEngineError> {
+        if let Some(ep) = ep {
+            let mut buf = [MaybeUninit::<epoll::Event>::uninit(); 3];
+            let (ready, _) = match epoll::wait(ep, &mut buf, timeout) {
+                Ok(r) => r,
+                Err(rustix::io::Errno::INTR) => return Ok((false, false)),
+                Err(e) => return Err(std::io::Error::from(e).into()),
+            };
+            let has = |token: u64| ready.iter().any(|e| e.data.u64() == token);
+            return Ok((has(TOKEN_SHUTDOWN), has(TOKEN_WAKE)));
+        }
+        let mut fds = [
+            PollFd::new(&*self.s.uffd, PollFlags::IN),
+            PollFd::new(&self.s.shutdown_fd, PollFlags::IN),
+            PollFd::new(wake, PollFlags::IN),
+        ];
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(std::io::Error::from(e).into()),
+        }
+        Ok((!fds[1].revents().is_empty(), !fds[2].revents().is_empty()))
+    }
+
+    /// Wakes the ranges filled with DONTWAKE, adjacent ranges merged into one WAKE.
+    fn wake_batch(&mut self) -> Result<(), FaultEngineError> {
+        if self.to_wake.is_empty() {
+            return Ok(());
+        }
+        self.to_wake.sort_unstable();
+        let mut run: Option<(u64, u64)> = None;
+        for &(start, len) in &self.to_wake {
+            run = match run {
+                Some((s, l)) if s + l == start => Some((s, l + len)),
+                Some((s, l)) => {
+                    self.s.uffd.wake(s, l)?;
+                    Some((start, len))
+                }
+                None => Some((start, len)),
+            };
+        }
+        if let Some((s, l)) = run {
+            self.s.uffd.wake(s, l)?;
+        }
+        self.to_wake.clear();
+        Ok(())
     }
 
     fn on_event(&mut self, ev: Event, read_at: Instant) -> Result<(), FaultEngineError> {
@@ -141,48 +218,9 @@ impl<'a> Handler<'a> {
                 let hva = address & !(r.page_bytes - 1);
                 self.resolve(Fault { region, hva, kind, write, read_at })?;
             }
-            Event::Remove { start, end } | Event::Unmap { start, end } => {
-                self.s.counters.remove_events.fetch_add(1, Ordering::Relaxed);
-                self.on_remove(start, end, matches!(ev, Event::Unmap { .. }));
-            }
-            Event::Remap { from, to, len } => {
-                tracing::error!(
-                    "guest RAM moved by mremap ({from:#x} -> {to:#x}, {len:#x} bytes); faults there will be refused"
-                );
-            }
-            Event::Fork { child_uffd } => {
-                // We never ask for EVENT_FORK; if one comes, close the child's fd.
-                // SAFETY: the kernel installed this fd for us with the message; we own it.
-                drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(child_uffd) });
-            }
+            other => on_other_event(self.s, other),
         }
         Ok(())
-    }
-
-    /// A REMOVE/UNMAP from the kernel. Our own discards announced theirs in
-    /// [`ExpectedRemoves`] and did the invalidation themselves; anything else is
-    /// invalidated here.
-    fn on_remove(&self, start: u64, end: u64, unmap: bool) {
-        if !unmap && self.s.expected_removes.take(start, end) {
-            return;
-        }
-        for r in self.s.regions.iter() {
-            let s = start.max(r.host_addr);
-            let e = end.min(r.host_addr + r.len);
-            if s >= e {
-                continue;
-            }
-            let range = GuestRange::new(r.gpa_of(s), e - s);
-            // Processed after the kernel let the remover go on (reading the event completes
-            // it), so a page may already have been refaulted: the marks below are a best
-            // effort. All of the VMM's own discards go through the expected path above.
-            self.s.counters.external_removes.fetch_add(1, Ordering::Relaxed);
-            if unmap {
-                tracing::warn!("guest RAM [{:#x}, +{:#x}) was unmapped behind the smmu", range.gpa, range.len);
-            }
-            let _g = self.s.inv.invalidate(range);
-            self.s.table.mark_discarded(range);
-        }
     }
 
     /// Resolves one fault under the retry protocol; `Some` if it was put aside.
@@ -228,20 +266,28 @@ impl<'a> Handler<'a> {
             };
             let before = s.table.get(gpa);
             s.table.update(range, set, clear);
+            let dw = s.tuning.dont_wake;
+            let zero_fill = (f.kind == FaultKind::Missing && data == PageData::Zero) || minor_discarded;
             let outcome = match (f.kind, data) {
-                (FaultKind::Missing, PageData::Zero) if ioctls.zeropage() && !wp => s.uffd.zeropage(f.hva, page, false),
+                _ if zero_fill && s.tuning.zero_pool => s.uffd.copy(f.hva, &self.zeros[..page as usize], wp, dw),
+                // ZEROPAGE only for reads: on anon it maps the shared zero page, and a
+                // write would at once take a second (copy-on-write) fault in the kernel.
+                // Writes get a writable page by COPY, as the kernel's own fault does.
+                (FaultKind::Missing, PageData::Zero) if ioctls.zeropage() && !wp && !f.write => {
+                    s.uffd.zeropage(f.hva, page, dw)
+                }
                 (FaultKind::Minor, _) if minor_discarded => {
                     self.buf[..page as usize].fill(0);
-                    s.uffd.copy(f.hva, &self.buf[..page as usize], wp, false)
+                    s.uffd.copy(f.hva, &self.buf[..page as usize], wp, dw)
                 }
                 (FaultKind::Missing, data) => {
                     if data == PageData::Zero {
                         self.buf[..page as usize].fill(0);
                     }
-                    s.uffd.copy(f.hva, &self.buf[..page as usize], wp, false)
+                    s.uffd.copy(f.hva, &self.buf[..page as usize], wp, dw)
                 }
-                (FaultKind::Minor, _) => s.uffd.continue_(f.hva, page, wp, false),
-                (FaultKind::WriteProtect, _) => match s.uffd.write_protect(f.hva, page, false, false) {
+                (FaultKind::Minor, _) => s.uffd.continue_(f.hva, page, wp, dw),
+                (FaultKind::WriteProtect, _) => match s.uffd.write_protect(f.hva, page, false, dw) {
                     Ok(()) => Ok(FillOutcome::Filled),
                     // Like a fill: a REMOVE is pending, read it before retrying.
                     Err(e) if e.is_mm_changing() => Ok(FillOutcome::MmChanging { filled_bytes: 0 }),
@@ -257,10 +303,15 @@ impl<'a> Handler<'a> {
             break outcome;
         };
         match outcome {
+            FillOutcome::Filled if s.tuning.dont_wake => self.to_wake.push((f.hva, page)),
             FillOutcome::Filled => {}
             FillOutcome::AlreadyFilled => {
                 s.counters.eexist.fetch_add(1, Ordering::Relaxed);
-                s.uffd.wake(f.hva, page)?;
+                if s.tuning.dont_wake {
+                    self.to_wake.push((f.hva, page));
+                } else {
+                    s.uffd.wake(f.hva, page)?;
+                }
             }
             FillOutcome::MmChanging { .. } => {
                 // One granule per fill, so nothing was filled; had part of it been, the
@@ -270,10 +321,88 @@ impl<'a> Handler<'a> {
                 return Ok(Some(Defer::MmChanging));
             }
         }
-        let ns = f.read_at.elapsed().as_nanos().min(u64::MAX as u128) as u64;
-        let slot = f.kind as usize * 2 + usize::from(page >= PAGE_2M);
-        let mut h = s.histograms[self.idx].lock().unwrap_or_else(|p| p.into_inner());
-        h[slot].saturating_record(ns.max(1));
+        record_latency(s, self.idx, f.kind, page, f.read_at);
+        if f.kind != FaultKind::WriteProtect && page < PAGE_2M {
+            let filled = self.around.install(s, r, ioctls, f.hva + page, f.write, &mut self.to_wake)?;
+            if filled > 0 {
+                s.counters.fault_around_pages.fetch_add(filled, Ordering::Relaxed);
+            }
+        }
         Ok(None)
     }
+}
+
+const TOKEN_UFFD: u64 = 0;
+const TOKEN_SHUTDOWN: u64 = 1;
+const TOKEN_WAKE: u64 = 2;
+
+/// A handler's own epoll instance for the `exclusive` option: the userfaultfd added with
+/// `EPOLLEXCLUSIVE` (the kernel wakes one waiting instance per event, not all of them;
+/// level-triggered, so a message nobody was woken for is found by the next wait), the
+/// shutdown and wake eventfds added normally.
+fn exclusive_epoll(s: &Shared, wake: &OwnedFd) -> Result<OwnedFd, FaultEngineError> {
+    let io = |e: rustix::io::Errno| FaultEngineError::Os(e.into());
+    let ep = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(io)?;
+    let exclusive = epoll::EventFlags::IN | epoll::EventFlags::EXCLUSIVE;
+    epoll::add(&ep, &*s.uffd, epoll::EventData::new_u64(TOKEN_UFFD), exclusive).map_err(io)?;
+    epoll::add(&ep, &s.shutdown_fd, epoll::EventData::new_u64(TOKEN_SHUTDOWN), epoll::EventFlags::IN).map_err(io)?;
+    epoll::add(&ep, wake, epoll::EventData::new_u64(TOKEN_WAKE), epoll::EventFlags::IN).map_err(io)?;
+    Ok(ep)
+}
+
+/// Every event but a page fault: REMOVE / UNMAP (invalidate), REMAP (log), FORK (close).
+/// Shared with the reference handler.
+pub(super) fn on_other_event(s: &Shared, ev: Event) {
+    match ev {
+        Event::PageFault { .. } => unreachable!("page faults are resolved by the caller"),
+        Event::Remove { start, end } | Event::Unmap { start, end } => {
+            s.counters.remove_events.fetch_add(1, Ordering::Relaxed);
+            on_remove(s, start, end, matches!(ev, Event::Unmap { .. }));
+        }
+        Event::Remap { from, to, len } => {
+            tracing::error!(
+                "guest RAM moved by mremap ({from:#x} -> {to:#x}, {len:#x} bytes); faults there will be refused"
+            );
+        }
+        Event::Fork { child_uffd } => {
+            // We never ask for EVENT_FORK; if one comes, close the child's fd.
+            // SAFETY: the kernel installed this fd for us with the message; we own it.
+            drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(child_uffd) });
+        }
+    }
+}
+
+/// A REMOVE/UNMAP from the kernel. Our own discards announced theirs in
+/// [`super::fault_engine::ExpectedRemoves`] and did the invalidation themselves; anything
+/// else is invalidated here.
+fn on_remove(shared: &Shared, start: u64, end: u64, unmap: bool) {
+    if !unmap && shared.expected_removes.take(start, end) {
+        return;
+    }
+    for r in shared.regions.iter() {
+        let s = start.max(r.host_addr);
+        let e = end.min(r.host_addr + r.len);
+        if s >= e {
+            continue;
+        }
+        let range = GuestRange::new(r.gpa_of(s), e - s);
+        // Processed after the kernel let the remover go on (reading the event completes
+        // it), so a page may already have been refaulted: the marks below are a best
+        // effort. All of the VMM's own discards go through the expected path above.
+        shared.counters.external_removes.fetch_add(1, Ordering::Relaxed);
+        if unmap {
+            tracing::warn!("guest RAM [{:#x}, +{:#x}) was unmapped behind the smmu", range.gpa, range.len);
+        }
+        let _g = shared.inv.invalidate(range);
+        shared.table.mark_discarded(range);
+    }
+}
+
+/// Records one resolved fault's latency (message read → installed) in handler `idx`'s
+/// histograms.
+pub(super) fn record_latency(s: &Shared, idx: usize, kind: FaultKind, page_bytes: u64, read_at: Instant) {
+    let ns = read_at.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+    let slot = kind as usize * 2 + usize::from(page_bytes >= PAGE_2M);
+    let mut h = s.histograms[idx].lock().unwrap_or_else(|p| p.into_inner());
+    h[slot].saturating_record(ns.max(1));
 }

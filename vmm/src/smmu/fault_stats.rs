@@ -8,7 +8,7 @@ use hdrhistogram::Histogram;
 use super::PAGE_2M;
 
 /// The kinds of fault, for statistics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FaultKind {
     /// A missing page (COPY / ZEROPAGE).
@@ -20,7 +20,7 @@ pub enum FaultKind {
 }
 
 /// Per-kind latency figures (nanoseconds, message read → installed).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LatencySummary {
     /// Fault kind.
     pub kind: FaultKind,
@@ -59,6 +59,8 @@ pub struct EngineStats {
     pub remove_events: u64,
     /// REMOVE / UNMAP events not caused by our own invalidations (invalidated here).
     pub external_removes: u64,
+    /// Pages installed by fault-around (`around=N`) before anyone touched them.
+    pub fault_around_pages: u64,
 }
 
 impl EngineStats {
@@ -106,4 +108,5 @@ pub(crate) struct Counters {
     pub(crate) deferred: AtomicU64,
     pub(crate) remove_events: AtomicU64,
     pub(crate) external_removes: AtomicU64,
+    pub(crate) fault_around_pages: AtomicU64,
 }

@@ -9,7 +9,9 @@
 //!   protocol (`read_begin` / `read_retry`), and invalidation subscribers.
 //! - [`page_source`]: where the contents of a missing page come from (zero, file, ...).
 //! - [`fault_engine`]: handler threads that resolve userfaultfd faults under the protocol;
-//!   [`fault_stats`]: their latency histograms and counters.
+//!   [`fault_stats`]: their latency histograms and counters; [`engine_tuning`]: the
+//!   engine's measurable options (and the textbook reference handler that benchmarks
+//!   compare it with), including fault-around.
 //! - [`discard`]: discard and write-protect ranges of guest RAM through the invalidation
 //!   layer, with the right host operation per backend.
 //!
@@ -19,12 +21,15 @@
 pub mod access;
 pub mod coherence;
 pub mod discard;
+pub mod engine_tuning;
+mod fault_around;
 pub mod fault_engine;
 mod fault_handler;
 pub mod fault_stats;
 pub mod invalidation;
 pub mod page_source;
 pub mod page_state;
+mod reference_handler;
 pub mod uffd;
 mod uffd_types;
 

@@ -6,6 +6,7 @@ mod access;
 mod coherence;
 mod hugetlb;
 mod stress;
+mod tuning;
 
 use std::io::Write;
 use std::os::fd::OwnedFd;
