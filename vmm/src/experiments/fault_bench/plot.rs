@@ -24,6 +24,7 @@ struct Chart {
     x: (f64, f64),
     y: (f64, f64),
     log_x: bool,
+    log_y: bool,
 }
 
 fn escape(text: &str) -> String {
@@ -31,7 +32,7 @@ fn escape(text: &str) -> String {
 }
 
 impl Chart {
-    fn new(title: &str, legend_rows: usize, x: (f64, f64), y: (f64, f64), log_x: bool) -> Chart {
+    fn new(title: &str, legend_rows: usize, x: (f64, f64), y: (f64, f64), (log_x, log_y): (bool, bool)) -> Chart {
         let (width, height) = (760.0, 420.0);
         let total_h = 80.0 + height + 50.0 + 16.0 * legend_rows as f64;
         let mut svg = String::new();
@@ -40,17 +41,15 @@ impl Chart {
             r#"<svg xmlns="http://www.w3.org/2000/svg" width="900" height="{total_h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="450" y="28" text-anchor="middle" font-size="16">{}</text>"#,
             escape(title)
         );
-        Chart { svg, left: 90.0, top: 50.0, width, height, x, y, log_x }
+        Chart { svg, left: 90.0, top: 50.0, width, height, x, y, log_x, log_y }
     }
 
     fn px(&self, x: f64) -> f64 {
-        let (lo, hi) = if self.log_x { (self.x.0.log10(), self.x.1.log10()) } else { self.x };
-        let v = if self.log_x { x.max(self.x.0).log10() } else { x };
-        self.left + (v - lo) / (hi - lo).max(1e-12) * self.width
+        self.left + fraction(x, self.x, self.log_x) * self.width
     }
 
     fn py(&self, y: f64) -> f64 {
-        self.top + self.height - (y - self.y.0) / (self.y.1 - self.y.0).max(1e-12) * self.height
+        self.top + self.height - fraction(y, self.y, self.log_y) * self.height
     }
 
     fn axes(&mut self, x_label: &str, y_label: &str, x_ticks: &[(f64, String)], y_ticks: &[(f64, String)]) {
@@ -135,6 +134,13 @@ impl Chart {
     }
 }
 
+/// Where `v` falls in `range` (0 to 1), on a linear or log scale.
+fn fraction(v: f64, range: (f64, f64), log: bool) -> f64 {
+    let (lo, hi, v) =
+        if log { (range.0.log10(), range.1.log10(), v.max(range.0).log10()) } else { (range.0, range.1, v) };
+    (v - lo) / (hi - lo).max(1e-12)
+}
+
 fn log_ticks(lo: f64, hi: f64, unit_scale: f64, unit: &str) -> Vec<(f64, String)> {
     let mut ticks = Vec::new();
     let mut v = 10f64.powf(lo.log10().floor());
@@ -153,7 +159,8 @@ pub fn latency_cdf(report: &FaultBenchReport) -> String {
     let lo = cells.iter().flat_map(|c| c.first_cdf_ns.iter().map(|p| p.0)).fold(f64::MAX, f64::min).max(1.0);
     let hi = cells.iter().flat_map(|c| c.first_cdf_ns.iter().map(|p| p.0)).fold(lo * 10.0, f64::max);
     let (lo, hi) = (10f64.powf(lo.log10().floor()), 10f64.powf(hi.log10().ceil()));
-    let mut chart = Chart::new("First-touch latency as the vCPU saw it (CDF)", cells.len(), (lo, hi), (0.0, 1.0), true);
+    let mut chart =
+        Chart::new("First-touch latency as the vCPU saw it (CDF)", cells.len(), (lo, hi), (0.0, 1.0), (true, false));
     let y_ticks: Vec<(f64, String)> =
         (0..=10).step_by(2).map(|i| (i as f64 / 10.0, format!("{:.1}", i as f64 / 10.0))).collect();
     chart.axes("latency (us, log scale)", "fraction of touches", &log_ticks(lo, hi, 1e3, ""), &y_ticks);
@@ -180,19 +187,20 @@ pub fn rate_vs_vcpus(report: &FaultBenchReport) -> String {
         groups.entry(key).or_default().push((c.cell.vcpus as f64, s.median / 1e3, s.min / 1e3, s.max / 1e3));
     }
     let max_v = groups.values().flatten().map(|p| p.0).fold(1.0, f64::max);
-    let max_r = groups.values().flatten().map(|p| p.3).fold(1.0, f64::max) * 1.1;
+    // Log scale: 4 KiB cells page at thousands of pages/s, hugetlb ones at millions.
+    let min_r = groups.values().flatten().map(|p| p.2).fold(f64::MAX, f64::min).max(1e-3);
+    let max_r = groups.values().flatten().map(|p| p.3).fold(min_r * 10.0, f64::max);
+    let (lo, hi) = (10f64.powf(min_r.log10().floor()), 10f64.powf(max_r.log10().ceil()));
     let mut chart = Chart::new(
         "Paging rate against vCPUs (first-touch pass)",
         groups.len(),
         (0.0, max_v + 0.5),
-        (0.0, max_r),
-        false,
+        (lo, hi),
+        (false, true),
     );
     let x_ticks: Vec<(f64, String)> = (1..=max_v as u32).map(|v| (v as f64, v.to_string())).collect();
-    let step = nice_step(max_r / 5.0);
-    let y_ticks: Vec<(f64, String)> =
-        (0..).map(|i| i as f64 * step).take_while(|v| *v <= max_r).map(|v| (v, format!("{v}"))).collect();
-    chart.axes("vCPUs", "1000 pages / s", &x_ticks, &y_ticks);
+    let y_ticks = log_ticks(lo, hi, 1.0, "");
+    chart.axes("vCPUs", "1000 pages / s (log scale)", &x_ticks, &y_ticks);
     for (i, points) in groups.values_mut().enumerate() {
         points.sort_by(|a, b| a.0.total_cmp(&b.0));
         chart.line(i, &points.iter().map(|p| (p.0, p.1)).collect::<Vec<_>>(), true);
@@ -203,20 +211,14 @@ pub fn rate_vs_vcpus(report: &FaultBenchReport) -> String {
     chart.finish(&groups.keys().cloned().collect::<Vec<_>>())
 }
 
-/// 1, 2 or 5 times a power of ten, at least `raw`.
-fn nice_step(raw: f64) -> f64 {
-    let magnitude = 10f64.powf(raw.max(1e-9).log10().floor());
-    [1.0, 2.0, 5.0, 10.0].into_iter().map(|m| m * magnitude).find(|s| *s >= raw).unwrap_or(10.0 * magnitude)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn ticks_and_steps_are_round_numbers() {
-        assert_eq!(nice_step(3.2), 5.0);
-        assert_eq!(nice_step(13.0), 20.0);
+    fn ticks_are_round_numbers_and_scales_map_to_the_axis() {
+        assert_eq!(fraction(100.0, (10.0, 1000.0), true), 0.5);
+        assert_eq!(fraction(5.0, (0.0, 10.0), false), 0.5);
         let t = log_ticks(1e3, 1e6, 1e3, "");
         assert_eq!(t.iter().map(|p| p.1.as_str()).collect::<Vec<_>>(), ["1", "10", "100", "1000"]);
     }
