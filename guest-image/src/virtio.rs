@@ -67,6 +67,8 @@ pub mod mmio {
     pub const VERSION: u64 = 0x004;
     /// Device type (5 = balloon); 0 = no device behind this window.
     pub const DEVICE_ID: u64 = 0x008;
+    /// Vendor id.
+    pub const VENDOR_ID: u64 = 0x00c;
     /// Device feature bits, 32 at a time, selected by `DEVICE_FEATURES_SEL`.
     pub const DEVICE_FEATURES: u64 = 0x010;
     /// Which 32 feature bits `DEVICE_FEATURES` shows.
@@ -97,6 +99,10 @@ pub mod mmio {
     pub const QUEUE_DESC_HIGH: u64 = 0x084;
     /// Available ring ("driver area") address, low 32 bits.
     pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    /// Shared memory region length, low 32 bits (all ones: no such region).
+    pub const SHM_LEN_LOW: u64 = 0x0b0;
+    /// Shared memory region length, high 32 bits.
+    pub const SHM_LEN_HIGH: u64 = 0x0b4;
     /// Available ring address, high 32 bits.
     pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
     /// Used ring ("device area") address, low 32 bits.

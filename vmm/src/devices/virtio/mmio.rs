@@ -16,8 +16,6 @@ use super::interrupt::VirtioInterrupt;
 use super::{status, ActivateContext, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::MmioDevice;
 
-/// "virt" in little endian.
-const MAGIC_VALUE: u32 = 0x7472_6976;
 /// The register layout this transport implements.
 const VERSION: u32 = 2;
 /// Our vendor ID ("FL" + 0x554d, as QEMU uses "QEMU").
@@ -25,34 +23,8 @@ const VENDOR_ID: u32 = 0x4c46_554d;
 /// Where device config space starts in the window.
 pub const CONFIG_OFFSET: u64 = 0x100;
 
-/// Register offsets (virtio 1.2, table 4.1).
-mod reg {
-    pub const MAGIC: u64 = 0x000;
-    pub const VERSION: u64 = 0x004;
-    pub const DEVICE_ID: u64 = 0x008;
-    pub const VENDOR_ID: u64 = 0x00c;
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-    pub const SHM_LEN_LOW: u64 = 0x0b0;
-    pub const SHM_LEN_HIGH: u64 = 0x0b4;
-    pub const CONFIG_GENERATION: u64 = 0x0fc;
-}
+/// Register offsets (virtio 1.2, table 4.1): the contract the guest driver uses too.
+use faultline_abi::virtio::mmio as reg;
 
 /// What the transport saw go wrong (for reports and tests).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -154,7 +126,7 @@ impl MmioTransport {
     fn read_register(&self, offset: u64) -> Option<u32> {
         let sel = self.queue_sel as usize;
         Some(match offset {
-            reg::MAGIC => MAGIC_VALUE,
+            reg::MAGIC_VALUE => reg::MAGIC,
             reg::VERSION => VERSION,
             reg::DEVICE_ID => self.device.device_type(),
             reg::VENDOR_ID => VENDOR_ID,

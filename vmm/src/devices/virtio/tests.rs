@@ -21,7 +21,7 @@ fn rig() -> Rig {
 fn identification_registers_and_offered_features() {
     let rig = rig();
     let d = rig.driver();
-    assert_eq!(d.read(reg::MAGIC), 0x7472_6976);
+    assert_eq!(d.read(reg::MAGIC_VALUE), 0x7472_6976);
     assert_eq!(d.read(reg::VERSION), 2);
     assert_eq!(d.read(reg::DEVICE_ID), 5);
     assert_eq!(d.device_features(), ALL);
@@ -202,7 +202,7 @@ fn failed_may_be_set_at_any_time_and_needs_reset_bit_is_the_devices() {
 fn misaligned_and_unknown_register_accesses_are_counted_not_fatal() {
     let rig = rig();
     let mut two = [0u8; 2];
-    rig.bus.read(super::test_driver::BASE + reg::MAGIC, &mut two);
+    rig.bus.read(super::test_driver::BASE + reg::MAGIC_VALUE, &mut two);
     assert_eq!(two, [0, 0]);
     rig.bus.write(super::test_driver::BASE + reg::STATUS + 1, &[1]);
     rig.driver().write(0x0c8, 1);
