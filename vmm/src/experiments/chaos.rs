@@ -157,18 +157,10 @@ fn pick_range(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::smmu::{RegionBacking, UffdMode, UffdRegion, PAGE_2M};
+    use crate::smmu::{UffdRegion, PAGE_2M};
 
     fn region(gpa: u64, len: u64, page_bytes: u64) -> UffdRegion {
-        UffdRegion {
-            guest_addr: gpa,
-            host_addr: 0,
-            len,
-            page_bytes,
-            backing: RegionBacking::PrivateAnon,
-            mode: UffdMode::None,
-            write_protect: true,
-        }
+        UffdRegion::unmapped_for_tests(gpa, len, page_bytes, true)
     }
 
     #[test]

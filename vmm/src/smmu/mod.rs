@@ -134,6 +134,21 @@ pub struct UffdRegion {
 }
 
 impl UffdRegion {
+    /// A private-anon region description with no host mapping behind it, for tests of
+    /// pure logic (range picking, page bookkeeping).
+    #[cfg(test)]
+    pub(crate) fn unmapped_for_tests(guest_addr: u64, len: u64, page_bytes: u64, write_protect: bool) -> Self {
+        UffdRegion {
+            guest_addr,
+            host_addr: 0,
+            len,
+            page_bytes,
+            backing: RegionBacking::PrivateAnon,
+            mode: UffdMode::None,
+            write_protect,
+        }
+    }
+
     /// The region's guest-physical range.
     pub fn guest_range(&self) -> GuestRange {
         GuestRange::new(self.guest_addr, self.len)

@@ -37,23 +37,10 @@ pub use mmio::MmioTransport;
 pub use slot::{install_balloon, InstalledBalloon, MmioSlot, SlotError};
 
 /// VIRTIO_F_VERSION_1: the device follows virtio 1.x (required by this transport).
-pub const VIRTIO_F_VERSION_1: u32 = 32;
+pub const VIRTIO_F_VERSION_1: u32 = faultline_abi::virtio::feature::VERSION_1;
 
-/// Device status bits (virtio 1.2, 2.1).
-pub mod status {
-    /// The guest found the device.
-    pub const ACKNOWLEDGE: u32 = 1;
-    /// The guest has a driver for it.
-    pub const DRIVER: u32 = 2;
-    /// The driver is ready: queues may be used.
-    pub const DRIVER_OK: u32 = 4;
-    /// Feature negotiation is complete.
-    pub const FEATURES_OK: u32 = 8;
-    /// The device met an error it cannot recover from; the driver must reset it.
-    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
-    /// The driver gave up on the device.
-    pub const FAILED: u32 = 0x80;
-}
+/// Device status bits (virtio 1.2, 2.1): the abi's, shared with the guest driver.
+pub use faultline_abi::virtio::status;
 
 /// Errors a device reports to its transport. Each means the driver broke the protocol;
 /// the transport answers with DEVICE_NEEDS_RESET.
