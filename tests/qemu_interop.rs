@@ -14,32 +14,9 @@ fn same_elf_boots_under_qemu_microvm() {
     let image = guest_image_in(&dir.0);
     for cpus in ["1", "2"] {
         let output = std::process::Command::new("timeout")
-            .args([
-                "60",
-                qemu,
-                "-M",
-                "microvm",
-                "-accel",
-                "kvm",
-                "-cpu",
-                "host,-arch-capabilities",
-                "-nodefaults",
-                "-no-user-config",
-            ])
-            .args([
-                "-display",
-                "none",
-                "-monitor",
-                "none",
-                "-serial",
-                "stdio",
-                "-no-reboot",
-                "-smp",
-                cpus,
-                "-m",
-                "128M",
-            ])
-            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel"])
+            .args(["60", qemu])
+            .args(faultline::experiments::boot_bench::QEMU_MICROVM_ARGS)
+            .args(["-smp", cpus, "-m", "128M", "-kernel"])
             .arg(&image)
             .args(["-append", &format!("fl.cpus={cpus} fl.steps=fill,verify")])
             .output()

@@ -101,21 +101,34 @@ fn faultline_command(args: &BootBenchArgs) -> Command {
     command
 }
 
+/// QEMU microvm booting the built-in guest: KVM, this host's CPU without
+/// arch-capabilities (which nested KVM here refuses), serial on stdio, no reboot, and the
+/// debug-exit port the guest ends with. Append `-smp`, `-m`, `-kernel IMAGE`.
+pub const QEMU_MICROVM_ARGS: &[&str] = &[
+    "-M",
+    "microvm",
+    "-accel",
+    "kvm",
+    "-cpu",
+    "host,-arch-capabilities",
+    "-nodefaults",
+    "-no-user-config",
+    "-display",
+    "none",
+    "-monitor",
+    "none",
+    "-serial",
+    "stdio",
+    "-no-reboot",
+    "-device",
+    "isa-debug-exit,iobase=0xf4,iosize=4",
+];
+
 fn qemu_command(args: &BootBenchArgs, image: &std::path::Path) -> Command {
     let mut command = Command::new(&args.qemu);
-    command.args([
-        "-M",
-        "microvm",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-        "-nodefaults",
-        "-no-user-config",
-    ]);
-    command.args(["-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot"]);
+    command.args(QEMU_MICROVM_ARGS);
     command.args(["-smp", &args.vcpus.to_string(), "-m", &format!("{}M", args.memory_mib)]);
-    command.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel"]).arg(image);
+    command.arg("-kernel").arg(image);
     command.args(["-append", &format!("fl.cpus={} fl.steps=idle fl.duration_ms=0", args.vcpus)]);
     command
 }
