@@ -244,7 +244,7 @@ pub fn parse_size(text: &str) -> Option<u64> {
     if let Some(hex) = text.strip_prefix("0x") {
         return u64::from_str_radix(hex, 16).ok();
     }
-    let lower_end = text.trim_end_matches(|c| c == 'B' || c == 'b').trim_end_matches(|c| c == 'i');
+    let lower_end = text.trim_end_matches(['B', 'b']).trim_end_matches('i');
     let (digits, shift) = match lower_end.as_bytes().last()? {
         b'k' | b'K' => (&lower_end[..lower_end.len() - 1], 10),
         b'm' | b'M' => (&lower_end[..lower_end.len() - 1], 20),
@@ -264,9 +264,9 @@ pub fn cmdline_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
     cmdline
         .split_ascii_whitespace()
         .filter_map(|token| token.split_once('='))
-        .filter(|(k, _)| *k == key)
+        .rev()
+        .find(|(k, _)| *k == key)
         .map(|(_, v)| v)
-        .last()
 }
 
 // ---------------------------------------------------------------------------------------

@@ -311,8 +311,8 @@ fn timed_touch(gpa: u64, access: Access, value: u64) -> u64 {
         // SAFETY: word 0 of a workload page (identity-mapped RAM); a write stores the
         // page's own pattern word, so a filled page stays valid.
         Access::Write => unsafe { word.write_volatile(value) },
-        // SAFETY: as above; the read is volatile so it is not elided.
         Access::Read => {
+            // SAFETY: as above; the read is volatile so it is not elided.
             let _ = unsafe { word.read_volatile() };
         }
     }
@@ -408,7 +408,11 @@ fn churn(context: &Context, cpu: u32, result: &mut CpuResult) {
     let duration = tsc::ms_to_cycles(config.duration_ms, context.tsc_khz);
     let start = tsc::now();
     let mut round = 1u64;
-    'rounds: while first < end {
+    if first >= end {
+        result.rounds = 0;
+        return;
+    }
+    'rounds: loop {
         // Asked to stop: this round is the last, and a whole one, so every page is checked
         // once more after the VMM's last invalidation.
         let last =

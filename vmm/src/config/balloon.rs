@@ -47,7 +47,7 @@ impl BalloonOptions {
     pub fn parse_schedule(text: &str) -> Result<Vec<u64>, ConfigError> {
         text.split(',')
             .map(|t| {
-                abi::parse_size(t.trim()).ok_or_else(|| ConfigError::BadSetting {
+                abi::parse_size(t.trim()).ok_or(ConfigError::BadSetting {
                     field: "balloon.schedule_bytes",
                     value: 0,
                     reason: "cannot parse a size in the schedule; give sizes like 128M,0",

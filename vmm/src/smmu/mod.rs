@@ -1,7 +1,7 @@
 //! The secondary MMU: per-page state of guest RAM, the invalidation layer that keeps every
 //! user of guest memory coherent with host page-table changes, and the userfaultfd fault
-//! engine that populates guest RAM on demand (see `design.md`, "smmu" and "The retry
-//! protocol").
+//! engine that populates guest RAM on demand (the invariant and its retry protocol are
+//! stated in [`invalidation`]).
 //!
 //! - [`uffd`]: a small safe wrapper over the userfaultfd uapi (linux-raw-sys bindings).
 //! - [`page_state`]: the per-page state table (populated, write-protected, dirty, discarded).
