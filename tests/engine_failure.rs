@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use faultline::config::{Backend, ChaosConfig, PagingMode, VmConfig, Workload, ZoneConfig};
-use faultline::report::VmExit;
+use faultline::exit::VmExit;
 use faultline::smmu::page_source::{PageData, PageSource, PageSourceError};
 use faultline::vmm::{run, RunOptions};
 

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use crate::api::{BalloonControl, ControlTarget, PagingControl, VmState, VmStatus};
 use crate::devices::virtio::balloon::BalloonHandle;
+use crate::guest_report::GuestReportCollector;
 use crate::paging::GuestPaging;
-use crate::report::GuestReportCollector;
 use crate::vstate::VmControl;
 
 /// A running VM's state for the control server.

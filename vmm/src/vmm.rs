@@ -14,11 +14,13 @@ use crate::devices::step_control::{StepControl, STEP_CONTROL_PORTS};
 use crate::devices::virtio::balloon::{BalloonConfig, BalloonHandle};
 use crate::devices::virtio::{install_balloon, MmioSlot, SlotError};
 use crate::devices::{BusError, DeviceBuses, MmioBus, PioBus};
+use crate::exit::VmExit;
 use crate::experiments::balloon_watch::BalloonWatch;
 use crate::experiments::chaos::{self, ChaosReport};
+use crate::guest_report::GuestReportCollector;
 use crate::memory::{self, GuestRam};
 use crate::paging::{EngineFailureHook, GuestPaging, PagingError};
-use crate::report::{GuestReportCollector, HostMemory, RunReport, VmExit};
+use crate::report::{HostMemory, RunReport};
 use crate::smmu::page_source::{PageSource, ZeroSource};
 use crate::vm_target::VmTarget;
 use crate::vstate::runner::{self, LoopSubscriber, RunError};
@@ -273,7 +275,6 @@ mod tests {
     use super::*;
     use crate::boot::test_elf;
     use crate::config::{Backend, KernelImage, ZoneConfig};
-    use crate::report::VmExit;
 
     /// A PVH kernel that prints `line` on COM1 and exits with `status`.
     fn printing_kernel(line: &[u8], status: u8) -> Vec<u8> {

@@ -1,7 +1,7 @@
 //! QEMU's `isa-debug-exit`: a byte written to its port ends the VM with that status.
 
 use crate::devices::PioDevice;
-use crate::report::VmExit;
+use crate::exit::VmExit;
 
 /// Number of ports the device claims (like QEMU's iosize=4).
 pub const DEBUG_EXIT_PORTS: u16 = 4;

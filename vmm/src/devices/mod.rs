@@ -12,7 +12,7 @@ pub use mmio::{MmioBus, MmioBusError, MmioDevice};
 
 use std::sync::{Arc, Mutex};
 
-use crate::report::VmExit;
+use crate::exit::VmExit;
 
 /// A device on the port-I/O bus.
 pub trait PioDevice: Send {

@@ -9,7 +9,8 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::PioDevice;
-use crate::report::{GuestReportCollector, VmExit};
+use crate::exit::VmExit;
+use crate::guest_report::GuestReportCollector;
 
 /// The ISA IRQ of COM1.
 pub const COM1_IRQ: u32 = 4;

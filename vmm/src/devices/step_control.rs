@@ -8,7 +8,7 @@ use std::sync::Arc;
 use faultline_abi as abi;
 
 use crate::devices::PioDevice;
-use crate::report::VmExit;
+use crate::exit::VmExit;
 
 /// Ports the device claims.
 pub const STEP_CONTROL_PORTS: u16 = 1;

@@ -13,7 +13,7 @@ use kvm_bindings::kvm_run;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
-use crate::report::VmExit;
+use crate::exit::VmExit;
 
 /// Errors setting up VM control.
 #[derive(Debug, thiserror::Error)]

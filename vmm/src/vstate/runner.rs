@@ -11,7 +11,7 @@ use vmm_sys_util::epoll::EventSet;
 use super::control::VmControl;
 use super::vcpu::Vcpu;
 use crate::devices::DeviceBuses;
-use crate::report::VmExit;
+use crate::exit::VmExit;
 
 /// Errors running the vCPUs.
 #[derive(Debug, thiserror::Error)]

@@ -12,8 +12,9 @@ use crate::config::{Backend, ZoneConfig};
 use crate::devices::debug_exit::DebugExit;
 use crate::devices::serial::{ConsoleSink, SerialDevice};
 use crate::devices::{DeviceBuses, MmioBus, MmioDevice, PioBus};
+use crate::exit::VmExit;
+use crate::guest_report::GuestReportCollector;
 use crate::memory::GuestRam;
-use crate::report::{GuestReportCollector, VmExit};
 
 const CODE_GPA: u64 = 0x10_0000;
 const DATA_GPA: u64 = 0x20_0000;

@@ -9,7 +9,7 @@ use super::control::{publish_kvm_run, VmControl};
 use super::vm::Vm;
 use crate::boot::CpuEntry;
 use crate::devices::DeviceBuses;
-use crate::report::VmExit;
+use crate::exit::VmExit;
 
 /// Errors creating or configuring a vCPU.
 #[derive(Debug, thiserror::Error)]

@@ -15,7 +15,7 @@ use super::{status, VIRTIO_F_VERSION_1};
 use crate::config::Backend;
 use crate::devices::debug_exit::DebugExit;
 use crate::devices::{DeviceBuses, PioBus};
-use crate::report::VmExit;
+use crate::exit::VmExit;
 use crate::smmu::PAGE_4K;
 use crate::vstate::runner::run_vcpus;
 use crate::vstate::{Kvm, Vcpu, Vm, VmControl};

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::experiments::child_timing::Spread;
-use crate::report::{GuestHistogram, GuestReady, GuestStepResult};
+use crate::guest_report::{GuestHistogram, GuestReady, GuestStepResult};
 use crate::smmu::fault_engine::{FaultKind, LatencySummary};
 
 /// The parts of a run report the benchmark reads.
