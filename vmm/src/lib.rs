@@ -20,6 +20,7 @@ pub mod persist;
 pub mod report;
 pub mod smmu;
 pub mod snapshot;
+pub mod stop_signals;
 pub mod vm_target;
 pub mod vmm;
 pub mod vstate;

@@ -198,7 +198,8 @@ pub fn write_image(
         }
     }
     flush(&file, &path, &mut run, run_offset)?;
-    file.sync_all().map_err(|e| io_error(&path, "sync", e))?;
+    // No fsync: a snapshot survives the VMM, not a host crash (as with Firecracker and
+    // QEMU's migrate-to-file); `sync` the directory if it must.
     Ok(ZoneImage {
         zone: view.zone,
         file: file_name.to_string(),
