@@ -397,7 +397,10 @@ impl Rng {
 /// only the checksum) meets the damage.
 fn mutate(rng: &mut Rng, bytes: &mut Vec<u8>, fix: bool) {
     for _ in 0..1 + rng.below(4) {
-        let at = rng.below(bytes.len().max(1));
+        if bytes.is_empty() {
+            bytes.push(b'{');
+        }
+        let at = rng.below(bytes.len());
         match rng.below(6) {
             0 => bytes[at] ^= 1 << rng.below(8),
             1 => bytes[at] = [b'{', b'}', b'[', b']', b'"', b',', b':', b'0', b'9', b'-', 0, 0xff][rng.below(12)],
