@@ -485,3 +485,38 @@ fn sigint_sigterm_and_sighup_end_the_run_with_a_report_and_remove_the_socket() {
         assert!(!socket.exists(), "{name}: the control socket was left behind");
     }
 }
+
+#[test]
+fn a_lazy_restore_pages_a_diff_chain_in_through_userfaultfd_on_every_backend() {
+    if !kvm_available() {
+        return;
+    }
+    let scratch = ScratchDir::new("snapshot-lazy");
+    let mut args = vec!["--vcpus", "2", "-m", "size=64M"];
+    args.extend_from_slice(&WORKLOAD);
+    let vm = Running::start(&scratch.0, &args);
+    let base = scratch.0.join("base");
+    let diff = scratch.0.join("diff");
+    vm.snapshot(&base, &[]);
+    std::thread::sleep(Duration::from_millis(200));
+    vm.snapshot(&diff, &["--diff", "--stop"]);
+    vm.wait();
+    let mut cases = vec![vec![], vec!["-m", "size=64M,backend=memfd"]];
+    let pool = HugepagePool::reserve(40);
+    if pool.is_some() {
+        cases.push(vec!["-m", "size=64M,backend=hugetlb"]);
+    }
+    for extra in cases {
+        let mut restore_args = vec!["--memory-restore", "uffd-missing"];
+        restore_args.extend_from_slice(&extra);
+        let out = restore(&diff, &restore_args);
+        out.assert_success().assert_verified(common::pages(56));
+        let faults = &out.report["faults"];
+        assert_eq!(faults["modes"][0], "uffd-missing", "{extra:?}");
+        assert_eq!(faults["coherence"]["mismatch_count"], 0, "{extra:?}: {}", out.stdout);
+        // The pages came in through the fault engine, not an eager copy.
+        assert_eq!(out.report["restored_bytes"], 0);
+        let missing = faults["latency"].as_array().unwrap().iter().find(|l| l["kind"] == "missing").unwrap();
+        assert!(missing["count"].as_u64().unwrap() > 0, "{extra:?}: no MISSING faults: {}", out.stdout);
+    }
+}
