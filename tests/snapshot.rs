@@ -137,6 +137,15 @@ fn one_snapshot_restores_many_times_and_onto_other_backends() {
     let memfd = restore(&dir, &["-m", "size=64M,backend=memfd"]);
     memfd.assert_success().assert_verified(common::pages(56));
     assert_eq!(memfd.report["backends"][0], "memfd");
+    // Into zones under userfaultfd paging: the eager load goes through the fault engine,
+    // whose page-state table then knows every restored page (the coherence check agrees).
+    for paging in ["uffd-missing", "uffd-minor"] {
+        let spec = format!("size=64M,backend=memfd,paging={paging}");
+        let out = restore(&dir, &["-m", &spec]);
+        out.assert_success().assert_verified(common::pages(56));
+        assert_eq!(out.report["faults"]["modes"][0], paging);
+        assert_eq!(out.report["faults"]["coherence"]["mismatch_count"], 0, "{paging}: {}", out.stdout);
+    }
     if let Some(_pool) = HugepagePool::reserve(40) {
         let huge = restore(&dir, &["-m", "size=64M,backend=hugetlb"]);
         huge.assert_success().assert_verified(common::pages(56));
