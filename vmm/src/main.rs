@@ -27,6 +27,7 @@ fn main() -> ExitCode {
         },
         Command::Bench(BenchCommand::Faults(args)) => bench_faults(&args),
         Command::Ctl(args) => faultline::api::ctl::main(&args),
+        Command::Trace(args) => run(&RunArgs { trace_kvm: true, ..args }, started),
         Command::GuestImage { output } => match std::fs::write(&output, faultline::BUILTIN_GUEST_ELF) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => fail(&format!("cannot write {}: {err}", output.display())),

@@ -17,11 +17,14 @@ use crate::devices::{BusError, DeviceBuses, MmioBus, PioBus};
 use crate::exit::VmExit;
 use crate::experiments::balloon_watch::BalloonWatch;
 use crate::experiments::chaos::{self, ChaosReport};
+use crate::experiments::host_changes::{self, session::HostSession};
 use crate::guest_report::GuestReportCollector;
+use crate::host::HostError;
 use crate::memory::{self, GuestRam};
 use crate::paging::{EngineFailureHook, GuestPaging, PagingError};
 use crate::report::{HostMemory, RunReport};
 use crate::smmu::page_source::{PageSource, ZeroSource};
+use crate::trace::Recorder;
 use crate::vm_target::VmTarget;
 use crate::vstate::runner::{self, LoopSubscriber, RunError};
 use crate::vstate::{ControlError, Kvm, KvmError, Vcpu, VcpuError, Vm, VmControl, VmError};
@@ -63,6 +66,9 @@ pub enum VmmError {
     /// The control socket could not be served.
     #[error(transparent)]
     Api(#[from] ApiError),
+    /// The host could not be set up for host changes.
+    #[error("host changes: {0}")]
+    Host(#[from] HostError),
     /// A part of the VM was still in use after the run (a bug).
     #[error("{0} was still in use after the VM ended; this is a bug in faultline")]
     StillShared(&'static str),
@@ -126,11 +132,19 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
     if config.vcpus as usize > kvm.max_vcpus() {
         return Err(VmmError::TooManyVcpus { vcpus: config.vcpus, max: kvm.max_vcpus() });
     }
+    // Set up before guest RAM and dropped after it: swap, KSM and the lock go back last.
+    let host_session = config.host_changes.as_ref().map(|h| HostSession::start(h, config.total_memory_bytes()));
+    let host_session = host_session.transpose()?;
     let ram = GuestRam::new(&config.zones)?;
     let control = Arc::new(VmControl::new()?);
+    let mut recorder = config.trace_kvm.then(Recorder::new);
     // Paging starts before anything touches guest RAM, so the state table sees the
     // kernel loader's writes too.
-    let paging = Arc::new(start_paging(config, options, &ram, &control)?);
+    let paging = Arc::new(start_paging(config, options, &ram, &control, recorder.as_ref())?);
+    if let Some(recorder) = recorder.as_mut() {
+        let hva_ranges: Vec<_> = ram.regions().iter().map(|r| (r.host_addr, r.size_bytes)).collect();
+        recorder.start(&hva_ranges, paging.invalidation());
+    }
     let vm = Vm::new(&kvm, &ram)?;
     let kernel = boot::load_kernel(&config.kernel, ram.memory())?;
     tracing::debug!("loaded {}: {:?}, ends at {:#x}", kernel.name, kernel.entry, kernel.end_gpa);
@@ -169,7 +183,11 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
     let setup_ns = options.started.elapsed().as_nanos() as u64;
 
     let watch = balloon.as_ref().map(|handle| BalloonWatch::attach(handle, paging.regions().clone()));
-    let (exit, chaos) = std::thread::scope(|scope| {
+    let (exit, chaos, host) = std::thread::scope(|scope| {
+        let host = host_session.as_ref().map(|session| {
+            let (ram, control, collector, stop) = (&ram, &*control, &*collector, &*step_stop);
+            scope.spawn(move || host_changes::drive(config, session, ram, control, collector, stop))
+        });
         let chaos = config.chaos.as_ref().map(|chaos_config| {
             let segments = chaos::workload_segments(&ram.ram_ranges(), config.workload.size_bytes);
             let (paging, control, stop) = (&paging, &*control, &*step_stop);
@@ -179,13 +197,16 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
         let exit = runner::run_vcpus(vcpus, &buses, ram.memory(), &control, options.timeout, api);
         control.end(VmExit::Stopped { reason: "the vCPUs returned".into() });
         let chaos = chaos.map(|h| h.join().unwrap_or_else(|_| chaos_panicked()));
-        (exit, chaos)
+        let host = host.map(|h| h.join().unwrap_or_else(|_| host_changes::panicked()));
+        (exit, chaos, host)
     });
     let exit = exit?;
     let total_ns = options.started.elapsed().as_nanos() as u64;
     let host_memory = HostMemory::of_self();
     let balloon_report = watch.zip(balloon.as_ref()).map(|(watch, handle)| watch.report(handle));
     // The control server (and its hold on paging) went with the event loop.
+    let records = host.as_ref().map_or(&[][..], |h| &h.records[..]);
+    let kvm_trace = recorder.map(|r| r.finish(records, paging.regions()));
     let paging = Arc::try_unwrap(paging).map_err(|_| VmmError::StillShared("demand paging"))?;
     let faults = paging.finish()?;
     drop(buses);
@@ -205,6 +226,8 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
         faults: Some(faults),
         chaos,
         balloon: balloon_report,
+        host_changes: host,
+        kvm_trace,
     })
 }
 
@@ -240,10 +263,12 @@ fn start_paging(
     options: &RunOptions,
     ram: &GuestRam,
     control: &Arc<VmControl>,
+    recorder: Option<&Recorder>,
 ) -> Result<GuestPaging, VmmError> {
     let control = control.clone();
     let on_failure: EngineFailureHook = Arc::new(move |reason| control.end(VmExit::FaultEngineFailed { reason }));
     let source = options.page_source.clone().unwrap_or_else(|| Arc::new(ZeroSource));
+    let source = recorder.map_or(source.clone(), |r| r.page_source(source));
     let write_protect = config.chaos.is_some();
     Ok(GuestPaging::start(ram, &config.zones, &config.fault_engine, write_protect, source, on_failure)?)
 }

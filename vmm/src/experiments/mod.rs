@@ -6,3 +6,4 @@ pub mod boot_bench;
 pub mod chaos;
 pub mod child_timing;
 pub mod fault_bench;
+pub mod host_changes;

@@ -1,0 +1,56 @@
+//! What a host-change run sets up on the host before the VM is built, and puts back after
+//! it is gone: the lock that serialises such runs, a private zram swap device (swap), KSM
+//! scanning fast (ksm), and SIGINT/SIGTERM caught so an interrupted run still restores.
+
+use crate::config::{HostChangeKind, HostChangesConfig};
+use crate::host::ksm::KsmScanner;
+use crate::host::lock::HostLock;
+use crate::host::zram::ZramSwap;
+use crate::host::{interrupt, HostError};
+
+/// KSM pages scanned per wake-up while a run merges.
+pub const KSM_PAGES_TO_SCAN: u64 = 4096;
+/// KSM's sleep between scans while a run merges, milliseconds.
+pub const KSM_SLEEP_MS: u64 = 10;
+
+/// The host set up for a host-change run. Dropping it restores everything, in reverse
+/// order of setup (the lock last).
+#[derive(Debug)]
+pub struct HostSession {
+    // Fields drop in declaration order: settings first, the lock last.
+    ksm: Option<KsmScanner>,
+    zram: Option<ZramSwap>,
+    _lock: HostLock,
+    /// What was set up, for the report.
+    pub setup: Vec<String>,
+}
+
+impl HostSession {
+    /// Sets the host up for `config`'s kinds; `guest_ram_bytes` sizes the swap device.
+    pub fn start(config: &HostChangesConfig, guest_ram_bytes: u64) -> Result<Self, HostError> {
+        interrupt::catch();
+        let lock = HostLock::acquire()?;
+        let mut session = HostSession { ksm: None, zram: None, _lock: lock, setup: Vec::new() };
+        if config.kinds.contains(&HostChangeKind::Swap) {
+            // Room for all of guest RAM (zram stores it compressed; the size is a cap).
+            let zram = ZramSwap::create(guest_ram_bytes.max(16 << 20))?;
+            session.setup.push(format!(
+                "swap on {} ({} MiB, priority {})",
+                zram.device(),
+                zram.size_bytes() >> 20,
+                crate::host::zram::SWAP_PRIORITY
+            ));
+            session.zram = Some(zram);
+        }
+        if config.kinds.contains(&HostChangeKind::Ksm) {
+            session.ksm = Some(KsmScanner::start(KSM_PAGES_TO_SCAN, KSM_SLEEP_MS)?);
+            session.setup.push(format!("ksm run=1 pages_to_scan={KSM_PAGES_TO_SCAN} sleep_millisecs={KSM_SLEEP_MS}"));
+        }
+        Ok(session)
+    }
+
+    /// The swap device, when swap is one of the kinds.
+    pub fn zram(&self) -> Option<&ZramSwap> {
+        self.zram.as_ref()
+    }
+}
