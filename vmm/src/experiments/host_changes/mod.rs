@@ -314,8 +314,9 @@ impl Driver<'_> {
                 // Break the merges of the range (each page gets its own copy: a page-table
                 // change) and offer it for merging again.
                 let merged = ksm::process_merging_pages();
-                let result = ops::unmerge(range).and_then(|()| ops::merge(range));
+                let result = ops::unmerge(range);
                 let pages = merged.saturating_sub(ksm::process_merging_pages());
+                let result = result.and_then(|()| ops::merge(range));
                 self.log(report, kind, "unmerge", t.range, range, start_ns, pages, result, true);
             }
             HostChangeKind::Thp => {
