@@ -144,6 +144,7 @@ struct HostState {
     zram_devices: Vec<String>,
     ksm: Vec<String>,
     trace_instances: Vec<String>,
+    memory_cgroups: Vec<String>,
 }
 
 fn host_state() -> HostState {
@@ -168,7 +169,24 @@ fn host_state() -> HostState {
         .filter(|n| n.starts_with("faultline-"))
         .collect();
     trace_instances.sort();
-    HostState { swaps: std::fs::read_to_string("/proc/swaps").unwrap(), zram_devices, ksm, trace_instances }
+    // Runs make their memory cgroup beside the test's own (the children inherit it).
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let memcg = own.lines().find_map(|l| l.split(':').nth(2).filter(|_| l.split(':').nth(1) == Some("memory")));
+    let mut memory_cgroups: Vec<String> = memcg
+        .map(|path| format!("/sys/fs/cgroup/memory{path}"))
+        .into_iter()
+        .flat_map(|dir| std::fs::read_dir(dir).into_iter().flatten().flatten())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("faultline-"))
+        .collect();
+    memory_cgroups.sort();
+    HostState {
+        swaps: std::fs::read_to_string("/proc/swaps").unwrap(),
+        zram_devices,
+        ksm,
+        trace_instances,
+        memory_cgroups,
+    }
 }
 
 #[test]

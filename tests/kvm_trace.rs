@@ -89,6 +89,13 @@ fn swap_out_reaches_kvm() {
     let trace = &run.report["kvm_trace"];
     let swap = assert_chain(trace, "swap/pageout", true);
     assert_eq!(swap["unmap"]["comm"], "faultline", "MADV_PAGEOUT runs in the VMM's driver thread: {swap}");
+    // The second way: squeezing the VMM's own memory cgroup, where the host has one.
+    let setup = run.report["host_changes"]["setup"].to_string();
+    if setup.contains("memory cgroup /") {
+        assert_chain(trace, "swap/memcg_squeeze", true);
+    } else {
+        eprintln!("!!!! no memory cgroup squeeze here: {setup} !!!!");
+    }
     eprintln!("{}", serde_json::to_string_pretty(&trace["chains"]).unwrap());
 }
 

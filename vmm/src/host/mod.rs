@@ -9,6 +9,7 @@
 pub mod interrupt;
 pub mod ksm;
 pub mod lock;
+pub mod memcg;
 pub mod sysfs;
 pub mod tracefs;
 pub mod zram;

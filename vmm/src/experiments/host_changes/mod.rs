@@ -117,6 +117,9 @@ pub struct HostChangesReport {
     pub changes: u64,
     /// By kind: swap, ksm, thp, compaction, mprotect.
     pub by_kind: std::collections::BTreeMap<String, KindFigures>,
+    /// Operations that succeeded, by operation (`pageout`, `memcg_squeeze`, `merge`,
+    /// `unmerge`, `collapse`, `split`, `compact`, `move_pages`, `protect`).
+    pub by_op: std::collections::BTreeMap<String, u64>,
     /// Pages of this process KSM had merged at the most (`/proc/self/ksm_merging_pages`).
     pub ksm_merged_pages_peak: u64,
     /// Pages the swap device held at the most.
@@ -150,7 +153,12 @@ pub struct DriverContext<'a> {
     pub done: &'a AtomicBool,
     /// The swap device's fill, when swapping.
     pub swap_stored_pages: Option<&'a (dyn Fn() -> u64 + Sync)>,
+    /// The VMM's own memory cgroup, to squeeze (every [`SQUEEZE_EVERY`]th swap change).
+    pub memcg: Option<&'a crate::host::memcg::MemcgSqueeze>,
 }
+
+/// Every this many swap changes, one is a memory cgroup squeeze instead of a page-out.
+pub const SQUEEZE_EVERY: u64 = 8;
 
 /// Runs the driver on this thread until `config.events` changes are made or the VM stops.
 pub fn run(cx: &DriverContext<'_>, setup: Vec<String>, refused: Vec<String>) -> HostChangesReport {
@@ -303,6 +311,25 @@ impl Driver<'_> {
         let range = HostRange { hva: t.hva, len: t.range.len };
         let start_ns = ops::monotonic_ns();
         match kind {
+            HostChangeKind::Swap if self.squeeze_due(report) => {
+                let Some(memcg) = self.cx.memcg else { return };
+                // Squeeze by the largest range: the kernel reclaims the coldest pages of
+                // the cgroup (guest RAM is most of it) to swap. Cgroup v1 gives up with
+                // EBUSY when one reclaim pass frees nothing: counted as declined.
+                let squeeze = self.cx.config.max_pages * PAGE_4K;
+                let stored = self.cx.swap_stored_pages.map_or(0, |f| f());
+                let result = memcg.squeeze(memcg.usage_bytes().saturating_sub(squeeze)).map(|_| ());
+                let result = result.map_err(|e| match e {
+                    crate::host::HostError::Write { source, .. } => source,
+                    other => std::io::Error::other(other.to_string()),
+                });
+                let pages = self.cx.swap_stored_pages.map_or(0, |f| f()).saturating_sub(stored);
+                // Reclaim picks its pages anywhere in the cgroup: the change covers the
+                // whole target.
+                let whole = self.cx.targets.iter().find(|x| x.range.overlaps(&t.range)).unwrap_or(t);
+                let all = HostRange { hva: whole.hva, len: whole.range.len };
+                self.log(report, kind, "memcg_squeeze", whole.range, all, start_ns, pages, result, true);
+            }
             HostChangeKind::Swap => {
                 let before = self.view(range);
                 let result = ops::page_out(range);
@@ -360,6 +387,12 @@ impl Driver<'_> {
         }
     }
 
+    /// Whether this swap change is a memory cgroup squeeze.
+    fn squeeze_due(&self, report: &HostChangesReport) -> bool {
+        let done = report.by_kind.get("swap").map_or(0, |f| f.changes + f.refused);
+        self.cx.memcg.is_some() && done % SQUEEZE_EVERY == SQUEEZE_EVERY - 1
+    }
+
     /// Closes the windows whose time is up.
     fn close_windows(&mut self, report: &mut HostChangesReport) {
         let now = ops::monotonic_ns();
@@ -387,8 +420,10 @@ impl Driver<'_> {
         counts: bool,
     ) {
         let figures = report.by_kind.entry(kind.name().to_string()).or_default();
+        let figures = &mut *figures;
         match result {
             Ok(()) => {
+                *report.by_op.entry(op.to_string()).or_default() += 1;
                 if counts {
                     figures.changes += 1;
                     report.changes += 1;
@@ -421,7 +456,8 @@ impl Driver<'_> {
                     report.errors += 1;
                 }
                 if report.first_errors.len() < 8 {
-                    report.first_errors.push(format!("{op} of {}: {e}", fmt_range(guest)));
+                    let what = if declined { "declined by the kernel" } else { "failed" };
+                    report.first_errors.push(format!("{op} of {} {what}: {e}", fmt_range(guest)));
                 }
             }
         }
@@ -460,7 +496,7 @@ impl HostChangesReport {
         }
         out.extend(self.setup.iter().map(|s| format!("  host: {s} (restored afterwards)")));
         out.extend(self.refused.iter().map(|s| format!("  refused: {s}")));
-        out.extend(self.first_errors.iter().map(|e| format!("  host change error: {e}")));
+        out.extend(self.first_errors.iter().map(|e| format!("  host change: {e}")));
         out
     }
 }
@@ -493,7 +529,16 @@ pub fn drive(
     }
     let stored = session.zram().map(|z| move || z.stored_pages());
     let stored_ref: Option<&(dyn Fn() -> u64 + Sync)> = stored.as_ref().map(|f| f as &(dyn Fn() -> u64 + Sync));
-    let cx = DriverContext { config: host, targets: &targets, control, collector, done, swap_stored_pages: stored_ref };
+    let memcg = session.memcg();
+    let cx = DriverContext {
+        config: host,
+        targets: &targets,
+        control,
+        collector,
+        done,
+        swap_stored_pages: stored_ref,
+        memcg,
+    };
     run(&cx, session.setup.clone(), refused)
 }
 

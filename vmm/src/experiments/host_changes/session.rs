@@ -5,6 +5,7 @@
 use crate::config::{HostChangeKind, HostChangesConfig};
 use crate::host::ksm::KsmScanner;
 use crate::host::lock::HostLock;
+use crate::host::memcg::MemcgSqueeze;
 use crate::host::zram::ZramSwap;
 use crate::host::{interrupt, HostError};
 
@@ -18,6 +19,7 @@ pub const KSM_SLEEP_MS: u64 = 10;
 #[derive(Debug)]
 pub struct HostSession {
     // Fields drop in declaration order: settings first, the lock last.
+    memcg: Option<MemcgSqueeze>,
     ksm: Option<KsmScanner>,
     zram: Option<ZramSwap>,
     _lock: HostLock,
@@ -30,7 +32,7 @@ impl HostSession {
     pub fn start(config: &HostChangesConfig, guest_ram_bytes: u64) -> Result<Self, HostError> {
         interrupt::catch();
         let lock = HostLock::acquire()?;
-        let mut session = HostSession { ksm: None, zram: None, _lock: lock, setup: Vec::new() };
+        let mut session = HostSession { memcg: None, ksm: None, zram: None, _lock: lock, setup: Vec::new() };
         if config.kinds.contains(&HostChangeKind::Swap) {
             // Room for all of guest RAM (zram stores it compressed; the size is a cap).
             let zram = ZramSwap::create(guest_ram_bytes.max(16 << 20))?;
@@ -41,12 +43,28 @@ impl HostSession {
                 crate::host::zram::SWAP_PRIORITY
             ));
             session.zram = Some(zram);
+            // The second way to swap: a memory cgroup of our own to squeeze. Entered
+            // before guest RAM exists, so guest pages are charged to it. Optional: a
+            // host without one runs page-outs only, and the report says why.
+            match MemcgSqueeze::enter() {
+                Ok(memcg) => {
+                    let version = if memcg.is_v2() { "v2 memory.high" } else { "v1 memory.limit_in_bytes" };
+                    session.setup.push(format!("memory cgroup {} ({version})", memcg.dir().display()));
+                    session.memcg = Some(memcg);
+                }
+                Err(e) => session.setup.push(format!("no memory cgroup squeeze: {e}")),
+            }
         }
         if config.kinds.contains(&HostChangeKind::Ksm) {
             session.ksm = Some(KsmScanner::start(KSM_PAGES_TO_SCAN, KSM_SLEEP_MS)?);
             session.setup.push(format!("ksm run=1 pages_to_scan={KSM_PAGES_TO_SCAN} sleep_millisecs={KSM_SLEEP_MS}"));
         }
         Ok(session)
+    }
+
+    /// The process's own memory cgroup, when swapping and the host has one.
+    pub fn memcg(&self) -> Option<&MemcgSqueeze> {
+        self.memcg.as_ref()
     }
 
     /// The swap device, when swap is one of the kinds.
