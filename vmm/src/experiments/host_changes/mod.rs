@@ -420,7 +420,6 @@ impl Driver<'_> {
         counts: bool,
     ) {
         let figures = report.by_kind.entry(kind.name().to_string()).or_default();
-        let figures = &mut *figures;
         match result {
             Ok(()) => {
                 *report.by_op.entry(op.to_string()).or_default() += 1;
