@@ -347,7 +347,7 @@ impl Driver<'_> {
                 self.log(report, kind, "unmerge", t.range, range, start_ns, pages, result, true);
             }
             HostChangeKind::Thp => {
-                if self.next() % 2 == 0 {
+                if self.next().is_multiple_of(2) {
                     let result = ops::collapse(range);
                     let pages = if result.is_ok() { range.pages() } else { 0 };
                     self.log(report, kind, "collapse", t.range, range, start_ns, pages, result, true);

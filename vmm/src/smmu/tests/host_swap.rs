@@ -28,14 +28,14 @@ fn a_page_swapped_out_of_shmem_is_not_lost_but_a_punched_one_is() {
     on_thread(move || {
         let _ = read_words(base, pages * PAGE_4K);
     });
+    let (addr, len) = (base as *mut libc::c_void, (pages * PAGE_4K) as usize);
     // SAFETY: the test's own mapping; MADV_PAGEOUT keeps contents (in swap).
-    assert_eq!(unsafe { libc::madvise(base as *mut libc::c_void, (pages * PAGE_4K) as usize, libc::MADV_PAGEOUT) }, 0);
+    let rc = unsafe { libc::madvise(addr, len, libc::MADV_PAGEOUT) };
+    assert_eq!(rc, 0);
     let mut resident = vec![0u8; pages as usize];
     // SAFETY: the mapping above, one byte per page.
-    assert_eq!(
-        unsafe { libc::mincore(base as *mut libc::c_void, (pages * PAGE_4K) as usize, resident.as_mut_ptr()) },
-        0
-    );
+    let rc = unsafe { libc::mincore(addr, len, resident.as_mut_ptr()) };
+    assert_eq!(rc, 0);
     let swapped = resident.iter().filter(|b| **b & 1 == 0).count();
     assert!(swapped > 0, "MADV_PAGEOUT swapped nothing out of the page cache: {resident:?}");
     let report = check(&r.regions, &r.table, &r.inv).unwrap();
