@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    AccessKind, AccessPattern, BalloonOptions, ChaosConfig, ConfigError, HostChangeKind, HostChangesConfig,
+    AccessKind, AccessPattern, BalloonOptions, ChaosConfig, ConfigError, HostChangeKind, HostChangesConfig, HostNoise,
     KernelImage, PagingMode, VmConfig, ZoneConfig,
 };
 use crate::smmu::engine_tuning::EngineTuning;
@@ -111,6 +111,10 @@ pub struct RunArgs {
     /// change into KVM: its unmap and the guest's refault.
     #[arg(long)]
     pub trace_kvm: bool,
+    /// Background noise while the guest runs: none, mmap-churn, mprotect-churn, pageout,
+    /// ksm, compaction (pageout, ksm and compaction need root).
+    #[arg(long, value_name = "NOISE", value_parser = HostNoise::parse)]
+    pub host_noise: Option<HostNoise>,
     /// fill/verify/churn: page i holds the pattern of page i % N (duplicates for KSM).
     #[arg(long, value_name = "N")]
     pub dup_pages: Option<u64>,
@@ -231,6 +235,9 @@ impl RunArgs {
             host.max_pages = self.host_change_max_pages.unwrap_or(host.max_pages);
         }
         config.trace_kvm |= self.trace_kvm;
+        if self.host_noise.is_some() {
+            config.host_noise = self.host_noise;
+        }
         if let Some(n) = self.dup_pages {
             config.workload.dup_pages = n;
         }

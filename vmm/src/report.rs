@@ -73,6 +73,8 @@ pub struct RunReport {
     pub host_changes: Option<HostChangesReport>,
     /// KVM's secondary-MMU events and their chains (`--trace-kvm`).
     pub kvm_trace: Option<KvmTraceReport>,
+    /// What the `--host-noise` thread did.
+    pub host_noise: Option<crate::experiments::host_changes::noise::NoiseReport>,
 }
 
 impl RunReport {

@@ -133,7 +133,8 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
         return Err(VmmError::TooManyVcpus { vcpus: config.vcpus, max: kvm.max_vcpus() });
     }
     // Set up before guest RAM and dropped after it: swap, KSM and the lock go back last.
-    let host_session = config.host_changes.as_ref().map(|h| HostSession::start(h, config.total_memory_bytes()));
+    let host_kinds = host_changes::session::host_kinds(config);
+    let host_session = (!host_kinds.is_empty()).then(|| HostSession::start(&host_kinds, config.total_memory_bytes()));
     let host_session = host_session.transpose()?;
     let ram = GuestRam::new(&config.zones)?;
     let control = Arc::new(VmControl::new()?);
@@ -183,10 +184,14 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
     let setup_ns = options.started.elapsed().as_nanos() as u64;
 
     let watch = balloon.as_ref().map(|handle| BalloonWatch::attach(handle, paging.regions().clone()));
-    let (exit, chaos, host) = std::thread::scope(|scope| {
-        let host = host_session.as_ref().map(|session| {
+    let (exit, chaos, host, noise) = std::thread::scope(|scope| {
+        let host = host_session.as_ref().filter(|_| config.host_changes.is_some()).map(|session| {
             let (ram, control, collector, stop) = (&ram, &*control, &*collector, &*step_stop);
             scope.spawn(move || host_changes::drive(config, session, ram, control, collector, stop))
+        });
+        let noise = config.host_noise.map(|noise| {
+            let (ram, control) = (&ram, &*control);
+            scope.spawn(move || host_changes::drive_noise(config, noise, ram, control))
         });
         let chaos = config.chaos.as_ref().map(|chaos_config| {
             let segments = chaos::workload_segments(&ram.ram_ranges(), config.workload.size_bytes);
@@ -198,7 +203,8 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
         control.end(VmExit::Stopped { reason: "the vCPUs returned".into() });
         let chaos = chaos.map(|h| h.join().unwrap_or_else(|_| chaos_panicked()));
         let host = host.map(|h| h.join().unwrap_or_else(|_| host_changes::panicked()));
-        (exit, chaos, host)
+        let noise = noise.and_then(|h| h.join().ok());
+        (exit, chaos, host, noise)
     });
     let exit = exit?;
     let total_ns = options.started.elapsed().as_nanos() as u64;
@@ -228,6 +234,7 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
         balloon: balloon_report,
         host_changes: host,
         kvm_trace,
+        host_noise: noise,
     })
 }
 

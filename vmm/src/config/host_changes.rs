@@ -92,6 +92,66 @@ impl HostChangeKind {
     }
 }
 
+/// One kind of noise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostNoise {
+    /// Nothing (the baseline).
+    None,
+    /// A VMM thread maps, touches and unmaps small regions in a loop (mmap lock writes).
+    MmapChurn,
+    /// A VMM thread flips a scratch page read-only and back in a loop (mmap lock writes,
+    /// VMA splits and merges).
+    MprotectChurn,
+    /// `MADV_PAGEOUT` of guest RAM ranges in a loop, to a private zram swap device.
+    Pageout,
+    /// KSM scanning guest RAM (`MADV_MERGEABLE`, the scanner run fast).
+    Ksm,
+    /// Compaction of all memory in a loop.
+    Compaction,
+}
+
+impl HostNoise {
+    /// Every kind.
+    pub const ALL: [HostNoise; 6] = [
+        HostNoise::None,
+        HostNoise::MmapChurn,
+        HostNoise::MprotectChurn,
+        HostNoise::Pageout,
+        HostNoise::Ksm,
+        HostNoise::Compaction,
+    ];
+
+    /// The name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            HostNoise::None => "none",
+            HostNoise::MmapChurn => "mmap-churn",
+            HostNoise::MprotectChurn => "mprotect-churn",
+            HostNoise::Pageout => "pageout",
+            HostNoise::Ksm => "ksm",
+            HostNoise::Compaction => "compaction",
+        }
+    }
+
+    /// Parses a name.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        Self::ALL.into_iter().find(|n| n.name() == text).ok_or_else(|| {
+            format!("unknown host noise '{text}' (choose none, mmap-churn, mprotect-churn, pageout, ksm or compaction)")
+        })
+    }
+
+    /// The host setup the noise needs (a swap device, KSM's scanner).
+    pub fn host_kinds(self) -> Vec<HostChangeKind> {
+        match self {
+            HostNoise::Pageout => vec![HostChangeKind::Swap],
+            HostNoise::Ksm => vec![HostChangeKind::Ksm],
+            HostNoise::Compaction => vec![HostChangeKind::Compaction],
+            _ => Vec::new(),
+        }
+    }
+}
+
 /// The host-change driver's settings (`--host-changes`, `--host-change-rate`, ...).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -203,6 +263,14 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn noise_names_round_trip() {
+        for n in HostNoise::ALL {
+            assert_eq!(HostNoise::parse(n.name()).unwrap(), n);
+        }
+        assert!(HostNoise::parse("earthquake").unwrap_err().contains("mmap-churn"));
     }
 
     #[test]

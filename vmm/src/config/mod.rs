@@ -12,7 +12,7 @@ mod host_changes;
 mod paging;
 
 pub use balloon::BalloonOptions;
-pub use host_changes::{HostChangeKind, HostChangesConfig};
+pub use host_changes::{HostChangeKind, HostChangesConfig, HostNoise};
 pub use paging::{ChaosConfig, FaultEngineOptions, PagingMode};
 
 /// Errors in a configuration. Each message names the field and the fix.
@@ -440,6 +440,8 @@ pub struct VmConfig {
     pub host_changes: Option<HostChangesConfig>,
     /// Record KVM's secondary-MMU trace events for this VM (tracefs; root).
     pub trace_kvm: bool,
+    /// Background noise while the guest runs (`faultline bench faults --host-noise`).
+    pub host_noise: Option<HostNoise>,
 }
 
 /// Most vCPUs supported (the tiny guest's limit).
@@ -459,6 +461,7 @@ impl Default for VmConfig {
             balloon: None,
             host_changes: None,
             trace_kvm: false,
+            host_noise: None,
         }
     }
 }

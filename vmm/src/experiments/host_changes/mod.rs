@@ -9,6 +9,7 @@
 //!
 //! [`session`] sets the host up (and puts it back); [`ops`] are the operations.
 
+pub mod noise;
 pub mod ops;
 pub mod session;
 
@@ -548,4 +549,18 @@ pub fn panicked() -> HostChangesReport {
         first_errors: vec!["the host-change driver panicked".into()],
         ..HostChangesReport::default()
     }
+}
+
+/// Runs the VM's `--host-noise` on this thread until the VM stops.
+pub fn drive_noise(
+    config: &crate::config::VmConfig,
+    noise: noise::HostNoise,
+    ram: &crate::memory::GuestRam,
+    control: &VmControl,
+) -> noise::NoiseReport {
+    let segments = crate::experiments::chaos::workload_segments(&ram.ram_ranges(), config.workload.size_bytes);
+    let kinds = noise.host_kinds();
+    // Page-outs go anywhere a swap applies; KSM to anon zones; the rest need no targets.
+    let targets = if kinds.is_empty() { Vec::new() } else { targets(ram.regions(), &config.zones, &segments, &kinds) };
+    noise::run(noise, &targets, control)
 }

@@ -2,7 +2,7 @@
 //! it is gone: the lock that serialises such runs, a private zram swap device (swap), KSM
 //! scanning fast (ksm), and SIGINT/SIGTERM caught so an interrupted run still restores.
 
-use crate::config::{HostChangeKind, HostChangesConfig};
+use crate::config::{HostChangeKind, VmConfig};
 use crate::host::ksm::KsmScanner;
 use crate::host::lock::HostLock;
 use crate::host::memcg::MemcgSqueeze;
@@ -28,12 +28,12 @@ pub struct HostSession {
 }
 
 impl HostSession {
-    /// Sets the host up for `config`'s kinds; `guest_ram_bytes` sizes the swap device.
-    pub fn start(config: &HostChangesConfig, guest_ram_bytes: u64) -> Result<Self, HostError> {
+    /// Sets the host up for `kinds`; `guest_ram_bytes` sizes the swap device.
+    pub fn start(kinds: &[HostChangeKind], guest_ram_bytes: u64) -> Result<Self, HostError> {
         interrupt::catch();
         let lock = HostLock::acquire()?;
         let mut session = HostSession { memcg: None, ksm: None, zram: None, _lock: lock, setup: Vec::new() };
-        if config.kinds.contains(&HostChangeKind::Swap) {
+        if kinds.contains(&HostChangeKind::Swap) {
             // Room for all of guest RAM (zram stores it compressed; the size is a cap).
             let zram = ZramSwap::create(guest_ram_bytes.max(16 << 20))?;
             session.setup.push(format!(
@@ -55,7 +55,7 @@ impl HostSession {
                 Err(e) => session.setup.push(format!("no memory cgroup squeeze: {e}")),
             }
         }
-        if config.kinds.contains(&HostChangeKind::Ksm) {
+        if kinds.contains(&HostChangeKind::Ksm) {
             session.ksm = Some(KsmScanner::start(KSM_PAGES_TO_SCAN, KSM_SLEEP_MS)?);
             session.setup.push(format!("ksm run=1 pages_to_scan={KSM_PAGES_TO_SCAN} sleep_millisecs={KSM_SLEEP_MS}"));
         }
@@ -71,4 +71,13 @@ impl HostSession {
     pub fn zram(&self) -> Option<&ZramSwap> {
         self.zram.as_ref()
     }
+}
+
+/// The host setup a VM's configuration needs: its host changes' kinds and its noise's.
+pub fn host_kinds(config: &VmConfig) -> Vec<HostChangeKind> {
+    let mut kinds: Vec<_> = config.host_changes.iter().flat_map(|h| h.kinds.iter().copied()).collect();
+    kinds.extend(config.host_noise.iter().flat_map(|n| n.host_kinds()));
+    kinds.sort_by_key(|k| k.name());
+    kinds.dedup();
+    kinds
 }
