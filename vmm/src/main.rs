@@ -68,6 +68,12 @@ fn run(args: &RunArgs, started: Instant) -> ExitCode {
 
 /// `bench faults`: the table (or JSON) on stdout, files in --out.
 fn bench_faults(args: &fault_bench::FaultBenchArgs) -> ExitCode {
+    if !args.host_noise.is_empty() {
+        return match fault_bench::host_noise::sweep(args) {
+            Ok(report) => report.print(args),
+            Err(err) => fail(&err),
+        };
+    }
     let report = match fault_bench::run(args) {
         Ok(report) => report,
         Err(err) => return fail(&err),
