@@ -32,11 +32,17 @@ pub enum Command {
         /// Where to write it.
         output: PathBuf,
     },
-    /// Steer a running VM through its control socket (status, balloon).
+    /// Steer a running VM through its control socket (status, pause, snapshot, balloon).
     Ctl(crate::api::CtlArgs),
     /// `run` with `--trace-kvm`, printing each kind of change followed into KVM (its
     /// MMU-notifier unmap, the guest's refault).
     Trace(RunArgs),
+    /// Start a VM from a snapshot (`faultline ctl ... snapshot create DIR`): it goes on
+    /// where it was.
+    Restore(crate::snapshot::cli::RestoreArgs),
+    /// Look at snapshots.
+    #[command(subcommand)]
+    Snapshot(crate::snapshot::cli::SnapshotCommand),
 }
 
 /// Benchmarks.

@@ -6,6 +6,7 @@ use std::time::Instant;
 use clap::Parser;
 use faultline::cli::{BenchCommand, Cli, Command, RunArgs};
 use faultline::experiments::{boot_bench, fault_bench};
+use faultline::snapshot::{self, cli::RestoreArgs, cli::SnapshotCommand};
 use faultline::vmm::{self, RunOptions};
 
 fn main() -> ExitCode {
@@ -28,6 +29,19 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Faults(args)) => bench_faults(&args),
         Command::Ctl(args) => faultline::api::ctl::main(&args),
         Command::Trace(args) => run(&RunArgs { trace_kvm: true, ..args }, started),
+        Command::Restore(args) => restore(&args, started),
+        Command::Snapshot(SnapshotCommand::Inspect { dir, json }) => match snapshot::inspect(&dir) {
+            Ok(inspection) if json => print_json(&inspection),
+            Ok(inspection) => {
+                print!("{}", snapshot::cli::describe(&inspection));
+                if inspection.checksums_ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                }
+            }
+            Err(err) => fail(&err),
+        },
         Command::GuestImage { output } => match std::fs::write(&output, faultline::BUILTIN_GUEST_ELF) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => fail(&format!("cannot write {}: {err}", output.display())),
@@ -46,9 +60,27 @@ fn run(args: &RunArgs, started: Instant) -> ExitCode {
         api_socket: args.api_socket.clone(),
         ..RunOptions::new(started, args.timeout.map(std::time::Duration::from_secs_f64))
     };
-    match vmm::run(&config, &options) {
+    finish(vmm::run(&config, &options), args.json)
+}
+
+/// `faultline restore`: exit codes as for `run`.
+fn restore(args: &RestoreArgs, started: Instant) -> ExitCode {
+    let overrides = match args.overrides() {
+        Ok(overrides) => overrides,
+        Err(err) => return fail(&err),
+    };
+    let options = RunOptions {
+        api_socket: args.api_socket.clone(),
+        ..RunOptions::new(started, args.timeout.map(std::time::Duration::from_secs_f64))
+    };
+    finish(vmm::Vmm::restore(&args.from, &overrides, &options).and_then(vmm::Vmm::run), args.json)
+}
+
+/// Prints a run's report (or its error) and picks the exit code.
+fn finish(result: Result<faultline::report::RunReport, vmm::VmmError>, json: bool) -> ExitCode {
+    match result {
         Ok(report) => {
-            if args.json {
+            if json {
                 println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
             } else {
                 print!("{}", report.summary());
@@ -56,7 +88,7 @@ fn run(args: &RunArgs, started: Instant) -> ExitCode {
             if report.success() {
                 ExitCode::SUCCESS
             } else {
-                if !args.json {
+                if !json {
                     eprintln!("faultline: the run did not succeed: {}", report.failure_reason());
                 }
                 ExitCode::from(1)

@@ -75,6 +75,12 @@ pub struct RunReport {
     pub kvm_trace: Option<KvmTraceReport>,
     /// What the `--host-noise` thread did.
     pub host_noise: Option<crate::experiments::host_changes::noise::NoiseReport>,
+    /// Pauses (control socket or snapshots), when there were any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pauses: Option<crate::machine::PauseStats>,
+    /// Guest memory read from a snapshot, bytes, when the VM was restored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restored_bytes: Option<u64>,
 }
 
 impl RunReport {

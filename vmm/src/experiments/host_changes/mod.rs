@@ -9,6 +9,7 @@
 //!
 //! [`session`] sets the host up (and puts it back); [`ops`] are the operations.
 
+pub mod host_side;
 pub mod noise;
 pub mod ops;
 pub mod session;
@@ -27,6 +28,7 @@ use crate::host::{interrupt, ksm};
 use crate::memory::RamRegion;
 use crate::smmu::{GuestRange, PAGE_4K};
 use crate::vstate::VmControl;
+pub use host_side::HostSide;
 use ops::HostRange;
 
 /// A part of the guest's workload region that some kinds apply to.
