@@ -144,6 +144,7 @@ struct HostState {
     zram_devices: Vec<String>,
     ksm: Vec<String>,
     trace_instances: Vec<String>,
+    tracefs_mounts: Vec<String>,
     memory_cgroups: Vec<String>,
 }
 
@@ -160,10 +161,13 @@ fn host_state() -> HostState {
         .iter()
         .map(|f| std::fs::read_to_string(format!("/sys/kernel/mm/ksm/{f}")).unwrap())
         .collect();
-    let mut trace_instances: Vec<String> = std::fs::read_to_string("/proc/mounts")
+    let tracefs_mounts: Vec<String> = std::fs::read_to_string("/proc/mounts")
         .unwrap()
         .lines()
         .filter_map(|l| l.split_whitespace().nth(1).filter(|_| l.contains(" tracefs ")).map(str::to_string))
+        .collect();
+    let mut trace_instances: Vec<String> = tracefs_mounts
+        .iter()
         .flat_map(|root| std::fs::read_dir(format!("{root}/instances")).into_iter().flatten().flatten())
         .map(|e| e.file_name().to_string_lossy().to_string())
         .filter(|n| n.starts_with("faultline-"))
@@ -185,6 +189,7 @@ fn host_state() -> HostState {
         zram_devices,
         ksm,
         trace_instances,
+        tracefs_mounts,
         memory_cgroups,
     }
 }
@@ -217,6 +222,7 @@ fn the_host_is_restored_after_sigint() {
     let child = faultline()
         .args(["run", "--json", "--timeout", "60", "--memory", "48M", "--steps", "fill,churn", "--dup-pages", "8"])
         .args(["--host-changes", "swap,ksm", "--host-change-events", "1000000", "--host-change-rate", "100"])
+        .arg("--trace-kvm")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -86,6 +86,9 @@ impl HostChangeKind {
             HostChangeKind::Thp if backend != Backend::Anon || !zone.thp => Some(
                 "transparent huge pages are an anon zone option: give the zone backend=anon,thp=on (THP is in madvise mode)",
             ),
+            HostChangeKind::Thp if paging == PagingMode::UffdMinor => {
+                Some("uffd-minor needs a page cache, and transparent huge pages here are anon")
+            }
             HostChangeKind::Compaction | HostChangeKind::Mprotect | HostChangeKind::Swap => None,
             HostChangeKind::Ksm | HostChangeKind::Thp => None,
         }
