@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 
 use super::{sysfs, HostError};
 
+/// Where tracefs is mounted when the system mounts it.
+const USUAL_MOUNTS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+
 /// A tracefs mount: an existing one, or one we made (unmounted on drop).
 #[derive(Debug)]
 pub struct Tracefs {
@@ -15,13 +18,16 @@ pub struct Tracefs {
 }
 
 impl Tracefs {
-    /// Finds tracefs in /proc/mounts, or mounts it on a private temporary directory.
+    /// Finds tracefs mounted at its usual place, or mounts it on a private temporary
+    /// directory. (Another process's private mount is never used: it may go away while
+    /// we read it.)
     pub fn open() -> Result<Self, HostError> {
         let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
         if let Some(root) = mounts.lines().find_map(|l| {
             let mut f = l.split_whitespace();
             let (_, dir, kind) = (f.next()?, f.next()?, f.next()?);
-            (kind == "tracefs" && Path::new(dir).join("instances").is_dir()).then(|| PathBuf::from(dir))
+            let usual = USUAL_MOUNTS.contains(&dir);
+            (kind == "tracefs" && usual && Path::new(dir).join("instances").is_dir()).then(|| PathBuf::from(dir))
         }) {
             return Ok(Tracefs { root, mounted: None });
         }
