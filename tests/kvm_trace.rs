@@ -108,6 +108,9 @@ fn ksm_merge_reaches_kvm() {
     // MADV_PAGEOUT: they are shared, hence a separate run from swap).
     let run = traced_host_changes("ksm", &["--dup-pages", "16"]);
     let trace = &run.report["kvm_trace"];
+    let host = &run.report["host_changes"];
+    assert!(host["ksm_merged_pages_peak"].as_u64().unwrap() > 0, "KSM merged nothing: {host}");
+    eprintln!("kernel threads followed: {}", trace["kernel_threads"]);
     let merge = assert_chain(trace, "ksm/merge", true);
     assert!(merge["unmap"]["comm"].as_str().unwrap().starts_with("ksmd"), "KSM merges in ksmd: {merge}");
     // The guest reads the merged page: KVM maps the shared KSM page read-only.

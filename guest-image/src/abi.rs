@@ -159,7 +159,8 @@ pub mod cmdline {
     /// `balloon` follows the host when `fl.balloon_changes=0`.
     pub const DURATION_MS: &str = "fl.duration_ms";
     /// `1`: `churn` ignores the duration and runs until the VMM asks it to stop on the
-    /// step-control port, then completes one last full round.
+    /// step-control port, then completes one last full round; `idle` likewise idles until
+    /// asked to stop.
     pub const UNTIL_STOPPED: &str = "fl.until_stopped";
     /// `fill`, `verify`, `churn`: page `i` of the region holds the pattern of page
     /// `i % N`, so the region holds duplicate pages (for KSM); default 0 (no repeats).

@@ -469,10 +469,25 @@ fn churn(context: &Context, cpu: u32, result: &mut CpuResult) {
     result.rounds = round - 1;
 }
 
+/// Spins for the step's duration, or with `fl.until_stopped` until the VMM asks it to
+/// stop (the port is read about once a millisecond: each read is an exit).
 fn idle(context: &Context) {
     let duration = tsc::ms_to_cycles(context.config.duration_ms, context.tsc_khz);
+    let check_every = tsc::ms_to_cycles(1, context.tsc_khz).max(1);
     let start = tsc::now();
-    while tsc::now() - start < duration {
+    let mut next_check = start;
+    loop {
+        let now = tsc::now();
+        if !context.config.until_stopped {
+            if now - start >= duration {
+                break;
+            }
+        } else if now >= next_check {
+            if crate::serial::inb(faultline_abi::STEP_CONTROL_PORT) == faultline_abi::STEP_STOP {
+                break;
+            }
+            next_check = now + check_every;
+        }
         spin_loop();
     }
 }

@@ -154,6 +154,9 @@ pub struct DriverContext<'a> {
     pub collector: &'a Mutex<GuestReportCollector>,
     /// Set to end the guest's open-ended step when the driver is done.
     pub done: &'a AtomicBool,
+    /// Wait for the guest's first step before the first change (it writes the data);
+    /// false when that step is open-ended (it would wait for the driver).
+    pub wait_first_step: bool,
     /// The swap device's fill, when swapping.
     pub swap_stored_pages: Option<&'a (dyn Fn() -> u64 + Sync)>,
     /// The VMM's own memory cgroup, to squeeze (every [`SQUEEZE_EVERY`]th swap change).
@@ -177,7 +180,7 @@ pub fn run(cx: &DriverContext<'_>, setup: Vec<String>, refused: Vec<String>) -> 
             kinds.join(",")
         ));
     }
-    if !wait_for_first_step(cx) {
+    if cx.wait_first_step && !wait_for_first_step(cx) {
         return finish(cx, report, Vec::new());
     }
     let pagemap = match File::open("/proc/self/pagemap") {
@@ -532,7 +535,10 @@ pub fn drive(
     let stored = session.zram().map(|z| move || z.stored_pages());
     let stored_ref: Option<&(dyn Fn() -> u64 + Sync)> = stored.as_ref().map(|f| f as &(dyn Fn() -> u64 + Sync));
     let memcg = session.memcg();
+    let first = config.workload.steps.first().map(String::as_str);
+    let wait_first_step = !matches!(first, Some("churn" | "idle"));
     let cx = DriverContext {
+        wait_first_step,
         config: host,
         targets: &targets,
         control,
