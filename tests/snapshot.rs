@@ -397,7 +397,10 @@ impl Rng {
 /// only the checksum) meets the damage.
 fn mutate(rng: &mut Rng, bytes: &mut Vec<u8>, fix: bool) {
     for _ in 0..1 + rng.below(4) {
-        let at = rng.below(bytes.len().max(1));
+        if bytes.is_empty() {
+            bytes.push(b'{');
+        }
+        let at = rng.below(bytes.len());
         match rng.below(6) {
             0 => bytes[at] ^= 1 << rng.below(8),
             1 => bytes[at] = [b'{', b'}', b'[', b']', b'"', b',', b':', b'0', b'9', b'-', 0, 0xff][rng.below(12)],
@@ -459,4 +462,26 @@ fn the_state_file_parser_survives_100k_mutated_files() {
     });
     // Some mutations are harmless (a digit changed inside a register value), most are not.
     assert!(decoded_ok < MUTATIONS / 2, "{decoded_ok} of {MUTATIONS} mutated files decoded");
+}
+
+#[test]
+fn sigint_sigterm_and_sighup_end_the_run_with_a_report_and_remove_the_socket() {
+    if !kvm_available() {
+        return;
+    }
+    let scratch = ScratchDir::new("snapshot-signals");
+    for (signal, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM"), (libc::SIGHUP, "SIGHUP")] {
+        let vm = Running::start(
+            &scratch.0,
+            &["--vcpus", "2", "-m", "size=64M", "--steps", "fill,dirty,verify", "--duration-ms", "20000"],
+        );
+        let socket = vm.socket.clone();
+        // SAFETY: kill(2) on our own child, which has not been waited for yet.
+        assert_eq!(unsafe { libc::kill(vm.child.id() as i32, signal) }, 0);
+        let out = vm.wait();
+        assert_eq!(out.code, 1, "{name}: {}", out.stderr);
+        assert_eq!(out.report["exit"]["kind"], "interrupted", "{name}: {}", out.stdout);
+        assert_eq!(out.report["exit"]["signal"], name);
+        assert!(!socket.exists(), "{name}: the control socket was left behind");
+    }
 }

@@ -54,6 +54,9 @@ pub enum BenchCommand {
     /// Fault latency over a matrix of backend x paging mode x engine x vCPUs x threads x
     /// pattern x access x size, with kernel baselines and the reference handler beside.
     Faults(crate::experiments::fault_bench::FaultBenchArgs),
+    /// Pause latency, snapshot time and size against touched memory (full and diff), and
+    /// eager restore time, against QEMU microvm saving and restoring the same ELF.
+    Snapshot(crate::experiments::snapshot_bench::SnapshotBenchArgs),
 }
 
 /// Options of `faultline run`.

@@ -21,6 +21,7 @@ pub mod persist;
 pub mod report;
 pub mod smmu;
 pub mod snapshot;
+pub mod stop_signals;
 pub mod trace;
 pub mod vm_target;
 pub mod vmm;

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use faultline::cli::{BenchCommand, Cli, Command, RunArgs};
-use faultline::experiments::{boot_bench, fault_bench};
+use faultline::experiments::{boot_bench, fault_bench, snapshot_bench};
 use faultline::snapshot::{self, cli::RestoreArgs, cli::SnapshotCommand};
 use faultline::vmm::{self, RunOptions};
 
@@ -27,6 +27,14 @@ fn main() -> ExitCode {
             Err(err) => fail(&err),
         },
         Command::Bench(BenchCommand::Faults(args)) => bench_faults(&args),
+        Command::Bench(BenchCommand::Snapshot(args)) => match snapshot_bench::run(&args) {
+            Ok(report) if args.json => print_json(&report),
+            Ok(report) => {
+                print!("{}", report.table());
+                ExitCode::SUCCESS
+            }
+            Err(err) => fail(&err),
+        },
         Command::Ctl(args) => faultline::api::ctl::main(&args),
         Command::Trace(args) => run(&RunArgs { trace_kvm: true, ..args }, started),
         Command::Restore(args) => restore(&args, started),
@@ -58,6 +66,7 @@ fn run(args: &RunArgs, started: Instant) -> ExitCode {
     };
     let options = RunOptions {
         api_socket: args.api_socket.clone(),
+        stop_on_signals: true,
         ..RunOptions::new(started, args.timeout.map(std::time::Duration::from_secs_f64))
     };
     finish(vmm::run(&config, &options), args.json)
@@ -69,10 +78,12 @@ fn restore(args: &RestoreArgs, started: Instant) -> ExitCode {
         Ok(overrides) => overrides,
         Err(err) => return fail(&err),
     };
-    let options = RunOptions {
-        api_socket: args.api_socket.clone(),
-        ..RunOptions::new(started, args.timeout.map(std::time::Duration::from_secs_f64))
+    let timeout = match args.time_limit() {
+        Ok(timeout) => timeout,
+        Err(err) => return fail(&err),
     };
+    let options =
+        RunOptions { api_socket: args.api_socket.clone(), stop_on_signals: true, ..RunOptions::new(started, timeout) };
     finish(vmm::Vmm::restore(&args.from, &overrides, &options).and_then(vmm::Vmm::run), args.json)
 }
 

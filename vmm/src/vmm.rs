@@ -28,6 +28,7 @@ use crate::paging::{EngineFailureHook, GuestPaging, PagingError};
 use crate::report::{HostMemory, RunReport};
 use crate::smmu::page_source::{PageSource, ZeroSource};
 use crate::snapshot::{self, Chain, SnapshotError, SnapshotHistory};
+use crate::stop_signals::StopSignals;
 use crate::vm_target::VmTarget;
 use crate::vstate::runner::{self, LoopSubscriber, RunError};
 use crate::vstate::{ControlError, Kvm, KvmError, Vcpu, VcpuError, VcpuFleet, Vm, VmControl, VmError};
@@ -75,6 +76,9 @@ pub enum VmmError {
     /// The host could not be set up for host changes.
     #[error("host changes: {0}")]
     Host(#[from] HostError),
+    /// The stop signals could not be watched.
+    #[error("cannot watch SIGINT/SIGTERM/SIGHUP: {0}")]
+    Signals(String),
     /// A part of the VM was still in use after the run (a bug).
     #[error("{0} was still in use after the VM ended; this is a bug in faultline")]
     StillShared(&'static str),
@@ -111,12 +115,15 @@ pub struct RunOptions {
     pub page_source: Option<Arc<dyn PageSource>>,
     /// Serve the control API on this Unix socket while the VM runs (`faultline ctl`).
     pub api_socket: Option<std::path::PathBuf>,
+    /// End the VM cleanly on SIGINT, SIGTERM and SIGHUP (the binary sets this; a library
+    /// user keeps its own signal handling).
+    pub stop_on_signals: bool,
 }
 
 impl RunOptions {
     /// Options for a run that started at `started`, with an optional time limit.
     pub fn new(started: std::time::Instant, timeout: Option<std::time::Duration>) -> Self {
-        RunOptions { started, timeout, page_source: None, api_socket: None }
+        RunOptions { started, timeout, page_source: None, api_socket: None, stop_on_signals: false }
     }
 }
 
@@ -127,6 +134,7 @@ impl std::fmt::Debug for RunOptions {
             .field("timeout", &self.timeout)
             .field("page_source", &self.page_source.as_ref().map(|_| "custom"))
             .field("api_socket", &self.api_socket)
+            .field("stop_on_signals", &self.stop_on_signals)
             .finish()
     }
 }
@@ -223,6 +231,10 @@ impl Vmm {
             }
             None => Vec::new(),
         };
+        let signals = match options.stop_on_signals {
+            true => Some(StopSignals::watch(machine.control.clone()).map_err(|e| VmmError::Signals(e.to_string()))?),
+            false => None,
+        };
         let deadline = options.timeout.map(|t| std::time::Instant::now() + t);
         let (waited, chaos, host, noise) = std::thread::scope(|scope| {
             let (host, noise) = host_side.spawn(scope, &machine);
@@ -249,6 +261,7 @@ impl Vmm {
             let noise = noise.and_then(|h| h.join().ok());
             (waited, chaos, host, noise)
         });
+        drop(signals);
         waited?;
         let exit = machine.control.exit().unwrap_or(VmExit::Stopped { reason: "ended without a reason".into() });
         let total_ns = options.started.elapsed().as_nanos() as u64;

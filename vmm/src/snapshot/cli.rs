@@ -33,6 +33,18 @@ pub struct RestoreArgs {
 }
 
 impl RestoreArgs {
+    /// The run's time limit, checked (negative, NaN and absurd values are refused).
+    pub fn time_limit(&self) -> Result<Option<std::time::Duration>, String> {
+        match self.timeout {
+            None => Ok(None),
+            Some(seconds) => std::time::Duration::try_from_secs_f64(seconds)
+                .ok()
+                .filter(|d| !d.is_zero() && d.as_secs() < 365 * 24 * 3600)
+                .map(Some)
+                .ok_or_else(|| format!("--timeout {seconds}: give a number of seconds above 0, e.g. --timeout 30")),
+        }
+    }
+
     /// The overrides these options ask for.
     pub fn overrides(&self) -> Result<RestoreOverrides, ConfigError> {
         let zones = if self.memory.is_empty() {
