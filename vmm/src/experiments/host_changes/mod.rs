@@ -191,12 +191,19 @@ pub fn run(cx: &DriverContext<'_>, setup: Vec<String>, refused: Vec<String>) -> 
             return report;
         }
     };
-    let mut driver = Driver { cx, pagemap, rng: cx.config.seed, last_compact_ns: 0, open_windows: Vec::new() };
+    let mut driver = Driver {
+        cx,
+        pagemap,
+        rng: cx.config.seed,
+        last_compact_ns: 0,
+        open_windows: Vec::new(),
+        ksm_scans_at_advise: None,
+    };
     if cx.config.kinds.contains(&HostChangeKind::Ksm) {
         driver.advise_mergeable(&mut report);
     }
     let interval = Duration::from_nanos(1_000_000_000 / cx.config.rate_per_s.max(1));
-    let mut turn = 0usize;
+    let (mut turn, mut misses) = (0usize, 0usize);
     while report.changes < cx.config.events && !cx.control.is_stopping() {
         if interrupt::interrupted() {
             report.interrupted = true;
@@ -205,12 +212,23 @@ pub fn run(cx: &DriverContext<'_>, setup: Vec<String>, refused: Vec<String>) -> 
         }
         let kind = cx.config.kinds[turn % cx.config.kinds.len()];
         turn += 1;
-        if let Some(target) = driver.pick_target(kind) {
-            driver.change(kind, &target, &mut report);
-        } else if turn > cx.config.kinds.len() * 4 && report.changes == 0 {
-            report.errors += 1;
-            report.first_errors.push("no target fits any host change; give a larger --size".into());
-            break;
+        if kind == HostChangeKind::Ksm && !driver.ksm_ready() {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        match driver.pick_target(kind) {
+            Some(target) => {
+                misses = 0;
+                driver.change(kind, &target, &mut report);
+            }
+            None => {
+                misses += 1;
+                if misses > cx.config.kinds.len() * 4 {
+                    report.errors += 1;
+                    report.first_errors.push("no target fits any host change; give a larger --size".into());
+                    break;
+                }
+            }
         }
         report.ksm_merged_pages_peak = report.ksm_merged_pages_peak.max(ksm::process_merging_pages());
         if let Some(stored) = cx.swap_stored_pages {
@@ -261,6 +279,8 @@ struct Driver<'a> {
     last_compact_ns: u64,
     /// Read-only windows and when they close (monotonic ns).
     open_windows: Vec<(HostRange, u64)>,
+    /// KSM's full scans when the guest's RAM was advised mergeable.
+    ksm_scans_at_advise: Option<u64>,
 }
 
 /// Compaction of all memory at most this often; `move_pages` in between.
@@ -304,13 +324,15 @@ impl Driver<'_> {
             let result = ops::merge(range);
             self.log(report, HostChangeKind::Ksm, "merge", t.range, range, start_ns, 0, result, false);
         }
-        // Let the scanner merge what it finds before ranges are unmerged again: wait for
-        // two full scans (the first only learns the pages' checksums).
-        let scans = ksm::KsmScanner::full_scans();
-        while ksm::KsmScanner::full_scans() < scans + 2 && !self.cx.control.is_stopping() && !interrupt::interrupted() {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        self.ksm_scans_at_advise = Some(ksm::KsmScanner::full_scans());
         report.ksm_merged_pages_peak = ksm::process_merging_pages();
+    }
+
+    /// Whether KSM has had the time to merge: two full scans since the advice (the first
+    /// only learns the pages' checksums). Until then ranges are not unmerged; the other
+    /// kinds go on.
+    fn ksm_ready(&self) -> bool {
+        self.ksm_scans_at_advise.is_none_or(|scans| ksm::KsmScanner::full_scans() >= scans + 2)
     }
 
     fn change(&mut self, kind: HostChangeKind, t: &Target, report: &mut HostChangesReport) {
