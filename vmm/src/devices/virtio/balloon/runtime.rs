@@ -234,8 +234,17 @@ impl Runtime {
     /// pages whole once all their 4 KiB pages are in, the rest of a huge page zeroed.
     fn flush_inflated(&mut self, handle: &DeviceState) {
         let pending = std::mem::take(&mut self.pending);
-        for range in runs(pending.small) {
-            self.discard(handle, range);
+        let (near, far) = split_halves(runs(pending.small));
+        if far.is_empty() {
+            near.into_iter().for_each(|range| _ = self.discard(handle, range));
+        } else {
+            // Two host threads zap page tables at once (disjoint ranges: the invalidation
+            // layer and the kernel both allow it); the kernel's zap is most of the cost.
+            let this = &*self;
+            std::thread::scope(|scope| {
+                scope.spawn(|| far.into_iter().for_each(|range| _ = this.discard(handle, range)));
+                near.into_iter().for_each(|range| _ = this.discard(handle, range));
+            });
         }
         for (page, gpas) in pending.huge.into_values() {
             if self.pages.huge_page_full(page) {
@@ -334,6 +343,34 @@ impl Runtime {
         }
         Ok(())
     }
+}
+
+/// Below this many bytes of discards, one thread does them all.
+const PARALLEL_DISCARD_BYTES: u64 = 16 << 20;
+
+/// Cuts sorted runs into two halves of (about) equal bytes, splitting a run at a page if
+/// need be; the second is empty when there is too little to share.
+fn split_halves(runs: Vec<GuestRange>) -> (Vec<GuestRange>, Vec<GuestRange>) {
+    let total: u64 = runs.iter().map(|r| r.len).sum();
+    if total < PARALLEL_DISCARD_BYTES {
+        return (runs, Vec::new());
+    }
+    let half = total / 2 / PAGE_4K * PAGE_4K;
+    let (mut near, mut far, mut taken) = (Vec::new(), Vec::new(), 0);
+    for run in runs {
+        if taken >= half {
+            far.push(run);
+        } else if taken + run.len <= half {
+            taken += run.len;
+            near.push(run);
+        } else {
+            let cut = half - taken;
+            near.push(GuestRange::new(run.gpa, cut));
+            far.push(GuestRange::new(run.gpa + cut, run.len - cut));
+            taken = half;
+        }
+    }
+    (near, far)
 }
 
 /// The heads the driver made available since the last pass; refuses an avail index that
