@@ -55,10 +55,9 @@ fn run_code_on(
     bus.insert(0x3f8, 8, Arc::new(Mutex::new(SerialDevice::new(irq, ConsoleSink::new(false, collector.clone())))))
         .unwrap();
     bus.insert(0xf4, 4, Arc::new(Mutex::new(DebugExit))).unwrap();
-    let control = VmControl::new().unwrap();
-    let buses = DeviceBuses::new(bus, mmio);
-    let exit = run_vcpus(vcpus, &buses, ram.memory(), &control, Some(timeout), Vec::new()).unwrap();
-    drop(buses);
+    let control = Arc::new(VmControl::new().unwrap());
+    let buses = Arc::new(DeviceBuses::new(bus, mmio));
+    let exit = run_vcpus(vcpus, buses, ram.memory(), &control, Some(timeout), Vec::new()).unwrap();
     let collector = Arc::try_unwrap(collector).ok().unwrap().into_inner().unwrap();
     (exit, collector)
 }

@@ -134,10 +134,11 @@ fn inflate_through_kvm(ioeventfd: bool) -> Outcome {
     vcpu.set_entry(&entry).unwrap();
     let mut pio = PioBus::new();
     pio.insert(0xf4, 4, Arc::new(Mutex::new(DebugExit))).unwrap();
-    let buses = DeviceBuses::new(pio, std::mem::take(&mut rig.bus));
-    let control = VmControl::new().unwrap();
+    let buses = Arc::new(DeviceBuses::new(pio, std::mem::take(&mut rig.bus)));
+    let control = Arc::new(VmControl::new().unwrap());
     let exit =
-        run_vcpus(vec![vcpu], &buses, rig.ram.memory(), &control, Some(Duration::from_secs(30)), Vec::new()).unwrap();
+        run_vcpus(vec![vcpu], buses.clone(), rig.ram.memory(), &control, Some(Duration::from_secs(30)), Vec::new())
+            .unwrap();
     // The notifier works on its own thread: give it a moment to finish (a bound, not a
     // figure: the result is checked, not the time).
     let deadline = Instant::now() + Duration::from_secs(10);
