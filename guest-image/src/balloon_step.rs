@@ -27,8 +27,8 @@ use faultline_abi::{pattern_word, report, ExitStatus, PAGE_SIZE, REPORT_PREFIX};
 use crate::balloon::{Balloon, PFNS_PER_REQUEST};
 use crate::region::Region;
 use crate::serial::Serial;
-use crate::virtio_mmio::{VirtioError, QUEUE_SIZE_MAX};
 use crate::step_context::{write_pattern_page, Context, CpuResult, Mismatch};
+use crate::virtio_mmio::{VirtioError, QUEUE_SIZE_MAX};
 use crate::{boot, tsc};
 
 /// u64 words per page.

@@ -193,15 +193,13 @@ impl FaultEngine {
         let mut engine = FaultEngine { shared: shared.clone(), threads: Vec::new(), subscription };
         for (i, wake) in wake_fds.into_iter().enumerate() {
             let shared = shared.clone();
-            let t = std::thread::Builder::new()
-                .name(format!("smmu-fault-{i}"))
-                .spawn(move || {
-                    run_guarded(&shared, i, || match shared.tuning.handler {
-                        HandlerKind::Engine => fault_handler::run(&shared, i, &wake),
-                        HandlerKind::Reference => reference_handler::run(&shared),
-                        HandlerKind::Minimal => minimal_handler::run(&shared),
-                    })
-                })?;
+            let t = std::thread::Builder::new().name(format!("smmu-fault-{i}")).spawn(move || {
+                run_guarded(&shared, i, || match shared.tuning.handler {
+                    HandlerKind::Engine => fault_handler::run(&shared, i, &wake),
+                    HandlerKind::Reference => reference_handler::run(&shared),
+                    HandlerKind::Minimal => minimal_handler::run(&shared),
+                })
+            })?;
             engine.threads.push(t);
         }
         Ok(engine)

@@ -322,4 +322,3 @@ fn exclusive_epoll(s: &Shared, wake: &OwnedFd) -> Result<OwnedFd, FaultEngineErr
     epoll::add(&ep, wake, epoll::EventData::new_u64(TOKEN_WAKE), epoll::EventFlags::IN).map_err(io)?;
     Ok(ep)
 }
-

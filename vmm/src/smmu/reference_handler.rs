@@ -43,7 +43,10 @@ pub(super) fn run(s: &Shared) -> Result<(), FaultEngineError> {
         match events[0] {
             Event::PageFault { address, write, wp, minor } => {
                 if wp {
-                    return Err(FaultEngineError::HandlerUnsupported { handler: "reference", what: "write-protect faults" });
+                    return Err(FaultEngineError::HandlerUnsupported {
+                        handler: "reference",
+                        what: "write-protect faults",
+                    });
                 }
                 let r = s.regions.by_host(address).ok_or(FaultEngineError::UnknownAddress(address))?;
                 let page = r.page_bytes;

@@ -94,8 +94,7 @@ fn inflate_through_kvm(ioeventfd: bool) -> Outcome {
         vm.fd().register_ioevent(event, &kvm_ioctls::IoEventAddress::Mmio(addr), queue).map_err(|e| e.to_string())
     };
     let notify_addr = BASE + reg::QUEUE_NOTIFY;
-    let notifier =
-        ioeventfd.then(|| QueueNotifier::start(rig.transport.clone(), notify_addr, &mut register).unwrap());
+    let notifier = ioeventfd.then(|| QueueNotifier::start(rig.transport.clone(), notify_addr, &mut register).unwrap());
 
     let pages: Vec<u64> = (0..8).map(|i| DATA + i * PAGE_4K).collect();
     pages.iter().for_each(|&p| rig.fill_page(p));

@@ -89,7 +89,8 @@ pub fn install_balloon(
     let transport = Arc::new(Mutex::new(MmioTransport::new(Box::new(device), memory.clone(), interrupt.clone())));
     bus.insert(slot.base, slot.size_bytes, transport.clone())?;
     let notify_addr = slot.base + faultline_abi::virtio::mmio::QUEUE_NOTIFY;
-    let notifier = ioeventfd.map(|register| QueueNotifier::start(transport.clone(), notify_addr, register)).transpose()?;
+    let notifier =
+        ioeventfd.map(|register| QueueNotifier::start(transport.clone(), notify_addr, register)).transpose()?;
     Ok(InstalledBalloon { handle, interrupt, transport, notifier })
 }
 

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::state::{add, BalloonEvent, DeviceState};
 use super::pages::{runs, BalloonPages, PageError};
+use super::state::{add, BalloonEvent, DeviceState};
 use super::stats::{self, STAT_ENTRY_BYTES};
 use super::QueueIndices;
 use crate::devices::virtio::chain::{self, ValidChain};
