@@ -9,8 +9,7 @@ use core::hint::spin_loop;
 use core::ptr::addr_of_mut;
 
 use faultline_abi::{
-    churn_seed, pattern_word, report, splitmix64, ExitStatus, Step, MAX_CPUS, PAGE_SIZE, REPORT_PREFIX,
-    VERIFY_REPORT_MAX,
+    churn_seed, pattern_word, report, splitmix64, ExitStatus, Step, MAX_CPUS, REPORT_PREFIX, VERIFY_REPORT_MAX,
 };
 
 use crate::balloon_step;
