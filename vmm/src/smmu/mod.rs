@@ -26,7 +26,7 @@ pub mod engine_tuning;
 mod fault_around;
 pub mod fault_engine;
 mod fault_handler;
-pub mod fault_stats;
+mod fault_stats;
 pub mod invalidation;
 mod minimal_handler;
 pub mod page_source;

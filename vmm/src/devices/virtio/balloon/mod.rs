@@ -25,11 +25,11 @@
 //! ```
 
 mod control;
-pub mod handle;
-pub mod pages;
+mod handle;
+mod pages;
 mod runtime;
 mod state;
-pub mod stats;
+mod stats;
 
 #[cfg(test)]
 mod tests;
