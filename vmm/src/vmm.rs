@@ -26,6 +26,7 @@ use crate::memory::{self, GuestRam};
 use crate::paging::{EngineFailureHook, GuestPaging, PagingError};
 use crate::report::{HostMemory, RunReport};
 use crate::smmu::page_source::{PageSource, ZeroSource};
+use crate::snapshot::lazy::ChainSource;
 use crate::snapshot::{self, Chain, SnapshotError, SnapshotHistory};
 use crate::stop_signals::StopSignals;
 use crate::vm_target::VmTarget;
@@ -148,6 +149,20 @@ pub struct RestoreOverrides {
     pub zones: Option<Vec<ZoneConfig>>,
     /// Echo the guest's console.
     pub console: Option<bool>,
+    /// How guest memory comes back.
+    pub memory_restore: MemoryRestore,
+}
+
+/// How a restore brings guest memory back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemoryRestore {
+    /// Read every carried page into guest RAM before the vCPUs start.
+    #[default]
+    Eager,
+    /// Start at once; every zone is paged by userfaultfd MISSING faults, each page read
+    /// from the images on first touch.
+    UffdMissing,
 }
 
 /// A VM with a lifecycle: built (from a config, or from a snapshot), then run until it
@@ -182,11 +197,28 @@ impl Vmm {
         if let Some(console) = overrides.console {
             config.console = console;
         }
+        if overrides.memory_restore == MemoryRestore::UffdMissing {
+            for zone in &mut config.zones {
+                zone.paging = crate::config::PagingMode::UffdMissing;
+            }
+        }
         config.validate()?;
         chain.check_files()?;
-        let machine = build_machine(&config, options, Start::Restore)?;
-        let views = snapshot::zone_views(&machine.ram, &machine.config.zones);
-        let loaded = chain.load_memory(&views)?;
+        let (machine, loaded) = match overrides.memory_restore {
+            MemoryRestore::Eager => {
+                let machine = build_machine(&config, options, Start::Restore)?;
+                let views = snapshot::zone_views(&machine.ram, &machine.config.zones);
+                let loaded = chain.load_memory(&views)?;
+                (machine, loaded)
+            }
+            MemoryRestore::UffdMissing => {
+                let source = Arc::new(ChainSource::open(&chain)?);
+                let options = RunOptions { page_source: Some(source.clone()), ..options.clone() };
+                let machine = build_machine(&config, &options, Start::Restore)?;
+                source.set_layout(machine.ram.regions());
+                (machine, 0)
+            }
+        };
         machine.restore_state(chain.into_machine_state()).map_err(SnapshotError::from)?;
         Ok(Vmm::assemble(machine, options, Some(loaded)))
     }

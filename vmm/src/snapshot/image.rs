@@ -8,7 +8,6 @@
 //! image; so are pages that exist but hold only zeros.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{BorrowedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -74,6 +73,13 @@ pub struct ZoneView {
     /// Its fd (shared backends).
     pub fd: Option<RawFd>,
 }
+
+// SAFETY: a ZoneView is an address and a length into guest RAM, which is shared between
+// threads by design (vCPUs, devices, the fault engine); the functions reading through it
+// say when that is safe (the VM paused, nothing else writing).
+unsafe impl Send for ZoneView {}
+// SAFETY: as above; a ZoneView itself is never mutated.
+unsafe impl Sync for ZoneView {}
 
 impl ZoneView {
     /// Pages of the zone in its page unit.
@@ -165,39 +171,32 @@ pub fn write_image(
     let path = dir.join(file_name);
     let file = File::options().write(true).create_new(true).open(&path).map_err(|e| io_error(&path, "create", e))?;
     file.set_len(view.size_bytes).map_err(|e| io_error(&path, "set its length", e))?;
-    let page = view.page_bytes as usize;
+    // The copy into the page cache is most of the cost: split the pages over the host's
+    // cores (each piece writes its own part of the file; checksums combine in order).
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_WRITERS);
+    let per_worker = pages.len().div_ceil(workers).max(PAGES_PER_WORKER_MIN);
+    let pieces: Vec<Result<Piece, ImageError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = pages
+            .chunks(per_worker.max(1))
+            .map(|chunk| {
+                let (file, path) = (&file, &path);
+                scope.spawn(move || write_pages(file, path, view, chunk, carry))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("image writer panicked")).collect()
+    });
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     let mut crc = crc32fast::Hasher::new();
-    let mut run = Vec::with_capacity(IO_CHUNK.max(page));
-    let mut run_offset = 0u64;
-    let mut buffer = vec![0u8; page];
-    for &index in pages {
-        let offset = index * view.page_bytes;
-        // SAFETY: offset + page lies inside the zone's live mapping; the VM is paused and
-        // no VMM part writes guest RAM during a snapshot, so nothing writes the page
-        // while it is copied, and the page exists (it is listed), so reading it does
-        // not fault into the fault engine.
-        unsafe { std::ptr::copy_nonoverlapping(view.host_addr.add(offset as usize), buffer.as_mut_ptr(), page) };
-        let zero = buffer.iter().all(|&b| b == 0);
-        if carry == Carry::NonZero && zero {
-            continue;
+    for piece in pieces {
+        let piece = piece?;
+        for (offset, len) in piece.ranges {
+            match ranges.last_mut() {
+                Some(last) if last.0 + last.1 == offset => last.1 += len,
+                _ => ranges.push((offset, len)),
+            }
         }
-        crc.update(&buffer);
-        match ranges.last_mut() {
-            Some(last) if last.0 + last.1 == offset => last.1 += view.page_bytes,
-            _ => ranges.push((offset, view.page_bytes)),
-        }
-        // A zero page stays a hole: flush what came before it, write nothing for it.
-        let contiguous = run_offset + run.len() as u64 == offset;
-        if zero || !contiguous || run.len() + page > IO_CHUNK {
-            flush(&file, &path, &mut run, run_offset)?;
-            run_offset = offset + if zero { view.page_bytes } else { 0 };
-        }
-        if !zero {
-            run.extend_from_slice(&buffer);
-        }
+        crc.combine(&piece.crc);
     }
-    flush(&file, &path, &mut run, run_offset)?;
     // No fsync: a snapshot survives the VMM, not a host crash (as with Firecracker and
     // QEMU's migrate-to-file); `sync` the directory if it must.
     Ok(ZoneImage {
@@ -210,12 +209,76 @@ pub fn write_image(
     })
 }
 
-fn flush(file: &File, path: &Path, run: &mut Vec<u8>, offset: u64) -> Result<(), ImageError> {
-    if !run.is_empty() {
-        file.write_all_at(run, offset).map_err(|e| io_error(path, "write", e))?;
-        run.clear();
+/// Most threads writing one image.
+const MAX_WRITERS: usize = 4;
+/// Below this many pages a second writer is not worth its start.
+const PAGES_PER_WORKER_MIN: usize = 4096;
+
+/// What one writer produced: the ranges it carried and their checksum.
+struct Piece {
+    ranges: Vec<(u64, u64)>,
+    crc: crc32fast::Hasher,
+}
+
+/// Writes `pages` (sorted) of `view` into `file`; see [`write_image`].
+fn write_pages(file: &File, path: &Path, view: &ZoneView, pages: &[u64], carry: Carry) -> Result<Piece, ImageError> {
+    let page = view.page_bytes as usize;
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut crc = crc32fast::Hasher::new();
+    // The run of contiguous non-zero pages waiting to be written: (zone offset, length).
+    let mut run: Option<(u64, usize)> = None;
+    for &index in pages {
+        let offset = index * view.page_bytes;
+        // SAFETY: offset + page lies inside the zone's live mapping; the VM is paused and
+        // no VMM part writes guest RAM during a snapshot, so nothing changes the page
+        // while this shared view of it lives, and the page exists (it is listed), so
+        // reading it does not fault into the fault engine.
+        let bytes = unsafe { std::slice::from_raw_parts(view.host_addr.add(offset as usize), page) };
+        let zero = is_zero(bytes);
+        if carry == Carry::NonZero && zero {
+            continue;
+        }
+        crc.update(bytes);
+        match ranges.last_mut() {
+            Some(last) if last.0 + last.1 == offset => last.1 += view.page_bytes,
+            _ => ranges.push((offset, view.page_bytes)),
+        }
+        // Non-zero pages go to the file straight from guest RAM, contiguous ones in one
+        // write; a zero page stays a hole.
+        run = match run {
+            Some((start, len)) if !zero && start + len as u64 == offset && len + page <= IO_CHUNK => {
+                Some((start, len + page))
+            }
+            pending => {
+                if let Some((start, len)) = pending {
+                    write_from_guest(file, path, view, start, len)?;
+                }
+                (!zero).then_some((offset, page))
+            }
+        };
     }
-    Ok(())
+    if let Some((start, len)) = run {
+        write_from_guest(file, path, view, start, len)?;
+    }
+    Ok(Piece { ranges, crc })
+}
+
+/// Writes `len` bytes of the zone at `offset` into the image at the same offset.
+fn write_from_guest(file: &File, path: &Path, view: &ZoneView, offset: u64, len: usize) -> Result<(), ImageError> {
+    // SAFETY: as in `write_image`: inside the live mapping, existing pages, nothing writes
+    // them during the snapshot.
+    let bytes = unsafe { std::slice::from_raw_parts(view.host_addr.add(offset as usize), len) };
+    file.write_all_at(bytes, offset).map_err(|e| io_error(path, "write", e))
+}
+
+/// True when every byte is zero (word at a time).
+fn is_zero(bytes: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets the aligned
+        // middle of the slice.
+        unsafe { bytes.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
 /// Checks that `dir/image.file` exists and is as large as its zone.
@@ -233,30 +296,53 @@ pub fn check_image_file(dir: &Path, image: &ZoneImage) -> Result<(), ImageError>
 pub fn load_image(dir: &Path, image: &ZoneImage, view: &ZoneView) -> Result<u64, ImageError> {
     check_image_file(dir, image)?;
     let path = dir.join(&image.file);
-    let mut file = File::open(&path).map_err(|e| io_error(&path, "open", e))?;
-    let mut crc = crc32fast::Hasher::new();
-    let mut loaded = 0;
+    let file = File::open(&path).map_err(|e| io_error(&path, "open", e))?;
+    // The carried bytes in IO_CHUNK pieces, in order; contiguous groups of them per
+    // thread (populating fresh guest RAM is most of the cost), checksums combined in order.
+    let mut pieces: Vec<(u64, usize)> = Vec::new();
     for &(offset, len) in &image.ranges {
-        file.seek(SeekFrom::Start(offset)).map_err(|e| io_error(&path, "seek", e))?;
         let mut done = 0u64;
         while done < len {
-            let chunk = (len - done).min(IO_CHUNK as u64) as usize;
-            // SAFETY: [offset + done, + chunk) lies inside the zone's live mapping (the
-            // state file's ranges were validated against the zone size); no vCPU runs
-            // yet and nothing else holds a reference to guest RAM. A read into a page
-            // under userfaultfd MISSING faults into the running fault engine first.
-            let target = unsafe { std::slice::from_raw_parts_mut(view.host_addr.add((offset + done) as usize), chunk) };
-            file.read_exact(target).map_err(|e| io_error(&path, "read", e))?;
-            crc.update(target);
-            done += chunk as u64;
+            let chunk = (len - done).min(IO_CHUNK as u64);
+            pieces.push((offset + done, chunk as usize));
+            done += chunk;
         }
-        loaded += len;
+    }
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_WRITERS);
+    let per_worker = pieces.len().div_ceil(workers).max(1);
+    let hashers: Vec<Result<crc32fast::Hasher, ImageError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = pieces
+            .chunks(per_worker)
+            .map(|group| {
+                let (file, path) = (&file, &path);
+                scope.spawn(move || {
+                    let mut crc = crc32fast::Hasher::new();
+                    for &(offset, len) in group {
+                        // SAFETY: [offset, offset + len) lies inside the zone's live mapping
+                        // (the state file's ranges were validated against the zone size), the
+                        // pieces are disjoint, no vCPU runs yet and nothing else holds a
+                        // reference to guest RAM. A read into a page under userfaultfd
+                        // MISSING faults into the running fault engine first.
+                        let target =
+                            unsafe { std::slice::from_raw_parts_mut(view.host_addr.add(offset as usize), len) };
+                        file.read_exact_at(target, offset).map_err(|e| io_error(path, "read", e))?;
+                        crc.update(target);
+                    }
+                    Ok(crc)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("image reader panicked")).collect()
+    });
+    let mut crc = crc32fast::Hasher::new();
+    for hasher in hashers {
+        crc.combine(&hasher?);
     }
     let found = crc.finalize();
     if found != image.crc32 {
         return Err(ImageError::BadChecksum { path, found, expected: image.crc32 });
     }
-    Ok(loaded)
+    Ok(image.carried_bytes())
 }
 
 /// Makes every page of a shared zone a hole (file zones may hold old data; a restored

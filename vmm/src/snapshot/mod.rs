@@ -8,16 +8,18 @@
 //! in the same pause, so no write falls between two snapshots). A diff names its parent;
 //! restoring it loads the chain from the full snapshot up.
 //!
-//! The VMM's own writes to guest RAM must join the diff too. Today no VMM part writes
-//! guest RAM while a snapshot-capable VM runs: the balloon (which discards and writes
-//! its rings) and the chaos driver (which discards) are refused by `Machine::save_state`,
-//! the fault engine only fills zeros into holes (a hole in the parent reads as zero too),
-//! and the kernel loader ran before the first snapshot. A device that writes guest RAM
-//! must add its pages through [`VmmWrites`] before it may be snapshotted.
+//! The VMM's own writes to guest RAM are not in KVM's dirty log and would have to join
+//! a diff by hand. Today no VMM part writes guest RAM while a snapshot-capable VM runs:
+//! the balloon (which discards and writes its rings) and the chaos driver (which
+//! discards) are refused by `Machine::save_state`, the fault engine only fills zeros into
+//! holes (a hole in the parent reads as zero too), and the kernel loader ran before the
+//! first snapshot. Making the balloon snapshot-capable means adding the pages it writes
+//! and discards to the diff here.
 
 pub mod cli;
 pub mod format;
 pub mod image;
+pub mod lazy;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -94,30 +96,10 @@ pub struct SnapshotSummary {
     pub total_ms: f64,
 }
 
-/// Guest RAM the VMM itself wrote since the last snapshot, by zone and page unit.
-#[derive(Debug, Default)]
-pub struct VmmWrites {
-    pages: Mutex<Vec<(usize, u64)>>,
-}
-
-impl VmmWrites {
-    /// Records that the VMM wrote page `page` (in the zone's unit) of zone `zone`.
-    pub fn record(&self, zone: usize, page: u64) {
-        self.pages.lock().unwrap_or_else(|e| e.into_inner()).push((zone, page));
-    }
-
-    fn take(&self) -> Vec<(usize, u64)> {
-        std::mem::take(&mut *self.pages.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-}
-
-/// The snapshot history of one running VM: its last snapshot (a diff's parent) and the
-/// VMM's own writes since.
+/// The snapshot history of one running VM: its last snapshot (a diff's parent).
 #[derive(Debug, Default)]
 pub struct SnapshotHistory {
     last: Mutex<Option<PathBuf>>,
-    /// Pages the VMM wrote since the last snapshot.
-    pub vmm_writes: VmmWrites,
 }
 
 /// The zones of `ram` as the image code sees them.
@@ -154,7 +136,7 @@ pub fn create(
     };
     prepare_dir(dir)?;
     let pause = machine.pause()?;
-    let result = write_snapshot(machine, history, dir, parent.as_deref());
+    let result = write_snapshot(machine, dir, parent.as_deref());
     match result {
         Ok((images, state_bytes)) => {
             *history.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(dir.to_path_buf());
@@ -193,7 +175,6 @@ fn prepare_dir(dir: &Path) -> Result<(), SnapshotError> {
 /// Writes images and state; returns the images and the state file's size.
 fn write_snapshot(
     machine: &Machine,
-    history: &SnapshotHistory,
     dir: &Path,
     parent: Option<&Path>,
 ) -> Result<(Vec<ZoneImage>, u64), SnapshotError> {
@@ -216,9 +197,6 @@ fn write_snapshot(
                     dirty[region.zone].push((region.fd_offset + page * 4096) / unit);
                 }
             }
-            for (zone, page) in history.vmm_writes.take() {
-                dirty[zone].push(page);
-            }
             views
                 .iter()
                 .zip(&mut dirty)
@@ -238,7 +216,6 @@ fn write_snapshot(
         for slot in 0..machine.ram.regions().len() {
             vm.take_dirty_pages(slot)?;
         }
-        history.vmm_writes.take();
     }
     drop(vm);
     let file = SnapshotState {
