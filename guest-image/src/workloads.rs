@@ -9,98 +9,19 @@ use core::hint::spin_loop;
 use core::ptr::addr_of_mut;
 
 use faultline_abi::{
-    churn_seed, pattern_word, report, splitmix64, ExitStatus, Step, MAX_CPUS, PAGE_SIZE, REPORT_PREFIX,
-    VERIFY_REPORT_MAX,
+    churn_seed, pattern_word, report, splitmix64, ExitStatus, Step, MAX_CPUS, REPORT_PREFIX, VERIFY_REPORT_MAX,
 };
 
 use crate::balloon_step;
 use crate::boot;
-use crate::cmdline::{Access, Config, GuestStep, TouchPattern};
+use crate::cmdline::{Access, GuestStep, TouchPattern};
 use crate::histogram::Histogram;
 use crate::region::Region;
 use crate::serial::Serial;
 use crate::smp::{Shared, STEP_BARRIER};
+pub use crate::step_context::{context, set_context, Context};
+use crate::step_context::{write_pattern_page, CpuResult, Mismatch, WORDS_PER_PAGE};
 use crate::tsc;
-
-/// u64 words per page.
-const WORDS_PER_PAGE: u64 = PAGE_SIZE / 8;
-
-/// What every CPU needs to run the steps; set by the BSP before it starts the APs.
-pub struct Context {
-    /// The command line's choices.
-    pub config: Config,
-    /// The workload region.
-    pub region: Region,
-    /// TSC frequency (0 = unknown).
-    pub tsc_khz: u64,
-    /// The kernel command line (for device tokens such as `virtio_mmio.device=`).
-    pub cmdline: &'static str,
-}
-
-static CONTEXT: Shared<Option<Context>> = Shared::new(None);
-
-/// Publishes the context. BSP only, before any AP starts.
-pub fn set_context(context: Context) {
-    // SAFETY: only the BSP runs; APs read the context only after they are started.
-    unsafe { *CONTEXT.get() = Some(context) };
-}
-
-/// The context set by [`set_context`].
-pub fn context() -> &'static Context {
-    // SAFETY: written once before any reader exists, never written again.
-    unsafe { (*CONTEXT.get()).as_ref() }.expect("the step context is not set")
-}
-
-/// A word of the region that did not hold the pattern.
-#[derive(Clone, Copy, Default)]
-pub struct Mismatch {
-    /// Address of the word.
-    pub gpa: u64,
-    /// What it should hold.
-    pub expected: u64,
-    /// What it held.
-    pub found: u64,
-}
-
-/// One CPU's result of one step (or touch pass).
-#[derive(Clone, Copy)]
-pub struct CpuResult {
-    cycles: u64,
-    /// Pages the step covered.
-    pub pages: u64,
-    mismatches: u64,
-    first: [Mismatch; VERIFY_REPORT_MAX],
-    first_count: usize,
-    histogram: Histogram,
-    /// `churn`: pages found entirely zero (discarded since the previous round).
-    zeroed_pages: u64,
-    /// `churn`: complete rounds.
-    rounds: u64,
-}
-
-impl CpuResult {
-    const fn new() -> Self {
-        CpuResult {
-            cycles: 0,
-            pages: 0,
-            mismatches: 0,
-            first: [Mismatch { gpa: 0, expected: 0, found: 0 }; VERIFY_REPORT_MAX],
-            first_count: 0,
-            histogram: Histogram::new(),
-            zeroed_pages: 0,
-            rounds: 0,
-        }
-    }
-
-    /// Counts a mismatch (and keeps the first few for the verify line).
-    pub fn note_mismatch(&mut self, mismatch: Mismatch) {
-        if self.first_count < VERIFY_REPORT_MAX {
-            self.first[self.first_count] = mismatch;
-            self.first_count += 1;
-        }
-        self.mismatches += 1;
-    }
-}
 
 /// Per-CPU results: slot `cpu` is written only by that CPU between the two barriers of a
 /// phase, and read only by the BSP after the second barrier.
@@ -230,11 +151,6 @@ pub fn run_steps(cpu: u32) -> ExitStatus {
         }
     }
     status
-}
-
-/// Writes the pattern into every word of the page at `gpa`.
-pub fn write_pattern_page(seed: u64, gpa: u64) {
-    write_keyed_page(seed, gpa, gpa);
 }
 
 /// Writes the pattern of the page at `key` into every word of the page at `gpa`.

@@ -14,6 +14,7 @@ use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORTS};
 use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_IRQ, SERIAL_PORTS};
 use crate::devices::step_control::{StepControl, STEP_CONTROL_PORTS};
 use crate::devices::virtio::balloon::{BalloonConfig, BalloonHandle};
+use crate::devices::virtio::notify::{spare_cpu, QueueNotifier};
 use crate::devices::virtio::{install_balloon, MmioSlot, SlotError};
 use crate::devices::{BusError, DeviceBuses, MmioBus, PioBus};
 use crate::exit::VmExit;
@@ -370,7 +371,7 @@ fn build_machine(config: &VmConfig, options: &RunOptions, start: Start) -> Resul
     let collector = Arc::new(Mutex::new(GuestReportCollector::new(options.started)));
     let step_stop = Arc::new(AtomicBool::new(false));
     let mut mmio = MmioBus::new();
-    let balloon = attach_balloon(config, &ram, &vm, &paging, &mut mmio)?;
+    let (balloon, notifier) = attach_balloon(config, &ram, &vm, &paging, &mut mmio)?;
     let (pio, serial, step_control) = build_bus(&vm, config.console, collector.clone(), step_stop.clone())?;
     let buses = Arc::new(DeviceBuses::new(pio, mmio));
     let fleet =
@@ -381,7 +382,7 @@ fn build_machine(config: &VmConfig, options: &RunOptions, start: Start) -> Resul
         ram,
         vm,
         fleet,
-        devices: MachineDevices { serial, step_control, step_stop, balloon },
+        devices: MachineDevices { serial, step_control, step_stop, balloon, notifier },
         buses,
         collector,
         paging,
@@ -407,16 +408,17 @@ fn check_zone_overrides(saved: &[ZoneConfig], given: &[ZoneConfig]) -> Result<()
 }
 
 /// Puts a virtio-balloon on the MMIO bus (window 0) when the config asks for one; its
-/// discards go through the smmu.
+/// discards go through the smmu; its queue notifications go through ioeventfds to its own
+/// thread (returned: drop it before guest RAM) when the host has a CPU to spare for it.
 fn attach_balloon(
     config: &VmConfig,
     ram: &GuestRam,
     vm: &Vm,
     paging: &GuestPaging,
     mmio: &mut MmioBus,
-) -> Result<Option<Arc<BalloonHandle>>, VmmError> {
+) -> Result<(Option<Arc<BalloonHandle>>, Option<QueueNotifier>), VmmError> {
     let Some(options) = &config.balloon else {
-        return Ok(None);
+        return Ok((None, None));
     };
     let device_config = BalloonConfig {
         schedule: options.schedule_pages(),
@@ -427,9 +429,15 @@ fn attach_balloon(
     };
     let slot = MmioSlot::nth(0);
     let discarder = paging.discarder().clone();
-    let installed = install_balloon(mmio, slot, ram.memory(), discarder, paging.regions().clone(), device_config)?;
+    let mut ioeventfd = |event: &vmm_sys_util::eventfd::EventFd, addr: u64, queue: u32| {
+        let addr = kvm_ioctls::IoEventAddress::Mmio(addr);
+        vm.fd().register_ioevent(event, &addr, queue).map_err(|e| e.to_string())
+    };
+    let io = spare_cpu(config.vcpus).then_some(&mut ioeventfd as _);
+    let regions = paging.regions().clone();
+    let installed = install_balloon(mmio, slot, ram.memory(), discarder, regions, device_config, io)?;
     vm.register_irqfd(installed.interrupt.event(), slot.irq)?;
-    Ok(Some(installed.handle))
+    Ok((Some(installed.handle), installed.notifier))
 }
 
 /// Starts demand paging for every zone; a dying fault engine ends the VM.
