@@ -29,7 +29,7 @@ use crate::paging::{EngineFailureHook, GuestPaging, PagingError};
 use crate::report::{HostMemory, RunReport};
 use crate::smmu::page_source::{PageSource, ZeroSource};
 use crate::snapshot::lazy::ChainSource;
-use crate::snapshot::{self, Chain, SnapshotError, SnapshotHistory};
+use crate::snapshot::{self, Chain, MemoryRestore, RestoreOverrides, SnapshotError, SnapshotHistory};
 use crate::stop_signals::StopSignals;
 use crate::vm_target::VmTarget;
 use crate::vstate::runner::{self, LoopSubscriber, RunError};
@@ -144,30 +144,6 @@ impl std::fmt::Debug for RunOptions {
 /// Builds the VM described by `config`, runs it until it ends, and reports.
 pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmError> {
     Vmm::boot(config, options)?.run()
-}
-
-/// Zones to restore a snapshot into instead of the ones it was taken with (same count
-/// and sizes; backend, path and paging may differ), and other things a restore may change.
-#[derive(Debug, Clone, Default)]
-pub struct RestoreOverrides {
-    /// Replacement zones.
-    pub zones: Option<Vec<ZoneConfig>>,
-    /// Echo the guest's console.
-    pub console: Option<bool>,
-    /// How guest memory comes back.
-    pub memory_restore: MemoryRestore,
-}
-
-/// How a restore brings guest memory back.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum MemoryRestore {
-    /// Read every carried page into guest RAM before the vCPUs start.
-    #[default]
-    Eager,
-    /// Start at once; every zone is paged by userfaultfd MISSING faults, each page read
-    /// from the images on first touch.
-    UffdMissing,
 }
 
 /// A VM with a lifecycle: built (from a config, or from a snapshot), then run until it

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
+use super::{MemoryRestore, RestoreOverrides};
 use crate::config::{ConfigError, ZoneConfig};
-use crate::vmm::{MemoryRestore, RestoreOverrides};
 
 /// Options of `faultline restore`.
 #[derive(Debug, Args, Clone)]

@@ -79,6 +79,30 @@ pub enum SnapshotError {
     },
 }
 
+/// Zones to restore a snapshot into instead of the ones it was taken with (same count
+/// and sizes; backend, path and paging may differ), and other things a restore may change.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOverrides {
+    /// Replacement zones.
+    pub zones: Option<Vec<crate::config::ZoneConfig>>,
+    /// Echo the guest's console.
+    pub console: Option<bool>,
+    /// How guest memory comes back.
+    pub memory_restore: MemoryRestore,
+}
+
+/// How a restore brings guest memory back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemoryRestore {
+    /// Read every carried page into guest RAM before the vCPUs start.
+    #[default]
+    Eager,
+    /// Start at once; every zone is paged by userfaultfd MISSING faults, each page read
+    /// from the images on first touch.
+    UffdMissing,
+}
+
 /// What a snapshot wrote.
 #[derive(Debug, Clone, Serialize)]
 pub struct SnapshotSummary {

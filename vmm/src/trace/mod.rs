@@ -22,7 +22,6 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::config::HostChangeKind;
-use crate::experiments::host_changes::{ops::monotonic_ns, ChangeRecord};
 use crate::smmu::invalidation::Invalidation;
 use crate::smmu::page_source::PageSource;
 use crate::smmu::{GuestRange, Regions};
@@ -199,4 +198,34 @@ impl Recorder {
         report.chains = chain::correlate(&sources, &events);
         report
     }
+}
+
+/// One change the driver made.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChangeRecord {
+    /// The kind.
+    pub kind: HostChangeKind,
+    /// The operation (`pageout`, `merge`, `unmerge`, `collapse`, `split`, `compact`,
+    /// `move_pages`, `protect`).
+    pub op: &'static str,
+    /// Guest-physical start.
+    pub gpa: u64,
+    /// Host-virtual start.
+    pub hva: u64,
+    /// Bytes.
+    pub len: u64,
+    /// CLOCK_MONOTONIC when the operation started, ns.
+    pub start_ns: u64,
+    /// CLOCK_MONOTONIC when it returned, ns.
+    pub end_ns: u64,
+    /// Pages it affected (paged out, merged, moved, ...), as the page tables show.
+    pub pages: u64,
+}
+
+/// CLOCK_MONOTONIC now, nanoseconds (the clock the KVM trace is read in).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec we pass; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

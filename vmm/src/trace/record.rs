@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::experiments::host_changes::ops::monotonic_ns;
+use super::monotonic_ns;
 use crate::smmu::invalidation::InvalidationSubscriber;
 use crate::smmu::page_source::{PageData, PageSource, PageSourceError};
 use crate::smmu::GuestRange;

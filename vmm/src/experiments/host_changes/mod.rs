@@ -74,27 +74,7 @@ pub fn targets(
     out
 }
 
-/// One change the driver made.
-#[derive(Debug, Clone, Serialize)]
-pub struct ChangeRecord {
-    /// The kind.
-    pub kind: HostChangeKind,
-    /// The operation (`pageout`, `merge`, `unmerge`, `collapse`, `split`, `compact`,
-    /// `move_pages`, `protect`).
-    pub op: &'static str,
-    /// Guest-physical start.
-    pub gpa: u64,
-    /// Host-virtual start.
-    pub hva: u64,
-    /// Bytes.
-    pub len: u64,
-    /// CLOCK_MONOTONIC when the operation started, ns.
-    pub start_ns: u64,
-    /// CLOCK_MONOTONIC when it returned, ns.
-    pub end_ns: u64,
-    /// Pages it affected (paged out, merged, moved, ...), as the page tables show.
-    pub pages: u64,
-}
+pub use crate::trace::ChangeRecord;
 
 /// Per-kind figures.
 #[derive(Debug, Clone, Default, Serialize)]

@@ -161,13 +161,7 @@ fn mprotect(range: HostRange, prot: i32) -> io::Result<()> {
     Ok(())
 }
 
-/// CLOCK_MONOTONIC now, nanoseconds (the clock the KVM trace is read in).
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes the timespec we pass; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub use crate::trace::monotonic_ns;
 
 #[cfg(test)]
 mod tests {
