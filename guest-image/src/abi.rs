@@ -169,6 +169,11 @@ pub mod cmdline {
     pub const STEPS: &str = "fl.steps";
     /// Bytes of the workload region to use (`all`, or a size like `64M`); default all.
     pub const SIZE: &str = "fl.size";
+    /// Sample the workload region: the first page of every RAM range, every Nth page after
+    /// it and its last page (default 1: every page). For tests that must reach every range
+    /// of a big guest (RAM above 4 GiB, several zones) without touching all of it; with
+    /// `fill`, `verify`, `touch` and `dirty` (not `balloon`, not the chaos driver).
+    pub const REGION_STRIDE_PAGES: &str = "fl.region_stride";
     /// Seed of the fill/verify pattern and of random orders (default 1).
     pub const SEED: &str = "fl.seed";
     /// Access order of `touch`: `sequential`, `random` or `strided` (default sequential).

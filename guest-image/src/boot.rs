@@ -365,9 +365,13 @@ boot_cr3:
 
 .section .boot_bss, "aw", @nobits
 .balign 4096
+.global pml4
 pml4:        .skip 4096
-pdpt:        .skip 4096
 pds:         .skip 4 * 4096
+.global pdpt
+pdpt:        .skip 4096
+.global pds_high
+pds_high:    .skip {high_gib} * 4096     /* 4 GiB and up, filled by ring 3 (PVH, 2 MiB pages) */
 .global idt
 idt:         .skip 4096
 tss_array:   .skip {max_cpus} * {tss_stride}
@@ -385,6 +389,7 @@ user_stacks: .skip {max_cpus} * {user_bytes}
     gib_pages = const GIB_PAGES_MAPPED,
     direct_note_type = const faultline_abi::DIRECT_ENTRY_NOTE_TYPE,
     mapped_1g_high = const MAPPED_BYTES_1G >> 32,
+    high_gib = const HIGH_GIB,
     mapped_2m_high = const MAPPED_BYTES_2M >> 32,
     max_cpus = const MAX_CPUS,
     cpu_mask = const MAX_CPUS - 1,
@@ -409,9 +414,15 @@ extern "C" {
     static mut idt: [u64; 512];
     /// `ebx` at the PVH entry: the guest physical address of `hvm_start_info`.
     static boot_start_info_gpa: u64;
+    /// The PVH path's PML4 and PDPT and the page directories for RAM above 4 GiB.
+    static pml4: [u64; 512];
+    static mut pdpt: [u64; 512];
+    static mut pds_high: [[u64; 512]; HIGH_GIB as usize];
+    /// The page-table root every CPU loads (`pml4`, or the VMM's for the direct entry).
+    static boot_cr3: u32;
     /// Bytes of guest physical memory (from 0) identity-mapped at entry: by the VMM for
     /// the direct entry, by `pvh_start32` otherwise.
-    static boot_mapped_bytes: u64;
+    static mut boot_mapped_bytes: u64;
 }
 
 /// The guest physical address of the PVH `hvm_start_info` the loader passed in `ebx`.
@@ -424,6 +435,47 @@ pub fn start_info_gpa() -> u64 {
 pub fn mapped_bytes() -> u64 {
     // SAFETY: written once by ring 0 before ring 3 started; read-only afterwards.
     unsafe { addr_of!(boot_mapped_bytes).read_volatile() }
+}
+
+/// GiB above the first 4 that the 2 MiB fallback can extend the identity map over.
+const HIGH_GIB: u64 = GIB_PAGES_MAPPED - 4;
+
+/// Extends the identity map over RAM above 4 GiB when ring 0 mapped only the first 4 GiB
+/// (the PVH entry on a CPU without 1 GiB pages), up to `MAPPED_BYTES_1G`, and returns
+/// how many bytes from 0 are mapped now. Runs on the BSP in ring 3 before the APs start
+/// (the tables are user-writable like all memory). The new PDPT entries were not present,
+/// so no TLB holds them: nothing to flush. Each page directory is filled before the PDPT
+/// entry that links it, so no CPU ever sees a half-built one.
+pub fn extend_identity_map(memmap: &[crate::pvh::MemmapEntry]) -> u64 {
+    let mapped = mapped_bytes();
+    // SAFETY: plain reads of boot data written before ring 3 started.
+    let own_tables = unsafe { addr_of!(boot_cr3).read_volatile() } as u64 == addr_of!(pml4) as u64;
+    if !own_tables || mapped != MAPPED_BYTES_2M {
+        return mapped;
+    }
+    let top = memmap
+        .iter()
+        .filter(|e| e.kind == crate::pvh::MEMMAP_TYPE_RAM)
+        .map(|e| e.addr.saturating_add(e.size))
+        .max()
+        .unwrap_or(0);
+    let end_gib = top.div_ceil(1 << 30).min(GIB_PAGES_MAPPED);
+    for gib in 4..end_gib {
+        // SAFETY: only the BSP runs; these directories are not linked (not in use) until
+        // the PDPT write below, and the PDPT entry written was not present.
+        unsafe {
+            let directory = &mut (*addr_of_mut!(pds_high))[(gib - 4) as usize];
+            for (i, entry) in directory.iter_mut().enumerate() {
+                *entry = (gib << 30) | ((i as u64) << 21) | 0x87;
+            }
+            let link = directory.as_ptr() as u64 | 0x7;
+            addr_of_mut!(pdpt).cast::<u64>().add(gib as usize).write_volatile(link);
+        }
+    }
+    let extended = end_gib.max(4) << 30;
+    // SAFETY: only the BSP runs, before anything reads the value again.
+    unsafe { addr_of_mut!(boot_mapped_bytes).write_volatile(extended) };
+    extended
 }
 
 /// Encodes a 64-bit interrupt gate to `handler` (kernel code, IF cleared) usable from `dpl`.

@@ -73,7 +73,8 @@ fn bsp_main() -> ! {
             tsc::FALLBACK_TSC_KHZ
         );
     }
-    let region = Region::from_memmap(info.memmap, boot::mapped_bytes(), config.size_bytes).unwrap_or_else(|e| {
+    let mapped = boot::extend_identity_map(info.memmap);
+    let region = Region::from_memmap(info.memmap, mapped, config.size_bytes, config.region_stride_pages).unwrap_or_else(|e| {
         error(e);
         exit(ExitStatus::BadCommandLine)
     });
