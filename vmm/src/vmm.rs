@@ -132,7 +132,7 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
     // kernel loader's writes too.
     let paging = Arc::new(start_paging(config, options, &ram, &control)?);
     let vm = Vm::new(&kvm, &ram)?;
-    let kernel = boot::load_kernel(&config.kernel, ram.memory())?;
+    let kernel = boot::load_kernel(&config.kernel, &ram)?;
     tracing::debug!("loaded {}: {:?}, ends at {:#x}", kernel.name, kernel.entry, kernel.end_gpa);
 
     let supported_cpuid = kvm.supported_cpuid()?;

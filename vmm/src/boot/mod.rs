@@ -10,6 +10,7 @@ pub mod elf;
 pub mod gdt;
 pub mod linux;
 pub mod pvh;
+pub mod zero;
 #[cfg(test)]
 pub mod test_elf;
 
@@ -232,7 +233,7 @@ impl CpuEntry {
 
 /// Reads the image named by `kernel` and loads it into `memory`, choosing the boot
 /// protocol from its format.
-pub fn load_kernel(kernel: &KernelImage, memory: &GuestMemoryMmap) -> Result<LoadedKernel, BootError> {
+pub fn load_kernel(kernel: &KernelImage, ram: &GuestRam) -> Result<LoadedKernel, BootError> {
     let (name, bytes) = match kernel {
         KernelImage::BuiltIn => ("built-in guest".to_string(), crate::BUILTIN_GUEST_ELF.to_vec()),
         KernelImage::Path(path) => (path.display().to_string(), read_image(path)?),
@@ -241,7 +242,7 @@ pub fn load_kernel(kernel: &KernelImage, memory: &GuestMemoryMmap) -> Result<Loa
     // the embedded guest is entered that way; a `--kernel` file boots by its public
     // protocol (PVH or Linux), as any VMM would boot it.
     let built_in = *kernel == KernelImage::BuiltIn;
-    let loaded = load_image(&name, &bytes, memory, built_in)?;
+    let loaded = load_image(&name, &bytes, ram, built_in)?;
     if built_in && matches!(loaded.entry, KernelEntry::Linux { .. }) {
         return Err(BootError::NoPvhEntry);
     }
@@ -262,18 +263,14 @@ fn is_bzimage(bytes: &[u8]) -> bool {
 
 /// Loads an image already in memory (ELF or bzImage) into guest RAM. With `direct`, an
 /// ELF with Faultline's direct-entry note is entered there.
-pub fn load_image(
-    name: &str,
-    bytes: &[u8],
-    memory: &GuestMemoryMmap,
-    direct: bool,
-) -> Result<LoadedKernel, BootError> {
+pub fn load_image(name: &str, bytes: &[u8], ram: &GuestRam, direct: bool) -> Result<LoadedKernel, BootError> {
+    let memory = ram.memory();
     let load_err = |e: linux_loader::loader::Error| BootError::Load { name: name.to_string(), reason: e.to_string() };
     let mut image = Cursor::new(bytes);
     if bytes.starts_with(b"\x7fELF") {
         let headers = elf::inspect(bytes).map_err(|reason| BootError::NotAKernel { name: name.to_string(), reason })?;
         let result = Elf::load(memory, None, &mut image, None).map_err(load_err)?;
-        let end_gpa = zero_unfilled(memory, &headers.segments)?.max(result.kernel_end);
+        let end_gpa = zero_unfilled(ram, &headers.segments)?.max(result.kernel_end);
         let entry = match (headers.direct_entry, headers.protocol) {
             (Some(entry), _) if direct => KernelEntry::Direct { entry },
             (_, elf::ElfProtocol::Pvh { entry }) => KernelEntry::Pvh { entry },
@@ -291,32 +288,14 @@ pub fn load_image(
 }
 
 /// Zeroes what each loaded segment holds in memory beyond what the file gave it
-/// (`p_memsz - p_filesz`: `.bss` and the like), as an ELF loader must: guest RAM may
-/// already hold data (a file zone, a reused image). Only chunks that are not already zero
-/// are written, so fresh memory stays unpopulated. Returns the end of the highest segment.
-fn zero_unfilled(memory: &GuestMemoryMmap, segments: &[elf::LoadSegment]) -> Result<u64, BootError> {
-    const CHUNK: u64 = 4096;
-    let zeros = [0u8; CHUNK as usize];
-    let mut buffer = [0u8; CHUNK as usize];
+/// (`p_memsz - p_filesz`) and returns the end of the highest segment (`zero` says how).
+fn zero_unfilled(ram: &GuestRam, segments: &[elf::LoadSegment]) -> Result<u64, BootError> {
     let mut end_gpa = 0;
     for segment in segments {
-        let (start, end) = (segment.gpa.saturating_add(segment.file_bytes), segment.gpa.saturating_add(segment.memory_bytes));
+        let start = segment.gpa.saturating_add(segment.file_bytes);
+        let end = segment.gpa.saturating_add(segment.memory_bytes);
         end_gpa = end_gpa.max(end);
-        let mut gpa = start;
-        while gpa < end {
-            let length = (CHUNK - gpa % CHUNK).min(end - gpa) as usize;
-            let chunk = &mut buffer[..length];
-            let failed = |e: vm_memory::GuestMemoryError| BootError::Write {
-                what: "the kernel's zero-initialised memory (p_memsz past p_filesz)",
-                gpa,
-                reason: e.to_string(),
-            };
-            memory.read_slice(chunk, GuestAddress(gpa)).map_err(failed)?;
-            if chunk.iter().any(|&b| b != 0) {
-                memory.write_slice(&zeros[..length], GuestAddress(gpa)).map_err(failed)?;
-            }
-            gpa += length as u64;
-        }
+        zero::zero_range(ram, start, end)?;
     }
     Ok(end_gpa)
 }
@@ -353,8 +332,8 @@ pub fn configure(kernel: &LoadedKernel, ram: &GuestRam, cmdline: &str) -> Result
 mod tests {
     use super::*;
 
-    fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
+    fn memory() -> GuestRam {
+        GuestRam::new(&[crate::config::ZoneConfig::new(16 << 20, crate::config::Backend::Anon)]).unwrap()
     }
 
     #[test]
@@ -368,13 +347,14 @@ mod tests {
     #[test]
     fn memory_past_the_file_contents_of_each_segment_is_zeroed() {
         use test_elf::TestNote;
-        let mem = memory();
+        let ram = memory();
+        let mem = ram.memory();
         // Guest RAM that already holds data, as a reused file zone does.
         mem.write_slice(&vec![0xa5u8; 1 << 20], GuestAddress(test_elf::TEST_KERNEL_GPA)).unwrap();
         let code = [0xf4u8; 100];
         let bss = 3 * 4096 + 123;
         let image = test_elf::build(&code, &[TestNote::Pvh], bss);
-        let loaded = load_image("bss", &image, &mem, false).unwrap();
+        let loaded = load_image("bss", &image, &ram, false).unwrap();
         assert_eq!(loaded.end_gpa, test_elf::TEST_KERNEL_GPA + 100 + bss);
         let mut back = vec![0xffu8; (100 + bss + 1) as usize];
         mem.read_slice(&mut back, GuestAddress(test_elf::TEST_KERNEL_GPA)).unwrap();
@@ -404,7 +384,8 @@ mod tests {
 
     #[test]
     fn command_line_is_nul_terminated_and_bounded() {
-        let mem = memory();
+        let ram = memory();
+        let mem = ram.memory();
         write_cmdline(&mem, "fl.cpus=1").unwrap();
         let mut buf = [0xffu8; 10];
         mem.read_slice(&mut buf, GuestAddress(abi::CMDLINE_GPA)).unwrap();

@@ -94,11 +94,12 @@ pub fn build(code: &[u8], notes: &[TestNote], bss_bytes: u64) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::boot::{load_image, KernelEntry};
-    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use crate::config::{Backend, ZoneConfig};
+    use crate::memory::GuestRam;
 
     #[test]
     fn pvh_note_selects_pvh_and_a_linux_note_selects_linux() {
-        let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let memory = GuestRam::new(&[ZoneConfig::new(4 << 20, Backend::Anon)]).unwrap();
         let pvh = load_image("pvh", &elf(&[0xf4], true), &memory, false).unwrap();
         assert!(matches!(pvh.entry, KernelEntry::Pvh { entry: TEST_KERNEL_GPA }));
         let linux = load_image("vmlinux", &elf(&[0xf4], false), &memory, false).unwrap();
