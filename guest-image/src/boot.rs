@@ -431,6 +431,12 @@ pub fn start_info_gpa() -> u64 {
     unsafe { addr_of!(boot_start_info_gpa).read_volatile() }
 }
 
+/// Whether the guest was entered at `direct_entry64` (by Faultline's own VMM).
+fn entered_directly() -> bool {
+    // SAFETY: a plain read of boot data written before ring 3 started.
+    unsafe { addr_of!(boot_cr3).read_volatile() as u64 != addr_of!(pml4) as u64 }
+}
+
 /// How many bytes of guest physical memory (from 0) were identity-mapped at entry.
 pub fn mapped_bytes() -> u64 {
     // SAFETY: written once by ring 0 before ring 3 started; read-only afterwards.
@@ -448,9 +454,7 @@ const HIGH_GIB: u64 = GIB_PAGES_MAPPED - 4;
 /// entry that links it, so no CPU ever sees a half-built one.
 pub fn extend_identity_map(memmap: &[crate::pvh::MemmapEntry]) -> u64 {
     let mapped = mapped_bytes();
-    // SAFETY: plain reads of boot data written before ring 3 started.
-    let own_tables = unsafe { addr_of!(boot_cr3).read_volatile() } as u64 == addr_of!(pml4) as u64;
-    if !own_tables || mapped != MAPPED_BYTES_2M {
+    if entered_directly() || mapped != MAPPED_BYTES_2M {
         return mapped;
     }
     let top = memmap

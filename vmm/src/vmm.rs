@@ -193,6 +193,7 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
     let memory_bytes = ram.size_bytes();
     drop(ram);
     let guest = std::mem::take(&mut collector.lock().unwrap_or_else(|e| e.into_inner()).report);
+    let boot = boot::timeline::BootTimeline::new(options.started, setup_ns, control.first_run(), guest.ready_after_ns);
     Ok(RunReport {
         exit,
         guest,
@@ -201,6 +202,7 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
         backends: config.zones.iter().map(|z| z.backend.name().to_string()).collect(),
         setup_ns,
         total_ns,
+        boot,
         host_memory,
         faults: Some(faults),
         chaos,

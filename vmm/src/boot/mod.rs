@@ -10,6 +10,7 @@ pub mod elf;
 pub mod gdt;
 pub mod linux;
 pub mod pvh;
+pub mod timeline;
 pub mod zero;
 #[cfg(test)]
 pub mod test_elf;
@@ -235,8 +236,9 @@ impl CpuEntry {
 /// protocol from its format.
 pub fn load_kernel(kernel: &KernelImage, ram: &GuestRam) -> Result<LoadedKernel, BootError> {
     let (name, bytes) = match kernel {
-        KernelImage::BuiltIn => ("built-in guest".to_string(), crate::BUILTIN_GUEST_ELF.to_vec()),
-        KernelImage::Path(path) => (path.display().to_string(), read_image(path)?),
+        // Borrowed, not copied: a copy of the embedded ELF faults in fresh pages for nothing.
+        KernelImage::BuiltIn => ("built-in guest".to_string(), std::borrow::Cow::Borrowed(crate::BUILTIN_GUEST_ELF)),
+        KernelImage::Path(path) => (path.display().to_string(), std::borrow::Cow::Owned(read_image(path)?)),
     };
     // The direct entry is a contract between this VMM and the guest built with it: only
     // the embedded guest is entered that way; a `--kernel` file boots by its public

@@ -130,6 +130,9 @@ impl Vcpu {
     pub fn run(&mut self, buses: &DeviceBuses, memory: &GuestMemoryMmap, control: &VmControl) {
         control.register_vcpu_thread();
         publish_kvm_run(self.fd.get_kvm_run());
+        if self.id == 0 {
+            control.note_first_run();
+        }
         while !control.is_stopping() {
             if let Some(exit) = self.run_once(buses, memory) {
                 control.end(exit);
