@@ -78,7 +78,8 @@ fn a_6_gib_guest_verifies_ram_above_4_gib_by_either_entry() {
     let dir = ScratchDir::new("pvh-6g");
     let image = guest_image_in(&dir.0);
     let cmdline = format!("fl.cpus=2 fl.steps=fill,verify {}", stride_arg());
-    let pvh = run_json(&["--vcpus", "2", "--memory", "size=6G", "--kernel", image.to_str().unwrap(), "--cmdline", &cmdline]);
+    let pvh =
+        run_json(&["--vcpus", "2", "--memory", "size=6G", "--kernel", image.to_str().unwrap(), "--cmdline", &cmdline]);
     assert_eq!(verified_pages(&pvh), expected, "{}", pvh.stdout);
 }
 

@@ -167,8 +167,11 @@ impl Config {
             }
         }
         if let Some(v) = cmdline_value(line, key::REGION_STRIDE_PAGES) {
-            config.region_stride_pages =
-                parse_number(v).filter(|&n| n >= 1).ok_or(bad(key::REGION_STRIDE_PAGES, v, "must be at least 1, cannot use"))?;
+            config.region_stride_pages = parse_number(v).filter(|&n| n >= 1).ok_or(bad(
+                key::REGION_STRIDE_PAGES,
+                v,
+                "must be at least 1, cannot use",
+            ))?;
         }
         if let Some(v) = cmdline_value(line, key::SEED) {
             config.seed = parse_number(v).ok_or(bad(key::SEED, v, "cannot parse"))?;

@@ -76,10 +76,11 @@ fn bsp_main() -> ! {
         );
     }
     let mapped = boot::extend_identity_map(info.memmap);
-    let region = Region::from_memmap(info.memmap, mapped, config.size_bytes, config.region_stride_pages).unwrap_or_else(|e| {
-        error(e);
-        exit(ExitStatus::BadCommandLine)
-    });
+    let region = Region::from_memmap(info.memmap, mapped, config.size_bytes, config.region_stride_pages)
+        .unwrap_or_else(|e| {
+            error(e);
+            exit(ExitStatus::BadCommandLine)
+        });
     workloads::set_context(Context { config, region, tsc_khz, cmdline: info.cmdline });
     fence(Ordering::SeqCst);
     if let Err(online) = smp::start_aps(config.cpus, tsc_khz) {

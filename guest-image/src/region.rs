@@ -114,12 +114,18 @@ impl Region {
             // A sampled span: its pages 0, s, 2s, ... and, if not among them, its last one.
             let strided = pages.div_ceil(stride);
             let last = pages > 0 && (pages - 1) % stride != 0;
-            for (first_page, count, stride_pages) in [(0, strided, stride), (pages.saturating_sub(1), u64::from(last), 1)] {
+            for (first_page, count, stride_pages) in
+                [(0, strided, stride), (pages.saturating_sub(1), u64::from(last), 1)]
+            {
                 if count == 0 {
                     continue;
                 }
-                region.ranges[region.range_count] =
-                    PageRange { first_gpa: start + first_page * PAGE_SIZE, first_index: region.pages, pages: count, stride_pages };
+                region.ranges[region.range_count] = PageRange {
+                    first_gpa: start + first_page * PAGE_SIZE,
+                    first_index: region.pages,
+                    pages: count,
+                    stride_pages,
+                };
                 region.range_count += 1;
                 region.pages += count;
             }

@@ -150,7 +150,8 @@ pub fn inspect(bytes: &[u8]) -> Result<ElfKernel, ElfError> {
         let at = phoff.saturating_add(index.saturating_mul(phentsize));
         let phdr = bytes.get(at..at.saturating_add(PHDR_BYTES)).ok_or(ElfError::Truncated("the program headers"))?;
         let word = |offset| u64_at(phdr, offset).unwrap_or(0);
-        let (kind, offset, paddr, filesz, memsz) = (u32_at(phdr, 0).unwrap_or(0), word(8), word(24), word(32), word(40));
+        let (kind, offset, paddr, filesz, memsz) =
+            (u32_at(phdr, 0).unwrap_or(0), word(8), word(24), word(32), word(40));
         let contents = || bytes.get(offset as usize..(offset.saturating_add(filesz)) as usize);
         match kind {
             PT_LOAD => segments.push(LoadSegment { gpa: paddr, file_bytes: filesz, memory_bytes: memsz }),

@@ -10,10 +10,10 @@ pub mod elf;
 pub mod gdt;
 pub mod linux;
 pub mod pvh;
-pub mod timeline;
-pub mod zero;
 #[cfg(test)]
 pub mod test_elf;
+pub mod timeline;
+pub mod zero;
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};

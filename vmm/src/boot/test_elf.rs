@@ -51,7 +51,9 @@ pub fn build(code: &[u8], notes: &[TestNote], bss_bytes: u64) -> Vec<u8> {
         .flat_map(|n| match *n {
             TestNote::Pvh => note_bytes("Xen", 18, &(TEST_KERNEL_GPA as u32).to_le_bytes()),
             TestNote::Linux => note_bytes("Linux", 0x100, &[0; 4]),
-            TestNote::Direct(entry) => note_bytes(abi::DIRECT_ENTRY_NOTE_NAME, abi::DIRECT_ENTRY_NOTE_TYPE, &entry.to_le_bytes()),
+            TestNote::Direct(entry) => {
+                note_bytes(abi::DIRECT_ENTRY_NOTE_NAME, abi::DIRECT_ENTRY_NOTE_TYPE, &entry.to_le_bytes())
+            }
         })
         .collect();
     let phnum: u16 = if note.is_empty() { 1 } else { 2 };

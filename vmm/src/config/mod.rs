@@ -292,7 +292,21 @@ pub struct Workload {
 }
 
 fn deserialize_opt_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    deserialize_size(d).map(Some)
+    // `null` (how a serialized config, e.g. in a snapshot, writes "not given") is None.
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum MaybeSize {
+        Number(u64),
+        Text(String),
+        Null(()),
+    }
+    match MaybeSize::deserialize(d)? {
+        MaybeSize::Number(n) => Ok(Some(n)),
+        MaybeSize::Text(t) => abi::parse_size(&t)
+            .map(Some)
+            .ok_or_else(|| serde::de::Error::custom(format!("cannot parse size '{t}' (use e.g. 512M, 1G)"))),
+        MaybeSize::Null(()) => Ok(None),
+    }
 }
 
 impl Default for Workload {

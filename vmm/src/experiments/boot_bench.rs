@@ -183,7 +183,8 @@ fn figures(timings: &[ChildTiming]) -> BootFigures {
 
 /// The run report Faultline printed after the guest's lines (`--console --json`).
 fn run_report(timing: &ChildTiming) -> Option<serde_json::Value> {
-    let start = timing.stdout.find("\n{\n").map(|at| at + 1).or_else(|| timing.stdout.starts_with("{\n").then_some(0))?;
+    let start =
+        timing.stdout.find("\n{\n").map(|at| at + 1).or_else(|| timing.stdout.starts_with("{\n").then_some(0))?;
     serde_json::from_str(&timing.stdout[start..]).ok()
 }
 
@@ -193,12 +194,8 @@ fn phases(timings: &[ChildTiming]) -> Option<BootPhases> {
         let report = run_report(timing)?;
         let boot = &report["boot"];
         let start_ns = boot["started_monotonic_ns"].as_u64()?.checked_sub(timing.spawned_monotonic_ns)?;
-        let phase_ns = [
-            Some(0),
-            boot["vm_built_ns"].as_u64(),
-            boot["first_instruction_ns"].as_u64(),
-            boot["ready_ns"].as_u64(),
-        ];
+        let phase_ns =
+            [Some(0), boot["vm_built_ns"].as_u64(), boot["first_instruction_ns"].as_u64(), boot["ready_ns"].as_u64()];
         for (column, ns) in columns.iter_mut().zip(phase_ns) {
             column.push((start_ns + ns?) as f64 / 1e6);
         }
