@@ -74,7 +74,8 @@ pub const GIB_PAGES_MAPPED: u64 = 64;
 pub const MAPPED_BYTES_1G: u64 = GIB_PAGES_MAPPED << 30;
 /// Bytes identity-mapped with the 2 MiB fallback (a whole number of 4 GiB).
 pub const MAPPED_BYTES_2M: u64 = 4 << 30;
-const _: () = assert!(MAPPED_BYTES_1G % (1 << 32) == 0 && MAPPED_BYTES_2M % (1 << 32) == 0);
+const _: () =
+    assert!((MAPPED_BYTES_1G >> 32) << 32 == MAPPED_BYTES_1G && (MAPPED_BYTES_2M >> 32) << 32 == MAPPED_BYTES_2M);
 /// Bytes of a TSS without its I/O bitmap (where the bitmap starts).
 const TSS_BASE_BYTES: usize = 104;
 /// The I/O permission bitmap: one bit per port, 0 = allowed.

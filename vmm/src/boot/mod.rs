@@ -388,11 +388,11 @@ mod tests {
     fn command_line_is_nul_terminated_and_bounded() {
         let ram = memory();
         let mem = ram.memory();
-        write_cmdline(&mem, "fl.cpus=1").unwrap();
+        write_cmdline(mem, "fl.cpus=1").unwrap();
         let mut buf = [0xffu8; 10];
         mem.read_slice(&mut buf, GuestAddress(abi::CMDLINE_GPA)).unwrap();
         assert_eq!(&buf, b"fl.cpus=1\0");
         let long = "x".repeat(abi::CMDLINE_MAX_BYTES);
-        assert!(matches!(write_cmdline(&mem, &long), Err(BootError::CmdlineTooLong { .. })));
+        assert!(matches!(write_cmdline(mem, &long), Err(BootError::CmdlineTooLong { .. })));
     }
 }
