@@ -31,8 +31,11 @@ impl BootTimeline {
     /// The timeline of a boot that started at `started`.
     pub fn new(started: Instant, vm_built_ns: u64, first_instruction: Option<Instant>, ready_ns: Option<u64>) -> Self {
         let since_start = |at: Instant| at.saturating_duration_since(started).as_nanos() as u64;
+        // Elapsed first, the clock second: the start lands at or just after the true one,
+        // never before it (`Instant` reads the same CLOCK_MONOTONIC on Linux).
+        let elapsed_ns = started.elapsed().as_nanos() as u64;
         BootTimeline {
-            started_monotonic_ns: monotonic_ns().saturating_sub(started.elapsed().as_nanos() as u64),
+            started_monotonic_ns: monotonic_ns().saturating_sub(elapsed_ns),
             vm_built_ns,
             first_instruction_ns: first_instruction.map(since_start),
             ready_ns,
