@@ -234,30 +234,47 @@ pub fn run_steps(cpu: u32) -> ExitStatus {
 
 /// Writes the pattern into every word of the page at `gpa`.
 pub fn write_pattern_page(seed: u64, gpa: u64) {
+    write_keyed_page(seed, gpa, gpa);
+}
+
+/// Writes the pattern of the page at `key` into every word of the page at `gpa`.
+fn write_keyed_page(seed: u64, gpa: u64, key: u64) {
     let page = gpa as *mut u64;
     for word in 0..WORDS_PER_PAGE {
         // SAFETY: `gpa` is a page of the workload region: identity-mapped RAM that only
         // this CPU writes during this step.
-        unsafe { page.add(word as usize).write(pattern_word(seed, gpa, word)) };
+        unsafe { page.add(word as usize).write(pattern_word(seed, key, word)) };
+    }
+}
+
+/// The page whose pattern page `index` (at `gpa`) holds: itself, or with `fl.dup_pages`
+/// the page `index % dup_pages` (so the region holds duplicates).
+fn pattern_key(context: &Context, index: u64, gpa: u64) -> u64 {
+    match context.config.dup_pages {
+        0 => gpa,
+        period => context.region.gpa(index % period),
     }
 }
 
 fn fill(context: &Context, cpu: u32, result: &mut CpuResult) {
     let (first, end) = Region::share(context.region.pages, cpu, context.config.cpus);
     let seed = context.config.seed;
-    context.region.for_each_page(first, end, |_, gpa| write_pattern_page(seed, gpa));
+    context
+        .region
+        .for_each_page(first, end, |index, gpa| write_keyed_page(seed, gpa, pattern_key(context, index, gpa)));
     result.pages = end - first;
 }
 
 fn verify(context: &Context, cpu: u32, result: &mut CpuResult) {
     let (first, end) = Region::share(context.region.pages, cpu, context.config.cpus);
     let seed = context.config.seed;
-    context.region.for_each_page(first, end, |_, gpa| {
+    context.region.for_each_page(first, end, |index, gpa| {
         let page = gpa as *const u64;
+        let key = pattern_key(context, index, gpa);
         for word in 0..WORDS_PER_PAGE {
             // SAFETY: a page of the workload region (identity-mapped RAM).
             let found = unsafe { page.add(word as usize).read_volatile() };
-            let expected = pattern_word(seed, gpa, word);
+            let expected = pattern_word(seed, key, word);
             if found != expected {
                 result.note_mismatch(Mismatch { gpa: gpa + word * 8, expected, found });
             }
@@ -424,13 +441,14 @@ fn churn(context: &Context, cpu: u32, result: &mut CpuResult) {
                 break 'rounds;
             }
             let gpa = context.region.gpa(index);
+            let key = pattern_key(context, index, gpa);
             let page = gpa as *mut u64;
             let mut zero_words = 0;
             for word in 0..WORDS_PER_PAGE {
                 // SAFETY: a page of the workload region (identity-mapped RAM) that only
                 // this CPU touches during this step.
                 let found = unsafe { page.add(word as usize).read_volatile() };
-                let expected = pattern_word(previous, gpa, word);
+                let expected = pattern_word(previous, key, word);
                 if found == 0 {
                     zero_words += 1;
                 } else if found != expected {
@@ -440,7 +458,7 @@ fn churn(context: &Context, cpu: u32, result: &mut CpuResult) {
             if zero_words == WORDS_PER_PAGE {
                 result.zeroed_pages += 1;
             }
-            write_pattern_page(current, gpa);
+            write_keyed_page(current, gpa, key);
             result.pages += 1;
         }
         round += 1;
@@ -451,10 +469,25 @@ fn churn(context: &Context, cpu: u32, result: &mut CpuResult) {
     result.rounds = round - 1;
 }
 
+/// Spins for the step's duration, or with `fl.until_stopped` until the VMM asks it to
+/// stop (the port is read about once a millisecond: each read is an exit).
 fn idle(context: &Context) {
     let duration = tsc::ms_to_cycles(context.config.duration_ms, context.tsc_khz);
+    let check_every = tsc::ms_to_cycles(1, context.tsc_khz).max(1);
     let start = tsc::now();
-    while tsc::now() - start < duration {
+    let mut next_check = start;
+    loop {
+        let now = tsc::now();
+        if !context.config.until_stopped {
+            if now - start >= duration {
+                break;
+            }
+        } else if now >= next_check {
+            if crate::serial::inb(faultline_abi::STEP_CONTROL_PORT) == faultline_abi::STEP_STOP {
+                break;
+            }
+            next_check = now + check_every;
+        }
         spin_loop();
     }
 }

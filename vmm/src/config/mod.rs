@@ -8,9 +8,11 @@ use faultline_abi as abi;
 use serde::{Deserialize, Serialize};
 
 mod balloon;
+mod host_changes;
 mod paging;
 
 pub use balloon::BalloonOptions;
+pub use host_changes::{HostChangeKind, HostChangesConfig, HostNoise};
 pub use paging::{ChaosConfig, FaultEngineOptions, PagingMode};
 
 /// Errors in a configuration. Each message names the field and the fix.
@@ -170,6 +172,10 @@ pub struct ZoneConfig {
     /// How the zone's pages get populated.
     #[serde(default)]
     pub paging: PagingMode,
+    /// Transparent huge pages (`anon` only): the mapping is 2 MiB aligned and advised
+    /// `MADV_HUGEPAGE` (`thp=on`).
+    #[serde(default)]
+    pub thp: bool,
 }
 
 fn default_hugepage() -> u64 {
@@ -193,7 +199,14 @@ fn deserialize_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Er
 impl ZoneConfig {
     /// A zone of `size_bytes` with `backend`, no path, 2 MiB huge pages.
     pub fn new(size_bytes: u64, backend: Backend) -> Self {
-        ZoneConfig { size_bytes, backend, path: None, hugepage_bytes: HUGEPAGE_2M, paging: PagingMode::Kernel }
+        ZoneConfig {
+            size_bytes,
+            backend,
+            path: None,
+            hugepage_bytes: HUGEPAGE_2M,
+            paging: PagingMode::Kernel,
+            thp: false,
+        }
     }
 
     /// The granule the zone's size must be a multiple of.
@@ -223,6 +236,13 @@ impl ZoneConfig {
                     })?
                 }
                 "path" => zone.path = Some(PathBuf::from(value)),
+                "thp" => {
+                    zone.thp = match value {
+                        "on" | "1" | "true" => true,
+                        "off" | "0" | "false" => false,
+                        _ => return Err(bad(format!("thp={value}: give thp=on or thp=off"))),
+                    }
+                }
                 "paging" => {
                     zone.paging = PagingMode::parse(value).ok_or_else(|| {
                         bad(format!(
@@ -235,7 +255,9 @@ impl ZoneConfig {
                         abi::parse_size(value).ok_or_else(|| bad(format!("cannot parse hugepage size '{value}'")))?
                 }
                 other => {
-                    return Err(bad(format!("unknown key '{other}' (keys: size, backend, path, hugepage, paging)")))
+                    return Err(bad(format!(
+                        "unknown key '{other}' (keys: size, backend, path, hugepage, paging, thp)"
+                    )))
                 }
             }
         }
@@ -289,6 +311,9 @@ pub struct Workload {
     pub rate_pages_per_s: u64,
     /// Duration of `dirty` and `idle`, in milliseconds.
     pub duration_ms: u64,
+    /// Pages whose patterns repeat: page `i` holds the pattern of page `i % dup_pages`,
+    /// so the region holds duplicates for KSM to merge (0: every page its own pattern).
+    pub dup_pages: u64,
 }
 
 fn deserialize_opt_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -321,6 +346,7 @@ impl Default for Workload {
             passes: 2,
             rate_pages_per_s: 10_000,
             duration_ms: 1000,
+            dup_pages: 0,
         }
     }
 }
@@ -383,6 +409,9 @@ impl Workload {
         tokens.push(format!("{}={}", k::PASSES, self.passes));
         tokens.push(format!("{}={}", k::RATE_PAGES_PER_S, self.rate_pages_per_s));
         tokens.push(format!("{}={}", k::DURATION_MS, self.duration_ms));
+        if self.dup_pages > 0 {
+            tokens.push(format!("{}={}", k::DUP_PAGES, self.dup_pages));
+        }
         tokens
     }
 }
@@ -421,6 +450,12 @@ pub struct VmConfig {
     pub chaos: Option<ChaosConfig>,
     /// A virtio-balloon device.
     pub balloon: Option<BalloonOptions>,
+    /// Host page-table changes applied to guest RAM during the run.
+    pub host_changes: Option<HostChangesConfig>,
+    /// Record KVM's secondary-MMU trace events for this VM (tracefs; root).
+    pub trace_kvm: bool,
+    /// Background noise while the guest runs (`faultline bench faults --host-noise`).
+    pub host_noise: Option<HostNoise>,
 }
 
 /// Most vCPUs supported (the tiny guest's limit).
@@ -438,6 +473,9 @@ impl Default for VmConfig {
             fault_engine: FaultEngineOptions::default(),
             chaos: None,
             balloon: None,
+            host_changes: None,
+            trace_kvm: false,
+            host_noise: None,
         }
     }
 }
@@ -483,6 +521,15 @@ impl VmConfig {
                     backend: zone.backend.name(),
                     page_bytes: page,
                     suggestion: zone.size_bytes.div_ceil(page) * page,
+                });
+            }
+            if zone.thp && zone.backend != Backend::Anon {
+                return Err(ConfigError::BadZoneSpec {
+                    spec: "thp=on".into(),
+                    reason: format!(
+                        "memory zone {index}: transparent huge pages are for backend=anon, not {}",
+                        zone.backend.name()
+                    ),
                 });
             }
             if zone.paging == PagingMode::UffdMinor && zone.backend == Backend::Anon {
@@ -550,6 +597,13 @@ impl VmConfig {
                 return Err(ConfigError::BadSetting { field: "chaos.events", value: chaos.events, reason });
             }
         }
+        if let Some(host) = &self.host_changes {
+            if self.kernel != KernelImage::BuiltIn {
+                let reason = "host changes need the built-in guest (it proves its memory was kept)";
+                return Err(ConfigError::BadSetting { field: "host_changes.events", value: host.events, reason });
+            }
+            host.validate(&self.zones, &self.workload.steps, self.workload.access == AccessKind::Write)?;
+        }
         if self.kernel == KernelImage::BuiltIn {
             let min = abi::WORKLOAD_MIN_GPA;
             if self.total_memory_bytes() <= min {
@@ -570,8 +624,8 @@ impl VmConfig {
                 tokens.push(format!("{}={}", abi::cmdline::TSC_KHZ, khz));
             }
             tokens.extend(self.workload.cmdline_tokens());
-            if self.chaos.is_some() {
-                // The chaos driver ends `churn` when it has done its events.
+            if self.chaos.is_some() || self.host_changes.is_some() {
+                // The chaos (or host-change) driver ends `churn` when it has done its events.
                 tokens.push(format!("{}=1", abi::cmdline::UNTIL_STOPPED));
             }
             if let Some(balloon) = &self.balloon {

@@ -30,6 +30,7 @@ pub mod invalidation;
 pub mod page_source;
 pub mod page_state;
 mod reference_handler;
+pub mod swapped;
 pub mod uffd;
 mod uffd_types;
 

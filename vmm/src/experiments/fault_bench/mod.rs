@@ -8,6 +8,7 @@
 //! - [`sample`]: one run's figures and their spread over repeats;
 //! - [`machine`]: what it ran on; [`table`], [`output`], [`plot`]: the results.
 
+pub mod host_noise;
 pub mod machine;
 pub mod matrix;
 pub mod output;
@@ -80,6 +81,11 @@ pub struct FaultBenchArgs {
     /// The faultline binary to run (default: this one).
     #[arg(long, value_name = "PATH")]
     pub faultline_bin: Option<PathBuf>,
+    /// Host noise during the runs, a dimension of its own: the whole matrix is run once
+    /// per noise (none, mmap-churn, mprotect-churn, pageout, ksm, compaction) and compared
+    /// with `none` (see docs/benchmarks.md).
+    #[arg(long, value_delimiter = ',', value_parser = crate::config::HostNoise::parse)]
+    pub host_noise: Vec<crate::config::HostNoise>,
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -176,6 +182,14 @@ fn spec_of(args: &FaultBenchArgs) -> Result<MatrixSpec, FaultBenchError> {
 
 /// Runs the sweep, printing progress on stderr unless `--quiet`.
 pub fn run(args: &FaultBenchArgs) -> Result<FaultBenchReport, FaultBenchError> {
+    run_with_noise(args, None)
+}
+
+/// [`run`] with every child under `noise` (`--host-noise`).
+pub fn run_with_noise(
+    args: &FaultBenchArgs,
+    noise: Option<crate::config::HostNoise>,
+) -> Result<FaultBenchReport, FaultBenchError> {
     if args.repeat == 0 {
         return Err(FaultBenchError::NoRepeat);
     }
@@ -211,6 +225,7 @@ pub fn run(args: &FaultBenchArgs) -> Result<FaultBenchReport, FaultBenchError> {
             .unwrap_or_else(|| PathBuf::from("faultline")),
         timeout_s: args.timeout,
         file_dir: PathBuf::from("/dev/shm"),
+        host_noise: noise,
     };
     let command_line = std::env::args().collect::<Vec<_>>().join(" ");
     let machine = MachineInfo::collect(command_line);
