@@ -82,6 +82,32 @@ impl ExitStatus {
 // Guest physical layout
 // ---------------------------------------------------------------------------------------
 
+/// Faultline's direct 64-bit entry: an ELF note named [`DIRECT_ENTRY_NOTE_NAME`] of type
+/// [`DIRECT_ENTRY_NOTE_TYPE`] whose 8-byte descriptor is the address of the guest's 64-bit
+/// entry point. The Faultline VMM enters the built-in guest there instead of at its PVH
+/// entry, with the work of the guest's ring-0 boot done beforehand:
+///
+/// - long mode, paging on, `cr3` = a PML4 at [`DIRECT_PAGE_TABLES_GPA`] identity-mapping
+///   `[0, rsi)` with 2 MiB pages, every page present, writable and user-accessible, the
+///   MMIO hole (`MMIO_HOLE_START_GPA..MMIO_HOLE_END_GPA`) uncached (PCD|PWT);
+/// - CR0 = PG|NE|MP|PE, CR4 = PAE|OSFXSR|OSXMMEXCPT, EFER = LME|LMA, RFLAGS = 2 (IF=0);
+/// - a flat GDT at [`BOOT_GDT_GPA`] with 64-bit code at selector 0x08 (CS) and data at
+///   0x10 (DS, ES, SS), an empty IDT (the guest loads its own GDT, IDT and TSS);
+/// - `rbx` = the guest physical address of a PVH `hvm_start_info` (command line and
+///   memory map, exactly as for the PVH entry), `rsi` = bytes identity-mapped (at least
+///   4 GiB, covering every RAM range of the memory map).
+///
+/// The contract is private to the VMM and the guest built with it (the VMM embeds that
+/// guest): other VMMs boot the same ELF by PVH.
+pub const DIRECT_ENTRY_NOTE_NAME: &str = "Faultline";
+/// The note type of the direct 64-bit entry (see [`DIRECT_ENTRY_NOTE_NAME`]).
+pub const DIRECT_ENTRY_NOTE_TYPE: u32 = 1;
+/// Where the VMM builds the direct entry's page tables (PML4, PDPT, then one page
+/// directory per GiB mapped).
+pub const DIRECT_PAGE_TABLES_GPA: u64 = 0x3_0000;
+/// The direct entry's page tables end below this address (so at most 109 GiB are mapped).
+pub const DIRECT_PAGE_TABLES_END_GPA: u64 = 0x9_f000;
+
 /// Where a Faultline-built boot GDT goes (the VMM's PVH 32-bit entry state).
 pub const BOOT_GDT_GPA: u64 = 0x500;
 /// Where the VMM puts `hvm_start_info`.
@@ -143,6 +169,11 @@ pub mod cmdline {
     pub const STEPS: &str = "fl.steps";
     /// Bytes of the workload region to use (`all`, or a size like `64M`); default all.
     pub const SIZE: &str = "fl.size";
+    /// Sample the workload region: the first page of every RAM range, every Nth page after
+    /// it and its last page (default 1: every page). For tests that must reach every range
+    /// of a big guest (RAM above 4 GiB, several zones) without touching all of it; with
+    /// `fill`, `verify`, `touch` and `dirty` (not `balloon`, not the chaos driver).
+    pub const REGION_STRIDE_PAGES: &str = "fl.region_stride";
     /// Seed of the fill/verify pattern and of random orders (default 1).
     pub const SEED: &str = "fl.seed";
     /// Access order of `touch`: `sequential`, `random` or `strided` (default sequential).

@@ -1,18 +1,28 @@
 //! Ring 0: the only code that runs at CPL0, all of it assembly.
 //!
 //! On the nested KVM this project runs on, every CPL0 instruction is emulated (~1 µs each)
-//! and the emulator cannot run SSE, so ring 0 is a few dozen integer instructions:
+//! and the emulator cannot run SSE, so ring 0 is a few dozen integer instructions. The
+//! guest has two ways in:
 //!
-//! 1. `pvh_start32` (BSP, 32-bit protected mode, paging off, `ebx` = `hvm_start_info`):
-//!    saves `ebx`, identity-maps guest physical memory (1 GiB pages for the first 64 GiB
-//!    when CPUID says so, else 2 MiB pages for the first 4 GiB), every page U/S=1, the
-//!    MMIO hole at 3–4 GiB (LAPIC, IOAPIC, virtio-mmio windows) uncached (PCD|PWT) so
-//!    ring 3 can drive devices there.
-//! 2. `ap_trampoline` (APs, real mode at 0x8000 after SIPI vector 0x08): loads the GDT and
-//!    jumps to 32-bit code, reusing the BSP's page tables.
-//! 3. `long_mode_entry32` (both): PAE + OSFXSR + OSXMMEXCPT, LME, PG|NE|MP|PE.
-//! 4. `entry64` (both): CPU index = LAPIC ID, ring-0 stack, per-CPU TSS (RSP0), IDT,
-//!    then `iretq` to ring 3 (`ring3_entry(cpu)`) with IOPL=3, IF=0 and a per-CPU stack.
+//! 1. `direct_entry64` (BSP, Faultline's own VMM: `faultline_abi::DIRECT_ENTRY_NOTE_NAME`):
+//!    long mode already, with the VMM's identity map of all guest RAM; `rbx` =
+//!    `hvm_start_info`, `rsi` = bytes mapped. It notes both and the VMM's `cr3` (for the
+//!    APs), loads the guest's GDT and goes on at `entry64`: about 20 instructions in all.
+//! 2. `pvh_start32` (BSP, any PVH loader such as QEMU: 32-bit protected mode, paging off,
+//!    `ebx` = `hvm_start_info`): saves `ebx`, identity-maps guest physical memory (1 GiB
+//!    pages for the first 64 GiB when CPUID says so, else 2 MiB pages for the first
+//!    4 GiB, which ring 3 extends over RAM above 4 GiB: [`extend_identity_map`]), every
+//!    page U/S=1, the MMIO hole at 3–4 GiB (LAPIC, IOAPIC, virtio-mmio windows) uncached
+//!    (PCD|PWT) so ring 3 can drive devices there, then enters long mode at
+//!    `long_mode_entry32`.
+//!
+//! Then, for every CPU:
+//! - `ap_trampoline` (APs, real mode at 0x8000 after SIPI vector 0x08): loads the GDT and
+//!   jumps to 32-bit code, reusing the BSP's page tables (`boot_cr3`: the guest's own or
+//!   the VMM's).
+//! - `long_mode_entry32` (PVH BSP and APs): PAE + OSFXSR + OSXMMEXCPT, LME, PG|NE|MP|PE.
+//! - `entry64` (every CPU): CPU index = LAPIC ID, ring-0 stack, per-CPU TSS (RSP0), IDT,
+//!   then `iretq` to ring 3 (`ring3_entry(cpu)`) with IOPL=3, IF=0 and a per-CPU stack.
 //!
 //! Exceptions (vectors 0–31) go to one stub that hands vector, error code, rip and CPU to
 //! the ring-3 Rust function `exception_report` on a fresh per-CPU stack — except a `ud2`
@@ -20,8 +30,9 @@
 //! itself is filled from ring 3 by [`install_idt`] before any other Rust code runs (an
 //! exception before that triple-faults).
 //!
-//! Instructions executed at CPL0: about 520 on the BSP (460 of them the 64-entry page
-//! table loop; the 2 MiB fallback runs about 12,000) and about 70 per AP.
+//! Instructions executed at CPL0: about 45 on the BSP entered directly; by PVH about 520
+//! (460 of them the 64-entry page table loop; the 2 MiB fallback runs about 12,000); about
+//! 70 per AP.
 //!
 //! Two things are as they are because of the nested KVM (`kvm_pvm`) this project runs on:
 //! port I/O from ring 3 is checked against the TSS I/O bitmap even with IOPL=3, so every
@@ -61,8 +72,10 @@ const KERNEL_CODE32: u16 = 0x28;
 pub const GIB_PAGES_MAPPED: u64 = 64;
 /// Bytes identity-mapped with 1 GiB pages.
 pub const MAPPED_BYTES_1G: u64 = GIB_PAGES_MAPPED << 30;
-/// Bytes identity-mapped with the 2 MiB fallback.
+/// Bytes identity-mapped with the 2 MiB fallback (a whole number of 4 GiB).
 pub const MAPPED_BYTES_2M: u64 = 4 << 30;
+const _: () =
+    assert!((MAPPED_BYTES_1G >> 32) << 32 == MAPPED_BYTES_1G && (MAPPED_BYTES_2M >> 32) << 32 == MAPPED_BYTES_2M);
 /// Bytes of a TSS without its I/O bitmap (where the bitmap starts).
 const TSS_BASE_BYTES: usize = 104;
 /// The I/O permission bitmap: one bit per port, 0 = allowed.
@@ -83,6 +96,17 @@ global_asm!(
 .asciz "Xen"
 .balign 4
 .quad pvh_start32
+.balign 4
+
+/* ---- Faultline's direct 64-bit entry (faultline_abi::DIRECT_ENTRY_NOTE_NAME) ---- */
+.section .note.faultline, "a", @note
+.balign 4
+.long 10
+.long 8
+.long {direct_note_type}
+.asciz "Faultline"
+.balign 4
+.quad direct_entry64
 .balign 4
 
 /* ---- AP trampoline: real mode at 0x8000 (CS = 0x0800, IP = 0) ---- */
@@ -131,7 +155,7 @@ pvh_start32:
     decl %ecx
     jnz 1b
     orl $0x18, pdpt + 24        /* 3-4 GiB, the MMIO hole: PCD | PWT (uncached) */
-    movl $1, boot_huge_1g
+    movl ${mapped_1g_high}, boot_mapped_bytes + 4   /* MAPPED_BYTES_1G */
     jmp long_mode_entry32
     /* 2 MiB pages for the first 4 GiB: PDPT[0..4] -> four page directories */
 2:  movl $(pds + 7), %eax
@@ -157,6 +181,7 @@ pvh_start32:
     addl $8, %edi
     decl %ecx
     jnz 4b
+    movl ${mapped_2m_high}, boot_mapped_bytes + 4   /* MAPPED_BYTES_2M */
 
 /* ---- BSP and APs: enter long mode with the shared page tables ---- */
 long_mode_entry32:
@@ -168,7 +193,7 @@ long_mode_entry32:
     movl %cr4, %eax
     orl $0x620, %eax            /* PAE | OSFXSR | OSXMMEXCPT */
     movl %eax, %cr4
-    movl $pml4, %eax
+    movl boot_cr3, %eax         /* the guest's own tables, or the VMM's (direct entry) */
     movl %eax, %cr3
     movl $0xC0000080, %ecx      /* EFER.LME */
     rdmsr
@@ -179,6 +204,15 @@ long_mode_entry32:
     ljmpl ${code64}, $entry64
 
 .code64
+/* ---- BSP direct entry: long mode, the VMM's tables, rbx = start info, rsi = mapped ---- */
+.global direct_entry64
+direct_entry64:
+    movq %rbx, boot_start_info_gpa(%rip)
+    movq %rsi, boot_mapped_bytes(%rip)
+    movq %cr3, %rax
+    movl %eax, boot_cr3(%rip)
+    lgdt gdtr64(%rip)           /* CS 0x08 is 64-bit kernel code in both GDTs; no stack yet */
+
 entry64:
     movl ${kdata}, %eax
     movw %ax, %ds
@@ -308,6 +342,10 @@ gdtr:
     .word gdt_end - gdt - 1
     .long gdt
 .balign 8
+gdtr64:
+    .word gdt_end - gdt - 1
+    .quad gdt
+.balign 8
 idtr:
     .word 4095
     .quad idt
@@ -319,15 +357,22 @@ zero_idtr:
 .global boot_start_info_gpa
 boot_start_info_gpa:
     .quad 0
-.global boot_huge_1g
-boot_huge_1g:
+.global boot_mapped_bytes
+boot_mapped_bytes:
     .quad 0
+.global boot_cr3
+boot_cr3:
+    .long pml4
 
 .section .boot_bss, "aw", @nobits
 .balign 4096
+.global pml4
 pml4:        .skip 4096
-pdpt:        .skip 4096
 pds:         .skip 4 * 4096
+.global pdpt
+pdpt:        .skip 4096
+.global pds_high
+pds_high:    .skip {high_gib} * 4096     /* 4 GiB and up, filled by ring 3 (PVH, 2 MiB pages) */
 .global idt
 idt:         .skip 4096
 tss_array:   .skip {max_cpus} * {tss_stride}
@@ -343,6 +388,10 @@ user_stacks: .skip {max_cpus} * {user_bytes}
     udata = const USER_DATA,
     ucode = const USER_CODE64,
     gib_pages = const GIB_PAGES_MAPPED,
+    direct_note_type = const faultline_abi::DIRECT_ENTRY_NOTE_TYPE,
+    mapped_1g_high = const MAPPED_BYTES_1G >> 32,
+    high_gib = const HIGH_GIB,
+    mapped_2m_high = const MAPPED_BYTES_2M >> 32,
     max_cpus = const MAX_CPUS,
     cpu_mask = const MAX_CPUS - 1,
     r0_shift = const RING0_STACK_SHIFT,
@@ -366,8 +415,15 @@ extern "C" {
     static mut idt: [u64; 512];
     /// `ebx` at the PVH entry: the guest physical address of `hvm_start_info`.
     static boot_start_info_gpa: u64;
-    /// 1 when ring 0 mapped memory with 1 GiB pages, 0 for the 2 MiB fallback.
-    static boot_huge_1g: u64;
+    /// The PVH path's PML4 and PDPT and the page directories for RAM above 4 GiB.
+    static pml4: [u64; 512];
+    static mut pdpt: [u64; 512];
+    static mut pds_high: [[u64; 512]; HIGH_GIB as usize];
+    /// The page-table root every CPU loads (`pml4`, or the VMM's for the direct entry).
+    static boot_cr3: u32;
+    /// Bytes of guest physical memory (from 0) identity-mapped at entry: by the VMM for
+    /// the direct entry, by `pvh_start32` otherwise.
+    static mut boot_mapped_bytes: u64;
 }
 
 /// The guest physical address of the PVH `hvm_start_info` the loader passed in `ebx`.
@@ -376,14 +432,55 @@ pub fn start_info_gpa() -> u64 {
     unsafe { addr_of!(boot_start_info_gpa).read_volatile() }
 }
 
-/// How many bytes of guest physical memory (from 0) ring 0 identity-mapped.
+/// Whether the guest was entered at `direct_entry64` (by Faultline's own VMM).
+fn entered_directly() -> bool {
+    // SAFETY: a plain read of boot data written before ring 3 started.
+    unsafe { addr_of!(boot_cr3).read_volatile() as u64 != addr_of!(pml4) as u64 }
+}
+
+/// How many bytes of guest physical memory (from 0) were identity-mapped at entry.
 pub fn mapped_bytes() -> u64 {
     // SAFETY: written once by ring 0 before ring 3 started; read-only afterwards.
-    if unsafe { addr_of!(boot_huge_1g).read_volatile() } != 0 {
-        MAPPED_BYTES_1G
-    } else {
-        MAPPED_BYTES_2M
+    unsafe { addr_of!(boot_mapped_bytes).read_volatile() }
+}
+
+/// GiB above the first 4 that the 2 MiB fallback can extend the identity map over.
+const HIGH_GIB: u64 = GIB_PAGES_MAPPED - 4;
+
+/// Extends the identity map over RAM above 4 GiB when ring 0 mapped only the first 4 GiB
+/// (the PVH entry on a CPU without 1 GiB pages), up to `MAPPED_BYTES_1G`, and returns
+/// how many bytes from 0 are mapped now. Runs on the BSP in ring 3 before the APs start
+/// (the tables are user-writable like all memory). The new PDPT entries were not present,
+/// so no TLB holds them: nothing to flush. Each page directory is filled before the PDPT
+/// entry that links it, so no CPU ever sees a half-built one.
+pub fn extend_identity_map(memmap: &[crate::pvh::MemmapEntry]) -> u64 {
+    let mapped = mapped_bytes();
+    if entered_directly() || mapped != MAPPED_BYTES_2M {
+        return mapped;
     }
+    let top = memmap
+        .iter()
+        .filter(|e| e.kind == crate::pvh::MEMMAP_TYPE_RAM)
+        .map(|e| e.addr.saturating_add(e.size))
+        .max()
+        .unwrap_or(0);
+    let end_gib = top.div_ceil(1 << 30).min(GIB_PAGES_MAPPED);
+    for gib in 4..end_gib {
+        // SAFETY: only the BSP runs; these directories are not linked (not in use) until
+        // the PDPT write below, and the PDPT entry written was not present.
+        unsafe {
+            let directory = &mut (*addr_of_mut!(pds_high))[(gib - 4) as usize];
+            for (i, entry) in directory.iter_mut().enumerate() {
+                *entry = (gib << 30) | ((i as u64) << 21) | 0x87;
+            }
+            let link = directory.as_ptr() as u64 | 0x7;
+            addr_of_mut!(pdpt).cast::<u64>().add(gib as usize).write_volatile(link);
+        }
+    }
+    let extended = end_gib.max(4) << 30;
+    // SAFETY: only the BSP runs, before anything reads the value again.
+    unsafe { addr_of_mut!(boot_mapped_bytes).write_volatile(extended) };
+    extended
 }
 
 /// Encodes a 64-bit interrupt gate to `handler` (kernel code, IF cleared) usable from `dpl`.

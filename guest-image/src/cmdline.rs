@@ -70,6 +70,8 @@ pub struct Config {
     step_count: usize,
     /// `fl.size` in bytes; `None` = all.
     pub size_bytes: Option<u64>,
+    /// `fl.region_stride`: the region samples every Nth page of each RAM range (1: all).
+    pub region_stride_pages: u64,
     /// Pattern and permutation seed.
     pub seed: u64,
     /// `touch` order.
@@ -128,6 +130,7 @@ impl Config {
             steps: [GuestStep::Abi(Step::Fill); MAX_STEPS],
             step_count: 0,
             size_bytes: None,
+            region_stride_pages: 1,
             seed: 1,
             pattern: TouchPattern::Sequential,
             stride_pages: 16,
@@ -165,6 +168,13 @@ impl Config {
             if v != "all" {
                 config.size_bytes = Some(parse_size(v).ok_or(bad(key::SIZE, v, "cannot parse"))?);
             }
+        }
+        if let Some(v) = cmdline_value(line, key::REGION_STRIDE_PAGES) {
+            config.region_stride_pages = parse_number(v).filter(|&n| n >= 1).ok_or(bad(
+                key::REGION_STRIDE_PAGES,
+                v,
+                "must be at least 1, cannot use",
+            ))?;
         }
         if let Some(v) = cmdline_value(line, key::SEED) {
             config.seed = parse_number(v).ok_or(bad(key::SEED, v, "cannot parse"))?;

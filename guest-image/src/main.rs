@@ -52,7 +52,9 @@ pub(crate) fn error(message: impl core::fmt::Display) {
 }
 
 fn bsp_main() -> ! {
-    clear_bss();
+    // `.bss` is not cleared here: zeroing p_memsz past p_filesz is the ELF loader's job
+    // (Faultline's and QEMU's do it), and clearing it again would touch every page of it
+    // (the per-CPU results alone are about 1 MiB) for nothing.
     boot::install_idt();
     serial::init();
     tsc::init();
@@ -74,10 +76,12 @@ fn bsp_main() -> ! {
             tsc::FALLBACK_TSC_KHZ
         );
     }
-    let region = Region::from_memmap(info.memmap, boot::mapped_bytes(), config.size_bytes).unwrap_or_else(|e| {
-        error(e);
-        exit(ExitStatus::BadCommandLine)
-    });
+    let mapped = boot::extend_identity_map(info.memmap);
+    let region = Region::from_memmap(info.memmap, mapped, config.size_bytes, config.region_stride_pages)
+        .unwrap_or_else(|e| {
+            error(e);
+            exit(ExitStatus::BadCommandLine)
+        });
     workloads::set_context(Context { config, region, tsc_khz, cmdline: info.cmdline });
     fence(Ordering::SeqCst);
     if let Err(online) = smp::start_aps(config.cpus, tsc_khz) {
@@ -163,21 +167,4 @@ fn panic(info: &PanicInfo) -> ! {
         let _ = writeln!(out, "{REPORT_PREFIX}{} {{\"msg\":\"{}\"}}", report::ERROR, JsonEscaped(info));
     }
     exit(ExitStatus::Panic)
-}
-
-/// Zeroes `.bss` (the loader should have; a reused or restored VM might not have).
-/// Stacks, page tables and the IDT live in `.boot_bss`, which is not touched.
-fn clear_bss() {
-    extern "C" {
-        static mut __bss_start: u8;
-        static __bss_end: u8;
-    }
-    // SAFETY: the linker script defines both symbols around .bss; no Rust static has been
-    // used yet, and the running stack is outside the range.
-    unsafe {
-        let start = core::ptr::addr_of_mut!(__bss_start);
-        let length = core::ptr::addr_of!(__bss_end) as usize - start as usize;
-        core::arch::asm!("rep stosb", inout("rcx") length => _, inout("rdi") start => _, in("al") 0u8,
-                         options(nostack, preserves_flags));
-    }
 }

@@ -1,6 +1,8 @@
 //! The workload region: all RAM at or above `WORKLOAD_MIN_GPA`, as one linear space of
-//! page indices laid over one or more physical ranges (memory zones, RAM above the
-//! 3–4 GiB hole).
+//! page indices laid over one or more physical ranges (memory zones, RAM below and above
+//! the 3–4 GiB hole). With `fl.region_stride=N` the region is a sample of that RAM: the
+//! first page of every physical range, every Nth page after it and its last page, so a
+//! test can prove that every range of a big guest is reached without touching it all.
 
 use core::fmt;
 
@@ -8,10 +10,12 @@ use faultline_abi::{PAGE_SIZE, WORKLOAD_MIN_GPA};
 
 use crate::pvh::{MemmapEntry, MEMMAP_TYPE_RAM};
 
-/// Most physical ranges the region is made of.
+/// Most RAM ranges of the memory map the region is made of.
 pub const MAX_RANGES: usize = 32;
+/// Most page runs: a sampled RAM range is two runs (the strided pages, its last page).
+const MAX_RUNS: usize = 2 * MAX_RANGES;
 
-/// A run of pages at consecutive guest physical addresses.
+/// A run of pages at evenly spaced guest physical addresses.
 #[derive(Clone, Copy, Default)]
 pub struct PageRange {
     /// Guest physical address of the first page.
@@ -20,12 +24,21 @@ pub struct PageRange {
     pub first_index: u64,
     /// Number of pages.
     pub pages: u64,
+    /// Distance between two pages of the run, in pages (1: consecutive pages).
+    pub stride_pages: u64,
+}
+
+impl PageRange {
+    #[inline]
+    fn gpa(&self, index: u64) -> u64 {
+        self.first_gpa + (index - self.first_index) * self.stride_pages * PAGE_SIZE
+    }
 }
 
 /// The workload region.
 #[derive(Clone, Copy)]
 pub struct Region {
-    ranges: [PageRange; MAX_RANGES],
+    ranges: [PageRange; MAX_RUNS],
     range_count: usize,
     /// Pages in the region.
     pub pages: u64,
@@ -57,14 +70,17 @@ impl fmt::Display for RegionError {
 
 impl Region {
     /// Builds the region from the memory map: RAM at or above `WORKLOAD_MIN_GPA` and below
-    /// `mapped_limit` (what ring 0 identity-mapped), page-aligned, in address order, capped
-    /// to `size_bytes` if given.
+    /// `mapped_limit` (what is identity-mapped), page-aligned, in address order, capped to
+    /// its first `size_bytes` if given, then sampled every `stride_pages` pages (1: every
+    /// page).
     pub fn from_memmap(
         memmap: &[MemmapEntry],
         mapped_limit: u64,
         size_bytes: Option<u64>,
+        stride_pages: u64,
     ) -> Result<Region, RegionError> {
-        let mut region = Region { ranges: [PageRange::default(); MAX_RANGES], range_count: 0, pages: 0, ram_bytes: 0 };
+        let stride = stride_pages.max(1);
+        let mut region = Region { ranges: [PageRange::default(); MAX_RUNS], range_count: 0, pages: 0, ram_bytes: 0 };
         let mut spans = [(0u64, 0u64); MAX_RANGES];
         let mut span_count = 0;
         for entry in memmap.iter().filter(|entry| entry.kind == MEMMAP_TYPE_RAM) {
@@ -78,25 +94,41 @@ impl Region {
         }
         let spans = &mut spans[..span_count];
         spans.sort_unstable_by_key(|span| span.0);
+        let mut last_end = 0;
+        for span in spans.iter_mut() {
+            span.0 = span.0.max(last_end); // overlapping entries: count each page once
+            span.1 = span.1.max(span.0);
+            last_end = span.1;
+        }
         let available_pages: u64 = spans.iter().map(|(start, end)| (end - start) / PAGE_SIZE).sum();
-        let wanted_pages = match size_bytes {
+        let mut unused_pages = match size_bytes {
             Some(asked) if asked > available_pages * PAGE_SIZE => {
                 return Err(RegionError::TooLarge { asked, available: available_pages * PAGE_SIZE })
             }
             Some(asked) => asked / PAGE_SIZE,
             None => available_pages,
         };
-        let mut last_end = 0;
         for &(start, end) in spans.iter() {
-            let start = start.max(last_end); // overlapping entries: count each page once
-            if start >= end || region.pages == wanted_pages {
-                continue;
+            let pages = ((end - start) / PAGE_SIZE).min(unused_pages);
+            unused_pages -= pages;
+            // A sampled span: its pages 0, s, 2s, ... and, if not among them, its last one.
+            let strided = pages.div_ceil(stride);
+            let last = pages > 0 && (pages - 1) % stride != 0;
+            for (first_page, count, stride_pages) in
+                [(0, strided, stride), (pages.saturating_sub(1), u64::from(last), 1)]
+            {
+                if count == 0 {
+                    continue;
+                }
+                region.ranges[region.range_count] = PageRange {
+                    first_gpa: start + first_page * PAGE_SIZE,
+                    first_index: region.pages,
+                    pages: count,
+                    stride_pages,
+                };
+                region.range_count += 1;
+                region.pages += count;
             }
-            let pages = ((end - start) / PAGE_SIZE).min(wanted_pages - region.pages);
-            region.ranges[region.range_count] = PageRange { first_gpa: start, first_index: region.pages, pages };
-            region.range_count += 1;
-            region.pages += pages;
-            last_end = end;
         }
         Ok(region)
     }
@@ -111,7 +143,7 @@ impl Region {
     pub fn gpa(&self, index: u64) -> u64 {
         for range in self.ranges() {
             if index < range.first_index + range.pages {
-                return range.first_gpa + (index - range.first_index) * PAGE_SIZE;
+                return range.gpa(index);
             }
         }
         panic!("page index {index} outside the region of {} pages", self.pages)
@@ -123,7 +155,7 @@ impl Region {
             let lo = first.max(range.first_index);
             let hi = end.min(range.first_index + range.pages);
             for index in lo..hi {
-                f(index, range.first_gpa + (index - range.first_index) * PAGE_SIZE);
+                f(index, range.gpa(index));
             }
         }
     }

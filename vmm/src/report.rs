@@ -61,6 +61,8 @@ pub struct RunReport {
     pub setup_ns: u64,
     /// Nanoseconds from process start to the VM's end.
     pub total_ns: u64,
+    /// The boot's phases (VM built, first instruction, ready).
+    pub boot: crate::boot::timeline::BootTimeline,
     /// Host memory at the end.
     pub host_memory: HostMemory,
     /// What demand paging did (fault latency, races, coherence at the end).
@@ -132,9 +134,10 @@ impl RunReport {
         out.push_str(&format!("  exit: {}\n", self.exit.describe()));
         if let Some(ns) = self.guest.ready_after_ns {
             out.push_str(&format!(
-                "  guest ready after {:.2} ms (VM built after {:.2} ms)\n",
+                "  guest ready after {:.2} ms (VM built after {:.2} ms, first instruction after {:.2} ms)\n",
                 ms(ns),
-                ms(self.setup_ns)
+                ms(self.setup_ns),
+                self.boot.first_instruction_ns.map_or(f64::NAN, ms)
             ));
         }
         let tsc_khz = self.guest.ready.as_ref().map_or(0, |r| r.tsc_khz);

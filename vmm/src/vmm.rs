@@ -277,6 +277,7 @@ impl Vmm {
         let host_memory = HostMemory::of_self();
         let balloon_report = watch.zip(machine.devices.balloon.as_ref()).map(|(watch, handle)| watch.report(handle));
         let pauses = machine.pause_stats();
+        let first_run = machine.control.first_run();
         let kvm_trace = host_side.finish_trace(host.as_ref(), machine.paging.regions());
         // The control server (and its hold on the machine) went with the event loop.
         let machine = Arc::try_unwrap(machine).map_err(|_| VmmError::StillShared("the machine"))?;
@@ -286,6 +287,7 @@ impl Vmm {
         let memory_bytes = parts.ram.size_bytes();
         drop(parts.ram);
         let guest = std::mem::take(&mut parts.collector.lock().unwrap_or_else(|e| e.into_inner()).report);
+        let boot = boot::timeline::BootTimeline::new(options.started, setup_ns, first_run, guest.ready_after_ns);
         Ok(RunReport {
             exit,
             guest,
@@ -294,6 +296,7 @@ impl Vmm {
             backends: config.zones.iter().map(|z| z.backend.name().to_string()).collect(),
             setup_ns,
             total_ns,
+            boot,
             host_memory,
             faults: Some(faults),
             chaos,
@@ -335,7 +338,7 @@ fn build_machine(config: &VmConfig, options: &RunOptions, start: Start) -> Resul
         .map(|id| Vcpu::new(&vm, &supported_cpuid, id, config.vcpus))
         .collect::<Result<Vec<_>, _>>()?;
     if start == Start::Boot {
-        let kernel = boot::load_kernel(&config.kernel, ram.memory())?;
+        let kernel = boot::load_kernel(&config.kernel, &ram)?;
         tracing::debug!("loaded {}: {:?}, ends at {:#x}", kernel.name, kernel.entry, kernel.end_gpa);
         let tsc_khz = vcpus[0].tsc_khz().ok();
         let cmdline = config.guest_cmdline(tsc_khz);

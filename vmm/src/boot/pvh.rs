@@ -24,6 +24,14 @@ pub fn memmap(ram_ranges: &[(u64, u64)]) -> Vec<hvm_memmap_table_entry> {
 
 /// Writes the start info, memory map and GDT; returns the PVH entry state.
 pub fn configure(ram: &GuestRam, entry: u64) -> Result<CpuEntry, BootError> {
+    let start_info = write_start_info(ram)?;
+    let gdt_bytes: Vec<u8> = gdt::PVH_GDT.iter().flat_map(|e| e.to_le_bytes()).collect();
+    super::write(ram.memory(), "the boot GDT", abi::BOOT_GDT_GPA, &gdt_bytes)?;
+    Ok(CpuEntry::Pvh32 { entry, start_info })
+}
+
+/// Writes `hvm_start_info` and the memory map of `ram`; returns the start info's GPA.
+pub fn write_start_info(ram: &GuestRam) -> Result<u64, BootError> {
     let memory = ram.memory();
     let map = memmap(&ram.ram_ranges());
     if map.len() > MAX_MEMMAP_ENTRIES {
@@ -46,9 +54,7 @@ pub fn configure(ram: &GuestRam, entry: u64) -> Result<CpuEntry, BootError> {
         })?;
     }
     super::write(memory, "hvm_start_info", abi::PVH_START_INFO_GPA, start_info.as_slice())?;
-    let gdt_bytes: Vec<u8> = gdt::PVH_GDT.iter().flat_map(|e| e.to_le_bytes()).collect();
-    super::write(memory, "the boot GDT", abi::BOOT_GDT_GPA, &gdt_bytes)?;
-    Ok(CpuEntry::Pvh32 { entry, start_info: abi::PVH_START_INFO_GPA })
+    Ok(abi::PVH_START_INFO_GPA)
 }
 
 #[cfg(test)]

@@ -1,6 +1,11 @@
 //! `faultline bench boot`: process start → guest ready, Faultline against QEMU
 //! (`-M microvm -accel kvm`) booting the same built-in ELF, measured in the same run,
 //! alternating A B A B so that drift of this shared machine hits both alike.
+//!
+//! For Faultline it also gives where the time goes, from the spawn: process start (until
+//! `main`), VM built, first instruction (the boot vCPU's first KVM_RUN) and ready (the
+//! guest's ready line reaching the VMM), from the run report's boot timeline; and what
+//! the peak RSS is made of (anonymous, file-backed, shared memory at the end of the run).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -70,6 +75,34 @@ pub struct BootFigures {
     pub max_rss_mib: Spread,
 }
 
+/// Where Faultline's boot time goes: milliseconds from the spawn to the end of each phase.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BootPhases {
+    /// The process reached `main` (exec, dynamic linking, runtime start).
+    pub process_start_ms: Spread,
+    /// Guest RAM, KVM VM, kernel and boot data, devices and vCPUs are ready.
+    pub vm_built_ms: Spread,
+    /// The boot vCPU entered KVM_RUN: the guest's first instruction.
+    pub first_instruction_ms: Spread,
+    /// The guest's ready line reached the VMM.
+    pub ready_ms: Spread,
+}
+
+/// What Faultline's memory is made of at the end of a run (MiB, from /proc/self/status).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RssParts {
+    /// Peak RSS (VmHWM).
+    pub peak_mib: Spread,
+    /// RSS at the end.
+    pub rss_mib: Spread,
+    /// Of it, anonymous memory (heap, stacks, touched guest RAM).
+    pub anon_mib: Spread,
+    /// Of it, file-backed pages (the binary's text and data, shared libraries).
+    pub file_mib: Spread,
+    /// Of it, shared memory (memfd guest RAM).
+    pub shmem_mib: Spread,
+}
+
 /// The benchmark's result.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BootBenchReport {
@@ -81,6 +114,10 @@ pub struct BootBenchReport {
     pub memory_mib: u64,
     /// Faultline's figures.
     pub faultline: BootFigures,
+    /// Where Faultline's boot time goes.
+    pub phases: Option<BootPhases>,
+    /// What Faultline's RSS is made of.
+    pub rss: Option<RssParts>,
     /// QEMU's figures, when QEMU was found.
     pub qemu: Option<BootFigures>,
     /// Faultline / QEMU ready time, pair by pair.
@@ -96,7 +133,7 @@ const READY_MARKER: &str = "FL ready";
 fn faultline_command(args: &BootBenchArgs) -> Command {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("faultline"));
     let mut command = Command::new(exe);
-    command.args(["run", "--console", "--steps", "idle", "--duration-ms", "0"]);
+    command.args(["run", "--console", "--json", "--steps", "idle", "--duration-ms", "0"]);
     command.args(["--vcpus", &args.vcpus.to_string(), "--memory", &format!("size={}M", args.memory_mib)]);
     command
 }
@@ -142,6 +179,49 @@ fn figures(timings: &[ChildTiming]) -> BootFigures {
         cpu_ms: spread(timings.iter().map(|t| ms(t.cpu_ns)).collect()),
         max_rss_mib: spread(timings.iter().map(|t| t.max_rss_bytes as f64 / 1048576.0).collect()),
     }
+}
+
+/// The run report Faultline printed after the guest's lines (`--console --json`).
+fn run_report(timing: &ChildTiming) -> Option<serde_json::Value> {
+    let start =
+        timing.stdout.find("\n{\n").map(|at| at + 1).or_else(|| timing.stdout.starts_with("{\n").then_some(0))?;
+    serde_json::from_str(&timing.stdout[start..]).ok()
+}
+
+fn phases(timings: &[ChildTiming]) -> Option<BootPhases> {
+    let mut columns: [Vec<f64>; 4] = Default::default();
+    for timing in timings {
+        let report = run_report(timing)?;
+        let boot = &report["boot"];
+        let start_ns = boot["started_monotonic_ns"].as_u64()?.checked_sub(timing.spawned_monotonic_ns)?;
+        let phase_ns =
+            [Some(0), boot["vm_built_ns"].as_u64(), boot["first_instruction_ns"].as_u64(), boot["ready_ns"].as_u64()];
+        for (column, ns) in columns.iter_mut().zip(phase_ns) {
+            column.push((start_ns + ns?) as f64 / 1e6);
+        }
+    }
+    let [process_start, vm_built, first_instruction, ready] = columns.map(|c| Spread::of(&c));
+    Some(BootPhases {
+        process_start_ms: process_start?,
+        vm_built_ms: vm_built?,
+        first_instruction_ms: first_instruction?,
+        ready_ms: ready?,
+    })
+}
+
+fn rss_parts(timings: &[ChildTiming]) -> Option<RssParts> {
+    let mut columns: [Vec<f64>; 5] = Default::default();
+    for timing in timings {
+        let memory = run_report(timing)?["host_memory"].clone();
+        let mib = |key: &str| memory[key].as_u64().map(|b| b as f64 / 1048576.0);
+        let (rss, anon, shmem) = (mib("rss_bytes")?, mib("rss_anon_bytes")?, mib("rss_shmem_bytes")?);
+        let values = [mib("peak_rss_bytes")?, rss, anon, (rss - anon - shmem).max(0.0), shmem];
+        for (column, value) in columns.iter_mut().zip(values) {
+            column.push(value);
+        }
+    }
+    let [peak, rss, anon, file, shmem] = columns.map(|c| Spread::of(&c));
+    Some(RssParts { peak_mib: peak?, rss_mib: rss?, anon_mib: anon?, file_mib: file?, shmem_mib: shmem? })
 }
 
 fn qemu_available(qemu: &str) -> bool {
@@ -191,6 +271,8 @@ pub fn run(args: &BootBenchArgs) -> Result<BootBenchReport, BootBenchError> {
         vcpus: args.vcpus,
         memory_mib: args.memory_mib,
         faultline: figures(&ours),
+        phases: phases(&ours),
+        rss: rss_parts(&ours),
         qemu: with_qemu.then(|| figures(&theirs)),
         ready_ratio: pair_ratio(|t| t.marker_ns.unwrap_or(t.exit_ns)),
         cpu_ratio: pair_ratio(|t| t.cpu_ns),
@@ -218,6 +300,21 @@ impl BootBenchReport {
         block("faultline", &self.faultline);
         if let Some(q) = &self.qemu {
             block("qemu -M microvm", q);
+        }
+        if let Some(p) = &self.phases {
+            out.push_str("faultline boot phases, from the spawn\n");
+            out.push_str(&row("process start", &p.process_start_ms, "ms"));
+            out.push_str(&row("VM built", &p.vm_built_ms, "ms"));
+            out.push_str(&row("first instruction", &p.first_instruction_ms, "ms"));
+            out.push_str(&row("ready (in the VMM)", &p.ready_ms, "ms"));
+        }
+        if let Some(r) = &self.rss {
+            out.push_str("faultline RSS at the end of the run\n");
+            out.push_str(&row("peak (VmHWM)", &r.peak_mib, "MiB"));
+            out.push_str(&row("resident", &r.rss_mib, "MiB"));
+            out.push_str(&row("  anonymous", &r.anon_mib, "MiB"));
+            out.push_str(&row("  file-backed", &r.file_mib, "MiB"));
+            out.push_str(&row("  shared memory", &r.shmem_mib, "MiB"));
         }
         if let (Some(r), Some(c)) = (&self.ready_ratio, &self.cpu_ratio) {
             out.push_str("faultline / qemu, pair by pair\n");

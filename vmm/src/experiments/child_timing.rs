@@ -28,8 +28,11 @@ pub enum ChildTimingError {
 }
 
 /// One timed run of a child process.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct ChildTiming {
+    /// CLOCK_MONOTONIC just before the spawn, in nanoseconds (to place the child's own
+    /// timestamps on the parent's time line).
+    pub spawned_monotonic_ns: u64,
     /// Spawn → the marker line on stdout (None if it never came).
     pub marker_ns: Option<u64>,
     /// Spawn → exit.
@@ -40,6 +43,9 @@ pub struct ChildTiming {
     pub max_rss_bytes: u64,
     /// Exit code (or 128 + signal).
     pub exit_code: i32,
+    /// Everything the child wrote on stdout.
+    #[serde(skip)]
+    pub stdout: String,
 }
 
 /// Runs `command`, noting when a stdout line containing `marker` appears; kills the
@@ -47,6 +53,7 @@ pub struct ChildTiming {
 pub fn time_child(mut command: Command, marker: &str, timeout: Duration) -> Result<ChildTiming, ChildTimingError> {
     let program = format!("{:?}", command.get_program());
     command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    let spawned_monotonic_ns = crate::boot::timeline::monotonic_ns();
     let start = Instant::now();
     let mut child = command.spawn().map_err(|source| ChildTimingError::Spawn { program: program.clone(), source })?;
     let pid = child.id() as libc::pid_t;
@@ -64,11 +71,14 @@ pub fn time_child(mut command: Command, marker: &str, timeout: Duration) -> Resu
         unsafe { libc::kill(pid, libc::SIGKILL) };
     });
     let mut marker_ns = None;
+    let mut output = String::new();
     for line in BufReader::new(stdout).lines() {
         let Ok(line) = line else { break };
         if marker_ns.is_none() && line.contains(marker) {
             marker_ns = Some(start.elapsed().as_nanos() as u64);
         }
+        output.push_str(&line);
+        output.push('\n');
     }
     let mut status: libc::c_int = 0;
     // SAFETY: rusage is plain old data, zero is a valid value.
@@ -85,11 +95,13 @@ pub fn time_child(mut command: Command, marker: &str, timeout: Duration) -> Resu
     let status = std::process::ExitStatus::from_raw(status);
     let tv_ns = |tv: libc::timeval| tv.tv_sec as u64 * 1_000_000_000 + tv.tv_usec as u64 * 1000;
     Ok(ChildTiming {
+        spawned_monotonic_ns,
         marker_ns,
         exit_ns,
         cpu_ns: tv_ns(usage.ru_utime) + tv_ns(usage.ru_stime),
         max_rss_bytes: usage.ru_maxrss as u64 * 1024,
         exit_code: status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+        stdout: output,
     })
 }
 
@@ -138,6 +150,7 @@ mod tests {
         assert!(timing.marker_ns.is_some());
         assert!(timing.marker_ns.unwrap() <= timing.exit_ns);
         assert_eq!(timing.exit_code, 3);
+        assert_eq!(timing.stdout, "hello\nREADY\n");
         assert!(timing.max_rss_bytes > 0);
     }
 }

@@ -7,7 +7,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, Once};
+use std::sync::{Mutex, Once, OnceLock};
 
 use kvm_bindings::kvm_run;
 use vmm_sys_util::eventfd::EventFd;
@@ -66,6 +66,7 @@ pub struct VmControl {
     stopping: AtomicBool,
     exit_event: EventFd,
     threads: Mutex<Vec<libc::pthread_t>>,
+    first_run: OnceLock<std::time::Instant>,
 }
 
 impl VmControl {
@@ -77,6 +78,7 @@ impl VmControl {
             stopping: AtomicBool::new(false),
             exit_event: EventFd::new(libc::EFD_NONBLOCK).map_err(ControlError::EventFd)?,
             threads: Mutex::new(Vec::new()),
+            first_run: OnceLock::new(),
         })
     }
 
@@ -116,6 +118,16 @@ impl VmControl {
     /// Signalled (written) when the VM ends.
     pub fn exit_event(&self) -> &EventFd {
         &self.exit_event
+    }
+
+    /// Notes that the boot vCPU is about to enter KVM_RUN (the first call counts).
+    pub fn note_first_run(&self) {
+        let _ = self.first_run.set(std::time::Instant::now());
+    }
+
+    /// When the boot vCPU first entered KVM_RUN, if it has.
+    pub fn first_run(&self) -> Option<std::time::Instant> {
+        self.first_run.get().copied()
     }
 
     /// Registers the calling thread as a vCPU thread to kick when the VM ends.

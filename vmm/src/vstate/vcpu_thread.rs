@@ -315,6 +315,9 @@ fn vcpu_thread(
                 Command::Exit => break,
                 Command::Run => {
                     running = true;
+                    if vcpu.id() == 0 {
+                        control.note_first_run();
+                    }
                     Answer::Done
                 }
                 Command::Pause => {
