@@ -181,7 +181,7 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
         let chaos = chaos.map(|h| h.join().unwrap_or_else(|_| chaos_panicked()));
         (exit, chaos)
     });
-    let exit = exit?;
+    let exit = ram.explain_failure(exit?);
     let total_ns = options.started.elapsed().as_nanos() as u64;
     let host_memory = HostMemory::of_self();
     let balloon_report = watch.zip(balloon.as_ref()).map(|(watch, handle)| watch.report(handle));

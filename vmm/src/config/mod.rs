@@ -9,9 +9,12 @@ use serde::{Deserialize, Serialize};
 
 mod balloon;
 mod paging;
+mod size;
 
 pub use balloon::BalloonOptions;
 pub use paging::{ChaosConfig, FaultEngineOptions, PagingMode};
+pub use size::format_size;
+use size::{deserialize_opt_size, deserialize_size};
 
 /// Errors in a configuration. Each message names the field and the fix.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -46,9 +49,9 @@ pub enum ConfigError {
         /// The next aligned size, as a suggestion.
         suggestion: u64,
     },
-    /// `path` is given for a backend that does not use one, or missing for `file`.
+    /// A zone option (path, reuse, hugepage) is missing, or does not fit its backend.
     #[error("memory zone {zone}: {reason}")]
-    BadZonePath {
+    BadZoneOption {
         /// Index of the zone.
         zone: usize,
         /// What is wrong.
@@ -112,10 +115,12 @@ pub enum ConfigError {
 }
 
 /// Where one zone's memory comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// Private anonymous memory, populated lazily by the kernel.
+    /// Private anonymous memory, populated lazily by the kernel (the default, as on the
+    /// command line).
+    #[default]
     Anon,
     /// Shared memory from a memfd (shmem).
     Memfd,
@@ -159,11 +164,16 @@ pub struct ZoneConfig {
     /// Size of the zone in bytes.
     #[serde(deserialize_with = "deserialize_size")]
     pub size_bytes: u64,
-    /// Where its memory comes from.
+    /// Where its memory comes from (default: anon).
+    #[serde(default)]
     pub backend: Backend,
     /// The backing file (`file` backend only).
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// Boot on the data an existing backing file holds (`file` backend only): without it,
+    /// a file that holds data is refused rather than overwritten.
+    #[serde(default)]
+    pub reuse: bool,
     /// Huge page size for `hugetlb` (2 MiB or 1 GiB); ignored for other backends.
     #[serde(default = "default_hugepage", deserialize_with = "deserialize_size")]
     pub hugepage_bytes: u64,
@@ -176,24 +186,17 @@ fn default_hugepage() -> u64 {
     HUGEPAGE_2M
 }
 
-fn deserialize_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum SizeValue {
-        Number(u64),
-        Text(String),
-    }
-    match SizeValue::deserialize(d)? {
-        SizeValue::Number(n) => Ok(n),
-        SizeValue::Text(t) => abi::parse_size(&t)
-            .ok_or_else(|| serde::de::Error::custom(format!("cannot parse size '{t}' (use e.g. 512M, 1G)"))),
-    }
-}
-
 impl ZoneConfig {
     /// A zone of `size_bytes` with `backend`, no path, 2 MiB huge pages.
     pub fn new(size_bytes: u64, backend: Backend) -> Self {
-        ZoneConfig { size_bytes, backend, path: None, hugepage_bytes: HUGEPAGE_2M, paging: PagingMode::Kernel }
+        ZoneConfig {
+            size_bytes,
+            backend,
+            path: None,
+            reuse: false,
+            hugepage_bytes: HUGEPAGE_2M,
+            paging: PagingMode::Kernel,
+        }
     }
 
     /// The granule the zone's size must be a multiple of.
@@ -204,15 +207,21 @@ impl ZoneConfig {
         }
     }
 
-    /// Parses `size=1G,backend=hugetlb[,path=/x][,hugepage=2M][,paging=uffd-missing]`
+    /// Parses `size=1G,backend=hugetlb[,path=/x][,reuse=on][,hugepage=2M][,paging=uffd-missing]`
     /// (`backend` defaults to anon, `paging` to kernel;
-    /// a bare `1G` means `size=1G`).
+    /// a bare `1G` means `size=1G`). A key given twice is an error, not "last wins".
     pub fn parse(spec: &str) -> Result<Self, ConfigError> {
         let bad = |reason: String| ConfigError::BadZoneSpec { spec: spec.to_string(), reason };
         let mut size = None;
         let mut zone = ZoneConfig::new(0, Backend::Anon);
+        let mut seen: Vec<&str> = Vec::new();
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (key, value) = part.split_once('=').unwrap_or(("size", part));
+            let canonical = if key == "hugepage_size" { "hugepage" } else { key };
+            if seen.contains(&canonical) {
+                return Err(bad(format!("{canonical}= is given twice; give each key once")));
+            }
+            seen.push(canonical);
             match key {
                 "size" => {
                     size = Some(abi::parse_size(value).ok_or_else(|| bad(format!("cannot parse size '{value}'")))?)
@@ -223,6 +232,13 @@ impl ZoneConfig {
                     })?
                 }
                 "path" => zone.path = Some(PathBuf::from(value)),
+                "reuse" => {
+                    zone.reuse = match value {
+                        "on" | "yes" | "true" | "1" => true,
+                        "off" | "no" | "false" | "0" => false,
+                        _ => return Err(bad(format!("reuse={value}: give reuse=on or reuse=off"))),
+                    }
+                }
                 "paging" => {
                     zone.paging = PagingMode::parse(value).ok_or_else(|| {
                         bad(format!(
@@ -235,11 +251,16 @@ impl ZoneConfig {
                         abi::parse_size(value).ok_or_else(|| bad(format!("cannot parse hugepage size '{value}'")))?
                 }
                 other => {
-                    return Err(bad(format!("unknown key '{other}' (keys: size, backend, path, hugepage, paging)")))
+                    return Err(bad(format!(
+                        "unknown key '{other}' (keys: size, backend, path, reuse, hugepage, paging)"
+                    )))
                 }
             }
         }
         zone.size_bytes = size.ok_or_else(|| bad("missing size=".to_string()))?;
+        if seen.contains(&"hugepage") && zone.backend != Backend::Hugetlb {
+            return Err(bad(format!("hugepage= is only for backend=hugetlb, not {}", zone.backend.name())));
+        }
         Ok(zone)
     }
 }
@@ -289,10 +310,6 @@ pub struct Workload {
     pub rate_pages_per_s: u64,
     /// Duration of `dirty` and `idle`, in milliseconds.
     pub duration_ms: u64,
-}
-
-fn deserialize_opt_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    deserialize_size(d).map(Some)
 }
 
 impl Default for Workload {
@@ -456,9 +473,28 @@ impl VmConfig {
                 return Err(ConfigError::ZeroZoneSize { zone: index });
             }
             if zone.backend == Backend::Hugetlb && ![HUGEPAGE_2M, HUGEPAGE_1G].contains(&zone.hugepage_bytes) {
-                return Err(ConfigError::BadZoneSpec {
-                    spec: format!("hugepage={}", zone.hugepage_bytes),
-                    reason: format!("memory zone {index}: hugepage must be 2M or 1G"),
+                return Err(ConfigError::BadZoneOption {
+                    zone: index,
+                    reason: format!(
+                        "hugepage={} is not a huge page size: give hugepage=2M or hugepage=1G",
+                        format_size(zone.hugepage_bytes)
+                    ),
+                });
+            }
+            if zone.backend != Backend::Hugetlb && zone.hugepage_bytes != HUGEPAGE_2M {
+                return Err(ConfigError::BadZoneOption {
+                    zone: index,
+                    reason: format!(
+                        "hugepage={} is only for backend=hugetlb, not {}",
+                        format_size(zone.hugepage_bytes),
+                        zone.backend.name()
+                    ),
+                });
+            }
+            if zone.reuse && zone.backend != Backend::File {
+                return Err(ConfigError::BadZoneOption {
+                    zone: index,
+                    reason: format!("reuse=on is only for backend=file, not {}", zone.backend.name()),
                 });
             }
             let page = zone.page_bytes();
@@ -480,14 +516,14 @@ impl VmConfig {
             }
             match (zone.backend, &zone.path) {
                 (Backend::File, None) => {
-                    return Err(ConfigError::BadZonePath {
+                    return Err(ConfigError::BadZoneOption {
                         zone: index,
                         reason: "backend=file needs path=/some/file (created if missing)".into(),
                     })
                 }
                 (Backend::File, Some(_)) | (_, None) => {}
                 (other, Some(_)) => {
-                    return Err(ConfigError::BadZonePath {
+                    return Err(ConfigError::BadZoneOption {
                         zone: index,
                         reason: format!("path= is only for backend=file, not {}", other.name()),
                     })
@@ -700,5 +736,35 @@ mod tests {
         assert!(config.validate().unwrap_err().to_string().contains("--balloon"));
         assert_eq!(BalloonOptions::parse_schedule("128M, 0").unwrap(), vec![128 << 20, 0]);
         assert!(BalloonOptions::parse_schedule("lots").is_err());
+    }
+
+    #[test]
+    fn zone_keys_given_twice_or_not_fitting_the_backend_are_refused() {
+        let err = ZoneConfig::parse("size=64M,size=128M").unwrap_err().to_string();
+        assert!(err.contains("size= is given twice"), "{err}");
+        let err = ZoneConfig::parse("size=64M,hugepage=2M").unwrap_err().to_string();
+        assert!(err.contains("hugepage= is only for backend=hugetlb, not anon"), "{err}");
+        let err = ZoneConfig::parse("size=64M,reuse=maybe").unwrap_err().to_string();
+        assert!(err.contains("reuse=on or reuse=off"), "{err}");
+        assert!(ZoneConfig::parse("size=64M,backend=file,path=/x,reuse=on").unwrap().reuse);
+        let config = VmConfig {
+            zones: vec![ZoneConfig { hugepage_bytes: 4 << 20, ..ZoneConfig::new(64 << 20, Backend::Hugetlb) }],
+            ..Default::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("hugepage=4M is not a huge page size") && !err.contains("4194304"), "{err}");
+        let config = VmConfig {
+            zones: vec![ZoneConfig { reuse: true, ..ZoneConfig::new(64 << 20, Backend::Memfd) }],
+            ..Default::default()
+        };
+        assert!(config.validate().unwrap_err().to_string().contains("reuse=on is only for backend=file"));
+    }
+
+    #[test]
+    fn toml_zones_default_to_anon_like_the_command_line() {
+        let config: VmConfig = toml::from_str("[[memory]]\nsize_bytes = \"64M\"\n").unwrap();
+        assert_eq!(config.zones[0], ZoneConfig::new(64 << 20, Backend::Anon));
+        let err = toml::from_str::<VmConfig>("[[memory]]\nsize_bytes = true\n").unwrap_err().to_string();
+        assert!(err.contains("a whole number of bytes") && !err.contains("untagged"), "{err}");
     }
 }

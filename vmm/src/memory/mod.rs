@@ -95,11 +95,11 @@ impl GuestRam {
             .map(|z| layout::ZoneExtent { size_bytes: z.size_bytes, align_bytes: z.page_bytes() })
             .collect();
         let slots = layout::plan(&extents)?;
-        let mappings = zones
-            .iter()
-            .enumerate()
-            .map(|(index, zone)| backend::map_zone(index, zone))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut mappings = Vec::with_capacity(zones.len());
+        for (index, zone) in zones.iter().enumerate() {
+            let mapping = backend::map_zone(index, zone, &mappings)?;
+            mappings.push(mapping);
+        }
 
         let mut regions = Vec::with_capacity(slots.len());
         let mut mmap_regions = Vec::with_capacity(slots.len());
@@ -153,6 +153,35 @@ impl GuestRam {
     /// The host mapping of each zone, in configuration order.
     pub fn zone_mappings(&self) -> &[ZoneMapping] {
         &self.mappings
+    }
+
+    /// Names the file behind a vCPU or fault-engine failure that a file zone's file
+    /// caused: a file truncated while the VM ran, or a full filesystem, make the kernel
+    /// fail the access (SIGBUS: `KVM_RUN` EFAULT, or ENOMEM/ENOSPC from userfaultfd) with
+    /// an error that names neither. Other exits are returned as they are.
+    pub fn explain_failure(&self, exit: crate::exit::VmExit) -> crate::exit::VmExit {
+        use crate::exit::VmExit;
+        let reason = match &exit {
+            VmExit::Fatal { reason, .. } | VmExit::FaultEngineFailed { reason } => reason.clone(),
+            _ => return exit,
+        };
+        let Some(cause) = self
+            .mappings
+            .iter()
+            .enumerate()
+            .find_map(|(zone, m)| backend::file_fault_cause(zone, m, self.path_of(zone)))
+        else {
+            return exit;
+        };
+        let reason = format!("{cause} ({reason})");
+        match exit {
+            VmExit::Fatal { vcpu, .. } => VmExit::Fatal { vcpu, reason },
+            _ => VmExit::FaultEngineFailed { reason },
+        }
+    }
+
+    fn path_of(&self, zone: usize) -> Option<&std::path::Path> {
+        self.regions.iter().find(|r| r.zone == zone).and_then(|r| r.path.as_deref())
     }
 
     /// Total guest RAM in bytes.
