@@ -48,7 +48,7 @@ impl serde::de::Visitor<'_> for SizeVisitor {
 /// `bytes` as the shortest exact text `parse_size` reads back: `4M`, `1G`, `12K`, `100001`.
 pub fn format_size(bytes: u64) -> String {
     for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
-        if bytes != 0 && bytes % (1 << shift) == 0 {
+        if bytes != 0 && bytes.is_multiple_of(1 << shift) {
             return format!("{}{unit}", bytes >> shift);
         }
     }
