@@ -166,3 +166,49 @@ fn a_zone_larger_than_its_filesystem_is_refused_up_front() {
     let _ = Command::new("umount").arg(&mount).status();
     expect_refused(&run, &[&path.display().to_string(), "filesystem has", "free"]);
 }
+
+#[test]
+fn pages_lost_to_another_process_stay_reported_after_the_engine_refills_them() {
+    if !kvm_available() {
+        return;
+    }
+    use std::io::BufRead;
+    use std::os::fd::AsRawFd;
+    let path = std::path::PathBuf::from(format!("/dev/shm/faultline-punched-{}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let zone = file_spec(&path, "64M", ",paging=uffd-missing");
+    let mut vm = Command::new(env!("CARGO_BIN_EXE_faultline"))
+        .args(["run", "--console", "--vcpus", "1", "--timeout", "120", "--steps", "fill,idle,verify"])
+        .args(["--duration-ms", "3000", "--memory", &zone])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(vm.stdout.take().unwrap()).lines();
+    let mut output = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        output.push_str(&line);
+        output.push('\n');
+        if line.starts_with("FL result") && line.contains("\"fill\"") {
+            break;
+        }
+    }
+    // While the guest idles, punch 1 MiB out of its filled RAM behind the VMM's back.
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    // SAFETY: fallocate on a descriptor we own, the result is checked.
+    let rc = unsafe {
+        libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 32 << 20, 1 << 20)
+    };
+    assert_eq!(rc, 0, "punch hole: {}", std::io::Error::last_os_error());
+    for line in lines {
+        output.push_str(&line.unwrap());
+        output.push('\n');
+    }
+    let status = vm.wait().unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(output.contains("verify FAILED"), "the guest must see zeros where its data was:\n{output}");
+    assert!(output.contains("coherence: ") && !output.contains("coherence: clean"), "{output}");
+    assert!(output.contains("256 pages LOST behind the VMM's back"), "{output}");
+    assert_eq!(status.code(), Some(1), "{output}");
+}

@@ -87,10 +87,7 @@ impl RunReport {
             return "the guest reported a failure (see the verify, balloon and error lines)".into();
         }
         if let Some(c) = self.faults.as_ref().and_then(|f| f.coherence.as_ref()).filter(|c| !c.is_clean()) {
-            return format!(
-                "the coherence check found {} disagreements between the smmu and the host",
-                c.mismatch_count
-            );
+            return format!("the coherence check between the smmu and the host: {}", c.describe());
         }
         if let Some(c) = self.chaos.as_ref().filter(|c| c.errors > 0) {
             return format!("the chaos driver had {} errors", c.errors);

@@ -207,7 +207,11 @@ fn describe_paging(stats: &Value) -> String {
 fn describe_coherence(report: &Value) -> String {
     let checked = &report["granules_checked"];
     let populated = &report["granules_populated"];
+    let lost = report["lost_and_refilled"].as_u64().unwrap_or(0);
     match report["mismatch_count"].as_u64() {
+        Some(0) if lost > 0 => format!(
+            "coherence: {lost} pages LOST behind the VMM's back and refilled with zeros ({checked} pages checked)"
+        ),
         Some(0) => format!("coherence: clean ({checked} pages checked, {populated} populated)"),
         Some(n) => {
             format!("coherence: {n} disagreements ({checked} pages checked); first: {}", report["mismatches"][0])
