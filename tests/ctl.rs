@@ -116,3 +116,73 @@ fn ctl_exit_status_tells_an_error_answer_from_no_answer() {
     assert_eq!(nobody.code, 2, "{}", nobody.stderr);
     assert!(nobody.stderr.contains("nobody.sock") && nobody.stderr.contains("is the VM running"), "{}", nobody.stderr);
 }
+
+/// `faultline run --json ...` in the background, with a control socket in `dir`.
+fn spawn_vm(dir: &Path, args: &[&str]) -> (std::process::Child, std::path::PathBuf) {
+    let socket = dir.join("vm.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_faultline"))
+        .args(["run", "--json", "--timeout", "120", "--api-socket"])
+        .arg(&socket)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The socket answers once the VM is built.
+    while ctl_quiet(&socket, &["status"]).is_none() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    (child, socket)
+}
+
+fn ctl_quiet(socket: &Path, args: &[&str]) -> Option<serde_json::Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_faultline"))
+        .args(["ctl", "--json", "--socket"])
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap();
+    out.status.success().then(|| serde_json::from_slice(&out.stdout).unwrap())
+}
+
+fn kvm_available() -> bool {
+    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    if !ok {
+        assert_ne!(std::env::var("FAULTLINE_REQUIRE_KVM").as_deref(), Ok("1"), "/dev/kvm is needed");
+        eprintln!("!!!! SKIPPED: /dev/kvm is not usable here !!!!");
+    }
+    ok
+}
+
+#[test]
+fn a_balloon_target_the_guest_cannot_reach_still_gets_a_true_summary() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (child, socket) = spawn_vm(
+        dir.path(),
+        &["-m", "size=256M", "--steps", "fill,balloon,verify", "--balloon", "--balloon-changes", "1"],
+    );
+    // The same rule as --balloon-schedule: a balloon of all of RAM is refused.
+    let all = ctl(&socket, &["balloon", "set", "256M"]);
+    assert_eq!(all.code, 1, "{}", all.stderr);
+    assert!(all.stderr.contains("smaller than guest RAM"), "{}", all.stderr);
+    // 250 MiB is allowed, but the guest can give only its workload region (RAM above
+    // 8 MiB), so it stops short of the target.
+    let set = ctl(&socket, &["balloon", "set", "250M"]);
+    assert_eq!(set.code, 0, "{}", set.stderr);
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let change = &report["guest"]["balloon_changes"][0];
+    let reached = change["actual_pages"].as_u64().unwrap() * 4096;
+    assert!(reached > 0 && reached < 250 << 20, "{change}");
+    let balloon = &report["balloon"];
+    assert_eq!(balloon["peak_balloon_bytes"].as_u64(), Some(reached), "{balloon}");
+    assert_eq!(balloon["largest_target_bytes"].as_u64(), Some(250 << 20), "{balloon}");
+    assert_eq!(balloon["peak_reached_target"], false, "{balloon}");
+    let freed = balloon["freed_bytes"].as_u64().unwrap();
+    assert!(freed * 100 >= reached * 99, "host freed {freed} of {reached} bytes: {balloon}");
+    assert!(balloon["inflate_ms"].as_f64().unwrap() > 0.0, "{balloon}");
+}

@@ -157,6 +157,7 @@ impl GuestReport {
 pub struct GuestReportCollector {
     started: Instant,
     partial: Vec<u8>,
+    on_balloon_line: Option<Box<dyn FnMut() + Send>>,
     /// What has been parsed so far.
     pub report: GuestReport,
 }
@@ -164,7 +165,13 @@ pub struct GuestReportCollector {
 impl GuestReportCollector {
     /// A collector that measures `ready_after_ns` from `started` (the VMM's start).
     pub fn new(started: Instant) -> Self {
-        GuestReportCollector { started, partial: Vec::new(), report: GuestReport::default() }
+        GuestReportCollector { started, partial: Vec::new(), on_balloon_line: None, report: GuestReport::default() }
+    }
+
+    /// Calls `hook` whenever the guest reports it has followed a balloon target change
+    /// (the moment the balloon watch measures host memory, before later steps touch it).
+    pub fn on_balloon_line(&mut self, hook: Box<dyn FnMut() + Send>) {
+        self.on_balloon_line = Some(hook);
     }
 
     /// Feeds bytes the guest wrote to its serial port.
@@ -198,7 +205,12 @@ impl GuestReportCollector {
             abi::report::ERROR => serde_json::from_str::<serde_json::Value>(json)
                 .map(|v| report.errors.push(v.get("msg").and_then(|m| m.as_str()).unwrap_or(json).to_string())),
             abi::report::EXCEPTION => serde_json::from_str(json).map(|v| report.exceptions.push(v)),
-            abi::report::BALLOON => serde_json::from_str(json).map(|v| report.balloon_changes.push(v)),
+            abi::report::BALLOON => serde_json::from_str(json).map(|v| {
+                report.balloon_changes.push(v);
+                if let Some(hook) = self.on_balloon_line.as_mut() {
+                    hook();
+                }
+            }),
             _ => Ok(()),
         };
         if parsed.is_err() {

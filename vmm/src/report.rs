@@ -173,8 +173,13 @@ impl RunReport {
         }
         if let Some(b) = &self.balloon {
             let mib = |bytes: u64| bytes as f64 / 1048576.0;
+            let peak_note = if b.peak_balloon_bytes > 0 && !b.peak_reached_target {
+                format!(" (the guest could not reach its {:.1} MiB target)", mib(b.largest_target_bytes))
+            } else {
+                String::new()
+            };
             out.push_str(&format!(
-                "  balloon: peak {:.1} MiB, host memory freed {:.1} MiB ({:.1}% of it), inflated in {:.1} ms; {} huge pages freed, {} partial; {} device errors, {} bad PFNs\n",
+                "  balloon: peak {:.1} MiB{peak_note}, host memory freed {:.1} MiB ({:.1}% of it), inflated in {:.1} ms; {} huge pages freed, {} partial; {} device errors, {} bad PFNs\n",
                 mib(b.peak_balloon_bytes),
                 mib(b.freed_bytes),
                 b.freed_ratio * 100.0,

@@ -169,6 +169,10 @@ pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmErro
     let setup_ns = options.started.elapsed().as_nanos() as u64;
 
     let watch = balloon.as_ref().map(|handle| BalloonWatch::attach(handle, paging.regions().clone()));
+    if let Some(watch) = watch.clone() {
+        let hook = Box::new(move || watch.guest_followed_change());
+        collector.lock().unwrap_or_else(|e| e.into_inner()).on_balloon_line(hook);
+    }
     let (exit, chaos) = std::thread::scope(|scope| {
         let chaos = config.chaos.as_ref().map(|chaos_config| {
             let segments = chaos::workload_segments(&ram.ram_ranges(), config.workload.size_bytes);

@@ -238,8 +238,16 @@ fn balloon_targets_the_vm_cannot_take_are_refused_clearly() {
     let served = Served::start(vm(true));
     let too_big = server_error(ctl(&served.path, &["balloon", "set", "2G"]));
     assert_eq!(too_big.kind, ErrorKind::BadArgs);
-    assert!(too_big.message.contains("more than the guest's RAM"), "{too_big}");
-    let refused = server_error(ctl(&served.path, &["balloon", "set", "1G"]));
+    assert!(too_big.message.contains("smaller than guest RAM"), "{too_big}");
+    // The same rule as the command line's --balloon-schedule: all of RAM, or part of a
+    // page, is refused too.
+    let all_of_ram = server_error(ctl(&served.path, &["balloon", "set", "1G"]));
+    assert_eq!(all_of_ram.kind, ErrorKind::BadArgs, "{all_of_ram}");
+    assert!(all_of_ram.message.contains("smaller than guest RAM"), "{all_of_ram}");
+    let part_page = server_error(ctl(&served.path, &["balloon", "set", "5000"]));
+    assert_eq!(part_page.kind, ErrorKind::BadArgs, "{part_page}");
+    assert!(part_page.message.contains("whole 4 KiB pages"), "{part_page}");
+    let refused = server_error(ctl(&served.path, &["balloon", "set", "1020M"]));
     assert_eq!(refused.kind, ErrorKind::BalloonError);
     assert!(refused.message.contains("at most"), "{refused}");
     let garbage = server_error(ctl(&served.path, &["balloon", "set", "lots"]));

@@ -47,15 +47,25 @@ impl BalloonOptions {
     /// Checks the schedule against guest RAM.
     pub fn validate(&self, memory_bytes: u64) -> Result<(), ConfigError> {
         for &target in &self.schedule_bytes {
-            if target % abi::PAGE_SIZE != 0 {
-                let reason = "balloon targets are whole 4 KiB pages; round the size";
-                return Err(ConfigError::BadSetting { field: "balloon.schedule_bytes", value: target, reason });
-            }
-            if target >= memory_bytes {
-                let reason = "a balloon target must be smaller than guest RAM";
-                return Err(ConfigError::BadSetting { field: "balloon.schedule_bytes", value: target, reason });
-            }
+            check_target(target, memory_bytes).map_err(|reason| ConfigError::BadSetting {
+                field: "balloon.schedule_bytes",
+                value: target,
+                reason,
+            })?;
         }
         Ok(())
     }
+}
+
+/// The one rule for a balloon target, from the command line, a config file or the control
+/// API: whole 4 KiB pages, and smaller than guest RAM (a balloon of all of RAM would leave
+/// the guest nothing to run in; QEMU's `balloon` likewise always leaves the guest some).
+pub fn check_target(target_bytes: u64, memory_bytes: u64) -> Result<(), &'static str> {
+    if target_bytes % abi::PAGE_SIZE != 0 {
+        return Err("balloon targets are whole 4 KiB pages; round the size");
+    }
+    if target_bytes >= memory_bytes {
+        return Err("a balloon target must be smaller than guest RAM");
+    }
+    Ok(())
 }

@@ -11,7 +11,7 @@ mod balloon;
 mod paging;
 mod size;
 
-pub use balloon::BalloonOptions;
+pub use balloon::{check_target as check_balloon_target, BalloonOptions};
 pub use paging::{ChaosConfig, FaultEngineOptions, PagingMode};
 pub use size::format_size;
 use size::{deserialize_opt_size, deserialize_size};
