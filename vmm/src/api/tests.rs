@@ -246,7 +246,7 @@ fn balloon_targets_the_vm_cannot_take_are_refused_clearly() {
     assert!(all_of_ram.message.contains("smaller than guest RAM"), "{all_of_ram}");
     let part_page = server_error(ctl(&served.path, &["balloon", "set", "5000"]));
     assert_eq!(part_page.kind, ErrorKind::BadArgs, "{part_page}");
-    assert!(part_page.message.contains("whole 4 KiB pages"), "{part_page}");
+    assert!(part_page.message.contains("multiple of the balloon page"), "{part_page}");
     let refused = server_error(ctl(&served.path, &["balloon", "set", "1020M"]));
     assert_eq!(refused.kind, ErrorKind::BalloonError);
     assert!(refused.message.contains("at most"), "{refused}");

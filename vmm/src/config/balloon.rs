@@ -61,7 +61,7 @@ impl BalloonOptions {
 /// API: whole 4 KiB pages, and smaller than guest RAM (a balloon of all of RAM would leave
 /// the guest nothing to run in; QEMU's `balloon` likewise always leaves the guest some).
 pub fn check_target(target_bytes: u64, memory_bytes: u64) -> Result<(), &'static str> {
-    if target_bytes % abi::PAGE_SIZE != 0 {
+    if !target_bytes.is_multiple_of(abi::PAGE_SIZE) {
         return Err("balloon targets are whole 4 KiB pages; round the size");
     }
     if target_bytes >= memory_bytes {
