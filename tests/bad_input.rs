@@ -116,3 +116,15 @@ fn config_file_with_a_typo_names_the_field() {
     std::fs::write(&path, "vcpu = 2\n").unwrap();
     expect_error(&["--config", &path.display().to_string()], &["vm.toml", "vcpu"]);
 }
+
+#[test]
+fn a_timeout_that_is_not_a_positive_number_of_seconds_is_refused() {
+    for bad in ["-1", "NaN", "inf", "1e20", "0", "soon"] {
+        let arg = format!("--timeout={bad}");
+        let out = faultline().args(["run", &arg]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
+        assert!(stderr.contains(&format!("'{bad}'")) && stderr.contains("--timeout"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}

@@ -186,3 +186,82 @@ fn a_balloon_target_the_guest_cannot_reach_still_gets_a_true_summary() {
     assert!(freed * 100 >= reached * 99, "host freed {freed} of {reached} bytes: {balloon}");
     assert!(balloon["inflate_ms"].as_f64().unwrap() > 0.0, "{balloon}");
 }
+
+/// A "control socket" whose peer answers every connection with `answer` (called with the
+/// stream until it fails): a hostile or broken server.
+fn rogue_server(path: &Path, answer: fn(&mut std::os::unix::net::UnixStream) -> std::io::Result<()>) {
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            std::thread::spawn(move || {
+                let _ = answer(&mut stream);
+            });
+        }
+    });
+}
+
+/// Runs `faultline ctl ARGS` and waits for it, killing it (and failing) if it is still
+/// running after a minute: the bug this guards against is a ctl that never returns.
+fn ctl_that_must_end(socket: &Path, args: &[&str]) -> Ctl {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_faultline"))
+        .args(["ctl", "--socket"])
+        .arg(socket)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("faultline ctl {args:?} did not end: it ignores its --timeout or the answer size cap");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    Ctl {
+        code: out.status.code().expect("faultline ctl exited by a signal"),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn ctl_stops_reading_an_endless_answer_at_its_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("flood.sock");
+    rogue_server(&socket, |stream| {
+        let chunk = [b'x'; 64 * 1024];
+        loop {
+            std::io::Write::write_all(stream, &chunk)?;
+        }
+    });
+    let out = ctl_that_must_end(&socket, &["--timeout", "30", "status"]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("longer than 4194304 bytes"), "{}", out.stderr);
+}
+
+#[test]
+fn ctl_honours_its_timeout_against_a_peer_that_drips_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("drip.sock");
+    rogue_server(&socket, |stream| loop {
+        std::io::Write::write_all(stream, b"x")?;
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    });
+    let out = ctl_that_must_end(&socket, &["--timeout", "1", "status"]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("did not answer within 1s"), "{}", out.stderr);
+}
+
+#[test]
+fn ctl_refuses_a_timeout_that_is_not_a_number_of_seconds() {
+    for bad in ["-1", "NaN", "inf", "1e20"] {
+        let out = ctl(Path::new("/nonexistent.sock"), &[&format!("--timeout={bad}"), "status"]);
+        assert_eq!(out.code, 2, "{bad}: {}", out.stderr);
+        assert!(out.stderr.contains(&format!("'{bad}'")) && out.stderr.contains("--timeout"), "{}", out.stderr);
+    }
+}

@@ -143,9 +143,12 @@ pub struct RunArgs {
     /// Print the run report as JSON instead of the summary.
     #[arg(long)]
     pub json: bool,
-    /// Stop the VM after this many seconds.
-    #[arg(long, value_name = "SECONDS")]
-    pub timeout: Option<f64>,
+    /// Stop the VM after this many seconds (exit status 1, exit kind "stopped"). There is
+    /// no limit by default, as in QEMU or Firecracker: a guest that never exits (e.g. one
+    /// spinning, or halted with interrupts off) runs until stopped, so bound unattended
+    /// runs with this.
+    #[arg(long, value_name = "SECONDS", value_parser = crate::config::duration::parse_seconds)]
+    pub timeout: Option<std::time::Duration>,
 }
 
 fn parse_size_arg(text: &str) -> Result<u64, String> {

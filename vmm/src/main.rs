@@ -41,10 +41,7 @@ fn run(args: &RunArgs, started: Instant) -> ExitCode {
         Ok(config) => config,
         Err(err) => return fail(&err),
     };
-    let options = RunOptions {
-        api_socket: args.api_socket.clone(),
-        ..RunOptions::new(started, args.timeout.map(std::time::Duration::from_secs_f64))
-    };
+    let options = RunOptions { api_socket: args.api_socket.clone(), ..RunOptions::new(started, args.timeout) };
     match vmm::run(&config, &options) {
         Ok(report) => {
             if args.json {

@@ -20,9 +20,9 @@ pub struct CtlArgs {
     /// Print the JSON result instead of a sentence.
     #[arg(long, global = true)]
     pub json: bool,
-    /// Give up if the VM does not answer within this many seconds.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
-    pub timeout: f64,
+    /// Give up if the VM does not answer within this many seconds (0: wait for ever).
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_ctl_timeout)]
+    pub timeout: CtlTimeout,
     /// What to ask.
     #[command(subcommand)]
     pub command: CtlCommand,
@@ -86,10 +86,23 @@ pub fn main(args: &CtlArgs) -> ExitCode {
     }
 }
 
+/// `faultline ctl --timeout`: how long to wait for an answer (`None`: for ever).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CtlTimeout(pub Option<Duration>);
+
+/// `--timeout`: seconds, or 0 for no limit.
+fn parse_ctl_timeout(text: &str) -> Result<CtlTimeout, String> {
+    if text.trim().parse::<f64>() == Ok(0.0) {
+        return Ok(CtlTimeout(None));
+    }
+    crate::config::duration::parse_seconds(text)
+        .map(|t| CtlTimeout(Some(t)))
+        .map_err(|e| e.replace("omit it for no limit", "0 to wait for ever"))
+}
+
 /// Runs `faultline ctl` and returns what it prints.
 pub fn execute(args: &CtlArgs) -> Result<String, ClientError> {
-    let timeout = Duration::try_from_secs_f64(args.timeout).ok().filter(|t| !t.is_zero());
-    let mut client = ControlClient::connect(&args.socket, timeout)?;
+    let mut client = ControlClient::connect(&args.socket, args.timeout.0)?;
     let (cmd, call_args) = match &args.command {
         CtlCommand::Hello => ("hello", Value::Null),
         CtlCommand::Status => ("status", Value::Null),

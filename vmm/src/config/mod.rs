@@ -8,6 +8,7 @@ use faultline_abi as abi;
 use serde::{Deserialize, Serialize};
 
 mod balloon;
+pub mod duration;
 mod paging;
 mod size;
 
