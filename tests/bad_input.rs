@@ -128,3 +128,24 @@ fn a_timeout_that_is_not_a_positive_number_of_seconds_is_refused() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+#[test]
+fn a_device_or_fifo_as_config_or_kernel_is_refused_instead_of_read_for_ever() {
+    let dir = ScratchDir::new("not-regular");
+    let fifo = dir.0.join("fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    for path in ["/dev/zero".to_string(), fifo.display().to_string(), dir.0.display().to_string()] {
+        expect_error(&["--config", &path], &[&path, "not a regular file"]);
+        expect_error(&["--kernel", &path], &[&path, "not a regular file"]);
+    }
+}
+
+#[test]
+fn a_config_file_too_large_to_be_one_and_a_kernel_larger_than_ram_are_refused() {
+    let dir = ScratchDir::new("too-large");
+    let big = dir.0.join("big");
+    std::fs::File::create(&big).unwrap().set_len(80 << 20).unwrap();
+    let path = big.display().to_string();
+    expect_error(&["--config", &path], &[&path, "larger than 1048576 bytes"]);
+    expect_error(&["--kernel", &path, "--memory", "size=64M"], &[&path, "larger than guest RAM"]);
+}

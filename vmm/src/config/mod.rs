@@ -105,6 +105,14 @@ pub enum ConfigError {
         /// What is wrong and what is accepted.
         reason: String,
     },
+    /// The kernel image is missing, not a regular file, or larger than guest RAM.
+    #[error("kernel {path}: {reason}")]
+    KernelFile {
+        /// The file.
+        path: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
     /// The TOML config file could not be read or parsed.
     #[error("config file {path}: {reason}")]
     ConfigFile {
@@ -427,6 +435,9 @@ pub struct VmConfig {
     pub balloon: Option<BalloonOptions>,
 }
 
+/// The largest TOML config file read.
+pub const MAX_CONFIG_FILE_BYTES: u64 = 1 << 20;
+
 /// Most vCPUs supported (the tiny guest's limit).
 pub const MAX_VCPUS: usize = abi::MAX_CPUS;
 
@@ -447,11 +458,51 @@ impl Default for VmConfig {
 }
 
 impl VmConfig {
-    /// Reads a TOML config file. Unknown fields are errors that name the field.
+    /// Reads a TOML config file. Unknown fields are errors that name the field. Only a
+    /// regular file of at most [`MAX_CONFIG_FILE_BYTES`] is read (`/dev/zero` or a FIFO
+    /// would be read for ever).
     pub fn from_toml_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        use std::io::Read;
         let err = |reason: String| ConfigError::ConfigFile { path: path.display().to_string(), reason };
-        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        // O_NONBLOCK: opening a FIFO must not wait for a writer (regular files ignore it).
+        let file =
+            std::os::unix::fs::OpenOptionsExt::custom_flags(std::fs::OpenOptions::new().read(true), libc::O_NONBLOCK)
+                .open(path)
+                .map_err(|e| err(e.to_string()))?;
+        let meta = file.metadata().map_err(|e| err(e.to_string()))?;
+        if !meta.is_file() {
+            return Err(err("is not a regular file (a device, FIFO or directory); give a TOML file".into()));
+        }
+        let mut text = String::new();
+        file.take(MAX_CONFIG_FILE_BYTES + 1).read_to_string(&mut text).map_err(|e| err(e.to_string()))?;
+        if text.len() as u64 > MAX_CONFIG_FILE_BYTES {
+            return Err(err(format!("is larger than {MAX_CONFIG_FILE_BYTES} bytes; a VM's config is a few lines")));
+        }
         toml::from_str(&text).map_err(|e| err(e.to_string()))
+    }
+
+    /// Checks the kernel image file: a regular file no larger than guest RAM (it could not
+    /// be loaded otherwise; a device such as `/dev/zero` would be read for ever).
+    pub fn check_kernel_file(&self) -> Result<(), ConfigError> {
+        let KernelImage::Path(path) = &self.kernel else {
+            return Ok(());
+        };
+        let err = |reason: String| ConfigError::KernelFile { path: path.display().to_string(), reason };
+        let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => err("file not found; give the path of a kernel image".into()),
+            _ => err(format!("cannot read it: {e}")),
+        })?;
+        if !meta.is_file() {
+            return Err(err("is not a regular file (a device, FIFO or directory); give a kernel image file".into()));
+        }
+        if meta.len() > self.total_memory_bytes() {
+            return Err(err(format!(
+                "is {} bytes, larger than guest RAM ({} bytes), so it cannot be loaded; give the right file or more memory",
+                meta.len(),
+                self.total_memory_bytes()
+            )));
+        }
+        Ok(())
     }
 
     /// Total guest RAM in bytes.
@@ -459,9 +510,10 @@ impl VmConfig {
         self.zones.iter().map(|z| z.size_bytes).sum()
     }
 
-    /// Checks everything that can be checked without touching the host. Host-dependent
-    /// checks (hugepage pool, file permissions, memory limits) happen when the memory
-    /// layer creates the zones.
+    /// Checks everything that can be checked without touching the host, and that a kernel
+    /// file is a regular file that fits in guest RAM. Host-dependent checks (hugepage
+    /// pool, file permissions, memory limits) happen when the memory layer creates the
+    /// zones.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.vcpus == 0 || self.vcpus as usize > MAX_VCPUS {
             return Err(ConfigError::BadVcpuCount { vcpus: self.vcpus, max: MAX_VCPUS });
@@ -580,7 +632,7 @@ impl VmConfig {
             }
             self.workload.validate()?;
         }
-        Ok(())
+        self.check_kernel_file()
     }
 
     /// The kernel command line: for the built-in guest, the workload's tokens and the
