@@ -152,6 +152,13 @@ impl RunReport {
         for exception in &self.guest.exceptions {
             out.push_str(&format!("  guest exception: {exception}\n"));
         }
+        if self.guest.dropped_lines > 0 {
+            out.push_str(&format!(
+                "  {} guest report lines dropped (only the first {} of each kind are kept)\n",
+                self.guest.dropped_lines,
+                crate::guest_report::MAX_LINES_PER_KIND
+            ));
+        }
         if let Some(faults) = self.faults.as_ref().filter(|f| f.modes.iter().any(|m| *m != "kernel")) {
             for line in faults.summary_lines() {
                 out.push_str(&format!("  {line}\n"));

@@ -5,7 +5,7 @@
 pub mod gdt;
 pub mod linux;
 pub mod pvh;
-#[cfg(test)]
+#[doc(hidden)] // for tests, unit and integration: hand-made hostile kernels
 pub mod test_elf;
 
 use std::io::Cursor;
