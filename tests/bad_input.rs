@@ -149,3 +149,19 @@ fn a_config_file_too_large_to_be_one_and_a_kernel_larger_than_ram_are_refused() 
     expect_error(&["--config", &path], &[&path, "larger than 1048576 bytes"]);
     expect_error(&["--kernel", &path, "--memory", "size=64M"], &[&path, "larger than guest RAM"]);
 }
+
+#[test]
+fn workload_flags_with_another_kernel_are_refused_not_ignored() {
+    let dir = ScratchDir::new("kernel-flags");
+    let image = guest_image_in(&dir.0).display().to_string();
+    for flags in
+        [&["--steps", "fill,verify"][..], &["--size", "16M"], &["--duration-ms", "5"], &["--pattern", "random"]]
+    {
+        let mut args = vec!["--kernel", &image];
+        args.extend_from_slice(flags);
+        expect_error(&args, &[flags[0], "--kernel", "--cmdline"]);
+    }
+    let toml = dir.0.join("vm.toml");
+    std::fs::write(&toml, format!("kernel = {{ path = \"{image}\" }}\n[workload]\nsteps = [\"touch\"]\n")).unwrap();
+    expect_error(&["--config", &toml.display().to_string()], &["built-in guest only", "--cmdline"]);
+}

@@ -212,6 +212,26 @@ impl RunArgs {
         }
         if let Some(kernel) = &self.kernel {
             config.kernel = KernelImage::Path(kernel.clone());
+            let workload_flags = [
+                ("--steps", self.steps.is_some()),
+                ("--size", self.size.is_some()),
+                ("--seed", self.seed.is_some()),
+                ("--pattern", self.pattern.is_some()),
+                ("--stride", self.stride.is_some()),
+                ("--access", self.access.is_some()),
+                ("--passes", self.passes.is_some()),
+                ("--rate", self.rate.is_some()),
+                ("--duration-ms", self.duration_ms.is_some()),
+                ("--balloon-changes", self.balloon_changes.is_some()),
+            ];
+            if let Some((flag, _)) = workload_flags.iter().find(|(_, given)| *given) {
+                return Err(ConfigError::BadWorkload {
+                    field: "steps",
+                    reason: format!(
+                        "{flag} drives the built-in guest's workload and would be ignored with --kernel; pass your kernel its own options with --cmdline"
+                    ),
+                });
+            }
         }
         if let Some(cmdline) = &self.cmdline {
             config.cmdline = cmdline.clone();

@@ -94,8 +94,13 @@ pub struct GuestStepResult {
     pub pass: u64,
     /// Pages the step covered.
     pub pages: u64,
-    /// Wall time of the step in TSC cycles (slowest CPU).
+    /// Time of the step in TSC cycles as the guest measured it (the slowest CPU's own
+    /// start to end: less than wall time when CPUs did not run at once, e.g. more vCPUs
+    /// than host cores).
     pub cycles: u64,
+    /// Wall time on the host's clock from the guest's previous report line to this one
+    /// (the step plus its reporting), nanoseconds. Set by the VMM, not the guest.
+    pub host_wall_ns: u64,
     /// CPUs that ran it.
     pub cpus: u64,
     /// Per-touch latency (touch only).
@@ -182,6 +187,7 @@ pub struct GuestReportCollector {
     started: Instant,
     partial: Vec<u8>,
     on_balloon_line: Option<Box<dyn FnMut() + Send>>,
+    last_line_at: Instant,
     /// What has been parsed so far.
     pub report: GuestReport,
 }
@@ -189,7 +195,13 @@ pub struct GuestReportCollector {
 impl GuestReportCollector {
     /// A collector that measures `ready_after_ns` from `started` (the VMM's start).
     pub fn new(started: Instant) -> Self {
-        GuestReportCollector { started, partial: Vec::new(), on_balloon_line: None, report: GuestReport::default() }
+        GuestReportCollector {
+            started,
+            partial: Vec::new(),
+            on_balloon_line: None,
+            last_line_at: started,
+            report: GuestReport::default(),
+        }
     }
 
     /// Calls `hook` whenever the guest reports it has followed a balloon target change
@@ -217,6 +229,9 @@ impl GuestReportCollector {
             return;
         };
         let (kind, json) = rest.split_once(' ').unwrap_or((rest, "{}"));
+        let now = Instant::now();
+        let since_previous_line = now.duration_since(self.last_line_at).as_nanos() as u64;
+        self.last_line_at = now;
         let report = &mut self.report;
         let dropped = &mut report.dropped_lines;
         let parsed = match kind {
@@ -224,7 +239,8 @@ impl GuestReportCollector {
                 report.ready = Some(ready);
                 report.ready_after_ns = Some(self.started.elapsed().as_nanos() as u64);
             }),
-            abi::report::RESULT => serde_json::from_str(json).map(|r| {
+            abi::report::RESULT => serde_json::from_str(json).map(|mut r: GuestStepResult| {
+                r.host_wall_ns = since_previous_line;
                 keep(&mut report.results, r, dropped);
             }),
             abi::report::VERIFY => serde_json::from_str(json).map(|v: GuestVerify| {

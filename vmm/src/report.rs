@@ -115,10 +115,19 @@ impl RunReport {
         }
         let tsc_khz = self.guest.ready.as_ref().map_or(0, |r| r.tsc_khz);
         for result in &self.guest.results {
-            let step_ms = if tsc_khz > 0 { result.cycles as f64 / tsc_khz as f64 } else { f64::NAN };
+            // Without the guest's TSC frequency (a kernel that printed no ready line),
+            // cycles are all there is: never "NaN ms".
+            let guest_time = if tsc_khz > 0 {
+                format!("{:.2} ms", result.cycles as f64 / tsc_khz as f64)
+            } else {
+                format!("{} TSC cycles", result.cycles)
+            };
             out.push_str(&format!(
-                "  {} pass {}: {} pages in {:.2} ms",
-                result.step, result.pass, result.pages, step_ms
+                "  {} pass {}: {} pages in {guest_time} (slowest vCPU), {:.2} ms wall",
+                result.step,
+                result.pass,
+                result.pages,
+                ms(result.host_wall_ns)
             ));
             if let Some(h) = &result.latency_cycles {
                 out.push_str(&format!(

@@ -625,6 +625,12 @@ impl VmConfig {
                 return Err(ConfigError::BadSetting { field: "chaos.events", value: chaos.events, reason });
             }
         }
+        if self.kernel != KernelImage::BuiltIn && self.workload != Workload::default() {
+            return Err(ConfigError::BadWorkload {
+                field: "steps",
+                reason: "workload options (--steps, --size, --seed, --pattern, --stride, --access, --passes, --rate, --duration-ms, [workload]) drive the built-in guest only and would be ignored with --kernel; pass your kernel its own options with --cmdline".into(),
+            });
+        }
         if self.kernel == KernelImage::BuiltIn {
             let min = abi::WORKLOAD_MIN_GPA;
             if self.total_memory_bytes() <= min {
