@@ -165,3 +165,23 @@ fn workload_flags_with_another_kernel_are_refused_not_ignored() {
     std::fs::write(&toml, format!("kernel = {{ path = \"{image}\" }}\n[workload]\nsteps = [\"touch\"]\n")).unwrap();
     expect_error(&["--config", &toml.display().to_string()], &["built-in guest only", "--cmdline"]);
 }
+
+#[test]
+fn memory_populated_up_front_beyond_what_is_available_is_refused_not_oom_killed() {
+    if !kvm_available() {
+        return;
+    }
+    // All of the host's RAM: within MemTotal + swap (the check for lazily populated RAM),
+    // but always more than MemAvailable. Without this check the VM would be OOM-killed
+    // (taking the host's other work with it), so the check must come first.
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let total_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let size = format!("size={}M", total_kib >> 10);
+    for zone in [format!("{size},paging=prefault"), format!("{size},backend=memfd,paging=uffd-minor")] {
+        expect_error(&["--memory", &zone], &["zone(s) 0", "MemAvailable", "paging=kernel"]);
+    }
+}

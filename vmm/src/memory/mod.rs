@@ -214,8 +214,24 @@ fn check_host_limits(zones: &[ZoneConfig]) -> Result<(), Error> {
     limits::check_address_space(total, limits::rlimit_address_space())?;
     let lazy: u64 =
         zones.iter().filter(|z| matches!(z.backend, Backend::Anon | Backend::Memfd)).map(|z| z.size_bytes).sum();
+    // Zones whose memory is allocated before the guest runs: prefault populates them,
+    // uffd-minor fills their page cache first (hugetlb comes from its pool, checked below;
+    // a file from its filesystem, checked when it is opened).
+    let upfront: Vec<(usize, &ZoneConfig)> = zones
+        .iter()
+        .enumerate()
+        .filter(|(_, z)| matches!(z.backend, Backend::Anon | Backend::Memfd))
+        .filter(|(_, z)| {
+            z.paging == crate::config::PagingMode::Prefault
+                || (z.paging == crate::config::PagingMode::UffdMinor && z.backend == Backend::Memfd)
+        })
+        .collect();
     if lazy > 0 {
-        limits::check_host_memory(lazy, limits::HostMemInfo::read()?)?;
+        let host = limits::HostMemInfo::read()?;
+        limits::check_host_memory(lazy, host)?;
+        let upfront_bytes: u64 = upfront.iter().map(|(_, z)| z.size_bytes).sum();
+        let names = upfront.iter().map(|(i, _)| i.to_string()).collect::<Vec<_>>().join(", ");
+        limits::check_available_memory(upfront_bytes, &names, host)?;
     }
     let mut huge_pages: BTreeMap<u64, u64> = BTreeMap::new();
     for zone in zones.iter().filter(|z| z.backend == Backend::Hugetlb) {
