@@ -265,3 +265,44 @@ fn ctl_refuses_a_timeout_that_is_not_a_number_of_seconds() {
         assert!(out.stderr.contains(&format!("'{bad}'")) && out.stderr.contains("--timeout"), "{}", out.stderr);
     }
 }
+
+#[test]
+fn a_second_vm_cannot_take_a_socket_between_the_first_ones_bind_and_listen() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vm.sock");
+    // The first VM, caught between bind and listen: it holds the path's lock and its socket
+    // is bound but refuses connections, exactly like a stale one.
+    let lock = std::fs::File::create(dir.path().join("vm.sock.lock")).unwrap();
+    // SAFETY: flock on a descriptor we own; the result is checked.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+    // SAFETY: a fresh socket; the result is checked and owned by `bound`.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0);
+    // SAFETY: fd is a fresh descriptor nothing else owns.
+    let bound = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: sockaddr_un is plain data for which all zeros is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in addr.sun_path.iter_mut().zip(socket.as_os_str().as_encoded_bytes()) {
+        *dst = *src as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: addr is a valid sockaddr_un of `len` bytes.
+    assert_eq!(unsafe { libc::bind(bound.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len) }, 0);
+    let before = std::fs::symlink_metadata(&socket).unwrap();
+
+    let second = Command::new(env!("CARGO_BIN_EXE_faultline"))
+        .args(["run", "--timeout", "60", "--api-socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("another process") && stderr.contains("vm.sock"), "{stderr}");
+    // The first VM's socket is still its own.
+    let after = std::fs::symlink_metadata(&socket).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((before.dev(), before.ino()), (after.dev(), after.ino()));
+    drop(bound);
+}

@@ -447,13 +447,19 @@ fn a_server_does_not_remove_a_successors_socket() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ctl.sock");
     let first = ControlServer::bind(&path, vm(true)).unwrap();
-    // Someone removed our file and another server took the path.
+    let lock = dir.path().join("ctl.sock.lock");
+    // While the first holds the path, a second server is refused even if the socket file
+    // went away (the path's lock says who owns it).
     std::fs::remove_file(&path).unwrap();
+    assert!(matches!(ControlServer::bind(&path, vm(true)).unwrap_err(), ApiError::InUse(_)));
+    // Someone removed our files and another server took the path.
+    std::fs::remove_file(&lock).unwrap();
     let second = ControlServer::bind(&path, vm(true)).unwrap();
     drop(first);
     assert!(UnixStream::connect(&path).is_ok(), "the first server removed the second's socket");
+    assert!(lock.exists(), "the first server removed the second's lock file");
     drop(second);
-    assert!(!path.exists());
+    assert!(!path.exists() && !lock.exists());
 }
 
 #[test]
