@@ -185,3 +185,16 @@ fn memory_populated_up_front_beyond_what_is_available_is_refused_not_oom_killed(
         expect_error(&["--memory", &zone], &["zone(s) 0", "MemAvailable", "paging=kernel"]);
     }
 }
+
+#[test]
+fn options_that_were_silently_reshaped_or_ignored_are_refused() {
+    expect_error(&["--size", "4097"], &["size", "4097 bytes is not whole 4 KiB pages", "8K"]);
+    expect_error(&["--chaos-events", "100"], &["chaos", "add churn to --steps", "--chaos-no-discard"]);
+    expect_error(&["--memory", "size=64M,size=128M"], &["size= is given twice"]);
+    expect_error(&["--memory", "size=64M,hugepage=2M"], &["hugepage= is only for backend=hugetlb"]);
+    expect_error(&["--memory", "size=64M,backend=hugetlb,hugepage=4M"], &["hugepage=4M is not a huge page size"]);
+    let dir = ScratchDir::new("toml-wording");
+    let toml = dir.0.join("vm.toml");
+    std::fs::write(&toml, "[[memory]]\nsize_bytes = true\n").unwrap();
+    expect_error(&["--config", &toml.display().to_string()], &["a whole number of bytes", "\"512M\""]);
+}

@@ -338,6 +338,8 @@ mod tests {
             "3",
             "--chaos-events",
             "100",
+            "--steps",
+            "fill,churn",
         ])
         .to_config()
         .unwrap();

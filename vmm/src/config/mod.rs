@@ -360,6 +360,15 @@ impl Workload {
                 reason: "0 bytes; give e.g. 64M or omit for all".into(),
             });
         }
+        if let Some(size) = self.size_bytes.filter(|s| !s.is_multiple_of(abi::PAGE_SIZE)) {
+            return Err(ConfigError::BadWorkload {
+                field: "size",
+                reason: format!(
+                    "{size} bytes is not whole 4 KiB pages (the workload works on pages); round it, e.g. to {}",
+                    format_size(size.div_ceil(abi::PAGE_SIZE) * abi::PAGE_SIZE)
+                ),
+            });
+        }
         if self.stride_pages == 0 {
             return Err(ConfigError::BadWorkload { field: "stride", reason: "must be at least 1 page".into() });
         }
@@ -488,10 +497,11 @@ impl VmConfig {
             return Ok(());
         };
         let err = |reason: String| ConfigError::KernelFile { path: path.display().to_string(), reason };
-        let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => err("file not found; give the path of a kernel image".into()),
-            _ => err(format!("cannot read it: {e}")),
-        })?;
+        let meta = match std::fs::metadata(path) {
+            Ok(meta) => meta,
+            // The loader names a missing file (and any other error reading it) itself.
+            Err(_) => return Ok(()),
+        };
         if !meta.is_file() {
             return Err(err("is not a regular file (a device, FIFO or directory); give a kernel image file".into()));
         }
@@ -619,6 +629,10 @@ impl VmConfig {
             if !(1..=1 << 20).contains(&chaos.max_pages) {
                 let reason = "a chaos range is 1 to 1048576 pages (4 GiB) (--chaos-max-pages)";
                 return Err(ConfigError::BadSetting { field: "chaos.max_pages", value: chaos.max_pages, reason });
+            }
+            if chaos.discards && !self.workload.steps.iter().any(|s| s == "churn") {
+                let reason = "chaos discards throw the guest's data away, which only the churn step expects: add churn to --steps (e.g. --steps fill,churn), or give --chaos-no-discard";
+                return Err(ConfigError::BadSetting { field: "chaos.events", value: chaos.events, reason });
             }
             if self.kernel != KernelImage::BuiltIn {
                 let reason = "the chaos driver needs the built-in guest (it works on its workload region)";
@@ -774,7 +788,16 @@ mod tests {
         config.chaos = Some(ChaosConfig { max_pages: 0, ..ChaosConfig::default() });
         assert!(config.validate().unwrap_err().to_string().contains("chaos.max_pages"));
         config.chaos = Some(ChaosConfig::default());
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("add churn to --steps") && err.contains("--chaos-no-discard"), "{err}");
+        config.chaos = Some(ChaosConfig { discards: false, ..ChaosConfig::default() });
         config.validate().unwrap();
+        config.chaos = Some(ChaosConfig::default());
+        config.workload.steps = vec!["fill".into(), "churn".into()];
+        config.validate().unwrap();
+        config.workload.size_bytes = Some(4097);
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("4097 bytes is not whole 4 KiB pages") && err.contains("8K"), "{err}");
     }
 
     #[test]
