@@ -12,6 +12,7 @@
 //! - `faultline guest-image FILE` runs for real;
 //! - `faultline bench ...` is parsed only (a benchmark takes minutes; the bench tests and
 //!   CI run them); `cargo ...` lines are skipped (this is `cargo test`).
+//!
 //! `/tmp/` paths are moved into a scratch directory; `--config vm.toml` gets the README's
 //! TOML block. Lines that follow a command in the same block without `faultline` are its
 //! output, not commands.
