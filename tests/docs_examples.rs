@@ -9,7 +9,8 @@
 //!   against it and must succeed (after `balloon set` the test polls `balloon get` until
 //!   the guest has followed, as docs/control-api.md says to); then the VM either ends by
 //!   itself within a minute and must succeed, or (a long chaos run) is stopped;
-//! - `faultline guest-image FILE` runs for real;
+//! - `faultline guest-image FILE`, `faultline snapshot ...` and `faultline restore ...`
+//!   run for real and must succeed;
 //! - `faultline bench ...` is parsed only (a benchmark takes minutes; the bench tests and
 //!   CI run them); `cargo ...` lines are skipped (this is `cargo test`).
 //!
@@ -111,7 +112,9 @@ fn examples_of(file: &Path, scratch: &Path) -> Vec<Example> {
             let at = format!("{}:{number}", file.file_name().unwrap().to_string_lossy());
             let args = words(&rest);
             // Output that starts with the program's name ("faultline 0.1.0 (...)").
-            if !["run", "bench", "ctl", "guest-image"].contains(&args.first().map_or("", String::as_str)) {
+            if !["run", "bench", "ctl", "guest-image", "snapshot", "restore"]
+                .contains(&args.first().map_or("", String::as_str))
+            {
                 continue;
             }
             out.push(Example { at, args, background });
@@ -217,7 +220,7 @@ fn run_examples(file: &str) {
     } else {
         None
     };
-    let mut background: Option<(Child, String)> = None;
+    let mut background: Option<(Child, String, bool)> = None;
     for example in &examples {
         eprintln!("{}: faultline {}", example.at, example.args.join(" "));
         let command = example.args.first().map(String::as_str);
@@ -241,9 +244,9 @@ fn run_examples(file: &str) {
                     assert!(child.try_wait().unwrap().is_none(), "{}: the VM ended before serving", example.at);
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                background = Some((child, example.at.clone()));
+                background = Some((child, example.at.clone(), false));
             }
-            Some("run") | Some("guest-image") => run_to_end(&scratch.0, example),
+            Some("run") | Some("guest-image") | Some("snapshot") | Some("restore") => run_to_end(&scratch.0, example),
             Some("ctl") => {
                 assert!(background.is_some(), "{}: a ctl example needs a VM started before it", example.at);
                 let out = faultline_in(&scratch.0, &example.args).output().unwrap();
@@ -254,6 +257,10 @@ fn run_examples(file: &str) {
                     example.args.join(" "),
                     String::from_utf8_lossy(&out.stderr)
                 );
+                if example.args.iter().any(|a| a == "--stop") {
+                    // The VM is stopped on purpose: its own exit status is not success.
+                    background.as_mut().unwrap().2 = true;
+                }
                 if example.args.windows(2).any(|w| w == ["balloon", "set"]) {
                     wait_for_balloon(&scratch.0, &socket_of(&example.args).unwrap(), &example.at);
                 }
@@ -265,14 +272,17 @@ fn run_examples(file: &str) {
     finish_background(background.take());
 }
 
-/// A background VM after its ctl lines: one that ends by itself must have succeeded; one
-/// that runs on (a long chaos run) is stopped.
-fn finish_background(background: Option<(Child, String)>) {
-    let Some((mut child, at)) = background else { return };
+/// A background VM after its ctl lines: one that ends by itself must have succeeded
+/// (unless a ctl line stopped it: then it must not have crashed); one that runs on (a
+/// long chaos run) is stopped.
+fn finish_background(background: Option<(Child, String, bool)>) {
+    let Some((mut child, at, stopped)) = background else { return };
     match wait_up_to(&mut child, Duration::from_secs(60)) {
         Some(status) => {
             let out = child.wait_with_output().unwrap();
-            assert!(status.success(), "{at}: the background VM failed: {}", String::from_utf8_lossy(&out.stderr));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let ok = if stopped { matches!(status.code(), Some(0 | 1)) } else { status.success() };
+            assert!(ok && !stderr.contains("panicked"), "{at}: the background VM failed ({status}): {stderr}");
         }
         None => {
             child.kill().unwrap();

@@ -31,8 +31,14 @@ pub enum Command {
         /// Where to write it.
         output: PathBuf,
     },
-    /// Steer a running VM through its control socket (status, balloon).
+    /// Steer a running VM through its control socket (status, pause, snapshot, balloon).
     Ctl(crate::api::CtlArgs),
+    /// Start a VM from a snapshot (`faultline ctl ... snapshot create DIR`): it goes on
+    /// where it was.
+    Restore(crate::snapshot::cli::RestoreArgs),
+    /// Look at snapshots.
+    #[command(subcommand)]
+    Snapshot(crate::snapshot::cli::SnapshotCommand),
 }
 
 /// Benchmarks.
@@ -44,6 +50,9 @@ pub enum BenchCommand {
     /// Fault latency over a matrix of backend x paging mode x engine x vCPUs x threads x
     /// pattern x access x size, with kernel baselines and the reference handler beside.
     Faults(crate::experiments::fault_bench::FaultBenchArgs),
+    /// Pause latency, snapshot time and size against touched memory (full and diff), and
+    /// eager restore time, against QEMU microvm saving and restoring the same ELF.
+    Snapshot(crate::experiments::snapshot_bench::SnapshotBenchArgs),
 }
 
 /// Options of `faultline run`.

@@ -44,10 +44,15 @@ pub enum VmExit {
         /// The engine's error.
         reason: String,
     },
-    /// The run was stopped from outside (signal, control socket, timeout).
+    /// The run was stopped from outside (control socket, timeout, a snapshot's --stop).
     Stopped {
         /// Why.
         reason: String,
+    },
+    /// A signal (SIGINT, SIGTERM, SIGHUP) ended the run.
+    Interrupted {
+        /// The signal's name.
+        signal: String,
     },
 }
 
@@ -72,6 +77,7 @@ impl VmExit {
             VmExit::Fatal { vcpu, reason } => format!("vCPU {vcpu}: {reason}"),
             VmExit::FaultEngineFailed { reason } => format!("the fault engine failed, VM stopped: {reason}"),
             VmExit::Stopped { reason } => format!("stopped: {reason}"),
+            VmExit::Interrupted { signal } => format!("interrupted by {signal}"),
         }
     }
 }

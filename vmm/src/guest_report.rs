@@ -124,7 +124,7 @@ pub struct GuestDone {
 }
 
 /// Everything the guest reported, in order of arrival.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct GuestReport {
     /// The ready line, if printed.
     pub ready: Option<GuestReady>,
@@ -190,6 +190,31 @@ pub struct GuestReportCollector {
     last_line_at: Instant,
     /// What has been parsed so far.
     pub report: GuestReport,
+}
+
+/// What the collector holds of the guest's output: the report so far and the line being
+/// written (a snapshot may fall in the middle of one).
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct CollectorState {
+    /// Bytes of the unfinished line.
+    pub partial: Vec<u8>,
+    /// The report so far.
+    pub report: GuestReport,
+}
+
+impl crate::persist::Persist for GuestReportCollector {
+    type State = CollectorState;
+    type Error = std::convert::Infallible;
+
+    fn save(&self) -> Result<CollectorState, Self::Error> {
+        Ok(CollectorState { partial: self.partial.clone(), report: self.report.clone() })
+    }
+
+    fn restore(&mut self, state: &CollectorState) -> Result<(), Self::Error> {
+        self.partial = state.partial.clone();
+        self.report = state.report.clone();
+        Ok(())
+    }
 }
 
 impl GuestReportCollector {

@@ -5,7 +5,8 @@ use std::time::Instant;
 
 use clap::Parser;
 use faultline::cli::{BenchCommand, Cli, Command, RunArgs};
-use faultline::experiments::{boot_bench, fault_bench};
+use faultline::experiments::{boot_bench, fault_bench, snapshot_bench};
+use faultline::snapshot::{self, cli::RestoreArgs, cli::SnapshotCommand};
 use faultline::vmm::{self, RunOptions};
 
 fn main() -> ExitCode {
@@ -26,7 +27,28 @@ fn main() -> ExitCode {
             Err(err) => fail(&err),
         },
         Command::Bench(BenchCommand::Faults(args)) => bench_faults(&args),
+        Command::Bench(BenchCommand::Snapshot(args)) => match snapshot_bench::run(&args) {
+            Ok(report) if args.json => print_json(&report),
+            Ok(report) => {
+                print!("{}", report.table());
+                ExitCode::SUCCESS
+            }
+            Err(err) => fail(&err),
+        },
         Command::Ctl(args) => faultline::api::ctl::main(&args),
+        Command::Restore(args) => restore(&args, started),
+        Command::Snapshot(SnapshotCommand::Inspect { dir, json }) => match snapshot::inspect(&dir) {
+            Ok(inspection) if json => print_json(&inspection),
+            Ok(inspection) => {
+                print!("{}", snapshot::cli::describe(&inspection));
+                if inspection.checksums_ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                }
+            }
+            Err(err) => fail(&err),
+        },
         Command::GuestImage { output } => match std::fs::write(&output, faultline::BUILTIN_GUEST_ELF) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => fail(&format!("cannot write {}: {err}", output.display())),
@@ -41,10 +63,34 @@ fn run(args: &RunArgs, started: Instant) -> ExitCode {
         Ok(config) => config,
         Err(err) => return fail(&err),
     };
-    let options = RunOptions { api_socket: args.api_socket.clone(), ..RunOptions::new(started, args.timeout) };
-    match vmm::run(&config, &options) {
+    let options = RunOptions {
+        api_socket: args.api_socket.clone(),
+        stop_on_signals: true,
+        ..RunOptions::new(started, args.timeout)
+    };
+    finish(vmm::run(&config, &options), args.json)
+}
+
+/// `faultline restore`: exit codes as for `run`.
+fn restore(args: &RestoreArgs, started: Instant) -> ExitCode {
+    let overrides = match args.overrides() {
+        Ok(overrides) => overrides,
+        Err(err) => return fail(&err),
+    };
+    let timeout = match args.time_limit() {
+        Ok(timeout) => timeout,
+        Err(err) => return fail(&err),
+    };
+    let options =
+        RunOptions { api_socket: args.api_socket.clone(), stop_on_signals: true, ..RunOptions::new(started, timeout) };
+    finish(vmm::Vmm::restore(&args.from, &overrides, &options).and_then(vmm::Vmm::run), args.json)
+}
+
+/// Prints a run's report (or its error) and picks the exit code.
+fn finish(result: Result<faultline::report::RunReport, vmm::VmmError>, json: bool) -> ExitCode {
+    match result {
         Ok(report) => {
-            if args.json {
+            if json {
                 println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
             } else {
                 print!("{}", report.summary());
@@ -52,7 +98,7 @@ fn run(args: &RunArgs, started: Instant) -> ExitCode {
             if report.success() {
                 ExitCode::SUCCESS
             } else {
-                if !args.json {
+                if !json {
                     eprintln!("faultline: the run did not succeed: {}", report.failure_reason());
                 }
                 ExitCode::from(1)

@@ -67,6 +67,12 @@ pub struct RunReport {
     pub chaos: Option<ChaosReport>,
     /// What the balloon gave back to the host, when the VM had one.
     pub balloon: Option<BalloonReport>,
+    /// Pauses (control socket or snapshots), when there were any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pauses: Option<crate::machine::PauseStats>,
+    /// Guest memory read from a snapshot, bytes, when the VM was restored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restored_bytes: Option<u64>,
 }
 
 impl RunReport {

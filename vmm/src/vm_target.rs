@@ -1,70 +1,101 @@
 //! The running VM as the control socket sees it ([`crate::api::ControlTarget`]): status
-//! from the VM's control and the guest's report lines, the smmu's statistics and its
-//! coherence checker, the balloon.
+//! from the machine's lifecycle and the guest's report lines, pause/resume/snapshot, the
+//! smmu's statistics and its coherence checker, the balloon.
 
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::path::Path;
+use std::sync::Arc;
 
-use crate::api::{BalloonControl, ControlTarget, PagingControl, VmState, VmStatus};
-use crate::devices::virtio::balloon::BalloonHandle;
-use crate::guest_report::GuestReportCollector;
-use crate::paging::GuestPaging;
-use crate::vstate::VmControl;
+use crate::api::{AfterSnapshot, BalloonControl, ControlTarget, LifecycleControl, PagingControl, SnapshotRequest};
+use crate::api::{VmState, VmStatus};
+use crate::exit::VmExit;
+use crate::machine::{Machine, RunState};
+use crate::snapshot::{self, SnapshotHistory};
 
 /// A running VM's state for the control server.
 pub struct VmTarget {
-    /// How and whether the VM ended.
-    pub control: Arc<VmControl>,
-    /// The guest's report lines (for "guest ready").
-    pub collector: Arc<Mutex<GuestReportCollector>>,
-    /// Demand paging.
-    pub paging: Arc<GuestPaging>,
-    /// The balloon, if the VM has one.
-    pub balloon: Option<Arc<BalloonHandle>>,
-    /// When the VM started.
-    pub started: Instant,
-    /// vCPUs.
-    pub vcpus: u32,
-    /// Guest RAM, bytes.
-    pub memory_bytes: u64,
+    machine: Arc<Machine>,
+    history: Arc<SnapshotHistory>,
+}
+
+impl VmTarget {
+    /// The control server's view of `machine`.
+    pub fn new(machine: Arc<Machine>, history: Arc<SnapshotHistory>) -> Self {
+        VmTarget { machine, history }
+    }
 }
 
 impl ControlTarget for VmTarget {
     fn status(&self) -> VmStatus {
-        let exit = self.control.exit();
-        let state = match (&exit, self.control.is_stopping()) {
-            (Some(_), _) => VmState::Ended,
-            (None, true) => VmState::Stopping,
-            (None, false) => VmState::Running,
+        let control = &self.machine.control;
+        let exit = control.exit();
+        let state = match (&exit, control.is_stopping(), self.machine.run_state()) {
+            (Some(_), _, _) => VmState::Ended,
+            (None, true, _) => VmState::Stopping,
+            (None, false, RunState::Paused) => VmState::Paused,
+            (None, false, _) => VmState::Running,
         };
-        let guest_ready = self.collector.lock().unwrap_or_else(|e| e.into_inner()).report.ready.is_some();
+        let guest_ready = self.machine.collector.lock().unwrap_or_else(|e| e.into_inner()).report.ready.is_some();
         VmStatus {
             state,
-            vcpus: self.vcpus,
-            memory_bytes: self.memory_bytes,
-            uptime_ms: self.started.elapsed().as_millis() as u64,
+            vcpus: self.machine.config.vcpus,
+            memory_bytes: self.machine.ram.size_bytes(),
+            uptime_ms: self.machine.started.elapsed().as_millis() as u64,
             guest_ready,
-            balloon: self.balloon.is_some(),
+            balloon: self.machine.devices.balloon.is_some(),
             exit: exit.map(|e| e.describe()),
         }
     }
 
     fn balloon(&self) -> Option<&dyn BalloonControl> {
-        self.balloon.as_deref().map(|h| h as &dyn BalloonControl)
+        self.machine.devices.balloon.as_deref().map(|h| h as &dyn BalloonControl)
     }
 
     fn paging(&self) -> Option<&dyn PagingControl> {
         Some(self)
     }
+
+    fn lifecycle(&self) -> Option<&dyn LifecycleControl> {
+        Some(self)
+    }
+}
+
+impl LifecycleControl for VmTarget {
+    fn pause(&self) -> Result<serde_json::Value, String> {
+        let took = self.machine.pause().map_err(|e| e.to_string())?;
+        Ok(serde_json::json!({ "pause_ns": took.as_nanos() as u64 }))
+    }
+
+    fn resume(&self) -> Result<serde_json::Value, String> {
+        self.machine.resume().map_err(|e| e.to_string())?;
+        Ok(serde_json::json!({}))
+    }
+
+    fn snapshot(&self, request: &SnapshotRequest) -> Result<serde_json::Value, String> {
+        let was_running = self.machine.run_state() == RunState::Running;
+        let result = snapshot::create(&self.machine, &self.history, Path::new(&request.dir), request.diff);
+        // Whatever happened, the VM goes on as asked (on an error: as before, unharmed).
+        let then = if result.is_ok() { request.then } else { AfterSnapshot::AsBefore };
+        match then {
+            AfterSnapshot::Stop => self
+                .machine
+                .control
+                .end(VmExit::Stopped { reason: format!("stopped after a snapshot to {}", request.dir) }),
+            AfterSnapshot::Resume => self.machine.resume().map_err(|e| e.to_string())?,
+            AfterSnapshot::AsBefore if was_running => self.machine.resume().map_err(|e| e.to_string())?,
+            AfterSnapshot::AsBefore => {}
+        }
+        let summary = result.map_err(|e| format!("snapshot failed, the VM is unharmed: {e}"))?;
+        Ok(serde_json::to_value(summary).unwrap_or_default())
+    }
 }
 
 impl PagingControl for VmTarget {
     fn stats(&self) -> serde_json::Value {
-        serde_json::to_value(self.paging.live_report()).unwrap_or_default()
+        serde_json::to_value(self.machine.paging.live_report()).unwrap_or_default()
     }
 
     fn check_coherence(&self) -> Result<serde_json::Value, String> {
-        let report = self.paging.check_coherence().map_err(|e| e.to_string())?;
+        let report = self.machine.paging.check_coherence().map_err(|e| e.to_string())?;
         Ok(serde_json::to_value(report).unwrap_or_default())
     }
 }

@@ -1,5 +1,7 @@
-//! Builds a VM step by step from a [`VmConfig`] and runs it to its end: guest RAM, the
-//! KVM VM, the kernel and its boot data, devices, vCPUs, then the run and the report.
+//! Builds a VM step by step from a [`VmConfig`] (guest RAM, the KVM VM, the kernel and
+//! its boot data, devices, vCPU threads) or from a snapshot, runs it to its end with the
+//! control socket and the chaos driver beside it, and reports.
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
@@ -7,7 +9,7 @@ use faultline_abi as abi;
 
 use crate::api::{ApiError, ControlServer};
 use crate::boot::{self, BootError};
-use crate::config::{ConfigError, VmConfig};
+use crate::config::{ConfigError, VmConfig, ZoneConfig};
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORTS};
 use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_IRQ, SERIAL_PORTS};
 use crate::devices::step_control::{StepControl, STEP_CONTROL_PORTS};
@@ -18,13 +20,16 @@ use crate::exit::VmExit;
 use crate::experiments::balloon_watch::BalloonWatch;
 use crate::experiments::chaos::{self, ChaosReport};
 use crate::guest_report::GuestReportCollector;
+use crate::machine::{Machine, MachineDevices, MachineParts};
 use crate::memory::{self, GuestRam};
 use crate::paging::{EngineFailureHook, GuestPaging, PagingError};
 use crate::report::{HostMemory, RunReport};
 use crate::smmu::page_source::{PageSource, ZeroSource};
+use crate::snapshot::{self, Chain, SnapshotError, SnapshotHistory};
+use crate::stop_signals::StopSignals;
 use crate::vm_target::VmTarget;
 use crate::vstate::runner::{self, LoopSubscriber, RunError};
-use crate::vstate::{ControlError, Kvm, KvmError, Vcpu, VcpuError, Vm, VmControl, VmError};
+use crate::vstate::{ControlError, Kvm, KvmError, Vcpu, VcpuError, VcpuFleet, Vm, VmControl, VmError};
 
 /// Errors building or running a VM. Each wraps its layer's error, whose message says
 /// what to do.
@@ -60,9 +65,15 @@ pub enum VmmError {
     /// A virtio device could not be placed.
     #[error(transparent)]
     Device(#[from] SlotError),
+    /// A snapshot could not be read or restored.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     /// The control socket could not be served.
     #[error(transparent)]
     Api(#[from] ApiError),
+    /// The stop signals could not be watched.
+    #[error("cannot watch SIGINT/SIGTERM/SIGHUP: {0}")]
+    Signals(String),
     /// A part of the VM was still in use after the run (a bug).
     #[error("{0} was still in use after the VM ended; this is a bug in faultline")]
     StillShared(&'static str),
@@ -99,12 +110,15 @@ pub struct RunOptions {
     pub page_source: Option<Arc<dyn PageSource>>,
     /// Serve the control API on this Unix socket while the VM runs (`faultline ctl`).
     pub api_socket: Option<std::path::PathBuf>,
+    /// End the VM cleanly on SIGINT, SIGTERM and SIGHUP (the binary sets this; a library
+    /// user keeps its own signal handling).
+    pub stop_on_signals: bool,
 }
 
 impl RunOptions {
     /// Options for a run that started at `started`, with an optional time limit.
     pub fn new(started: std::time::Instant, timeout: Option<std::time::Duration>) -> Self {
-        RunOptions { started, timeout, page_source: None, api_socket: None }
+        RunOptions { started, timeout, page_source: None, api_socket: None, stop_on_signals: false }
     }
 }
 
@@ -115,101 +129,235 @@ impl std::fmt::Debug for RunOptions {
             .field("timeout", &self.timeout)
             .field("page_source", &self.page_source.as_ref().map(|_| "custom"))
             .field("api_socket", &self.api_socket)
+            .field("stop_on_signals", &self.stop_on_signals)
             .finish()
     }
 }
 
 /// Builds the VM described by `config`, runs it until it ends, and reports.
 pub fn run(config: &VmConfig, options: &RunOptions) -> Result<RunReport, VmmError> {
-    config.validate()?;
+    Vmm::boot(config, options)?.run()
+}
+
+/// Zones to restore a snapshot into instead of the ones it was taken with (same count
+/// and sizes; backend, path and paging may differ), and other things a restore may change.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOverrides {
+    /// Replacement zones.
+    pub zones: Option<Vec<ZoneConfig>>,
+    /// Echo the guest's console.
+    pub console: Option<bool>,
+}
+
+/// A VM with a lifecycle: built (from a config, or from a snapshot), then run until it
+/// ends — paused, resumed and snapshotted meanwhile through its [`Machine`] (the control
+/// socket does that) — and finished into its run report.
+pub struct Vmm {
+    machine: Arc<Machine>,
+    history: Arc<SnapshotHistory>,
+    options: RunOptions,
+    setup_ns: u64,
+    restored_bytes: Option<u64>,
+}
+
+impl Vmm {
+    /// Builds the VM of `config` and loads its kernel; the vCPUs wait for [`Vmm::run`].
+    pub fn boot(config: &VmConfig, options: &RunOptions) -> Result<Self, VmmError> {
+        config.validate()?;
+        let machine = build_machine(config, options, Start::Boot)?;
+        Ok(Vmm::assemble(machine, options, None))
+    }
+
+    /// Builds a VM from the snapshot in `dir` (and the diffs below it), reads its memory
+    /// into fresh guest RAM and puts every part in its saved state; the vCPUs go on
+    /// where they were when [`Vmm::run`] lets them.
+    pub fn restore(dir: &Path, overrides: &RestoreOverrides, options: &RunOptions) -> Result<Self, VmmError> {
+        let chain = Chain::read(dir)?;
+        let mut config = chain.top().config.clone();
+        if let Some(zones) = &overrides.zones {
+            check_zone_overrides(&config.zones, zones)?;
+            config.zones = zones.clone();
+        }
+        if let Some(console) = overrides.console {
+            config.console = console;
+        }
+        config.validate()?;
+        chain.check_files()?;
+        let machine = build_machine(&config, options, Start::Restore)?;
+        let views = snapshot::zone_views(&machine.ram, &machine.config.zones);
+        let loaded = chain.load_memory(&views)?;
+        machine.restore_state(chain.into_machine_state()).map_err(SnapshotError::from)?;
+        Ok(Vmm::assemble(machine, options, Some(loaded)))
+    }
+
+    fn assemble(machine: Machine, options: &RunOptions, restored_bytes: Option<u64>) -> Self {
+        Vmm {
+            machine: Arc::new(machine),
+            history: Arc::new(SnapshotHistory::default()),
+            options: options.clone(),
+            setup_ns: options.started.elapsed().as_nanos() as u64,
+            restored_bytes,
+        }
+    }
+
+    /// The running parts: pause, resume, save state.
+    pub fn machine(&self) -> &Arc<Machine> {
+        &self.machine
+    }
+
+    /// Lets the vCPUs run, serves the control socket and the chaos driver until the VM
+    /// ends (or the run's time limit passes), then tears the VM down and reports.
+    pub fn run(self) -> Result<RunReport, VmmError> {
+        let Vmm { machine, history, options, setup_ns, restored_bytes } = self;
+        let config = machine.config.clone();
+        let watch = machine
+            .devices
+            .balloon
+            .as_ref()
+            .map(|handle| BalloonWatch::attach(handle, machine.paging.regions().clone()));
+        if let Some(watch) = watch.clone() {
+            let hook = Box::new(move || watch.guest_followed_change());
+            machine.collector.lock().unwrap_or_else(|e| e.into_inner()).on_balloon_line(hook);
+        }
+        let api = match &options.api_socket {
+            Some(path) => {
+                let target = Arc::new(VmTarget::new(machine.clone(), history.clone()));
+                let server: LoopSubscriber = Arc::new(Mutex::new(ControlServer::bind(path, target)?));
+                vec![server]
+            }
+            None => Vec::new(),
+        };
+        let signals = match options.stop_on_signals {
+            true => Some(StopSignals::watch(machine.control.clone()).map_err(|e| VmmError::Signals(e.to_string()))?),
+            false => None,
+        };
+        let deadline = options.timeout.map(|t| std::time::Instant::now() + t);
+        let (waited, chaos) = std::thread::scope(|scope| {
+            let chaos = config.chaos.as_ref().map(|chaos_config| {
+                let segments = chaos::workload_segments(&machine.ram.ram_ranges(), config.workload.size_bytes);
+                let machine = &*machine;
+                scope.spawn(move || {
+                    let paging = &machine.paging;
+                    let stop = &*machine.devices.step_stop;
+                    chaos::run(chaos_config, paging.discarder(), paging.regions(), &segments, &machine.control, stop)
+                })
+            });
+            let waited = match machine.resume() {
+                Ok(()) => runner::wait_for_end(&machine.control, deadline, api),
+                Err(e) => Err(RunError::EventLoop(format!("cannot start the vCPUs: {e}"))),
+            };
+            if let Err(e) = &waited {
+                machine.control.end(VmExit::Stopped { reason: e.to_string() });
+            }
+            machine.control.end(VmExit::Stopped { reason: "the vCPUs returned".into() });
+            machine.stop_vcpus();
+            let chaos = chaos.map(|h| h.join().unwrap_or_else(|_| chaos_panicked()));
+            (waited, chaos)
+        });
+        drop(signals);
+        waited?;
+        let exit = machine.control.exit().unwrap_or(VmExit::Stopped { reason: "ended without a reason".into() });
+        let exit = machine.ram.explain_failure(exit);
+        let total_ns = options.started.elapsed().as_nanos() as u64;
+        let host_memory = HostMemory::of_self();
+        let balloon_report = watch.zip(machine.devices.balloon.as_ref()).map(|(watch, handle)| watch.report(handle));
+        let pauses = machine.pause_stats();
+        // The control server (and its hold on the machine) went with the event loop.
+        let machine = Arc::try_unwrap(machine).map_err(|_| VmmError::StillShared("the machine"))?;
+        let parts = machine.dismantle();
+        let paging = Arc::try_unwrap(parts.paging).map_err(|_| VmmError::StillShared("demand paging"))?;
+        let faults = paging.finish()?;
+        let memory_bytes = parts.ram.size_bytes();
+        drop(parts.ram);
+        let guest = std::mem::take(&mut parts.collector.lock().unwrap_or_else(|e| e.into_inner()).report);
+        Ok(RunReport {
+            exit,
+            guest,
+            vcpus: config.vcpus,
+            memory_bytes,
+            backends: config.zones.iter().map(|z| z.backend.name().to_string()).collect(),
+            setup_ns,
+            total_ns,
+            host_memory,
+            faults: Some(faults),
+            chaos,
+            balloon: balloon_report,
+            pauses: (pauses.pauses > 0).then_some(pauses),
+            restored_bytes,
+        })
+    }
+}
+
+/// How a machine starts: by booting its kernel, or from a snapshot (memory and state
+/// come afterwards).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    Boot,
+    Restore,
+}
+
+/// Builds every part of the VM of a validated `config`; vCPU threads wait paused.
+fn build_machine(config: &VmConfig, options: &RunOptions, start: Start) -> Result<Machine, VmmError> {
     let kvm = Kvm::open()?;
     if config.vcpus as usize > kvm.max_vcpus() {
         return Err(VmmError::TooManyVcpus { vcpus: config.vcpus, max: kvm.max_vcpus() });
     }
-    let ram = GuestRam::new(&config.zones)?;
+    let ram = Arc::new(GuestRam::new(&config.zones)?);
     let control = Arc::new(VmControl::new()?);
     // Paging starts before anything touches guest RAM, so the state table sees the
-    // kernel loader's writes too.
+    // kernel loader's (or the restore's) writes too.
     let paging = Arc::new(start_paging(config, options, &ram, &control)?);
     let vm = Vm::new(&kvm, &ram)?;
-    let kernel = boot::load_kernel(&config.kernel, ram.memory())?;
-    tracing::debug!("loaded {}: {:?}, ends at {:#x}", kernel.name, kernel.entry, kernel.end_gpa);
-
     let supported_cpuid = kvm.supported_cpuid()?;
     let vcpus = (0..config.vcpus)
         .map(|id| Vcpu::new(&vm, &supported_cpuid, id, config.vcpus))
         .collect::<Result<Vec<_>, _>>()?;
-    let tsc_khz = vcpus[0].tsc_khz().ok();
-    let cmdline = config.guest_cmdline(tsc_khz);
-    boot::write_cmdline(ram.memory(), &cmdline)?;
-    let entry = boot::configure(&kernel, &ram, &cmdline)?;
-    vcpus[0].set_entry(&entry)?;
+    if start == Start::Boot {
+        let kernel = boot::load_kernel(&config.kernel, ram.memory())?;
+        tracing::debug!("loaded {}: {:?}, ends at {:#x}", kernel.name, kernel.entry, kernel.end_gpa);
+        let tsc_khz = vcpus[0].tsc_khz().ok();
+        let cmdline = config.guest_cmdline(tsc_khz);
+        boot::write_cmdline(ram.memory(), &cmdline)?;
+        let entry = boot::configure(&kernel, &ram, &cmdline)?;
+        vcpus[0].set_entry(&entry)?;
+    }
 
     let collector = Arc::new(Mutex::new(GuestReportCollector::new(options.started)));
     let step_stop = Arc::new(AtomicBool::new(false));
     let mut mmio = MmioBus::new();
     let balloon = attach_balloon(config, &ram, &vm, &paging, &mut mmio)?;
-    let buses = DeviceBuses::new(build_bus(&vm, config.console, collector.clone(), step_stop.clone())?, mmio);
-    let api = match &options.api_socket {
-        Some(path) => {
-            let target = Arc::new(VmTarget {
-                control: control.clone(),
-                collector: collector.clone(),
-                paging: paging.clone(),
-                balloon: balloon.clone(),
-                started: options.started,
-                vcpus: config.vcpus,
-                memory_bytes: ram.size_bytes(),
-            });
-            let server: LoopSubscriber = Arc::new(Mutex::new(ControlServer::bind(path, target)?));
-            vec![server]
-        }
-        None => Vec::new(),
-    };
-    let setup_ns = options.started.elapsed().as_nanos() as u64;
+    let (pio, serial, step_control) = build_bus(&vm, config.console, collector.clone(), step_stop.clone())?;
+    let buses = Arc::new(DeviceBuses::new(pio, mmio));
+    let fleet =
+        VcpuFleet::spawn(vcpus, buses.clone(), ram.memory().clone(), control.clone()).map_err(RunError::from)?;
+    Ok(Machine::new(MachineParts {
+        config: config.clone(),
+        started: options.started,
+        ram,
+        vm,
+        fleet,
+        devices: MachineDevices { serial, step_control, step_stop, balloon },
+        buses,
+        collector,
+        paging,
+        control,
+    }))
+}
 
-    let watch = balloon.as_ref().map(|handle| BalloonWatch::attach(handle, paging.regions().clone()));
-    if let Some(watch) = watch.clone() {
-        let hook = Box::new(move || watch.guest_followed_change());
-        collector.lock().unwrap_or_else(|e| e.into_inner()).on_balloon_line(hook);
+/// Zones given to a restore must match the snapshot's in count and size.
+fn check_zone_overrides(saved: &[ZoneConfig], given: &[ZoneConfig]) -> Result<(), VmmError> {
+    let sizes = |zones: &[ZoneConfig]| zones.iter().map(|z| z.size_bytes.to_string()).collect::<Vec<_>>().join(", ");
+    if saved.len() != given.len() || saved.iter().zip(given).any(|(a, b)| a.size_bytes != b.size_bytes) {
+        return Err(VmmError::Snapshot(SnapshotError::Chain {
+            path: PathBuf::from("--memory"),
+            reason: format!(
+                "the snapshot's zones are [{}] bytes, the zones given are [{}]; give one --memory per saved zone with the same size (backend, path and paging may differ)",
+                sizes(saved),
+                sizes(given)
+            ),
+        }));
     }
-    let (exit, chaos) = std::thread::scope(|scope| {
-        let chaos = config.chaos.as_ref().map(|chaos_config| {
-            let segments = chaos::workload_segments(&ram.ram_ranges(), config.workload.size_bytes);
-            let (paging, control, stop) = (&paging, &*control, &*step_stop);
-            scope
-                .spawn(move || chaos::run(chaos_config, paging.discarder(), paging.regions(), &segments, control, stop))
-        });
-        let exit = runner::run_vcpus(vcpus, &buses, ram.memory(), &control, options.timeout, api);
-        control.end(VmExit::Stopped { reason: "the vCPUs returned".into() });
-        let chaos = chaos.map(|h| h.join().unwrap_or_else(|_| chaos_panicked()));
-        (exit, chaos)
-    });
-    let exit = ram.explain_failure(exit?);
-    let total_ns = options.started.elapsed().as_nanos() as u64;
-    let host_memory = HostMemory::of_self();
-    let balloon_report = watch.zip(balloon.as_ref()).map(|(watch, handle)| watch.report(handle));
-    // The control server (and its hold on paging) went with the event loop.
-    let paging = Arc::try_unwrap(paging).map_err(|_| VmmError::StillShared("demand paging"))?;
-    let faults = paging.finish()?;
-    drop(buses);
-    drop(vm);
-    let memory_bytes = ram.size_bytes();
-    drop(ram);
-    let guest = std::mem::take(&mut collector.lock().unwrap_or_else(|e| e.into_inner()).report);
-    Ok(RunReport {
-        exit,
-        guest,
-        vcpus: config.vcpus,
-        memory_bytes,
-        backends: config.zones.iter().map(|z| z.backend.name().to_string()).collect(),
-        setup_ns,
-        total_ns,
-        host_memory,
-        faults: Some(faults),
-        chaos,
-        balloon: balloon_report,
-    })
+    Ok(())
 }
 
 /// Puts a virtio-balloon on the MMIO bus (window 0) when the config asks for one; its
@@ -256,22 +404,26 @@ fn chaos_panicked() -> ChaosReport {
     ChaosReport { errors: 1, first_errors: vec!["the chaos driver panicked".into()], ..ChaosReport::default() }
 }
 
+/// The port devices of [`build_bus`]: the bus, and the stateful devices on it.
+type PortDevices = (PioBus, Arc<Mutex<SerialDevice>>, Arc<Mutex<StepControl>>);
+
 /// The port-I/O devices: COM1 (IRQ 4 via irqfd), the debug-exit and step-control ports.
 fn build_bus(
     vm: &Vm,
     echo: bool,
     collector: Arc<Mutex<GuestReportCollector>>,
     step_stop: Arc<AtomicBool>,
-) -> Result<PioBus, VmmError> {
+) -> Result<PortDevices, VmmError> {
     let interrupt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
         .map_err(|source| VmmError::EventFd { what: "the serial interrupt", source })?;
     vm.register_irqfd(&interrupt, COM1_IRQ)?;
-    let serial = SerialDevice::new(interrupt, ConsoleSink::new(echo, collector));
+    let serial = Arc::new(Mutex::new(SerialDevice::new(interrupt, ConsoleSink::new(echo, collector))));
+    let step_control = Arc::new(Mutex::new(StepControl::new(step_stop)));
     let mut bus = PioBus::new();
-    bus.insert(abi::SERIAL_PORT, SERIAL_PORTS, Arc::new(Mutex::new(serial)))?;
+    bus.insert(abi::SERIAL_PORT, SERIAL_PORTS, serial.clone())?;
     bus.insert(abi::DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, Arc::new(Mutex::new(DebugExit)))?;
-    bus.insert(abi::STEP_CONTROL_PORT, STEP_CONTROL_PORTS, Arc::new(Mutex::new(StepControl::new(step_stop))))?;
-    Ok(bus)
+    bus.insert(abi::STEP_CONTROL_PORT, STEP_CONTROL_PORTS, step_control.clone())?;
+    Ok((bus, serial, step_control))
 }
 
 #[cfg(test)]

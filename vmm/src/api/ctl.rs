@@ -41,6 +41,35 @@ pub enum CtlCommand {
     /// Demand paging (the smmu).
     #[command(subcommand)]
     Paging(PagingCommand),
+    /// Stop every vCPU (outside KVM_RUN, state readable); prints how long the pause took.
+    Pause,
+    /// Let the vCPUs run again.
+    Resume,
+    /// Snapshots.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+/// `faultline ctl snapshot ...`.
+#[derive(Debug, Subcommand, Clone)]
+pub enum SnapshotCommand {
+    /// Save the VM (vCPUs, devices, memory) into a new directory; restore it with
+    /// `faultline restore --from DIR`.
+    Create {
+        /// The directory to create (it must not exist, or be empty).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// Save only the pages written since this VM's previous snapshot (restore the
+        /// chain by naming the last diff).
+        #[arg(long)]
+        diff: bool,
+        /// Run the VM afterwards even if it was paused before.
+        #[arg(long, conflicts_with = "stop")]
+        resume: bool,
+        /// End the VM once it is saved.
+        #[arg(long)]
+        stop: bool,
+    },
 }
 
 /// `faultline ctl paging ...`.
@@ -111,6 +140,21 @@ pub fn execute(args: &CtlArgs) -> Result<String, ClientError> {
         CtlCommand::Balloon(BalloonCommand::Stats) => ("balloon.stats", Value::Null),
         CtlCommand::Paging(PagingCommand::Stats) => ("paging.stats", Value::Null),
         CtlCommand::Paging(PagingCommand::Check) => ("paging.check", Value::Null),
+        CtlCommand::Pause => ("pause", Value::Null),
+        CtlCommand::Resume => ("resume", Value::Null),
+        CtlCommand::Snapshot(SnapshotCommand::Create { dir, diff, resume, stop }) => {
+            // The server resolves paths against its own working directory: send an
+            // absolute one.
+            let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
+            let then = if *stop {
+                "stop"
+            } else if *resume {
+                "resume"
+            } else {
+                "as_before"
+            };
+            ("snapshot.create", serde_json::json!({ "dir": dir, "diff": diff, "then": then }))
+        }
     };
     let result = client.call(cmd, call_args)?;
     if args.json {
@@ -128,6 +172,16 @@ pub fn execute(args: &CtlArgs) -> Result<String, ClientError> {
         CtlCommand::Balloon(BalloonCommand::Stats) => describe_stats(&serde_json::from_value(result).map_err(bad)?),
         CtlCommand::Paging(PagingCommand::Stats) => describe_paging(&result),
         CtlCommand::Paging(PagingCommand::Check) => describe_coherence(&result),
+        CtlCommand::Pause => format!("paused in {} µs", result["pause_ns"].as_u64().unwrap_or(0) / 1000),
+        CtlCommand::Resume => "running".to_string(),
+        CtlCommand::Snapshot(SnapshotCommand::Create { .. }) => format!(
+            "snapshot {} ({}): {} MiB of memory in {} ms (paused {} µs)",
+            result["dir"].as_str().unwrap_or("?"),
+            result["kind"].as_str().unwrap_or("?"),
+            result["memory_bytes"].as_u64().unwrap_or(0) >> 20,
+            result["total_ms"].as_f64().unwrap_or(0.0).round(),
+            result["pause_ns"].as_u64().unwrap_or(0) / 1000,
+        ),
     })
 }
 
@@ -138,6 +192,7 @@ fn describe_hello(hello: &HelloResult) -> String {
 fn describe_status(status: &VmStatus) -> String {
     let state = match status.state {
         VmState::Running => "running",
+        VmState::Paused => "paused",
         VmState::Stopping => "stopping",
         VmState::Ended => "ended",
     };

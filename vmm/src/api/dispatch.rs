@@ -6,7 +6,7 @@ use serde_json::Value;
 use super::protocol::{
     parse_request_line, BalloonInfo, Command, ErrorBody, ErrorKind, HelloResult, Response, BALLOON_PAGE_BYTES,
 };
-use super::target::{BalloonControl, ControlTarget, PagingControl};
+use super::target::{BalloonControl, ControlTarget, LifecycleControl, PagingControl};
 
 /// The response to one request line (newline already cut off).
 pub(super) fn answer(target: &dyn ControlTarget, line: &[u8]) -> Response {
@@ -27,6 +27,9 @@ fn run(target: &dyn ControlTarget, command: Command) -> Result<Value, ErrorBody>
         Command::BalloonGet => Ok(to_value(balloon_info(balloon(target)?))),
         Command::BalloonStats => Ok(to_value(balloon(target)?.stats())),
         Command::PagingStats => Ok(paging(target)?.stats()),
+        Command::Pause => lifecycle(target)?.pause().map_err(lifecycle_error),
+        Command::Resume => lifecycle(target)?.resume().map_err(lifecycle_error),
+        Command::SnapshotCreate(request) => lifecycle(target)?.snapshot(&request).map_err(lifecycle_error),
         Command::PagingCheck => {
             paging(target)?.check_coherence().map_err(|e| ErrorBody::new(ErrorKind::PagingError, e))
         }
@@ -54,6 +57,14 @@ fn balloon(target: &dyn ControlTarget) -> Result<&dyn BalloonControl, ErrorBody>
             "this VM has no balloon device; start it with a balloon (faultline run --balloon) to steer one",
         )
     })
+}
+
+fn lifecycle(target: &dyn ControlTarget) -> Result<&dyn LifecycleControl, ErrorBody> {
+    target.lifecycle().ok_or_else(|| ErrorBody::new(ErrorKind::LifecycleError, "this VM cannot be paused or saved"))
+}
+
+fn lifecycle_error(message: String) -> ErrorBody {
+    ErrorBody::new(ErrorKind::LifecycleError, message)
 }
 
 fn paging(target: &dyn ControlTarget) -> Result<&dyn PagingControl, ErrorBody> {

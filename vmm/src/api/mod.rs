@@ -21,7 +21,7 @@ mod tests;
 
 pub use client::{ClientError, ControlClient};
 pub use ctl::CtlArgs;
-pub use protocol::{BalloonInfo, BalloonStats, VmState, VmStatus};
+pub use protocol::{AfterSnapshot, BalloonInfo, BalloonStats, SnapshotRequest, VmState, VmStatus};
 pub use server::{ControlServer, DEFAULT_MAX_CLIENTS};
 pub use socket_file::ApiError;
-pub use target::{BalloonControl, BalloonRefused, BalloonSizes, ControlTarget, PagingControl};
+pub use target::{BalloonControl, BalloonRefused, BalloonSizes, ControlTarget, LifecycleControl, PagingControl};

@@ -25,8 +25,18 @@ pub const MAX_LINE_BYTES: usize = 64 * 1024;
 pub const BALLOON_PAGE_BYTES: u64 = 4096;
 
 /// Every command this server knows, as `hello` lists them.
-pub const COMMANDS: &[&str] =
-    &["hello", "status", "balloon.get", "balloon.set", "balloon.stats", "paging.stats", "paging.check"];
+pub const COMMANDS: &[&str] = &[
+    "hello",
+    "status",
+    "pause",
+    "resume",
+    "snapshot.create",
+    "balloon.get",
+    "balloon.set",
+    "balloon.stats",
+    "paging.stats",
+    "paging.check",
+];
 
 /// A request as a client sends it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,6 +108,8 @@ pub enum ErrorKind {
     NoPaging,
     /// The paging layer could not answer (e.g. the coherence checker could not read pagemap).
     PagingError,
+    /// Pause, resume or snapshot failed (the message says why; the VM is unharmed).
+    LifecycleError,
     /// A kind this client does not know (sent by a newer server).
     #[serde(other)]
     Unknown,
@@ -140,6 +152,39 @@ pub enum Command {
     PagingStats,
     /// `paging.check`: run the coherence checker (state table vs host page tables) now.
     PagingCheck,
+    /// `pause`: stop every vCPU outside KVM_RUN.
+    Pause,
+    /// `resume`: let the vCPUs run again.
+    Resume,
+    /// `snapshot.create`: save the VM to a snapshot directory.
+    SnapshotCreate(SnapshotRequest),
+}
+
+/// The arguments of `snapshot.create`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// The directory to create (must not exist, or be empty).
+    pub dir: String,
+    /// Only the pages written since the previous snapshot of this VM (a diff on top of it).
+    #[serde(default)]
+    pub diff: bool,
+    /// What the VM does afterwards.
+    #[serde(default)]
+    pub then: AfterSnapshot,
+}
+
+/// What a VM does after `snapshot.create`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AfterSnapshot {
+    /// Go back to what it did before (run on if it ran, stay paused if it was paused).
+    #[default]
+    AsBefore,
+    /// Run, even if it was paused before.
+    Resume,
+    /// End the VM (its report says it was stopped for a snapshot).
+    Stop,
 }
 
 /// The arguments of `balloon.set`: exactly one of the two.
@@ -168,6 +213,16 @@ impl Command {
             "balloon.set" => parse_balloon_set(args),
             "paging.stats" => no_args(Command::PagingStats),
             "paging.check" => no_args(Command::PagingCheck),
+            "pause" => no_args(Command::Pause),
+            "resume" => no_args(Command::Resume),
+            "snapshot.create" => serde_json::from_value(args.clone()).map(Command::SnapshotCreate).map_err(|e| {
+                ErrorBody::new(
+                    ErrorKind::BadArgs,
+                    format!(
+                        "snapshot.create needs \"args\": {{\"dir\": \"PATH\", \"diff\": false, \"then\": \"as_before\"|\"resume\"|\"stop\"}}: {e}"
+                    ),
+                )
+            }),
             _ => Err(ErrorBody::new(
                 ErrorKind::UnknownCommand,
                 format!("unknown command \"{cmd}\"; this server knows: {}", COMMANDS.join(", ")),
@@ -254,6 +309,8 @@ impl HelloResult {
 pub enum VmState {
     /// The vCPUs run.
     Running,
+    /// Every vCPU is paused (`pause`, or during a snapshot).
+    Paused,
     /// The VM was asked to end (or a vCPU ended it) and is shutting down.
     Stopping,
     /// The VM ended; the process is about to exit.
@@ -422,11 +479,33 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_create_takes_a_dir_and_optional_diff_and_then() {
+        let parsed = Command::parse("snapshot.create", &serde_json::json!({"dir": "/s", "diff": true, "then": "stop"}));
+        assert_eq!(
+            parsed,
+            Ok(Command::SnapshotCreate(SnapshotRequest { dir: "/s".into(), diff: true, then: AfterSnapshot::Stop }))
+        );
+        let defaults = Command::parse("snapshot.create", &serde_json::json!({"dir": "/s"})).unwrap();
+        assert_eq!(
+            defaults,
+            Command::SnapshotCreate(SnapshotRequest { dir: "/s".into(), diff: false, then: AfterSnapshot::AsBefore })
+        );
+        for bad in [Value::Null, serde_json::json!({"dir": 3}), serde_json::json!({"dir": "/s", "then": "later"})] {
+            assert_eq!(Command::parse("snapshot.create", &bad).unwrap_err().kind, ErrorKind::BadArgs, "{bad}");
+        }
+        assert_eq!(Command::parse("pause", &serde_json::json!({"x": 1})).unwrap_err().kind, ErrorKind::BadArgs);
+    }
+
+    #[test]
     fn hello_lists_every_command() {
         let hello = HelloResult::current();
         assert_eq!(hello.protocol, PROTOCOL_VERSION);
         for cmd in COMMANDS {
-            let args = if *cmd == "balloon.set" { serde_json::json!({"target": "4K"}) } else { Value::Null };
+            let args = match *cmd {
+                "balloon.set" => serde_json::json!({"target": "4K"}),
+                "snapshot.create" => serde_json::json!({"dir": "/tmp/s"}),
+                _ => Value::Null,
+            };
             assert!(Command::parse(cmd, &args).is_ok(), "{cmd}");
             assert!(hello.commands.iter().any(|c| c == cmd));
         }

@@ -19,6 +19,25 @@ pub trait ControlTarget: Send + Sync {
     fn paging(&self) -> Option<&dyn PagingControl> {
         None
     }
+
+    /// Pause, resume and snapshots, if the VM supports them.
+    fn lifecycle(&self) -> Option<&dyn LifecycleControl> {
+        None
+    }
+}
+
+/// Pausing, resuming and saving a VM. Pause and resume take about a millisecond; a
+/// snapshot takes as long as writing the guest's touched memory (the event loop waits
+/// meanwhile, so other clients get their answers after it).
+pub trait LifecycleControl: Send + Sync {
+    /// Pauses every vCPU; the result says how long the pause took (JSON).
+    fn pause(&self) -> Result<serde_json::Value, String>;
+
+    /// Lets the vCPUs run again (JSON result).
+    fn resume(&self) -> Result<serde_json::Value, String>;
+
+    /// Writes a snapshot (JSON summary: files, bytes, time).
+    fn snapshot(&self, request: &super::protocol::SnapshotRequest) -> Result<serde_json::Value, String>;
 }
 
 /// The smmu of a running VM, for debugging: statistics and the coherence checker.

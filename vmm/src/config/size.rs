@@ -9,9 +9,44 @@ pub fn deserialize_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D
     d.deserialize_any(SizeVisitor)
 }
 
-/// [`deserialize_size`] for an optional field.
+/// [`deserialize_size`] for an optional field: `null` (how a serialized config, e.g. in a
+/// snapshot, writes "not given") is `None`.
 pub fn deserialize_opt_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    deserialize_size(d).map(Some)
+    d.deserialize_any(OptSizeVisitor)
+}
+
+struct OptSizeVisitor;
+
+impl<'de> serde::de::Visitor<'de> for OptSizeVisitor {
+    type Value = Option<u64>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        SizeVisitor.expecting(f)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        deserialize_size(d).map(Some)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        SizeVisitor.visit_u64(v).map(Some)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        SizeVisitor.visit_i64(v).map(Some)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        SizeVisitor.visit_str(v).map(Some)
+    }
 }
 
 /// A list of sizes (`[ "128M", 0 ]`).
@@ -76,6 +111,17 @@ mod tests {
         assert!(err.contains("a whole number of bytes"), "{err}");
         let err = toml::from_str::<Holder>("size = \"lots\"").unwrap_err().to_string();
         assert!(err.contains("cannot parse size 'lots'"), "{err}");
+    }
+
+    #[test]
+    fn an_optional_size_reads_null_as_not_given() {
+        #[derive(serde::Deserialize)]
+        struct Opt {
+            #[serde(deserialize_with = "deserialize_opt_size")]
+            size: Option<u64>,
+        }
+        assert_eq!(serde_json::from_str::<Opt>("{\"size\": null}").unwrap().size, None);
+        assert_eq!(serde_json::from_str::<Opt>("{\"size\": \"4K\"}").unwrap().size, Some(4096));
     }
 
     #[test]

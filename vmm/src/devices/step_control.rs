@@ -9,6 +9,7 @@ use faultline_abi as abi;
 
 use crate::devices::PioDevice;
 use crate::exit::VmExit;
+use crate::persist::Persist;
 
 /// Ports the device claims.
 pub const STEP_CONTROL_PORTS: u16 = 1;
@@ -23,6 +24,27 @@ impl StepControl {
     /// A device answering from `stop`.
     pub fn new(stop: Arc<AtomicBool>) -> Self {
         Self { stop }
+    }
+}
+
+/// Whether the VMM has asked the guest's open-ended step to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StepControlState {
+    /// The stop flag.
+    pub stop: bool,
+}
+
+impl Persist for StepControl {
+    type State = StepControlState;
+    type Error = std::convert::Infallible;
+
+    fn save(&self) -> Result<StepControlState, Self::Error> {
+        Ok(StepControlState { stop: self.stop.load(Ordering::Acquire) })
+    }
+
+    fn restore(&mut self, state: &StepControlState) -> Result<(), Self::Error> {
+        self.stop.store(state.stop, Ordering::Release);
+        Ok(())
     }
 }
 

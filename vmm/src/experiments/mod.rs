@@ -1,8 +1,9 @@
-//! Experiments that drive the VMM and report figures: benchmarks today; snapshot,
-//! restore, migration and balloon policy later.
+//! Experiments that drive the VMM and report figures: the benchmarks (boot, faults,
+//! snapshot), the chaos driver and the balloon watcher.
 
 pub mod balloon_watch;
 pub mod boot_bench;
 pub mod chaos;
 pub mod child_timing;
 pub mod fault_bench;
+pub mod snapshot_bench;

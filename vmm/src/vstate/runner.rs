@@ -1,5 +1,6 @@
-//! Runs every vCPU on its own thread until the VM ends, with the main thread waiting in
-//! an event-manager loop on the VM's exit eventfd (and the run's timeout).
+//! The main thread's side of a running VM: an event-manager loop on the VM's exit eventfd
+//! (and the run's time limit) serving the control socket, and [`run_vcpus`], which runs a
+//! set of vCPUs from start to end for callers that need no pause or snapshot.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,20 +11,16 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::control::VmControl;
 use super::vcpu::Vcpu;
+use super::vcpu_thread::{VcpuFleet, VcpuThreadError};
 use crate::devices::DeviceBuses;
 use crate::exit::VmExit;
 
 /// Errors running the vCPUs.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// A vCPU thread could not be started.
-    #[error("cannot start the thread of vCPU {id}: {source}")]
-    Spawn {
-        /// The vCPU.
-        id: u32,
-        /// The OS error.
-        source: std::io::Error,
-    },
+    /// The vCPU threads could not be started or steered.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuThreadError),
     /// The event loop failed.
     #[error("the VMM event loop failed: {0}")]
     EventLoop(String),
@@ -55,41 +52,32 @@ pub type LoopSubscriber = Arc<Mutex<dyn MutEventSubscriber>>;
 /// thread serves `subscribers` meanwhile. All vCPU threads are joined before this returns.
 pub fn run_vcpus(
     vcpus: Vec<Vcpu>,
-    buses: &DeviceBuses,
+    buses: Arc<DeviceBuses>,
     memory: &GuestMemoryMmap,
-    control: &VmControl,
+    control: &Arc<VmControl>,
     timeout: Option<Duration>,
     subscribers: Vec<LoopSubscriber>,
 ) -> Result<VmExit, RunError> {
     let deadline = timeout.map(|t| Instant::now() + t);
-    std::thread::scope(|scope| {
-        let mut spawned = Ok(());
-        for mut vcpu in vcpus {
-            let id = vcpu.id();
-            let started = std::thread::Builder::new()
-                .name(format!("fl-vcpu{id}"))
-                .spawn_scoped(scope, move || vcpu.run(buses, memory, control));
-            if let Err(source) = started {
-                spawned = Err(RunError::Spawn { id, source });
-                control.end(VmExit::Stopped { reason: format!("vCPU {id} could not start") });
-                break;
-            }
-        }
-        spawned?;
-        let waited = wait_for_end(control, deadline, timeout, subscribers);
-        if let Err(e) = &waited {
-            control.end(VmExit::Stopped { reason: e.to_string() });
-        }
-        waited
-    })?;
+    let mut fleet = VcpuFleet::spawn(vcpus, buses, memory.clone(), control.clone())?;
+    if let Err(e) = fleet.run() {
+        control.end(VmExit::Stopped { reason: e.to_string() });
+        return Err(e.into());
+    }
+    let waited = wait_for_end(control, deadline, subscribers);
+    if let Err(e) = &waited {
+        control.end(VmExit::Stopped { reason: e.to_string() });
+    }
+    fleet.exit();
+    waited?;
     Ok(control.exit().unwrap_or(VmExit::Stopped { reason: "ended without a reason".into() }))
 }
 
-/// Waits on the exit eventfd until the VM ends or the deadline passes (then ends it).
-fn wait_for_end(
+/// Serves `subscribers` and waits on the exit eventfd until the VM ends or the deadline
+/// passes (then ends it).
+pub fn wait_for_end(
     control: &VmControl,
     deadline: Option<Instant>,
-    timeout: Option<Duration>,
     subscribers: Vec<LoopSubscriber>,
 ) -> Result<(), RunError> {
     use std::os::fd::AsRawFd;
@@ -104,10 +92,9 @@ fn wait_for_end(
         let wait_ms = match deadline {
             None => -1,
             Some(deadline) => {
-                let timeout = timeout.unwrap_or_default();
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    control.end(VmExit::Stopped { reason: format!("timeout after {:?}", timeout) });
+                    control.end(VmExit::Stopped { reason: "timeout: the run's time limit (--timeout) passed".into() });
                     break;
                 }
                 left.as_millis().clamp(1, i32::MAX as u128) as i32

@@ -55,10 +55,9 @@ fn run_code_on(
     bus.insert(0x3f8, 8, Arc::new(Mutex::new(SerialDevice::new(irq, ConsoleSink::new(false, collector.clone())))))
         .unwrap();
     bus.insert(0xf4, 4, Arc::new(Mutex::new(DebugExit))).unwrap();
-    let control = VmControl::new().unwrap();
-    let buses = DeviceBuses::new(bus, mmio);
-    let exit = run_vcpus(vcpus, &buses, ram.memory(), &control, Some(timeout), Vec::new()).unwrap();
-    drop(buses);
+    let control = Arc::new(VmControl::new().unwrap());
+    let buses = Arc::new(DeviceBuses::new(bus, mmio));
+    let exit = run_vcpus(vcpus, buses, ram.memory(), &control, Some(timeout), Vec::new()).unwrap();
     let collector = Arc::try_unwrap(collector).ok().unwrap().into_inner().unwrap();
     (exit, collector)
 }
@@ -173,4 +172,81 @@ fn ap_started_by_init_and_sipi_runs_its_real_mode_trampoline() {
                                            // The AP's trampoline (real mode): mov al, 0x42; out 0xf4, al; hlt
     let (exit, _) = run_code_with(&code, &[(0x8000, &[0xb0, 0x42, 0xe6, 0xf4, 0xf4])], 2, Duration::from_secs(30));
     assert_eq!(exit, VmExit::DebugExit { status: 0x42 });
+}
+
+/// Reads MSR `index` of `vcpu` as the host sees it.
+fn read_msr(vcpu: &Vcpu, index: u32) -> u64 {
+    let mut msrs =
+        kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry { index, ..Default::default() }]).unwrap();
+    assert_eq!(vcpu.fd().get_msrs(&mut msrs).unwrap(), 1);
+    msrs.as_slice()[0].data
+}
+
+#[test]
+fn a_vcpu_state_moves_to_a_fresh_vm_and_its_tsc_does_not_go_back() {
+    use crate::persist::Persist;
+    const MSR_IA32_TSC: u32 = 0x10;
+    const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+    let kvm = Kvm::open().unwrap();
+    let ram = GuestRam::new(&[ZoneConfig::new(16 << 20, Backend::Anon)]).unwrap();
+    let vm = Vm::new(&kvm, &ram).unwrap();
+    let cpuid = kvm.supported_cpuid().unwrap();
+    let vcpu = Vcpu::new(&vm, &cpuid, 0, 1).unwrap();
+    let entry = crate::boot::pvh::configure(&ram, CODE_GPA).unwrap();
+    vcpu.set_entry(&entry).unwrap();
+    let mut regs = vcpu.fd().get_regs().unwrap();
+    regs.rax = 0x1234_5678_9abc_def0;
+    regs.r15 = 42;
+    vcpu.fd().set_regs(&regs).unwrap();
+    let msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index: MSR_IA32_SYSENTER_CS,
+        data: 0x10,
+        ..Default::default()
+    }])
+    .unwrap();
+    vcpu.fd().set_msrs(&msrs).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let saved = vcpu.save().unwrap();
+    let saved_tsc = saved.msrs.iter().find(|m| m.0 == MSR_IA32_TSC).expect("the TSC is saved").1;
+    assert!(saved.msrs.len() > 10, "{saved:?}");
+    // Through serde, as a snapshot carries it.
+    let json = serde_json::to_vec(&saved).unwrap();
+    let carried: crate::vstate::VcpuState = serde_json::from_slice(&json).unwrap();
+
+    let ram2 = GuestRam::new(&[ZoneConfig::new(16 << 20, Backend::Anon)]).unwrap();
+    let vm2 = Vm::new(&kvm, &ram2).unwrap();
+    let mut fresh = Vcpu::new(&vm2, &cpuid, 0, 1).unwrap();
+    assert_ne!(fresh.fd().get_regs().unwrap().rax, regs.rax);
+    fresh.restore(&carried).unwrap();
+    let restored = fresh.fd().get_regs().unwrap();
+    assert_eq!((restored.rax, restored.r15, restored.rip), (regs.rax, regs.r15, regs.rip));
+    assert_eq!(fresh.fd().get_sregs().unwrap().cr0, vcpu.fd().get_sregs().unwrap().cr0);
+    assert_eq!(read_msr(&fresh, MSR_IA32_SYSENTER_CS), 0x10);
+    assert!(read_msr(&fresh, MSR_IA32_TSC) >= saved_tsc, "the restored TSC went back");
+    // A state of another vCPU is refused.
+    let other = Vcpu::new(&vm2, &cpuid, 1, 2).unwrap();
+    let mut other = other;
+    assert!(other.restore(&carried).unwrap_err().to_string().contains("state is of vCPU 0"));
+}
+
+#[test]
+fn the_vm_irqchip_and_pit_state_moves_to_a_fresh_vm() {
+    use crate::persist::Persist;
+    let kvm = Kvm::open().unwrap();
+    let ram = GuestRam::new(&[ZoneConfig::new(16 << 20, Backend::Anon)]).unwrap();
+    let vm = Vm::new(&kvm, &ram).unwrap();
+    let mut pit = vm.fd().get_pit2().unwrap();
+    pit.channels[0].count = 0x1234;
+    pit.channels[0].mode = 2;
+    vm.fd().set_pit2(&pit).unwrap();
+    let saved = vm.save().unwrap();
+    let json = serde_json::to_vec(&saved).unwrap();
+    let carried: crate::vstate::VmState = serde_json::from_slice(&json).unwrap();
+    let ram2 = GuestRam::new(&[ZoneConfig::new(16 << 20, Backend::Anon)]).unwrap();
+    let mut vm2 = Vm::new(&kvm, &ram2).unwrap();
+    assert_ne!(vm2.fd().get_pit2().unwrap().channels[0].count, 0x1234);
+    vm2.restore(&carried).unwrap();
+    let restored = vm2.fd().get_pit2().unwrap();
+    assert_eq!((restored.channels[0].count, restored.channels[0].mode), (0x1234, 2));
+    assert!(vm2.fd().get_clock().unwrap().clock >= saved.clock.clock);
 }

@@ -5,7 +5,6 @@ use kvm_bindings::{kvm_fpu, kvm_msr_entry, CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::control::{publish_kvm_run, VmControl};
 use super::vm::Vm;
 use crate::boot::CpuEntry;
 use crate::devices::DeviceBuses;
@@ -35,6 +34,26 @@ pub enum VcpuError {
     /// An MSR list could not be built.
     #[error("cannot build the MSR list of vCPU {0}")]
     MsrList(u32),
+    /// A saved state does not fit this vCPU.
+    #[error("cannot restore vCPU {id}: {reason}")]
+    StateMismatch {
+        /// The vCPU.
+        id: u32,
+        /// Why.
+        reason: String,
+    },
+    /// The saved TSC frequency cannot be set on this host.
+    #[error("vCPU {id} was saved with a {saved_khz} kHz TSC, this host's is {host_khz} kHz and KVM cannot scale it ({source}); restore on a host with the same TSC frequency")]
+    TscFrequency {
+        /// The vCPU.
+        id: u32,
+        /// The frequency in the snapshot.
+        saved_khz: u32,
+        /// This host's.
+        host_khz: u32,
+        /// The KVM error.
+        source: kvm_ioctls::Error,
+    },
 }
 
 /// MSR_IA32_MISC_ENABLE and its fast-strings bit.
@@ -53,6 +72,8 @@ const APIC_MODE_EXTINT: u32 = 7;
 pub struct Vcpu {
     id: u32,
     fd: VcpuFd,
+    msrs_to_save: std::sync::Arc<[u32]>,
+    xsave_bytes: usize,
 }
 
 impl Vcpu {
@@ -61,7 +82,7 @@ impl Vcpu {
     /// [`Vcpu::set_entry`].
     pub fn new(vm: &Vm, supported_cpuid: &CpuId, id: u32, count: u32) -> Result<Self, VcpuError> {
         let fd = vm.fd().create_vcpu(id as u64).map_err(|source| VcpuError::Create { id, source })?;
-        let vcpu = Vcpu { id, fd };
+        let vcpu = Vcpu { id, fd, msrs_to_save: vm.msrs_to_save().clone(), xsave_bytes: vm.xsave_bytes() };
         let cpuid = super::cpuid::for_vcpu(supported_cpuid, id, count);
         vcpu.fd.set_cpuid2(&cpuid).map_err(vcpu.configure("KVM_SET_CPUID2"))?;
         vcpu.set_msrs()?;
@@ -115,6 +136,16 @@ impl Vcpu {
         self.fd.get_tsc_khz().map_err(self.configure("KVM_GET_TSC_KHZ"))
     }
 
+    /// The MSRs a snapshot of this vCPU saves (KVM's index list).
+    pub fn msrs_to_save(&self) -> &std::sync::Arc<[u32]> {
+        &self.msrs_to_save
+    }
+
+    /// Bytes of xsave state KVM reads and writes for this VM's vCPUs.
+    pub fn xsave_bytes(&self) -> usize {
+        self.xsave_bytes
+    }
+
     /// The vCPU's id (and APIC ID).
     pub fn id(&self) -> u32 {
         self.id
@@ -125,24 +156,34 @@ impl Vcpu {
         &self.fd
     }
 
-    /// Runs the vCPU on the calling thread until the VM ends (by this vCPU, another, a
-    /// device or the main thread). Never returns early without ending the VM.
-    pub fn run(&mut self, buses: &DeviceBuses, memory: &GuestMemoryMmap, control: &VmControl) {
-        control.register_vcpu_thread();
-        publish_kvm_run(self.fd.get_kvm_run());
-        while !control.is_stopping() {
-            if let Some(exit) = self.run_once(buses, memory) {
-                control.end(exit);
-            }
-        }
-        publish_kvm_run(std::ptr::null_mut());
+    /// Completes an exit's pending I/O (the data of a port or MMIO read) without
+    /// running the guest: KVM_RUN with `immediate_exit` set, as the KVM API asks before
+    /// the vCPU's state is read.
+    pub(super) fn complete_pending_io(&mut self) -> Result<(), VcpuError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let result = match self.fd.run() {
+            Ok(_) => Ok(()),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Err(source) => Err(VcpuError::Configure { id: self.id, what: "KVM_RUN (complete pending I/O)", source }),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        result
+    }
+
+    /// This vCPU's `kvm_run` page (for the kick handler).
+    pub(super) fn kvm_run_page(&mut self) -> *mut kvm_bindings::kvm_run {
+        self.fd.get_kvm_run()
+    }
+
+    /// Logs where the vCPU stopped (debug).
+    pub(super) fn log_stop(&self) {
         if let Ok(regs) = self.fd.get_regs() {
             tracing::debug!("vCPU {} stopped at rip {:#x} (rsp {:#x})", self.id, regs.rip, regs.rsp);
         }
     }
 
     /// One KVM_RUN and the handling of its exit; `Some` when the VM must end.
-    fn run_once(&mut self, buses: &DeviceBuses, memory: &GuestMemoryMmap) -> Option<VmExit> {
+    pub(super) fn run_once(&mut self, buses: &DeviceBuses, memory: &GuestMemoryMmap) -> Option<VmExit> {
         let id = self.id;
         let fatal = |reason: String| Some(VmExit::Fatal { vcpu: id, reason });
         let exit = match self.fd.run() {

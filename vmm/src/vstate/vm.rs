@@ -57,7 +57,11 @@ pub enum VmError {
 
 /// A VM with its irqchip, PIT and guest RAM registered.
 pub struct Vm {
-    fd: VmFd,
+    pub(super) fd: VmFd,
+    msrs_to_save: std::sync::Arc<[u32]>,
+    pub(super) slots: Vec<kvm_userspace_memory_region>,
+    xsave_bytes: usize,
+    pub(super) dirty_logging: bool,
 }
 
 impl Vm {
@@ -71,7 +75,13 @@ impl Vm {
         fd.create_irq_chip().map_err(setup("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         fd.create_pit2(pit).map_err(setup("KVM_CREATE_PIT2"))?;
-        let vm = Vm { fd };
+        let msrs = kvm.fd().get_msr_index_list().map_err(setup("KVM_GET_MSR_INDEX_LIST"))?;
+        let mut vm =
+            Vm { fd, msrs_to_save: msrs.as_slice().into(), slots: Vec::new(), xsave_bytes: 0, dirty_logging: false };
+        // KVM_CAP_XSAVE2 gives the size of KVM's xsave buffer when it exceeds the legacy
+        // 4 KiB (e.g. with AMX); 0 means the legacy size.
+        let xsave2 = vm.fd.check_extension_int(kvm_ioctls::Cap::Xsave2);
+        vm.xsave_bytes = usize::try_from(xsave2).unwrap_or(0).max(std::mem::size_of::<kvm_bindings::kvm_xsave>());
         let max = kvm.max_memslots();
         if ram.regions().len() > max {
             return Err(VmError::TooManySlots { regions: ram.regions().len(), max });
@@ -91,8 +101,24 @@ impl Vm {
                 size_bytes: region.size_bytes,
                 source,
             })?;
+            vm.slots.push(memslot);
         }
         Ok(vm)
+    }
+
+    /// The MSRs KVM lists for saving (KVM_GET_MSR_INDEX_LIST), read once per VM.
+    pub fn msrs_to_save(&self) -> &std::sync::Arc<[u32]> {
+        &self.msrs_to_save
+    }
+
+    /// Bytes of xsave state KVM moves per vCPU (at least the legacy 4 KiB area).
+    pub fn xsave_bytes(&self) -> usize {
+        self.xsave_bytes
+    }
+
+    /// The memslots as registered (slot number = index).
+    pub fn memslots(&self) -> &[kvm_userspace_memory_region] {
+        &self.slots
     }
 
     /// The kvm-ioctls handle.

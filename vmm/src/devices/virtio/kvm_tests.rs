@@ -82,10 +82,11 @@ fn a_guest_inflates_the_balloon_through_real_mmio_exits() {
     vcpu.set_entry(&entry).unwrap();
     let mut pio = PioBus::new();
     pio.insert(0xf4, 4, Arc::new(Mutex::new(DebugExit))).unwrap();
-    let buses = DeviceBuses::new(pio, std::mem::take(&mut rig.bus));
-    let control = VmControl::new().unwrap();
+    let buses = Arc::new(DeviceBuses::new(pio, std::mem::take(&mut rig.bus)));
+    let control = Arc::new(VmControl::new().unwrap());
     let exit =
-        run_vcpus(vec![vcpu], &buses, rig.ram.memory(), &control, Some(Duration::from_secs(30)), Vec::new()).unwrap();
+        run_vcpus(vec![vcpu], buses.clone(), rig.ram.memory(), &control, Some(Duration::from_secs(30)), Vec::new())
+            .unwrap();
     drop(buses);
     drop(vm);
 

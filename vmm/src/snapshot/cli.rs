@@ -1,0 +1,100 @@
+//! `faultline restore` and `faultline snapshot inspect`: the command-line side of the
+//! snapshot layer.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use crate::config::{ConfigError, ZoneConfig};
+use crate::vmm::RestoreOverrides;
+
+/// Options of `faultline restore`.
+#[derive(Debug, Args, Clone)]
+pub struct RestoreArgs {
+    /// The snapshot directory (a full snapshot, or the last diff of a chain).
+    #[arg(long = "from", value_name = "DIR")]
+    pub from: PathBuf,
+    /// Restore into these zones instead of the saved ones: one per saved zone, same
+    /// sizes, any backend (e.g. an anon snapshot into size=256M,backend=hugetlb).
+    #[arg(long = "memory", short = 'm', value_name = "SPEC")]
+    pub memory: Vec<String>,
+    /// Serve the control API on this Unix socket while the VM runs.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Stop the VM after this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<f64>,
+    /// Echo the guest's serial console to stdout.
+    #[arg(long)]
+    pub console: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl RestoreArgs {
+    /// The run's time limit, checked (negative, NaN and absurd values are refused).
+    pub fn time_limit(&self) -> Result<Option<std::time::Duration>, String> {
+        match self.timeout {
+            None => Ok(None),
+            Some(seconds) => std::time::Duration::try_from_secs_f64(seconds)
+                .ok()
+                .filter(|d| !d.is_zero() && d.as_secs() < 365 * 24 * 3600)
+                .map(Some)
+                .ok_or_else(|| format!("--timeout {seconds}: give a number of seconds above 0, e.g. --timeout 30")),
+        }
+    }
+
+    /// The overrides these options ask for.
+    pub fn overrides(&self) -> Result<RestoreOverrides, ConfigError> {
+        let zones = if self.memory.is_empty() {
+            None
+        } else {
+            Some(self.memory.iter().map(|spec| ZoneConfig::parse(spec)).collect::<Result<Vec<_>, _>>()?)
+        };
+        Ok(RestoreOverrides { zones, console: self.console.then_some(true) })
+    }
+}
+
+/// `faultline snapshot ...`.
+#[derive(Debug, Subcommand, Clone)]
+pub enum SnapshotCommand {
+    /// Check a snapshot (state checksum, every image's checksum) and describe it.
+    Inspect {
+        /// The snapshot directory.
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// One line per zone, for `snapshot inspect`.
+pub fn describe(inspection: &super::Inspection) -> String {
+    let mut text = format!(
+        "{}: {:?} snapshot, format {}, {} vCPUs, written by {}{}\n",
+        inspection.dir.display(),
+        inspection.kind,
+        inspection.format_version,
+        inspection.vcpus,
+        inspection.writer,
+        inspection.parent.as_ref().map(|p| format!(", parent {}", p.display())).unwrap_or_default(),
+    );
+    for (index, zone) in inspection.zones.iter().enumerate() {
+        text += &format!(
+            "  zone {index}: {} {} MiB ({} paging), {} KiB pages, {} MiB carried, image {}\n",
+            zone.backend,
+            zone.size_bytes >> 20,
+            zone.paging,
+            zone.page_bytes >> 10,
+            zone.carried_bytes as f64 / (1 << 20) as f64,
+            match &zone.image {
+                Ok(()) => "checksum ok".to_string(),
+                Err(e) => format!("BAD: {e}"),
+            }
+        );
+    }
+    text += if inspection.checksums_ok { "checksums ok\n" } else { "CHECKSUM ERRORS\n" };
+    text
+}

@@ -1,0 +1,443 @@
+//! The snapshot layer: saving a paused [`Machine`] into a snapshot directory (full or
+//! diff), reading one back (a chain of diffs ending in a full snapshot), and describing
+//! one (`faultline snapshot inspect`).
+//!
+//! A full snapshot carries every page that exists and is not zero. After it, KVM's dirty
+//! log is switched on for the VM, so the next snapshot can be a diff: the pages the guest
+//! wrote since (harvested with `KVM_GET_DIRTY_LOG` and reset with `KVM_CLEAR_DIRTY_LOG`
+//! in the same pause, so no write falls between two snapshots). A diff names its parent;
+//! restoring it loads the chain from the full snapshot up.
+//!
+//! The VMM's own writes to guest RAM are not in KVM's dirty log and would have to join
+//! a diff by hand. Today no VMM part writes guest RAM while a snapshot-capable VM runs:
+//! the balloon (which discards and writes its rings) and the chaos driver (which
+//! discards) are refused by `Machine::save_state`, the fault engine only fills zeros into
+//! holes (a hole in the parent reads as zero too), and the kernel loader ran before the
+//! first snapshot. Making the balloon snapshot-capable means adding the pages it writes
+//! and discards to the diff here.
+
+pub mod cli;
+pub mod format;
+pub mod image;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::machine::{Machine, MachineError, MachineState};
+use crate::memory::GuestRam;
+use crate::vstate::VmError;
+use format::{FormatError, SnapshotKind, SnapshotState, ZoneImage};
+use image::{Carry, ImageError, ZoneView};
+
+/// Errors taking, reading or restoring a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The state file cannot be read.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// A memory image cannot be read or written.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// Pausing, saving or restoring the machine failed.
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    /// The dirty log could not be read or switched on.
+    #[error("dirty log: {0}")]
+    DirtyLog(#[from] VmError),
+    /// The snapshot directory cannot be used.
+    #[error("{path}: {reason}")]
+    Directory {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// A file of the snapshot cannot be read or written.
+    #[error("{path}: {what}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A diff was asked for with no snapshot before it.
+    #[error("a diff snapshot needs an earlier snapshot of this VM in this process to build on; take a full one first (snapshot create DIR without --diff)")]
+    NoParent,
+    /// A chain of diffs is broken.
+    #[error("{path}: {reason}")]
+    Chain {
+        /// The snapshot whose parent is wrong.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// What a snapshot wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotSummary {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Full or diff.
+    pub kind: SnapshotKind,
+    /// Guest memory bytes carried in the images.
+    pub memory_bytes: u64,
+    /// The state file's size.
+    pub state_bytes: u64,
+    /// How long pausing the vCPUs took, ns (0 if the VM was paused already).
+    pub pause_ns: u64,
+    /// Whole snapshot, ms (pause, state, images, sync).
+    pub total_ms: f64,
+}
+
+/// The snapshot history of one running VM: its last snapshot (a diff's parent).
+#[derive(Debug, Default)]
+pub struct SnapshotHistory {
+    last: Mutex<Option<PathBuf>>,
+}
+
+/// The zones of `ram` as the image code sees them.
+pub fn zone_views(ram: &GuestRam, machine_zones: &[crate::config::ZoneConfig]) -> Vec<ZoneView> {
+    ram.zone_mappings()
+        .iter()
+        .zip(machine_zones)
+        .enumerate()
+        .map(|(zone, (mapping, config))| ZoneView {
+            zone,
+            host_addr: mapping.host_addr(),
+            size_bytes: mapping.size_bytes(),
+            page_bytes: config.page_bytes(),
+            backend: config.backend,
+            fd: mapping.fd(),
+        })
+        .collect()
+}
+
+/// Pauses `machine` (if it runs), writes a snapshot into `dir` (which must not exist, or
+/// be empty) and leaves the VM paused. On any error the directory is removed again and
+/// the VM is unharmed; the caller resumes it.
+pub fn create(
+    machine: &Machine,
+    history: &SnapshotHistory,
+    dir: &Path,
+    diff: bool,
+) -> Result<SnapshotSummary, SnapshotError> {
+    let started = Instant::now();
+    let parent = if diff {
+        Some(history.last.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or(SnapshotError::NoParent)?)
+    } else {
+        None
+    };
+    prepare_dir(dir)?;
+    let pause = machine.pause()?;
+    let result = write_snapshot(machine, dir, parent.as_deref());
+    match result {
+        Ok((images, state_bytes)) => {
+            *history.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(dir.to_path_buf());
+            Ok(SnapshotSummary {
+                dir: dir.to_path_buf(),
+                kind: if diff { SnapshotKind::Diff } else { SnapshotKind::Full },
+                memory_bytes: images.iter().map(ZoneImage::carried_bytes).sum(),
+                state_bytes,
+                pause_ns: pause.as_nanos() as u64,
+                total_ms: started.elapsed().as_secs_f64() * 1e3,
+            })
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(dir);
+            Err(e)
+        }
+    }
+}
+
+fn prepare_dir(dir: &Path) -> Result<(), SnapshotError> {
+    let bad = |reason: String| SnapshotError::Directory { path: dir.to_path_buf(), reason };
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(bad("exists and is not empty; give a new directory for each snapshot".into()));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir(dir).map_err(|e| bad(format!("cannot create it: {e}")))
+        }
+        Err(e) => Err(bad(format!("cannot use it: {e}"))),
+    }
+}
+
+/// Writes images and state; returns the images and the state file's size.
+fn write_snapshot(
+    machine: &Machine,
+    dir: &Path,
+    parent: Option<&Path>,
+) -> Result<(Vec<ZoneImage>, u64), SnapshotError> {
+    let state = machine.save_state()?;
+    let views = zone_views(&machine.ram, &machine.config.zones);
+    let mut vm = machine.vm();
+    let images = match parent {
+        None => views
+            .iter()
+            .map(|view| {
+                let pages = image::existing_pages(view)?;
+                image::write_image(dir, &format::image_file_name(view.zone), view, &pages, Carry::NonZero)
+            })
+            .collect::<Result<Vec<_>, ImageError>>()?,
+        Some(_) => {
+            let mut dirty: Vec<Vec<u64>> = vec![Vec::new(); views.len()];
+            for (slot, region) in machine.ram.regions().iter().enumerate() {
+                let unit = views[region.zone].page_bytes;
+                for page in vm.take_dirty_pages(slot)? {
+                    dirty[region.zone].push((region.fd_offset + page * 4096) / unit);
+                }
+            }
+            views
+                .iter()
+                .zip(&mut dirty)
+                .map(|(view, pages)| {
+                    pages.sort_unstable();
+                    pages.dedup();
+                    image::write_image(dir, &format::image_file_name(view.zone), view, pages, Carry::All)
+                })
+                .collect::<Result<Vec<_>, ImageError>>()?
+        }
+    };
+    if parent.is_none() {
+        // From the first full snapshot on, the guest's writes are logged for diffs; a
+        // fresh log starts clean, so the next diff holds exactly what follows.
+        vm.enable_dirty_log()?;
+        // Logging may have been on before (an earlier full snapshot): reset it.
+        for slot in 0..machine.ram.regions().len() {
+            vm.take_dirty_pages(slot)?;
+        }
+    }
+    drop(vm);
+    let file = SnapshotState {
+        kind: if parent.is_some() { SnapshotKind::Diff } else { SnapshotKind::Full },
+        parent: parent.map(|parent| parent_reference(dir, parent)),
+        created_unix_s: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        writer: format!("faultline {}", env!("CARGO_PKG_VERSION")),
+        config: machine.config.clone(),
+        images: images.clone(),
+        machine: state,
+    };
+    let bytes = format::encode(&file);
+    // The state file goes last and by rename: a directory with a state file is complete
+    // (as far as the VMM's own failures go; nothing is fsynced, see image.rs).
+    let tmp = dir.join(format!("{}.tmp", format::STATE_FILE));
+    let io = |what| move |source| SnapshotError::Io { path: dir.join(format::STATE_FILE), what, source };
+    std::fs::write(&tmp, &bytes).map_err(io("write"))?;
+    std::fs::rename(&tmp, dir.join(format::STATE_FILE)).map_err(io("rename"))?;
+    Ok((images, bytes.len() as u64))
+}
+
+/// How a diff in `dir` names its parent: `../NAME` when both are in the same directory
+/// (so a directory of snapshots can be moved as a whole), else the absolute path.
+fn parent_reference(dir: &Path, parent: &Path) -> PathBuf {
+    match (dir.parent(), parent.parent(), parent.file_name()) {
+        (Some(a), Some(b), Some(name)) if a == b => Path::new("..").join(name),
+        _ => parent.to_path_buf(),
+    }
+}
+
+/// Reads the state file of the snapshot in `dir`.
+pub fn read_state(dir: &Path) -> Result<SnapshotState, SnapshotError> {
+    let path = dir.join(format::STATE_FILE);
+    let meta =
+        std::fs::metadata(&path).map_err(|source| SnapshotError::Io { path: path.clone(), what: "open", source })?;
+    if !meta.is_file() {
+        return Err(SnapshotError::Directory { path, reason: "is not a regular file".into() });
+    }
+    if meta.len() > format::MAX_PAYLOAD_BYTES + format::HEADER_BYTES as u64 {
+        return Err(FormatError::TooLarge { path, declared: meta.len() }.into());
+    }
+    let bytes =
+        std::fs::read(&path).map_err(|source| SnapshotError::Io { path: path.clone(), what: "read", source })?;
+    Ok(format::decode(&path, &bytes)?)
+}
+
+/// A snapshot and the diffs on top of it, base first, each with its directory.
+pub struct Chain {
+    /// `(dir, state)` from the full snapshot to the one asked for.
+    pub links: Vec<(PathBuf, SnapshotState)>,
+}
+
+/// Most snapshots in a chain (a loop guard).
+const MAX_CHAIN: usize = 1024;
+
+impl Chain {
+    /// Reads the snapshot in `dir` and, if it is a diff, its parents down to a full one.
+    pub fn read(dir: &Path) -> Result<Chain, SnapshotError> {
+        let mut links = Vec::new();
+        let mut at = dir.to_path_buf();
+        loop {
+            let state = read_state(&at)?;
+            let parent = state.parent.clone();
+            if let Some((_, child)) = links.last() {
+                let child: &SnapshotState = child;
+                if child.config.zones.iter().map(|z| z.size_bytes).ne(state.config.zones.iter().map(|z| z.size_bytes)) {
+                    return Err(SnapshotError::Chain {
+                        path: at,
+                        reason: "its zones differ from those of the diff on top of it".into(),
+                    });
+                }
+            }
+            links.push((at.clone(), state));
+            match parent {
+                None => break,
+                Some(parent) => {
+                    if links.len() >= MAX_CHAIN {
+                        return Err(SnapshotError::Chain {
+                            path: at,
+                            reason: format!("more than {MAX_CHAIN} diffs (a loop?)"),
+                        });
+                    }
+                    at = if parent.is_absolute() { parent } else { at.join(parent) };
+                }
+            }
+        }
+        links.reverse();
+        Ok(Chain { links })
+    }
+
+    /// The snapshot asked for (the top of the chain).
+    pub fn top(&self) -> &SnapshotState {
+        &self.links.last().expect("a chain has at least one link").1
+    }
+
+    /// Checks every image file of the chain exists and has its zone's size.
+    pub fn check_files(&self) -> Result<(), SnapshotError> {
+        for (dir, state) in &self.links {
+            for image in &state.images {
+                image::check_image_file(dir, image)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads the chain's memory into fresh guest RAM (base first, then each diff);
+    /// returns the bytes read.
+    pub fn load_memory(&self, views: &[ZoneView]) -> Result<u64, SnapshotError> {
+        self.check_files()?;
+        for view in views {
+            image::clear_shared_zone(view)?;
+        }
+        let mut loaded = 0;
+        for (dir, state) in &self.links {
+            for (image, view) in state.images.iter().zip(views) {
+                loaded += image::load_image(dir, image, view)?;
+            }
+        }
+        Ok(loaded)
+    }
+
+    /// Takes the machine state of the top snapshot.
+    pub fn into_machine_state(mut self) -> MachineState {
+        self.links.pop().expect("a chain has at least one link").1.machine
+    }
+}
+
+/// What `snapshot inspect` shows.
+#[derive(Debug, Serialize)]
+pub struct Inspection {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Format version.
+    pub format_version: u32,
+    /// Who wrote it.
+    pub writer: String,
+    /// Full or diff.
+    pub kind: SnapshotKind,
+    /// A diff's parent.
+    pub parent: Option<PathBuf>,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Per zone: backend, size, page size, bytes carried, checksum ok.
+    pub zones: Vec<InspectedZone>,
+    /// Every checksum (state and images) verified.
+    pub checksums_ok: bool,
+}
+
+/// One zone in `snapshot inspect`.
+#[derive(Debug, Serialize)]
+pub struct InspectedZone {
+    /// Backend name.
+    pub backend: String,
+    /// Paging mode.
+    pub paging: String,
+    /// Zone size.
+    pub size_bytes: u64,
+    /// Page unit of the image.
+    pub page_bytes: u64,
+    /// Bytes the image carries.
+    pub carried_bytes: u64,
+    /// The image's checksum, or the error reading it.
+    pub image: Result<(), String>,
+}
+
+/// Reads and verifies a snapshot (state checksum, every image's checksum) without
+/// restoring it.
+pub fn inspect(dir: &Path) -> Result<Inspection, SnapshotError> {
+    let state = read_state(dir)?;
+    let mut checksums_ok = true;
+    let zones = state
+        .images
+        .iter()
+        .zip(&state.config.zones)
+        .map(|(image, zone)| {
+            let verified = verify_image(dir, image).map_err(|e| e.to_string());
+            checksums_ok &= verified.is_ok();
+            InspectedZone {
+                backend: zone.backend.name().to_string(),
+                paging: format!("{:?}", zone.paging).to_lowercase(),
+                size_bytes: image.size_bytes,
+                page_bytes: image.page_bytes,
+                carried_bytes: image.carried_bytes(),
+                image: verified,
+            }
+        })
+        .collect();
+    Ok(Inspection {
+        dir: dir.to_path_buf(),
+        format_version: format::FORMAT_VERSION,
+        writer: state.writer,
+        kind: state.kind,
+        parent: state.parent,
+        vcpus: state.config.vcpus,
+        zones,
+        checksums_ok,
+    })
+}
+
+fn verify_image(dir: &Path, image: &ZoneImage) -> Result<(), ImageError> {
+    use std::os::unix::fs::FileExt;
+    image::check_image_file(dir, image)?;
+    let path = dir.join(&image.file);
+    let file =
+        std::fs::File::open(&path).map_err(|source| ImageError::Io { path: path.clone(), what: "open", source })?;
+    let mut crc = crc32fast::Hasher::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    for &(offset, len) in &image.ranges {
+        let mut done = 0;
+        while done < len {
+            let chunk = (len - done).min(buffer.len() as u64) as usize;
+            file.read_exact_at(&mut buffer[..chunk], offset + done).map_err(|source| ImageError::Io {
+                path: path.clone(),
+                what: "read",
+                source,
+            })?;
+            crc.update(&buffer[..chunk]);
+            done += chunk as u64;
+        }
+    }
+    let found = crc.finalize();
+    if found != image.crc32 {
+        return Err(ImageError::BadChecksum { path, found, expected: image.crc32 });
+    }
+    Ok(())
+}

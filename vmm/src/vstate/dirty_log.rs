@@ -1,0 +1,97 @@
+//! KVM's dirty log for a VM's memslots, in the manual-protect mode
+//! (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`): logging is switched on per slot, reading the
+//! log (`KVM_GET_DIRTY_LOG`) does not reset it, and `KVM_CLEAR_DIRTY_LOG` resets (and
+//! write-protects again) exactly the pages harvested. Used by diff snapshots; pre-copy
+//! migration harvests the same way.
+//!
+//! kvm-ioctls has no wrapper for `KVM_CLEAR_DIRTY_LOG`, so its ioctl is issued here.
+
+use kvm_bindings::{
+    kvm_clear_dirty_log, kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    KVM_MEM_LOG_DIRTY_PAGES,
+};
+use vmm_sys_util::ioctl::ioctl_with_ref;
+
+use super::vm::{Vm, VmError};
+
+mod ioctls {
+    #![allow(missing_docs)]
+    use kvm_bindings::{kvm_clear_dirty_log, KVMIO};
+    vmm_sys_util::ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+}
+use ioctls::KVM_CLEAR_DIRTY_LOG;
+
+/// The manual-protect mode without "initially all set": a freshly logged slot starts
+/// clean.
+const MANUAL_PROTECT_ENABLE: u64 = 1;
+
+impl Vm {
+    /// True once dirty logging is on for every memslot.
+    pub fn dirty_logging(&self) -> bool {
+        self.dirty_logging
+    }
+
+    /// Switches dirty logging on for every memslot (manual-protect mode). From now on
+    /// every guest write to a page is logged until [`Vm::take_dirty_pages`] harvests it.
+    pub fn enable_dirty_log(&mut self) -> Result<(), VmError> {
+        if self.dirty_logging {
+            return Ok(());
+        }
+        let cap = kvm_enable_cap {
+            cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+            args: [MANUAL_PROTECT_ENABLE, 0, 0, 0],
+            ..Default::default()
+        };
+        self.fd
+            .enable_cap(&cap)
+            .map_err(|source| VmError::Setup { what: "KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)", source })?;
+        for index in 0..self.slots.len() {
+            let slot = kvm_userspace_memory_region { flags: KVM_MEM_LOG_DIRTY_PAGES, ..self.slots[index] };
+            // SAFETY: the same slot, addresses and host range as registered in `Vm::new`
+            // (a live mapping owned by guest RAM, which outlives the VM); only the flags
+            // change.
+            unsafe { self.fd.set_user_memory_region(slot) }.map_err(|source| VmError::Memslot {
+                gpa: slot.guest_phys_addr,
+                size_bytes: slot.memory_size,
+                source,
+            })?;
+            self.slots[index] = slot;
+        }
+        self.dirty_logging = true;
+        Ok(())
+    }
+
+    /// The 4 KiB pages of memslot `slot` written since logging began or since the last
+    /// harvest (page indices within the slot), and resets exactly those in the log.
+    pub fn take_dirty_pages(&self, slot: usize) -> Result<Vec<u64>, VmError> {
+        let region = self.slots[slot];
+        let setup = |what| move |source| VmError::Setup { what, source };
+        let mut bitmap =
+            self.fd.get_dirty_log(slot as u32, region.memory_size as usize).map_err(setup("KVM_GET_DIRTY_LOG"))?;
+        let pages: Vec<u64> = bitmap
+            .iter()
+            .enumerate()
+            .flat_map(|(word, &bits)| {
+                (0..64).filter(move |bit| bits & (1 << bit) != 0).map(move |bit| word as u64 * 64 + bit)
+            })
+            .collect();
+        if pages.is_empty() {
+            return Ok(pages);
+        }
+        let mut clear = kvm_clear_dirty_log {
+            slot: slot as u32,
+            num_pages: (region.memory_size / 4096) as u32,
+            first_page: 0,
+            ..Default::default()
+        };
+        clear.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
+        // SAFETY: KVM reads `num_pages` bits from `dirty_bitmap`, which get_dirty_log sized
+        // for the whole slot (one bit per 4 KiB page, rounded up to 64); the struct and
+        // the bitmap live across the call.
+        let ret = unsafe { ioctl_with_ref(&self.fd, KVM_CLEAR_DIRTY_LOG(), &clear) };
+        if ret < 0 {
+            return Err(VmError::Setup { what: "KVM_CLEAR_DIRTY_LOG", source: kvm_ioctls::Error::last() });
+        }
+        Ok(pages)
+    }
+}
