@@ -182,8 +182,9 @@ fn socket_of(args: &[String]) -> Option<PathBuf> {
     args.iter().position(|a| a == "--api-socket" || a == "-s" || a == "--socket").map(|i| PathBuf::from(&args[i + 1]))
 }
 
-/// Polls `balloon get` until the guest has followed its target.
-fn wait_for_balloon(dir: &Path, socket: &Path, at: &str) {
+/// Polls `balloon get` until the guest has followed its target (or the VM ended: a last
+/// change can end the guest's balloon step and with it the run).
+fn wait_for_balloon(dir: &Path, socket: &Path, at: &str, vm: &mut Child) {
     let args: Vec<String> = ["ctl", "--json", "-s", &socket.display().to_string(), "balloon", "get"]
         .iter()
         .map(|s| s.to_string())
@@ -193,6 +194,9 @@ fn wait_for_balloon(dir: &Path, socket: &Path, at: &str) {
         let out = faultline_in(dir, &args).output().unwrap();
         let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         if out.status.success() && info["actual_pages"] == info["target_pages"] {
+            return;
+        }
+        if vm.try_wait().unwrap().is_some() {
             return;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -262,7 +266,8 @@ fn run_examples(file: &str) {
                     background.as_mut().unwrap().2 = true;
                 }
                 if example.args.windows(2).any(|w| w == ["balloon", "set"]) {
-                    wait_for_balloon(&scratch.0, &socket_of(&example.args).unwrap(), &example.at);
+                    let vm = &mut background.as_mut().unwrap().0;
+                    wait_for_balloon(&scratch.0, &socket_of(&example.args).unwrap(), &example.at, vm);
                 }
             }
             Some("bench") => parse_only(example),
