@@ -112,7 +112,7 @@ fn examples_of(file: &Path, scratch: &Path) -> Vec<Example> {
             let at = format!("{}:{number}", file.file_name().unwrap().to_string_lossy());
             let args = words(&rest);
             // Output that starts with the program's name ("faultline 0.1.0 (...)").
-            if !["run", "bench", "ctl", "guest-image", "snapshot", "restore"]
+            if !["run", "bench", "ctl", "guest-image", "snapshot", "restore", "trace"]
                 .contains(&args.first().map_or("", String::as_str))
             {
                 continue;
@@ -250,7 +250,9 @@ fn run_examples(file: &str) {
                 }
                 background = Some((child, example.at.clone(), false));
             }
-            Some("run") | Some("guest-image") | Some("snapshot") | Some("restore") => run_to_end(&scratch.0, example),
+            Some("run") | Some("guest-image") | Some("snapshot") | Some("restore") | Some("trace") => {
+                run_to_end(&scratch.0, example)
+            }
             Some("ctl") => {
                 assert!(background.is_some(), "{}: a ctl example needs a VM started before it", example.at);
                 let out = faultline_in(&scratch.0, &example.args).output().unwrap();

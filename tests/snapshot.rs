@@ -137,6 +137,15 @@ fn one_snapshot_restores_many_times_and_onto_other_backends() {
     let memfd = restore(&dir, &["-m", "size=64M,backend=memfd"]);
     memfd.assert_success().assert_verified(common::pages(56));
     assert_eq!(memfd.report["backends"][0], "memfd");
+    // Into zones under userfaultfd paging: the eager load goes through the fault engine,
+    // whose page-state table then knows every restored page (the coherence check agrees).
+    for paging in ["uffd-missing", "uffd-minor"] {
+        let spec = format!("size=64M,backend=memfd,paging={paging}");
+        let out = restore(&dir, &["-m", &spec]);
+        out.assert_success().assert_verified(common::pages(56));
+        assert_eq!(out.report["faults"]["modes"][0], paging);
+        assert_eq!(out.report["faults"]["coherence"]["mismatch_count"], 0, "{paging}: {}", out.stdout);
+    }
     if let Some(_pool) = HugepagePool::reserve(40) {
         let huge = restore(&dir, &["-m", "size=64M,backend=hugetlb"]);
         huge.assert_success().assert_verified(common::pages(56));
@@ -483,5 +492,40 @@ fn sigint_sigterm_and_sighup_end_the_run_with_a_report_and_remove_the_socket() {
         assert_eq!(out.report["exit"]["kind"], "interrupted", "{name}: {}", out.stdout);
         assert_eq!(out.report["exit"]["signal"], name);
         assert!(!socket.exists(), "{name}: the control socket was left behind");
+    }
+}
+
+#[test]
+fn a_lazy_restore_pages_a_diff_chain_in_through_userfaultfd_on_every_backend() {
+    if !kvm_available() {
+        return;
+    }
+    let scratch = ScratchDir::new("snapshot-lazy");
+    let mut args = vec!["--vcpus", "2", "-m", "size=64M"];
+    args.extend_from_slice(&WORKLOAD);
+    let vm = Running::start(&scratch.0, &args);
+    let base = scratch.0.join("base");
+    let diff = scratch.0.join("diff");
+    vm.snapshot(&base, &[]);
+    std::thread::sleep(Duration::from_millis(200));
+    vm.snapshot(&diff, &["--diff", "--stop"]);
+    vm.wait();
+    let mut cases = vec![vec![], vec!["-m", "size=64M,backend=memfd"]];
+    let pool = HugepagePool::reserve(40);
+    if pool.is_some() {
+        cases.push(vec!["-m", "size=64M,backend=hugetlb"]);
+    }
+    for extra in cases {
+        let mut restore_args = vec!["--memory-restore", "uffd-missing"];
+        restore_args.extend_from_slice(&extra);
+        let out = restore(&diff, &restore_args);
+        out.assert_success().assert_verified(common::pages(56));
+        let faults = &out.report["faults"];
+        assert_eq!(faults["modes"][0], "uffd-missing", "{extra:?}");
+        assert_eq!(faults["coherence"]["mismatch_count"], 0, "{extra:?}: {}", out.stdout);
+        // The pages came in through the fault engine, not an eager copy.
+        assert_eq!(out.report["restored_bytes"], 0);
+        let missing = faults["latency"].as_array().unwrap().iter().find(|l| l["kind"] == "missing").unwrap();
+        assert!(missing["count"].as_u64().unwrap() > 0, "{extra:?}: no MISSING faults: {}", out.stdout);
     }
 }

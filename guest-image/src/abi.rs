@@ -159,8 +159,12 @@ pub mod cmdline {
     /// `balloon` follows the host when `fl.balloon_changes=0`.
     pub const DURATION_MS: &str = "fl.duration_ms";
     /// `1`: `churn` ignores the duration and runs until the VMM asks it to stop on the
-    /// step-control port, then completes one last full round.
+    /// step-control port, then completes one last full round; `idle` likewise idles until
+    /// asked to stop.
     pub const UNTIL_STOPPED: &str = "fl.until_stopped";
+    /// `fill`, `verify`, `churn`: page `i` of the region holds the pattern of page
+    /// `i % N`, so the region holds duplicate pages (for KSM); default 0 (no repeats).
+    pub const DUP_PAGES: &str = "fl.dup_pages";
     /// `balloon`: end after following this many changes of the host's target to
     /// completion (default 0: follow changes until `fl.duration_ms` has elapsed).
     pub const BALLOON_CHANGES: &str = "fl.balloon_changes";

@@ -27,8 +27,8 @@ use faultline_abi::{pattern_word, report, ExitStatus, PAGE_SIZE, REPORT_PREFIX};
 use crate::balloon::{Balloon, PFNS_PER_REQUEST};
 use crate::region::Region;
 use crate::serial::Serial;
+use crate::step_context::{write_pattern_page, Context, CpuResult, Mismatch};
 use crate::virtio_mmio::{VirtioError, QUEUE_SIZE_MAX};
-use crate::workloads::{write_pattern_page, Context, CpuResult, Mismatch};
 use crate::{boot, tsc};
 
 /// u64 words per page.
@@ -192,12 +192,8 @@ impl Step<'_> {
     /// how many.
     fn inflate(&mut self, balloon: &mut Balloon, pages: u64) -> Result<u64, VirtioError> {
         let count = pages.min(PFNS_PER_REQUEST as u64);
-        let mut pfns = [0u32; PFNS_PER_REQUEST];
         let top = self.region.pages - self.held; // the next page to give is top - 1
-        for (i, pfn) in pfns[..count as usize].iter_mut().enumerate() {
-            *pfn = self.pfn(top - 1 - i as u64);
-        }
-        balloon.inflate(&pfns[..count as usize])?;
+        balloon.inflate(count as usize, |i| self.pfn(top - 1 - i as u64))?;
         self.held += count;
         balloon.set_actual(self.held as u32);
         Ok(count)
@@ -208,12 +204,8 @@ impl Step<'_> {
     fn deflate(&mut self, balloon: &mut Balloon, pages: u64) -> Result<(u64, u64), VirtioError> {
         let count = pages.min(PFNS_PER_REQUEST as u64);
         let lowest_held = self.region.pages - self.held;
-        let mut pfns = [0u32; PFNS_PER_REQUEST];
-        for (i, pfn) in pfns[..count as usize].iter_mut().enumerate() {
-            *pfn = self.pfn(lowest_held + i as u64);
-        }
         // The host is told (and has answered) before any of these pages is touched.
-        balloon.deflate(&pfns[..count as usize])?;
+        balloon.deflate(count as usize, |i| self.pfn(lowest_held + i as u64))?;
         self.held -= count;
         balloon.set_actual(self.held as u32);
         let mut mismatches = 0;

@@ -86,6 +86,8 @@ pub struct Config {
     pub duration_ms: u64,
     /// `churn` runs until the VMM asks it to stop instead of for `duration_ms`.
     pub until_stopped: bool,
+    /// Pattern period in pages (0: every page its own pattern).
+    pub dup_pages: u64,
     /// `balloon`: changes of the host's target to follow before the step ends (0 = until
     /// `duration_ms`).
     pub balloon_changes: u64,
@@ -134,6 +136,7 @@ impl Config {
             rate_pages_per_s: 10_000,
             duration_ms: 1000,
             until_stopped: false,
+            dup_pages: 0,
             balloon_changes: 0,
             balloon_report_pages: 512,
             balloon_timeout_ms: 120_000,
@@ -201,6 +204,9 @@ impl Config {
         if let Some(v) = cmdline_value(line, key::UNTIL_STOPPED) {
             config.until_stopped =
                 parse_number(v).filter(|&n| n <= 1).ok_or(bad(key::UNTIL_STOPPED, v, "expected 0 or 1, got"))? == 1;
+        }
+        if let Some(v) = cmdline_value(line, key::DUP_PAGES) {
+            config.dup_pages = parse_number(v).ok_or(bad(key::DUP_PAGES, v, "cannot parse"))?;
         }
         if let Some(v) = cmdline_value(line, key::BALLOON_CHANGES) {
             config.balloon_changes = parse_number(v).ok_or(bad(key::BALLOON_CHANGES, v, "cannot parse"))?;

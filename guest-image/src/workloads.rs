@@ -9,98 +9,19 @@ use core::hint::spin_loop;
 use core::ptr::addr_of_mut;
 
 use faultline_abi::{
-    churn_seed, pattern_word, report, splitmix64, ExitStatus, Step, MAX_CPUS, PAGE_SIZE, REPORT_PREFIX,
-    VERIFY_REPORT_MAX,
+    churn_seed, pattern_word, report, splitmix64, ExitStatus, Step, MAX_CPUS, REPORT_PREFIX, VERIFY_REPORT_MAX,
 };
 
 use crate::balloon_step;
 use crate::boot;
-use crate::cmdline::{Access, Config, GuestStep, TouchPattern};
+use crate::cmdline::{Access, GuestStep, TouchPattern};
 use crate::histogram::Histogram;
 use crate::region::Region;
 use crate::serial::Serial;
 use crate::smp::{Shared, STEP_BARRIER};
+pub use crate::step_context::{context, set_context, Context};
+use crate::step_context::{write_pattern_page, CpuResult, Mismatch, WORDS_PER_PAGE};
 use crate::tsc;
-
-/// u64 words per page.
-const WORDS_PER_PAGE: u64 = PAGE_SIZE / 8;
-
-/// What every CPU needs to run the steps; set by the BSP before it starts the APs.
-pub struct Context {
-    /// The command line's choices.
-    pub config: Config,
-    /// The workload region.
-    pub region: Region,
-    /// TSC frequency (0 = unknown).
-    pub tsc_khz: u64,
-    /// The kernel command line (for device tokens such as `virtio_mmio.device=`).
-    pub cmdline: &'static str,
-}
-
-static CONTEXT: Shared<Option<Context>> = Shared::new(None);
-
-/// Publishes the context. BSP only, before any AP starts.
-pub fn set_context(context: Context) {
-    // SAFETY: only the BSP runs; APs read the context only after they are started.
-    unsafe { *CONTEXT.get() = Some(context) };
-}
-
-/// The context set by [`set_context`].
-pub fn context() -> &'static Context {
-    // SAFETY: written once before any reader exists, never written again.
-    unsafe { (*CONTEXT.get()).as_ref() }.expect("the step context is not set")
-}
-
-/// A word of the region that did not hold the pattern.
-#[derive(Clone, Copy, Default)]
-pub struct Mismatch {
-    /// Address of the word.
-    pub gpa: u64,
-    /// What it should hold.
-    pub expected: u64,
-    /// What it held.
-    pub found: u64,
-}
-
-/// One CPU's result of one step (or touch pass).
-#[derive(Clone, Copy)]
-pub struct CpuResult {
-    cycles: u64,
-    /// Pages the step covered.
-    pub pages: u64,
-    mismatches: u64,
-    first: [Mismatch; VERIFY_REPORT_MAX],
-    first_count: usize,
-    histogram: Histogram,
-    /// `churn`: pages found entirely zero (discarded since the previous round).
-    zeroed_pages: u64,
-    /// `churn`: complete rounds.
-    rounds: u64,
-}
-
-impl CpuResult {
-    const fn new() -> Self {
-        CpuResult {
-            cycles: 0,
-            pages: 0,
-            mismatches: 0,
-            first: [Mismatch { gpa: 0, expected: 0, found: 0 }; VERIFY_REPORT_MAX],
-            first_count: 0,
-            histogram: Histogram::new(),
-            zeroed_pages: 0,
-            rounds: 0,
-        }
-    }
-
-    /// Counts a mismatch (and keeps the first few for the verify line).
-    pub fn note_mismatch(&mut self, mismatch: Mismatch) {
-        if self.first_count < VERIFY_REPORT_MAX {
-            self.first[self.first_count] = mismatch;
-            self.first_count += 1;
-        }
-        self.mismatches += 1;
-    }
-}
 
 /// Per-CPU results: slot `cpu` is written only by that CPU between the two barriers of a
 /// phase, and read only by the BSP after the second barrier.
@@ -232,32 +153,44 @@ pub fn run_steps(cpu: u32) -> ExitStatus {
     status
 }
 
-/// Writes the pattern into every word of the page at `gpa`.
-pub fn write_pattern_page(seed: u64, gpa: u64) {
+/// Writes the pattern of the page at `key` into every word of the page at `gpa`.
+fn write_keyed_page(seed: u64, gpa: u64, key: u64) {
     let page = gpa as *mut u64;
     for word in 0..WORDS_PER_PAGE {
         // SAFETY: `gpa` is a page of the workload region: identity-mapped RAM that only
         // this CPU writes during this step.
-        unsafe { page.add(word as usize).write(pattern_word(seed, gpa, word)) };
+        unsafe { page.add(word as usize).write(pattern_word(seed, key, word)) };
+    }
+}
+
+/// The page whose pattern page `index` (at `gpa`) holds: itself, or with `fl.dup_pages`
+/// the page `index % dup_pages` (so the region holds duplicates).
+fn pattern_key(context: &Context, index: u64, gpa: u64) -> u64 {
+    match context.config.dup_pages {
+        0 => gpa,
+        period => context.region.gpa(index % period),
     }
 }
 
 fn fill(context: &Context, cpu: u32, result: &mut CpuResult) {
     let (first, end) = Region::share(context.region.pages, cpu, context.config.cpus);
     let seed = context.config.seed;
-    context.region.for_each_page(first, end, |_, gpa| write_pattern_page(seed, gpa));
+    context
+        .region
+        .for_each_page(first, end, |index, gpa| write_keyed_page(seed, gpa, pattern_key(context, index, gpa)));
     result.pages = end - first;
 }
 
 fn verify(context: &Context, cpu: u32, result: &mut CpuResult) {
     let (first, end) = Region::share(context.region.pages, cpu, context.config.cpus);
     let seed = context.config.seed;
-    context.region.for_each_page(first, end, |_, gpa| {
+    context.region.for_each_page(first, end, |index, gpa| {
         let page = gpa as *const u64;
+        let key = pattern_key(context, index, gpa);
         for word in 0..WORDS_PER_PAGE {
             // SAFETY: a page of the workload region (identity-mapped RAM).
             let found = unsafe { page.add(word as usize).read_volatile() };
-            let expected = pattern_word(seed, gpa, word);
+            let expected = pattern_word(seed, key, word);
             if found != expected {
                 result.note_mismatch(Mismatch { gpa: gpa + word * 8, expected, found });
             }
@@ -424,13 +357,14 @@ fn churn(context: &Context, cpu: u32, result: &mut CpuResult) {
                 break 'rounds;
             }
             let gpa = context.region.gpa(index);
+            let key = pattern_key(context, index, gpa);
             let page = gpa as *mut u64;
             let mut zero_words = 0;
             for word in 0..WORDS_PER_PAGE {
                 // SAFETY: a page of the workload region (identity-mapped RAM) that only
                 // this CPU touches during this step.
                 let found = unsafe { page.add(word as usize).read_volatile() };
-                let expected = pattern_word(previous, gpa, word);
+                let expected = pattern_word(previous, key, word);
                 if found == 0 {
                     zero_words += 1;
                 } else if found != expected {
@@ -440,7 +374,7 @@ fn churn(context: &Context, cpu: u32, result: &mut CpuResult) {
             if zero_words == WORDS_PER_PAGE {
                 result.zeroed_pages += 1;
             }
-            write_pattern_page(current, gpa);
+            write_keyed_page(current, gpa, key);
             result.pages += 1;
         }
         round += 1;
@@ -451,10 +385,25 @@ fn churn(context: &Context, cpu: u32, result: &mut CpuResult) {
     result.rounds = round - 1;
 }
 
+/// Spins for the step's duration, or with `fl.until_stopped` until the VMM asks it to
+/// stop (the port is read about once a millisecond: each read is an exit).
 fn idle(context: &Context) {
     let duration = tsc::ms_to_cycles(context.config.duration_ms, context.tsc_khz);
+    let check_every = tsc::ms_to_cycles(1, context.tsc_khz).max(1);
     let start = tsc::now();
-    while tsc::now() - start < duration {
+    let mut next_check = start;
+    loop {
+        let now = tsc::now();
+        if !context.config.until_stopped {
+            if now - start >= duration {
+                break;
+            }
+        } else if now >= next_check {
+            if crate::serial::inb(faultline_abi::STEP_CONTROL_PORT) == faultline_abi::STEP_STOP {
+                break;
+            }
+            next_check = now + check_every;
+        }
         spin_loop();
     }
 }

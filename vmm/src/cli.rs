@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    AccessKind, AccessPattern, BalloonOptions, ChaosConfig, ConfigError, KernelImage, PagingMode, VmConfig, ZoneConfig,
+    AccessKind, AccessPattern, BalloonOptions, ChaosConfig, ConfigError, HostChangeKind, HostChangesConfig, HostNoise,
+    KernelImage, PagingMode, VmConfig, ZoneConfig,
 };
 use crate::smmu::engine_tuning::EngineTuning;
 
@@ -33,6 +34,9 @@ pub enum Command {
     },
     /// Steer a running VM through its control socket (status, pause, snapshot, balloon).
     Ctl(crate::api::CtlArgs),
+    /// `run` with `--trace-kvm`, printing each kind of change followed into KVM (its
+    /// MMU-notifier unmap, the guest's refault).
+    Trace(RunArgs),
     /// Start a VM from a snapshot (`faultline ctl ... snapshot create DIR`): it goes on
     /// where it was.
     Restore(crate::snapshot::cli::RestoreArgs),
@@ -98,6 +102,31 @@ pub struct RunArgs {
     /// Chaos only write-protects and unprotects (no discards: the guest's data stays).
     #[arg(long, requires = "chaos_events")]
     pub chaos_no_discard: bool,
+    /// Host page-table changes the VMM does not make, applied to guest RAM while the guest
+    /// runs: swap, ksm, thp, compaction, mprotect (comma separated) or mixed. Needs root;
+    /// everything set up on the host is put back afterwards.
+    #[arg(long, value_name = "KINDS")]
+    pub host_changes: Option<String>,
+    /// Host changes per second [default: 200].
+    #[arg(long, value_name = "R", requires = "host_changes")]
+    pub host_change_rate: Option<u64>,
+    /// Host changes before the driver ends the guest's churn step [default: 200].
+    #[arg(long, value_name = "N", requires = "host_changes")]
+    pub host_change_events: Option<u64>,
+    /// Largest range of one host change, 4 KiB pages [default: 256].
+    #[arg(long, value_name = "PAGES", requires = "host_changes")]
+    pub host_change_max_pages: Option<u64>,
+    /// Record KVM's secondary-MMU events for this VM (tracefs; root) and follow each
+    /// change into KVM: its unmap and the guest's refault.
+    #[arg(long)]
+    pub trace_kvm: bool,
+    /// Background noise while the guest runs: none, mmap-churn, mprotect-churn, pageout,
+    /// ksm, compaction (pageout, ksm and compaction need root).
+    #[arg(long, value_name = "NOISE", value_parser = HostNoise::parse)]
+    pub host_noise: Option<HostNoise>,
+    /// fill/verify/churn: page i holds the pattern of page i % N (duplicates for KSM).
+    #[arg(long, value_name = "N")]
+    pub dup_pages: Option<u64>,
     /// Give the VM a virtio-balloon device (virtio-mmio at 0xd0000000, IRQ 5).
     #[arg(long)]
     pub balloon: bool,
@@ -209,6 +238,20 @@ impl RunArgs {
                 chaos.interval_us = v;
             }
             chaos.discards = !self.chaos_no_discard;
+        }
+        if let Some(kinds) = &self.host_changes {
+            let host = config.host_changes.get_or_insert_with(HostChangesConfig::default);
+            host.kinds = HostChangeKind::parse_list(kinds)?;
+            host.rate_per_s = self.host_change_rate.unwrap_or(host.rate_per_s);
+            host.events = self.host_change_events.unwrap_or(host.events);
+            host.max_pages = self.host_change_max_pages.unwrap_or(host.max_pages);
+        }
+        config.trace_kvm |= self.trace_kvm;
+        if self.host_noise.is_some() {
+            config.host_noise = self.host_noise;
+        }
+        if let Some(n) = self.dup_pages {
+            config.workload.dup_pages = n;
         }
         if self.balloon || self.balloon_schedule.is_some() || self.balloon_changes.is_some() {
             let balloon = config.balloon.get_or_insert_with(BalloonOptions::default);

@@ -17,6 +17,7 @@ use crate::config::VmConfig;
 use crate::devices::serial::{SerialDevice, SerialDeviceState, SerialError};
 use crate::devices::step_control::{StepControl, StepControlState};
 use crate::devices::virtio::balloon::BalloonHandle;
+use crate::devices::virtio::notify::QueueNotifier;
 use crate::devices::DeviceBuses;
 use crate::guest_report::{CollectorState, GuestReportCollector};
 use crate::memory::GuestRam;
@@ -60,6 +61,9 @@ pub struct MachineDevices {
     pub step_stop: Arc<AtomicBool>,
     /// The balloon, if the VM has one.
     pub balloon: Option<Arc<BalloonHandle>>,
+    /// The thread serving the balloon's queue notifications from ioeventfds, if any
+    /// (stops with the devices, after the vCPUs and before guest RAM).
+    pub notifier: Option<QueueNotifier>,
 }
 
 /// Whether the vCPUs run, and pause figures so far.

@@ -36,6 +36,7 @@ fn main() -> ExitCode {
             Err(err) => fail(&err),
         },
         Command::Ctl(args) => faultline::api::ctl::main(&args),
+        Command::Trace(args) => run(&RunArgs { trace_kvm: true, ..args }, started),
         Command::Restore(args) => restore(&args, started),
         Command::Snapshot(SnapshotCommand::Inspect { dir, json }) => match snapshot::inspect(&dir) {
             Ok(inspection) if json => print_json(&inspection),
@@ -110,6 +111,12 @@ fn finish(result: Result<faultline::report::RunReport, vmm::VmmError>, json: boo
 
 /// `bench faults`: the table (or JSON) on stdout, files in --out.
 fn bench_faults(args: &fault_bench::FaultBenchArgs) -> ExitCode {
+    if !args.host_noise.is_empty() {
+        return match fault_bench::host_noise::sweep(args) {
+            Ok(report) => report.print(args),
+            Err(err) => fail(&err),
+        };
+    }
     let report = match fault_bench::run(args) {
         Ok(report) => report,
         Err(err) => return fail(&err),

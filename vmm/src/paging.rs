@@ -292,7 +292,7 @@ fn start_engine(
     on_failure: EngineFailureHook,
 ) -> Result<FaultEngine, PagingError> {
     let config = FaultEngineConfig {
-        handler_threads: options.handler_threads,
+        handler_threads: crate::smmu::engine_tuning::useful_handler_threads(options.handler_threads),
         batch: options.batch,
         non_cooperative_events: true,
         on_failure: Some(Arc::new(move |message: &str| on_failure(message.to_string()))),

@@ -6,8 +6,10 @@ use serde::Serialize;
 use crate::exit::VmExit;
 use crate::experiments::balloon_watch::BalloonReport;
 use crate::experiments::chaos::ChaosReport;
+use crate::experiments::host_changes::HostChangesReport;
 use crate::guest_report::GuestReport;
 use crate::paging::FaultReport;
+use crate::trace::KvmTraceReport;
 
 /// Host memory use of the VMM process.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -67,6 +69,12 @@ pub struct RunReport {
     pub chaos: Option<ChaosReport>,
     /// What the balloon gave back to the host, when the VM had one.
     pub balloon: Option<BalloonReport>,
+    /// What the host-change driver did, when it ran.
+    pub host_changes: Option<HostChangesReport>,
+    /// KVM's secondary-MMU events and their chains (`--trace-kvm`).
+    pub kvm_trace: Option<KvmTraceReport>,
+    /// What the `--host-noise` thread did.
+    pub host_noise: Option<crate::experiments::host_changes::noise::NoiseReport>,
     /// Pauses (control socket or snapshots), when there were any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pauses: Option<crate::machine::PauseStats>,
@@ -81,7 +89,8 @@ impl RunReport {
     pub fn success(&self) -> bool {
         let coherent = self.faults.as_ref().and_then(|f| f.coherence.as_ref()).is_none_or(|c| c.is_clean());
         let chaos_ok = self.chaos.as_ref().is_none_or(|c| c.errors == 0);
-        self.exit.is_success() && self.guest.success() && coherent && chaos_ok
+        let host_ok = self.host_changes.as_ref().is_none_or(|h| h.errors == 0 && !h.interrupted);
+        self.exit.is_success() && self.guest.success() && coherent && chaos_ok && host_ok
     }
 
     /// Why the run did not succeed, in one line (the first reason found).
@@ -97,6 +106,12 @@ impl RunReport {
         }
         if let Some(c) = self.chaos.as_ref().filter(|c| c.errors > 0) {
             return format!("the chaos driver had {} errors", c.errors);
+        }
+        if let Some(h) = self.host_changes.as_ref().filter(|h| h.errors > 0 || h.interrupted) {
+            return match h.interrupted {
+                true => "interrupted (SIGINT/SIGTERM); the host was restored".into(),
+                false => format!("the host-change driver had {} errors", h.errors),
+            };
         }
         "it succeeded".into()
     }
@@ -192,6 +207,10 @@ impl RunReport {
             for e in &c.first_errors {
                 out.push_str(&format!("    chaos error: {e}\n"));
             }
+        }
+        let host_lines = self.host_changes.iter().flat_map(|h| h.summary_lines());
+        for line in host_lines.chain(self.kvm_trace.iter().flat_map(|t| t.summary_lines())) {
+            out.push_str(&format!("  {line}\n"));
         }
         if let Some(b) = &self.balloon {
             let mib = |bytes: u64| bytes as f64 / 1048576.0;

@@ -14,17 +14,21 @@ use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORTS};
 use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_IRQ, SERIAL_PORTS};
 use crate::devices::step_control::{StepControl, STEP_CONTROL_PORTS};
 use crate::devices::virtio::balloon::{BalloonConfig, BalloonHandle};
+use crate::devices::virtio::notify::{spare_cpu, QueueNotifier};
 use crate::devices::virtio::{install_balloon, MmioSlot, SlotError};
 use crate::devices::{BusError, DeviceBuses, MmioBus, PioBus};
 use crate::exit::VmExit;
 use crate::experiments::balloon_watch::BalloonWatch;
 use crate::experiments::chaos::{self, ChaosReport};
+use crate::experiments::host_changes::{self, HostSide};
 use crate::guest_report::GuestReportCollector;
+use crate::host::HostError;
 use crate::machine::{Machine, MachineDevices, MachineParts};
 use crate::memory::{self, GuestRam};
 use crate::paging::{EngineFailureHook, GuestPaging, PagingError};
 use crate::report::{HostMemory, RunReport};
 use crate::smmu::page_source::{PageSource, ZeroSource};
+use crate::snapshot::lazy::ChainSource;
 use crate::snapshot::{self, Chain, SnapshotError, SnapshotHistory};
 use crate::stop_signals::StopSignals;
 use crate::vm_target::VmTarget;
@@ -71,6 +75,9 @@ pub enum VmmError {
     /// The control socket could not be served.
     #[error(transparent)]
     Api(#[from] ApiError),
+    /// The host could not be set up for host changes.
+    #[error("host changes: {0}")]
+    Host(#[from] HostError),
     /// The stop signals could not be watched.
     #[error("cannot watch SIGINT/SIGTERM/SIGHUP: {0}")]
     Signals(String),
@@ -147,6 +154,20 @@ pub struct RestoreOverrides {
     pub zones: Option<Vec<ZoneConfig>>,
     /// Echo the guest's console.
     pub console: Option<bool>,
+    /// How guest memory comes back.
+    pub memory_restore: MemoryRestore,
+}
+
+/// How a restore brings guest memory back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemoryRestore {
+    /// Read every carried page into guest RAM before the vCPUs start.
+    #[default]
+    Eager,
+    /// Start at once; every zone is paged by userfaultfd MISSING faults, each page read
+    /// from the images on first touch.
+    UffdMissing,
 }
 
 /// A VM with a lifecycle: built (from a config, or from a snapshot), then run until it
@@ -158,14 +179,16 @@ pub struct Vmm {
     options: RunOptions,
     setup_ns: u64,
     restored_bytes: Option<u64>,
+    // Host changes' setup and the KVM trace: dropped after the machine (restores the host).
+    host: HostSide,
 }
 
 impl Vmm {
     /// Builds the VM of `config` and loads its kernel; the vCPUs wait for [`Vmm::run`].
     pub fn boot(config: &VmConfig, options: &RunOptions) -> Result<Self, VmmError> {
         config.validate()?;
-        let machine = build_machine(config, options, Start::Boot)?;
-        Ok(Vmm::assemble(machine, options, None))
+        let (machine, host) = build_machine(config, options, Start::Boot)?;
+        Ok(Vmm::assemble(machine, options, None, host))
     }
 
     /// Builds a VM from the snapshot in `dir` (and the diffs below it), reads its memory
@@ -181,17 +204,35 @@ impl Vmm {
         if let Some(console) = overrides.console {
             config.console = console;
         }
+        if overrides.memory_restore == MemoryRestore::UffdMissing {
+            for zone in &mut config.zones {
+                zone.paging = crate::config::PagingMode::UffdMissing;
+            }
+        }
         config.validate()?;
         chain.check_files()?;
-        let machine = build_machine(&config, options, Start::Restore)?;
-        let views = snapshot::zone_views(&machine.ram, &machine.config.zones);
-        let loaded = chain.load_memory(&views)?;
+        let (machine, host, loaded) = match overrides.memory_restore {
+            MemoryRestore::Eager => {
+                let (machine, host) = build_machine(&config, options, Start::Restore)?;
+                let views = snapshot::zone_views(&machine.ram, &machine.config.zones);
+                let loaded = chain.load_memory(&views)?;
+                (machine, host, loaded)
+            }
+            MemoryRestore::UffdMissing => {
+                let source = Arc::new(ChainSource::open(&chain)?);
+                let options = RunOptions { page_source: Some(source.clone()), ..options.clone() };
+                let (machine, host) = build_machine(&config, &options, Start::Restore)?;
+                source.set_layout(machine.ram.regions());
+                (machine, host, 0)
+            }
+        };
         machine.restore_state(chain.into_machine_state()).map_err(SnapshotError::from)?;
-        Ok(Vmm::assemble(machine, options, Some(loaded)))
+        Ok(Vmm::assemble(machine, options, Some(loaded), host))
     }
 
-    fn assemble(machine: Machine, options: &RunOptions, restored_bytes: Option<u64>) -> Self {
+    fn assemble(machine: Machine, options: &RunOptions, restored_bytes: Option<u64>, host: HostSide) -> Self {
         Vmm {
+            host,
             machine: Arc::new(machine),
             history: Arc::new(SnapshotHistory::default()),
             options: options.clone(),
@@ -208,7 +249,7 @@ impl Vmm {
     /// Lets the vCPUs run, serves the control socket and the chaos driver until the VM
     /// ends (or the run's time limit passes), then tears the VM down and reports.
     pub fn run(self) -> Result<RunReport, VmmError> {
-        let Vmm { machine, history, options, setup_ns, restored_bytes } = self;
+        let Vmm { machine, history, options, setup_ns, restored_bytes, host: mut host_side } = self;
         let config = machine.config.clone();
         let watch = machine
             .devices
@@ -232,7 +273,8 @@ impl Vmm {
             false => None,
         };
         let deadline = options.timeout.map(|t| std::time::Instant::now() + t);
-        let (waited, chaos) = std::thread::scope(|scope| {
+        let (waited, chaos, host, noise) = std::thread::scope(|scope| {
+            let (host, noise) = host_side.spawn(scope, &machine);
             let chaos = config.chaos.as_ref().map(|chaos_config| {
                 let segments = chaos::workload_segments(&machine.ram.ram_ranges(), config.workload.size_bytes);
                 let machine = &*machine;
@@ -252,7 +294,9 @@ impl Vmm {
             machine.control.end(VmExit::Stopped { reason: "the vCPUs returned".into() });
             machine.stop_vcpus();
             let chaos = chaos.map(|h| h.join().unwrap_or_else(|_| chaos_panicked()));
-            (waited, chaos)
+            let host = host.map(|h| h.join().unwrap_or_else(|_| host_changes::panicked()));
+            let noise = noise.and_then(|h| h.join().ok());
+            (waited, chaos, host, noise)
         });
         drop(signals);
         waited?;
@@ -262,6 +306,7 @@ impl Vmm {
         let host_memory = HostMemory::of_self();
         let balloon_report = watch.zip(machine.devices.balloon.as_ref()).map(|(watch, handle)| watch.report(handle));
         let pauses = machine.pause_stats();
+        let kvm_trace = host_side.finish_trace(host.as_ref(), machine.paging.regions());
         // The control server (and its hold on the machine) went with the event loop.
         let machine = Arc::try_unwrap(machine).map_err(|_| VmmError::StillShared("the machine"))?;
         let parts = machine.dismantle();
@@ -284,6 +329,9 @@ impl Vmm {
             balloon: balloon_report,
             pauses: (pauses.pauses > 0).then_some(pauses),
             restored_bytes,
+            host_changes: host,
+            kvm_trace,
+            host_noise: noise,
         })
     }
 }
@@ -297,16 +345,19 @@ enum Start {
 }
 
 /// Builds every part of the VM of a validated `config`; vCPU threads wait paused.
-fn build_machine(config: &VmConfig, options: &RunOptions, start: Start) -> Result<Machine, VmmError> {
+fn build_machine(config: &VmConfig, options: &RunOptions, start: Start) -> Result<(Machine, HostSide), VmmError> {
     let kvm = Kvm::open()?;
     if config.vcpus as usize > kvm.max_vcpus() {
         return Err(VmmError::TooManyVcpus { vcpus: config.vcpus, max: kvm.max_vcpus() });
     }
+    // Host changes set the host up before guest RAM exists (a memory cgroup must hold it).
+    let mut host = HostSide::start(config)?;
     let ram = Arc::new(GuestRam::new(&config.zones)?);
     let control = Arc::new(VmControl::new()?);
     // Paging starts before anything touches guest RAM, so the state table sees the
     // kernel loader's (or the restore's) writes too.
-    let paging = Arc::new(start_paging(config, options, &ram, &control)?);
+    let paging = Arc::new(start_paging(config, options, &ram, &control, &host)?);
+    host.start_trace(&ram, &paging);
     let vm = Vm::new(&kvm, &ram)?;
     let supported_cpuid = kvm.supported_cpuid()?;
     let vcpus = (0..config.vcpus)
@@ -325,23 +376,24 @@ fn build_machine(config: &VmConfig, options: &RunOptions, start: Start) -> Resul
     let collector = Arc::new(Mutex::new(GuestReportCollector::new(options.started)));
     let step_stop = Arc::new(AtomicBool::new(false));
     let mut mmio = MmioBus::new();
-    let balloon = attach_balloon(config, &ram, &vm, &paging, &mut mmio)?;
+    let (balloon, notifier) = attach_balloon(config, &ram, &vm, &paging, &mut mmio)?;
     let (pio, serial, step_control) = build_bus(&vm, config.console, collector.clone(), step_stop.clone())?;
     let buses = Arc::new(DeviceBuses::new(pio, mmio));
     let fleet =
         VcpuFleet::spawn(vcpus, buses.clone(), ram.memory().clone(), control.clone()).map_err(RunError::from)?;
-    Ok(Machine::new(MachineParts {
+    let machine = Machine::new(MachineParts {
         config: config.clone(),
         started: options.started,
         ram,
         vm,
         fleet,
-        devices: MachineDevices { serial, step_control, step_stop, balloon },
+        devices: MachineDevices { serial, step_control, step_stop, balloon, notifier },
         buses,
         collector,
         paging,
         control,
-    }))
+    });
+    Ok((machine, host))
 }
 
 /// Zones given to a restore must match the snapshot's in count and size.
@@ -361,16 +413,17 @@ fn check_zone_overrides(saved: &[ZoneConfig], given: &[ZoneConfig]) -> Result<()
 }
 
 /// Puts a virtio-balloon on the MMIO bus (window 0) when the config asks for one; its
-/// discards go through the smmu.
+/// discards go through the smmu; its queue notifications go through ioeventfds to its own
+/// thread (returned: drop it before guest RAM) when the host has a CPU to spare for it.
 fn attach_balloon(
     config: &VmConfig,
     ram: &GuestRam,
     vm: &Vm,
     paging: &GuestPaging,
     mmio: &mut MmioBus,
-) -> Result<Option<Arc<BalloonHandle>>, VmmError> {
+) -> Result<(Option<Arc<BalloonHandle>>, Option<QueueNotifier>), VmmError> {
     let Some(options) = &config.balloon else {
-        return Ok(None);
+        return Ok((None, None));
     };
     let device_config = BalloonConfig {
         schedule: options.schedule_pages(),
@@ -381,9 +434,15 @@ fn attach_balloon(
     };
     let slot = MmioSlot::nth(0);
     let discarder = paging.discarder().clone();
-    let installed = install_balloon(mmio, slot, ram.memory(), discarder, paging.regions().clone(), device_config)?;
+    let mut ioeventfd = |event: &vmm_sys_util::eventfd::EventFd, addr: u64, queue: u32| {
+        let addr = kvm_ioctls::IoEventAddress::Mmio(addr);
+        vm.fd().register_ioevent(event, &addr, queue).map_err(|e| e.to_string())
+    };
+    let io = spare_cpu(config.vcpus).then_some(&mut ioeventfd as _);
+    let regions = paging.regions().clone();
+    let installed = install_balloon(mmio, slot, ram.memory(), discarder, regions, device_config, io)?;
     vm.register_irqfd(installed.interrupt.event(), slot.irq)?;
-    Ok(Some(installed.handle))
+    Ok((Some(installed.handle), installed.notifier))
 }
 
 /// Starts demand paging for every zone; a dying fault engine ends the VM.
@@ -392,10 +451,11 @@ fn start_paging(
     options: &RunOptions,
     ram: &GuestRam,
     control: &Arc<VmControl>,
+    host: &HostSide,
 ) -> Result<GuestPaging, VmmError> {
     let control = control.clone();
     let on_failure: EngineFailureHook = Arc::new(move |reason| control.end(VmExit::FaultEngineFailed { reason }));
-    let source = options.page_source.clone().unwrap_or_else(|| Arc::new(ZeroSource));
+    let source = host.page_source(options.page_source.clone().unwrap_or_else(|| Arc::new(ZeroSource)));
     let write_protect = config.chaos.is_some();
     Ok(GuestPaging::start(ram, &config.zones, &config.fault_engine, write_protect, source, on_failure)?)
 }

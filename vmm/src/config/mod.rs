@@ -9,10 +9,12 @@ use serde::{Deserialize, Serialize};
 
 mod balloon;
 pub mod duration;
+mod host_changes;
 mod paging;
 mod size;
 
 pub use balloon::{check_target as check_balloon_target, BalloonOptions};
+pub use host_changes::{HostChangeKind, HostChangesConfig, HostNoise};
 pub use paging::{ChaosConfig, FaultEngineOptions, PagingMode};
 pub use size::format_size;
 use size::{deserialize_opt_size, deserialize_size};
@@ -189,6 +191,10 @@ pub struct ZoneConfig {
     /// How the zone's pages get populated.
     #[serde(default)]
     pub paging: PagingMode,
+    /// Transparent huge pages (`anon` only): the mapping is 2 MiB aligned and advised
+    /// `MADV_HUGEPAGE` (`thp=on`).
+    #[serde(default)]
+    pub thp: bool,
 }
 
 fn default_hugepage() -> u64 {
@@ -205,6 +211,7 @@ impl ZoneConfig {
             reuse: false,
             hugepage_bytes: HUGEPAGE_2M,
             paging: PagingMode::Kernel,
+            thp: false,
         }
     }
 
@@ -248,6 +255,13 @@ impl ZoneConfig {
                         _ => return Err(bad(format!("reuse={value}: give reuse=on or reuse=off"))),
                     }
                 }
+                "thp" => {
+                    zone.thp = match value {
+                        "on" | "1" | "true" => true,
+                        "off" | "0" | "false" => false,
+                        _ => return Err(bad(format!("thp={value}: give thp=on or thp=off"))),
+                    }
+                }
                 "paging" => {
                     zone.paging = PagingMode::parse(value).ok_or_else(|| {
                         bad(format!(
@@ -261,7 +275,7 @@ impl ZoneConfig {
                 }
                 other => {
                     return Err(bad(format!(
-                        "unknown key '{other}' (keys: size, backend, path, reuse, hugepage, paging)"
+                        "unknown key '{other}' (keys: size, backend, path, reuse, hugepage, paging, thp)"
                     )))
                 }
             }
@@ -319,6 +333,9 @@ pub struct Workload {
     pub rate_pages_per_s: u64,
     /// Duration of `dirty` and `idle`, in milliseconds.
     pub duration_ms: u64,
+    /// Pages whose patterns repeat: page `i` holds the pattern of page `i % dup_pages`,
+    /// so the region holds duplicates for KSM to merge (0: every page its own pattern).
+    pub dup_pages: u64,
 }
 
 impl Default for Workload {
@@ -333,6 +350,7 @@ impl Default for Workload {
             passes: 2,
             rate_pages_per_s: 10_000,
             duration_ms: 1000,
+            dup_pages: 0,
         }
     }
 }
@@ -404,6 +422,9 @@ impl Workload {
         tokens.push(format!("{}={}", k::PASSES, self.passes));
         tokens.push(format!("{}={}", k::RATE_PAGES_PER_S, self.rate_pages_per_s));
         tokens.push(format!("{}={}", k::DURATION_MS, self.duration_ms));
+        if self.dup_pages > 0 {
+            tokens.push(format!("{}={}", k::DUP_PAGES, self.dup_pages));
+        }
         tokens
     }
 }
@@ -442,6 +463,12 @@ pub struct VmConfig {
     pub chaos: Option<ChaosConfig>,
     /// A virtio-balloon device.
     pub balloon: Option<BalloonOptions>,
+    /// Host page-table changes applied to guest RAM during the run.
+    pub host_changes: Option<HostChangesConfig>,
+    /// Record KVM's secondary-MMU trace events for this VM (tracefs; root).
+    pub trace_kvm: bool,
+    /// Background noise while the guest runs (`faultline bench faults --host-noise`).
+    pub host_noise: Option<HostNoise>,
 }
 
 /// The largest TOML config file read.
@@ -462,6 +489,9 @@ impl Default for VmConfig {
             fault_engine: FaultEngineOptions::default(),
             chaos: None,
             balloon: None,
+            host_changes: None,
+            trace_kvm: false,
+            host_noise: None,
         }
     }
 }
@@ -570,6 +600,15 @@ impl VmConfig {
                     suggestion: zone.size_bytes.div_ceil(page) * page,
                 });
             }
+            if zone.thp && zone.backend != Backend::Anon {
+                return Err(ConfigError::BadZoneSpec {
+                    spec: "thp=on".into(),
+                    reason: format!(
+                        "memory zone {index}: transparent huge pages are for backend=anon, not {}",
+                        zone.backend.name()
+                    ),
+                });
+            }
             if zone.paging == PagingMode::UffdMinor && zone.backend == Backend::Anon {
                 return Err(ConfigError::BadPaging {
                     zone: index,
@@ -645,6 +684,13 @@ impl VmConfig {
                 reason: "workload options (--steps, --size, --seed, --pattern, --stride, --access, --passes, --rate, --duration-ms, [workload]) drive the built-in guest only and would be ignored with --kernel; pass your kernel its own options with --cmdline".into(),
             });
         }
+        if let Some(host) = &self.host_changes {
+            if self.kernel != KernelImage::BuiltIn {
+                let reason = "host changes need the built-in guest (it proves its memory was kept)";
+                return Err(ConfigError::BadSetting { field: "host_changes.events", value: host.events, reason });
+            }
+            host.validate(&self.zones, &self.workload.steps, self.workload.access == AccessKind::Write)?;
+        }
         if self.kernel == KernelImage::BuiltIn {
             let min = abi::WORKLOAD_MIN_GPA;
             if self.total_memory_bytes() <= min {
@@ -665,8 +711,8 @@ impl VmConfig {
                 tokens.push(format!("{}={}", abi::cmdline::TSC_KHZ, khz));
             }
             tokens.extend(self.workload.cmdline_tokens());
-            if self.chaos.is_some() {
-                // The chaos driver ends `churn` when it has done its events.
+            if self.chaos.is_some() || self.host_changes.is_some() {
+                // The chaos (or host-change) driver ends `churn` when it has done its events.
                 tokens.push(format!("{}=1", abi::cmdline::UNTIL_STOPPED));
             }
             if let Some(balloon) = &self.balloon {

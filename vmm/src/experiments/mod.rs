@@ -6,4 +6,5 @@ pub mod boot_bench;
 pub mod chaos;
 pub mod child_timing;
 pub mod fault_bench;
+pub mod host_changes;
 pub mod snapshot_bench;

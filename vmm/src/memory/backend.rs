@@ -253,9 +253,12 @@ pub fn map_zone(index: usize, zone: &ZoneConfig, earlier: &[ZoneMapping]) -> Res
         }
     };
     let raw_fd = fd.as_ref().map_or(-1, AsRawFd::as_raw_fd);
-    // SAFETY: a fresh mapping at an address the kernel chooses; nothing else is touched.
-    let addr = unsafe {
-        libc::mmap(std::ptr::null_mut(), size as usize, libc::PROT_READ | libc::PROT_WRITE, flags, raw_fd, 0)
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    let addr = if zone.thp && zone.backend == Backend::Anon {
+        super::thp::map_hugepage_anon(size as usize, prot, flags)
+    } else {
+        // SAFETY: a fresh mapping at an address the kernel chooses; nothing else is touched.
+        unsafe { libc::mmap(std::ptr::null_mut(), size as usize, prot, flags, raw_fd, 0) }
     };
     if addr == libc::MAP_FAILED {
         let source = io::Error::last_os_error();

@@ -8,6 +8,7 @@ pub mod accounting;
 pub mod backend;
 pub mod layout;
 pub mod limits;
+pub mod thp;
 
 use std::collections::BTreeMap;
 use std::os::fd::RawFd;

@@ -198,7 +198,7 @@ fn check_step(
         let mismatch = |kind| Mismatch { gpa, kind, table_bits: state.0, pagemap: entry };
         if mapped && !populated {
             report.record(mismatch(Disagreement::MappedBehindSmmu));
-        } else if populated && !mapped && !in_cache {
+        } else if populated && !mapped && !in_cache && !swapped_out(region, gpa, granule) {
             report.record(mismatch(Disagreement::Lost));
         } else if entry & PM_PRESENT != 0 {
             let pte_wp = entry & PM_UFFD_WP != 0;
@@ -211,6 +211,17 @@ fn check_step(
         }
     }
     Ok(())
+}
+
+/// A shared page neither mapped nor cached may have been swapped out of the page cache
+/// (shmem) by the host: still the guest's page.
+fn swapped_out(region: &UffdRegion, gpa: u64, granule: u64) -> bool {
+    match &region.backing {
+        RegionBacking::Shared { fd, file_offset } => {
+            super::swapped::file_has_data(&**fd, file_offset + (gpa - region.guest_addr), granule)
+        }
+        _ => false,
+    }
 }
 
 /// Whether a pagemap entry stands for contents: present, or swapped out (or migrating) —

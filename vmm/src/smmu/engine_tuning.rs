@@ -1,9 +1,9 @@
 //! Tuning options of the fault engine, each measurable on its own in `faultline bench
 //! faults`: which handler design runs, and the engine's optional fast paths.
 //!
-//! Written as a short text, options joined by `+`: `default`, `reference`, or any of
-//! `batch=N`, `dontwake`, `zeropool`, `around=N`, `busypoll`, `exclusive` (e.g.
-//! `dontwake+around=16`).
+//! Written as a short text, options joined by `+`: `default`, `reference`, `minimal`, or
+//! any of `batch=N`, `dontwake`, `zeropool`, `around=N`, `busypoll`, `noexclusive` (e.g.
+//! `dontwake+around=16`). `exclusive` (on by default) is still accepted.
 //!
 //! Set with `faultline run --fault-engine OPTIONS`, or `[fault_engine.tuning]` in a TOML
 //! config (`crate::config::FaultEngineOptions`).
@@ -13,11 +13,23 @@ use serde::{Deserialize, Serialize};
 /// Largest fault-around window, in pages.
 pub const MAX_FAULT_AROUND: u32 = 512;
 
+/// The handler threads worth starting when `requested` are asked for: at most one fewer
+/// than the host's CPUs (at least one). A handler thread beyond that cannot run beside the
+/// vCPUs it serves, only preempt them. Measured on a 2-CPU host, 2 vCPUs, 16,384 faults:
+/// one thread made 11,655 epoll waits and 11,678 reads (batches of two); two threads,
+/// even with exclusive wakeups, 20,102 waits and 20,124 reads of which 6,210 found nothing
+/// (the other thread's batch had taken the message), plus 665 futex calls
+/// (`docs/benchmarks.md`, "Where the default engine's time went").
+pub fn useful_handler_threads(requested: usize) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    requested.min(cpus.saturating_sub(1)).max(1)
+}
+
 /// Errors parsing tuning options.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TuningError {
     /// An unknown option.
-    #[error("unknown fault-engine option '{0}' (use default, reference, batch=N, dontwake, zeropool, around=N, busypoll, exclusive, joined by '+')")]
+    #[error("unknown fault-engine option '{0}' (use default, reference, minimal, batch=N, dontwake, zeropool, around=N, busypoll, noexclusive, joined by '+')")]
     Unknown(String),
     /// An option's number is out of range.
     #[error("fault-engine option '{option}': {reason}")]
@@ -39,11 +51,37 @@ pub enum HandlerKind {
     /// The textbook handler: one thread, poll + read one message + one ioctl per fault
     /// (see [`super::reference_handler`]).
     Reference,
+    /// The least a handler can do: one thread, poll + read + UFFDIO_COPY of a zero page,
+    /// no latency recording (see [`super::minimal_handler`]). The floor every other
+    /// design is measured against.
+    Minimal,
 }
 
-/// The engine's tuning options (all off by default). Deserializes from a TOML table with
-/// these field names (for `FaultEngineOptions`), parses from the `+` text for the CLI.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+impl HandlerKind {
+    /// Whether the design runs one thread whatever `handler_threads` says.
+    pub fn single_threaded(self) -> bool {
+        self != HandlerKind::Engine
+    }
+
+    /// Whether the design resolves write-protect faults (only the engine does).
+    pub fn resolves_write_protect(self) -> bool {
+        self == HandlerKind::Engine
+    }
+
+    /// The option naming the design (`None` for the engine).
+    pub fn option(self) -> Option<&'static str> {
+        match self {
+            HandlerKind::Engine => None,
+            HandlerKind::Reference => Some("reference"),
+            HandlerKind::Minimal => Some("minimal"),
+        }
+    }
+}
+
+/// The engine's tuning options (all off by default but `exclusive`). Deserializes from a
+/// TOML table with these field names (for `FaultEngineOptions`), parses from the `+` text
+/// for the CLI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EngineTuning {
     /// Which handler runs.
@@ -63,8 +101,25 @@ pub struct EngineTuning {
     /// Spin on non-blocking reads of the userfaultfd instead of sleeping in poll(2).
     pub busy_poll: bool,
     /// Each handler sleeps in its own epoll with the userfaultfd added `EPOLLEXCLUSIVE`,
-    /// so a fault wakes one handler instead of every handler polling the fd.
+    /// so a fault wakes one handler instead of every handler polling the fd. On by
+    /// default: with poll(2) every fault woke both default handlers and the loser's read
+    /// found nothing (`docs/benchmarks.md`, "Where the default engine's time went");
+    /// `noexclusive` brings the shared poll back for comparison.
     pub exclusive: bool,
+}
+
+impl Default for EngineTuning {
+    fn default() -> Self {
+        Self {
+            handler: HandlerKind::Engine,
+            batch: None,
+            dont_wake: false,
+            zero_pool: false,
+            fault_around: 0,
+            busy_poll: false,
+            exclusive: true,
+        }
+    }
 }
 
 impl EngineTuning {
@@ -85,12 +140,14 @@ impl EngineTuning {
             match name {
                 "default" => {}
                 "reference" => t.handler = HandlerKind::Reference,
+                "minimal" => t.handler = HandlerKind::Minimal,
                 "batch" => t.batch = Some(number(4096)? as usize),
                 "dontwake" => t.dont_wake = true,
                 "zeropool" => t.zero_pool = true,
                 "around" => t.fault_around = number(MAX_FAULT_AROUND as u64)? as u32,
                 "busypoll" => t.busy_poll = true,
                 "exclusive" => t.exclusive = true,
+                "noexclusive" => t.exclusive = false,
                 _ => return Err(TuningError::Unknown(option.to_string())),
             }
         }
@@ -105,8 +162,8 @@ impl EngineTuning {
     /// The canonical text form (parses back to the same options).
     pub fn name(&self) -> String {
         let mut parts = Vec::new();
-        if self.handler == HandlerKind::Reference {
-            parts.push("reference".to_string());
+        if let Some(option) = self.handler.option() {
+            parts.push(option.to_string());
         }
         if let Some(b) = self.batch {
             parts.push(format!("batch={b}"));
@@ -123,8 +180,8 @@ impl EngineTuning {
         if self.busy_poll {
             parts.push("busypoll".into());
         }
-        if self.exclusive {
-            parts.push("exclusive".into());
+        if !self.exclusive {
+            parts.push("noexclusive".into());
         }
         if parts.is_empty() {
             "default".into()
@@ -142,12 +199,17 @@ mod tests {
     fn options_parse_and_print_back() {
         assert_eq!(EngineTuning::parse("default").unwrap(), EngineTuning::default());
         assert_eq!(EngineTuning::parse("").unwrap(), EngineTuning::default());
-        let t = EngineTuning::parse("dontwake+around=16+zeropool+busypoll+batch=8+exclusive").unwrap();
-        assert!(t.dont_wake && t.zero_pool && t.busy_poll && t.exclusive);
+        let t = EngineTuning::parse("dontwake+around=16+zeropool+busypoll+batch=8+noexclusive").unwrap();
+        assert!(t.dont_wake && t.zero_pool && t.busy_poll && !t.exclusive);
         assert_eq!((t.fault_around, t.batch), (16, Some(8)));
         assert_eq!(EngineTuning::parse(&t.name()).unwrap(), t);
         assert_eq!(EngineTuning::parse("reference").unwrap().handler, HandlerKind::Reference);
+        assert_eq!(EngineTuning::parse("minimal").unwrap().handler, HandlerKind::Minimal);
+        assert_eq!(EngineTuning::parse("minimal").unwrap().name(), "minimal");
         assert_eq!(EngineTuning::default().name(), "default");
+        // Exclusive wakeups are the default; naming them changes nothing.
+        assert!(EngineTuning::default().exclusive);
+        assert_eq!(EngineTuning::parse("exclusive").unwrap(), EngineTuning::default());
     }
 
     #[test]

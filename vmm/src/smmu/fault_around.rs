@@ -10,7 +10,7 @@
 //! gets in the way (an invalidation in progress, a retry, EEXIST, EAGAIN, an error from
 //! the kernel) it installs nothing more and the pages fault normally later.
 
-use super::fault_engine::{FaultEngineError, Shared};
+use super::engine_shared::{FaultEngineError, Shared};
 use super::page_source::PageData;
 use super::page_state::PageState;
 use super::uffd::{FillOutcome, RangeIoctls};

@@ -28,81 +28,17 @@ use std::time::Duration;
 
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
 
+use super::engine_shared::{run_guarded, signal, unregister_all, Shared};
+pub use super::engine_shared::{ExpectedRemoves, FailureCallback, FaultEngineConfig, FaultEngineError};
 use super::engine_tuning::{EngineTuning, HandlerKind};
-use super::fault_handler::handler_main;
 use super::fault_stats::{new_histograms, Counters};
 pub use super::fault_stats::{EngineStats, FaultKind, LatencySummary};
 use super::invalidation::{Invalidation, InvalidationSubscriber, SubscriptionId};
-use super::page_source::{PageSource, PageSourceError};
+use super::page_source::PageSource;
 use super::page_state::PageStateTable;
 use super::uffd::{Features, RangeIoctls, RegisterMode, Uffd, UffdError};
+use super::{fault_handler, minimal_handler, reference_handler};
 use super::{GuestRange, RegionBacking, Regions, UffdMode};
-use hdrhistogram::Histogram;
-
-/// Errors from the fault engine.
-#[derive(Debug, thiserror::Error)]
-pub enum FaultEngineError {
-    /// A userfaultfd operation failed.
-    #[error(transparent)]
-    Uffd(#[from] UffdError),
-    /// The page source failed: the guest cannot get its page.
-    #[error("fault at gpa {gpa:#x} cannot be resolved: {source}")]
-    Source {
-        /// The faulting page.
-        gpa: u64,
-        /// The source's error.
-        source: PageSourceError,
-    },
-    /// The kernel reported a fault outside every registered region.
-    #[error("userfaultfd fault at host address {0:#x} is outside every guest RAM region; the region list given to the engine is wrong")]
-    UnknownAddress(u64),
-    /// A region's mode does not fit its backing.
-    #[error("region at gpa {gpa:#x}: {what}; pick another paging mode for it")]
-    BadRegion {
-        /// Region start.
-        gpa: u64,
-        /// What is wrong.
-        what: &'static str,
-    },
-    /// A handler thread panicked.
-    #[error("fault handler thread {thread} panicked: {message}; the VM cannot make progress and was stopped")]
-    HandlerPanicked {
-        /// Handler index.
-        thread: usize,
-        /// The panic payload, if it was a string.
-        message: String,
-    },
-    /// The reference handler met a fault it does not resolve.
-    #[error("the reference handler does not resolve {0}; use the default engine for this workload")]
-    ReferenceUnsupported(&'static str),
-    /// A handler thread could not be started, or an eventfd/poll failed.
-    #[error("fault engine setup failed: {0}")]
-    Os(#[from] std::io::Error),
-}
-
-/// Called once, from the failing handler thread, when the engine dies, with the error's
-/// message ([`FaultEngine::failure`] already returns it when this runs).
-pub type FailureCallback = Arc<dyn Fn(&str) + Send + Sync>;
-
-/// Engine settings.
-#[derive(Clone)]
-pub struct FaultEngineConfig {
-    /// Number of handler threads (at least 1).
-    pub handler_threads: usize,
-    /// Messages read per `read()`.
-    pub batch: usize,
-    /// Ask for REMOVE / UNMAP / REMAP events (non-cooperative mode). With them, a
-    /// MADV_DONTNEED of registered memory blocks until a handler reads the event.
-    pub non_cooperative_events: bool,
-    /// Called once, from the failing thread, when a handler dies.
-    pub on_failure: Option<FailureCallback>,
-}
-
-impl Default for FaultEngineConfig {
-    fn default() -> Self {
-        Self { handler_threads: 2, batch: 64, non_cooperative_events: true, on_failure: None }
-    }
-}
 
 /// Writes the wake eventfd of every handler when an invalidation ends.
 struct EndWaker {
@@ -115,73 +51,6 @@ impl InvalidationSubscriber for EndWaker {
         for fd in &self.wake_fds {
             signal(fd);
         }
-    }
-}
-
-/// Signals an eventfd.
-pub(super) fn signal(fd: &OwnedFd) {
-    // An eventfd write only fails if the counter would overflow, i.e. it is signalled.
-    let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
-}
-
-/// State shared by the engine and its handler threads.
-pub(super) struct Shared {
-    pub(super) uffd: Arc<Uffd>,
-    pub(super) regions: Arc<Regions>,
-    pub(super) ioctls: Vec<RangeIoctls>,
-    pub(super) table: Arc<PageStateTable>,
-    pub(super) inv: Arc<Invalidation>,
-    pub(super) source: Arc<dyn PageSource>,
-    pub(super) config: FaultEngineConfig,
-    pub(super) tuning: EngineTuning,
-    pub(super) shutdown_fd: OwnedFd,
-    pub(super) failure_fd: OwnedFd,
-    pub(super) expected_removes: Arc<ExpectedRemoves>,
-    pub(super) failure: Mutex<Option<FaultEngineError>>,
-    pub(super) counters: Counters,
-    pub(super) histograms: Vec<Mutex<Vec<Histogram<u64>>>>,
-}
-
-/// Host ranges that our own discards are about to `MADV_DONTNEED`, so that handlers
-/// recognise the kernel's REMOVE events for them. Reading an event lets the remover go on,
-/// so a handler may process the event after the discard returned: "is an invalidation in
-/// progress?" cannot tell ours from others, this ledger can.
-#[derive(Debug, Default)]
-pub struct ExpectedRemoves {
-    /// `(start, end, bytes not yet reported)`; one madvise over several VMAs is reported
-    /// as one event per VMA.
-    ranges: Mutex<Vec<(u64, u64, u64)>>,
-}
-
-impl ExpectedRemoves {
-    /// Announces a REMOVE of host range `[start, end)`.
-    pub fn expect(&self, start: u64, end: u64) {
-        self.lock().push((start, end, end - start));
-    }
-
-    /// Withdraws an announcement whose madvise failed (no event will come).
-    pub fn cancel(&self, start: u64, end: u64) {
-        let mut v = self.lock();
-        if let Some(i) = v.iter().position(|&(s, e, _)| s == start && e == end) {
-            v.swap_remove(i);
-        }
-    }
-
-    /// Consumes the announcement covering an event; false if none does.
-    pub(super) fn take(&self, start: u64, end: u64) -> bool {
-        let mut v = self.lock();
-        let Some(i) = v.iter().position(|&(s, e, _)| s <= start && end <= e) else {
-            return false;
-        };
-        v[i].2 = v[i].2.saturating_sub(end - start);
-        if v[i].2 == 0 {
-            v.swap_remove(i);
-        }
-        true
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, u64, u64)>> {
-        self.ranges.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -300,7 +169,7 @@ impl FaultEngine {
             ioctls.push(got);
         }
         let efd = || eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK);
-        let n = if tuning.handler == HandlerKind::Reference { 1 } else { config.handler_threads.max(1) };
+        let n = if tuning.handler.single_threaded() { 1 } else { config.handler_threads.max(1) };
         let wake_fds: Vec<Arc<OwnedFd>> =
             (0..n).map(|_| efd().map(Arc::new)).collect::<Result<_, _>>().map_err(std::io::Error::from)?;
         let shared = Arc::new(Shared {
@@ -324,9 +193,13 @@ impl FaultEngine {
         let mut engine = FaultEngine { shared: shared.clone(), threads: Vec::new(), subscription };
         for (i, wake) in wake_fds.into_iter().enumerate() {
             let shared = shared.clone();
-            let t = std::thread::Builder::new()
-                .name(format!("smmu-fault-{i}"))
-                .spawn(move || handler_main(&shared, i, &wake))?;
+            let t = std::thread::Builder::new().name(format!("smmu-fault-{i}")).spawn(move || {
+                run_guarded(&shared, i, || match shared.tuning.handler {
+                    HandlerKind::Engine => fault_handler::run(&shared, i, &wake),
+                    HandlerKind::Reference => reference_handler::run(&shared),
+                    HandlerKind::Minimal => minimal_handler::run(&shared),
+                })
+            })?;
             engine.threads.push(t);
         }
         Ok(engine)
@@ -416,33 +289,6 @@ impl FaultEngine {
         }
         self.shared.inv.unsubscribe(self.subscription);
         unregister_all(&self.shared);
-    }
-}
-
-/// Unregisters every region the engine registered.
-fn unregister_all(shared: &Shared) {
-    for (r, io) in shared.regions.iter().zip(&shared.ioctls) {
-        if io.0 != 0 {
-            if let Err(e) = shared.uffd.unregister(r.host_addr, r.len) {
-                tracing::warn!("unregistering guest RAM at {:#x}: {e}", r.guest_addr);
-            }
-        }
-    }
-}
-
-/// After a handler died, releases every thread that would wait for it: unregistering
-/// guest RAM wakes the threads waiting on a fault (their retry is filled by the kernel),
-/// and reading the pending events completes the `MADV_DONTNEED`s that block until their
-/// REMOVE is read. Unregistering and queueing an event both hold the mmap lock, so no
-/// event can be queued after the unregister and one drain is enough.
-pub(super) fn release_after_failure(shared: &Shared) {
-    unregister_all(shared);
-    let mut msgs = super::uffd::msg_buffer(64);
-    let mut events = Vec::new();
-    while let Ok(n) = shared.uffd.read_events(&mut msgs, &mut events) {
-        if n == 0 {
-            break;
-        }
     }
 }
 

@@ -9,23 +9,26 @@
 //! `exclusive` sleeps in a per-thread epoll where the userfaultfd wakes one handler.
 
 use std::collections::VecDeque;
-use std::os::fd::OwnedFd;
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Instant;
-
 use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use rustix::event::{epoll, poll, PollFd, PollFlags, Timespec};
 
-use super::engine_tuning::HandlerKind;
-use super::fault_engine::{signal, FaultEngineError, Shared};
+use super::engine_shared::{on_other_event, record_latency, FaultEngineError, Shared};
+use super::fault_around::FaultAround;
 use super::fault_stats::FaultKind;
 use super::page_source::PageData;
 use super::page_state::PageState;
 use super::uffd::{Event, FillOutcome};
 use super::{GuestRange, PAGE_2M};
+
+/// The engine's handler loop for thread `idx` (`wake`: its own wake eventfd); returns at
+/// shutdown.
+pub(super) fn run(shared: &Shared, idx: usize, wake: &OwnedFd) -> Result<(), FaultEngineError> {
+    Handler::new(shared, idx).run(wake)
+}
 
 /// A fault waiting to be resolved.
 #[derive(Debug, Clone, Copy)]
@@ -47,36 +50,6 @@ enum Defer {
     MmChanging,
 }
 
-/// The body of handler thread `idx`: runs until shutdown, reports a failure or panic.
-pub(super) fn handler_main(shared: &Arc<Shared>, idx: usize, wake: &OwnedFd) {
-    let result = catch_unwind(AssertUnwindSafe(|| match shared.tuning.handler {
-        HandlerKind::Engine => Handler::new(shared, idx).run(wake),
-        HandlerKind::Reference => super::reference_handler::run(shared),
-    }));
-    let err = match result {
-        Ok(Ok(())) => return,
-        Ok(Err(e)) => e,
-        Err(payload) => {
-            let message = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-string panic payload".into());
-            FaultEngineError::HandlerPanicked { thread: idx, message }
-        }
-    };
-    tracing::error!("fault handler {idx} died: {err}");
-    // Recorded before the callback runs, so whoever the callback wakes finds the reason.
-    let message = err.to_string();
-    shared.failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(err);
-    super::fault_engine::release_after_failure(shared);
-    if let Some(cb) = &shared.config.on_failure {
-        cb(&message);
-    }
-    signal(&shared.failure_fd);
-    signal(&shared.shutdown_fd); // stop the other handlers too
-}
-
 struct Handler<'a> {
     s: &'a Shared,
     idx: usize,
@@ -86,7 +59,7 @@ struct Handler<'a> {
     deferred: VecDeque<Fault>,
     /// `dontwake`: ranges filled without waking, woken once per batch.
     to_wake: Vec<(u64, u64)>,
-    around: super::fault_around::FaultAround,
+    around: FaultAround,
 }
 
 impl<'a> Handler<'a> {
@@ -100,7 +73,7 @@ impl<'a> Handler<'a> {
             zeros,
             deferred: VecDeque::new(),
             to_wake: Vec::new(),
-            around: super::fault_around::FaultAround::new(s.tuning.fault_around),
+            around: FaultAround::new(s.tuning.fault_around),
         }
     }
 
@@ -356,61 +329,4 @@ fn exclusive_epoll(s: &Shared, wake: &OwnedFd) -> Result<OwnedFd, FaultEngineErr
     epoll::add(&ep, &s.shutdown_fd, epoll::EventData::new_u64(TOKEN_SHUTDOWN), epoll::EventFlags::IN).map_err(io)?;
     epoll::add(&ep, wake, epoll::EventData::new_u64(TOKEN_WAKE), epoll::EventFlags::IN).map_err(io)?;
     Ok(ep)
-}
-
-/// Every event but a page fault: REMOVE / UNMAP (invalidate), REMAP (log), FORK (close).
-/// Shared with the reference handler.
-pub(super) fn on_other_event(s: &Shared, ev: Event) {
-    match ev {
-        Event::PageFault { .. } => unreachable!("page faults are resolved by the caller"),
-        Event::Remove { start, end } | Event::Unmap { start, end } => {
-            s.counters.remove_events.fetch_add(1, Ordering::Relaxed);
-            on_remove(s, start, end, matches!(ev, Event::Unmap { .. }));
-        }
-        Event::Remap { from, to, len } => {
-            tracing::error!(
-                "guest RAM moved by mremap ({from:#x} -> {to:#x}, {len:#x} bytes); faults there will be refused"
-            );
-        }
-        Event::Fork { child_uffd } => {
-            // We never ask for EVENT_FORK; if one comes, close the child's fd.
-            // SAFETY: the kernel installed this fd for us with the message; we own it.
-            drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(child_uffd) });
-        }
-    }
-}
-
-/// A REMOVE/UNMAP from the kernel. Our own discards announced theirs in
-/// [`super::fault_engine::ExpectedRemoves`] and did the invalidation themselves; anything
-/// else is invalidated here.
-fn on_remove(shared: &Shared, start: u64, end: u64, unmap: bool) {
-    if !unmap && shared.expected_removes.take(start, end) {
-        return;
-    }
-    for r in shared.regions.iter() {
-        let s = start.max(r.host_addr);
-        let e = end.min(r.host_addr + r.len);
-        if s >= e {
-            continue;
-        }
-        let range = GuestRange::new(r.gpa_of(s), e - s);
-        // Processed after the kernel let the remover go on (reading the event completes
-        // it), so a page may already have been refaulted: the marks below are a best
-        // effort. All of the VMM's own discards go through the expected path above.
-        shared.counters.external_removes.fetch_add(1, Ordering::Relaxed);
-        if unmap {
-            tracing::warn!("guest RAM [{:#x}, +{:#x}) was unmapped behind the smmu", range.gpa, range.len);
-        }
-        let _g = shared.inv.invalidate(range);
-        shared.table.mark_discarded(range);
-    }
-}
-
-/// Records one resolved fault's latency (message read → installed) in handler `idx`'s
-/// histograms.
-pub(super) fn record_latency(s: &Shared, idx: usize, kind: FaultKind, page_bytes: u64, read_at: Instant) {
-    let ns = read_at.elapsed().as_nanos().min(u64::MAX as u128) as u64;
-    let slot = kind as usize * 2 + usize::from(page_bytes >= PAGE_2M);
-    let mut h = s.histograms[idx].lock().unwrap_or_else(|p| p.into_inner());
-    h[slot].saturating_record(ns.max(1));
 }

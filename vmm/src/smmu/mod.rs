@@ -21,15 +21,18 @@
 pub mod access;
 pub mod coherence;
 pub mod discard;
+mod engine_shared;
 pub mod engine_tuning;
 mod fault_around;
 pub mod fault_engine;
 mod fault_handler;
-pub mod fault_stats;
+mod fault_stats;
 pub mod invalidation;
+mod minimal_handler;
 pub mod page_source;
 pub mod page_state;
 mod reference_handler;
+pub mod swapped;
 pub mod uffd;
 mod uffd_types;
 

@@ -14,8 +14,7 @@ use std::time::Instant;
 
 use rustix::event::{poll, PollFd, PollFlags};
 
-use super::fault_engine::{FaultEngineError, Shared};
-use super::fault_handler::{on_other_event, record_latency};
+use super::engine_shared::{on_other_event, record_latency, FaultEngineError, Shared};
 use super::fault_stats::FaultKind;
 use super::page_source::PageData;
 use super::page_state::PageState;
@@ -44,7 +43,10 @@ pub(super) fn run(s: &Shared) -> Result<(), FaultEngineError> {
         match events[0] {
             Event::PageFault { address, write, wp, minor } => {
                 if wp {
-                    return Err(FaultEngineError::ReferenceUnsupported("write-protect faults"));
+                    return Err(FaultEngineError::HandlerUnsupported {
+                        handler: "reference",
+                        what: "write-protect faults",
+                    });
                 }
                 let r = s.regions.by_host(address).ok_or(FaultEngineError::UnknownAddress(address))?;
                 let page = r.page_bytes;

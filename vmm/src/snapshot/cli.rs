@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use crate::config::{ConfigError, ZoneConfig};
-use crate::vmm::RestoreOverrides;
+use crate::vmm::{MemoryRestore, RestoreOverrides};
 
 /// Options of `faultline restore`.
 #[derive(Debug, Args, Clone)]
@@ -30,6 +30,10 @@ pub struct RestoreArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// How guest memory comes back: `eager` reads the images into RAM first;
+    /// `uffd-missing` starts at once and reads each page on its first touch.
+    #[arg(long, value_enum, default_value_t = MemoryRestore::Eager)]
+    pub memory_restore: MemoryRestore,
 }
 
 impl RestoreArgs {
@@ -52,7 +56,7 @@ impl RestoreArgs {
         } else {
             Some(self.memory.iter().map(|spec| ZoneConfig::parse(spec)).collect::<Result<Vec<_>, _>>()?)
         };
-        Ok(RestoreOverrides { zones, console: self.console.then_some(true) })
+        Ok(RestoreOverrides { zones, console: self.console.then_some(true), memory_restore: self.memory_restore })
     }
 }
 

@@ -8,7 +8,6 @@
 //! image; so are pages that exist but hold only zeros.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{BorrowedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -74,6 +73,13 @@ pub struct ZoneView {
     /// Its fd (shared backends).
     pub fd: Option<RawFd>,
 }
+
+// SAFETY: a ZoneView is an address and a length into guest RAM, which is shared between
+// threads by design (vCPUs, devices, the fault engine); the functions reading through it
+// say when that is safe (the VM paused, nothing else writing).
+unsafe impl Send for ZoneView {}
+// SAFETY: as above; a ZoneView itself is never mutated.
+unsafe impl Sync for ZoneView {}
 
 impl ZoneView {
     /// Pages of the zone in its page unit.
@@ -165,6 +171,57 @@ pub fn write_image(
     let path = dir.join(file_name);
     let file = File::options().write(true).create_new(true).open(&path).map_err(|e| io_error(&path, "create", e))?;
     file.set_len(view.size_bytes).map_err(|e| io_error(&path, "set its length", e))?;
+    // The copy into the page cache is most of the cost: split the pages over the host's
+    // cores (each piece writes its own part of the file; checksums combine in order).
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_WRITERS);
+    let per_worker = pages.len().div_ceil(workers).max(PAGES_PER_WORKER_MIN);
+    let pieces: Vec<Result<Piece, ImageError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = pages
+            .chunks(per_worker.max(1))
+            .map(|chunk| {
+                let (file, path) = (&file, &path);
+                scope.spawn(move || write_pages(file, path, view, chunk, carry))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("image writer panicked")).collect()
+    });
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut crc = crc32fast::Hasher::new();
+    for piece in pieces {
+        let piece = piece?;
+        for (offset, len) in piece.ranges {
+            match ranges.last_mut() {
+                Some(last) if last.0 + last.1 == offset => last.1 += len,
+                _ => ranges.push((offset, len)),
+            }
+        }
+        crc.combine(&piece.crc);
+    }
+    // No fsync: a snapshot survives the VMM, not a host crash (as with Firecracker and
+    // QEMU's migrate-to-file); `sync` the directory if it must.
+    Ok(ZoneImage {
+        zone: view.zone,
+        file: file_name.to_string(),
+        size_bytes: view.size_bytes,
+        page_bytes: view.page_bytes,
+        ranges,
+        crc32: crc.finalize(),
+    })
+}
+
+/// Most threads writing one image.
+const MAX_WRITERS: usize = 4;
+/// Below this many pages a second writer is not worth its start.
+const PAGES_PER_WORKER_MIN: usize = 4096;
+
+/// What one writer produced: the ranges it carried and their checksum.
+struct Piece {
+    ranges: Vec<(u64, u64)>,
+    crc: crc32fast::Hasher,
+}
+
+/// Writes `pages` (sorted) of `view` into `file`; see [`write_image`].
+fn write_pages(file: &File, path: &Path, view: &ZoneView, pages: &[u64], carry: Carry) -> Result<Piece, ImageError> {
     let page = view.page_bytes as usize;
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     let mut crc = crc32fast::Hasher::new();
@@ -194,25 +251,16 @@ pub fn write_image(
             }
             pending => {
                 if let Some((start, len)) = pending {
-                    write_from_guest(&file, &path, view, start, len)?;
+                    write_from_guest(file, path, view, start, len)?;
                 }
                 (!zero).then_some((offset, page))
             }
         };
     }
     if let Some((start, len)) = run {
-        write_from_guest(&file, &path, view, start, len)?;
+        write_from_guest(file, path, view, start, len)?;
     }
-    // No fsync: a snapshot survives the VMM, not a host crash (as with Firecracker and
-    // QEMU's migrate-to-file); `sync` the directory if it must.
-    Ok(ZoneImage {
-        zone: view.zone,
-        file: file_name.to_string(),
-        size_bytes: view.size_bytes,
-        page_bytes: view.page_bytes,
-        ranges,
-        crc32: crc.finalize(),
-    })
+    Ok(Piece { ranges, crc })
 }
 
 /// Writes `len` bytes of the zone at `offset` into the image at the same offset.
@@ -248,30 +296,53 @@ pub fn check_image_file(dir: &Path, image: &ZoneImage) -> Result<(), ImageError>
 pub fn load_image(dir: &Path, image: &ZoneImage, view: &ZoneView) -> Result<u64, ImageError> {
     check_image_file(dir, image)?;
     let path = dir.join(&image.file);
-    let mut file = File::open(&path).map_err(|e| io_error(&path, "open", e))?;
-    let mut crc = crc32fast::Hasher::new();
-    let mut loaded = 0;
+    let file = File::open(&path).map_err(|e| io_error(&path, "open", e))?;
+    // The carried bytes in IO_CHUNK pieces, in order; contiguous groups of them per
+    // thread (populating fresh guest RAM is most of the cost), checksums combined in order.
+    let mut pieces: Vec<(u64, usize)> = Vec::new();
     for &(offset, len) in &image.ranges {
-        file.seek(SeekFrom::Start(offset)).map_err(|e| io_error(&path, "seek", e))?;
         let mut done = 0u64;
         while done < len {
-            let chunk = (len - done).min(IO_CHUNK as u64) as usize;
-            // SAFETY: [offset + done, + chunk) lies inside the zone's live mapping (the
-            // state file's ranges were validated against the zone size); no vCPU runs
-            // yet and nothing else holds a reference to guest RAM. A read into a page
-            // under userfaultfd MISSING faults into the running fault engine first.
-            let target = unsafe { std::slice::from_raw_parts_mut(view.host_addr.add((offset + done) as usize), chunk) };
-            file.read_exact(target).map_err(|e| io_error(&path, "read", e))?;
-            crc.update(target);
-            done += chunk as u64;
+            let chunk = (len - done).min(IO_CHUNK as u64);
+            pieces.push((offset + done, chunk as usize));
+            done += chunk;
         }
-        loaded += len;
+    }
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_WRITERS);
+    let per_worker = pieces.len().div_ceil(workers).max(1);
+    let hashers: Vec<Result<crc32fast::Hasher, ImageError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = pieces
+            .chunks(per_worker)
+            .map(|group| {
+                let (file, path) = (&file, &path);
+                scope.spawn(move || {
+                    let mut crc = crc32fast::Hasher::new();
+                    for &(offset, len) in group {
+                        // SAFETY: [offset, offset + len) lies inside the zone's live mapping
+                        // (the state file's ranges were validated against the zone size), the
+                        // pieces are disjoint, no vCPU runs yet and nothing else holds a
+                        // reference to guest RAM. A read into a page under userfaultfd
+                        // MISSING faults into the running fault engine first.
+                        let target =
+                            unsafe { std::slice::from_raw_parts_mut(view.host_addr.add(offset as usize), len) };
+                        file.read_exact_at(target, offset).map_err(|e| io_error(path, "read", e))?;
+                        crc.update(target);
+                    }
+                    Ok(crc)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("image reader panicked")).collect()
+    });
+    let mut crc = crc32fast::Hasher::new();
+    for hasher in hashers {
+        crc.combine(&hasher?);
     }
     let found = crc.finalize();
     if found != image.crc32 {
         return Err(ImageError::BadChecksum { path, found, expected: image.crc32 });
     }
-    Ok(loaded)
+    Ok(image.carried_bytes())
 }
 
 /// Makes every page of a shared zone a hole (file zones may hold old data; a restored

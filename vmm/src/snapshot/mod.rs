@@ -19,6 +19,7 @@
 pub mod cli;
 pub mod format;
 pub mod image;
+pub mod lazy;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;

@@ -177,7 +177,7 @@ impl MmioTransport {
                 let addr = merge(q.used_ring(), offset == reg::QUEUE_DEVICE_HIGH, value);
                 q.try_set_used_ring_address(GuestAddress(addr)).map(|_| addr)
             }),
-            reg::QUEUE_NOTIFY => self.notify(value),
+            reg::QUEUE_NOTIFY => self.notify_queue(value),
             reg::INTERRUPT_ACK => self.interrupt.ack(value),
             reg::STATUS => self.write_status(value),
             _ => return false,
@@ -279,7 +279,10 @@ impl MmioTransport {
         }
     }
 
-    fn notify(&mut self, value: u32) {
+    /// The driver wrote `value` to QueueNotify (trapped here, or signalled through an
+    /// ioeventfd to [`super::notify::QueueNotifier`]): processes the queue it names, if
+    /// that queue may be used now.
+    pub fn notify_queue(&mut self, value: u32) {
         // With VIRTIO_F_NOTIFICATION_DATA (not offered) the high half carries more data.
         let index = value & 0xffff;
         let usable = self.activated()

@@ -6,6 +6,8 @@
 //!   control threads.
 //! - [`chain`]: validation of every descriptor chain a driver hands us.
 //! - [`balloon`]: the virtio-balloon device.
+//! - [`notify`]: queue notifications through ioeventfds, served by a thread of the
+//!   device's own instead of the vCPU that wrote them.
 //! - [`slot`]: where devices live (window, IRQ, command-line token) and
 //!   [`install_balloon`], the one call the VMM makes.
 //!
@@ -19,6 +21,7 @@ pub mod balloon;
 pub mod chain;
 pub mod interrupt;
 pub mod mmio;
+pub mod notify;
 pub mod slot;
 
 #[cfg(test)]

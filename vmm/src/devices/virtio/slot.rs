@@ -9,6 +9,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::balloon::{Balloon, BalloonConfig, BalloonHandle};
 use super::mmio::{virtio_mmio_cmdline_token, MmioTransport};
+use super::notify::{NotifyError, QueueNotifier, RegisterIoeventfd};
 use super::VirtioInterrupt;
 use crate::devices::{MmioBus, MmioBusError};
 use crate::smmu::discard::Discarder;
@@ -23,6 +24,9 @@ pub enum SlotError {
     /// The window is taken.
     #[error(transparent)]
     Bus(#[from] MmioBusError),
+    /// Queue notifications could not be moved off the vCPU thread.
+    #[error(transparent)]
+    Notify(#[from] NotifyError),
 }
 
 /// One virtio-mmio device window and its interrupt line.
@@ -61,10 +65,15 @@ pub struct InstalledBalloon {
     pub interrupt: Arc<VirtioInterrupt>,
     /// The transport, for its error counters.
     pub transport: Arc<Mutex<MmioTransport>>,
+    /// The thread serving queue notifications from ioeventfds (None: they are trapped
+    /// and served on the vCPU thread). Drop it before guest RAM.
+    pub notifier: Option<QueueNotifier>,
 }
 
 /// Creates a balloon over `regions` (freeing memory through `discarder`) and puts it on
-/// `bus` at `slot`. `memory` is guest RAM: drop the bus before guest RAM.
+/// `bus` at `slot`. With `ioeventfd` (a VM to register eventfds with), queue notifications
+/// are served by a [`QueueNotifier`] thread instead of the vCPU that wrote them. `memory`
+/// is guest RAM: drop the bus and the notifier before guest RAM.
 pub fn install_balloon(
     bus: &mut MmioBus,
     slot: MmioSlot,
@@ -72,13 +81,17 @@ pub fn install_balloon(
     discarder: Discarder,
     regions: Arc<Regions>,
     config: BalloonConfig,
+    ioeventfd: Option<RegisterIoeventfd<'_>>,
 ) -> Result<InstalledBalloon, SlotError> {
     let event = EventFd::new(libc::EFD_NONBLOCK).map_err(SlotError::EventFd)?;
     let interrupt = Arc::new(VirtioInterrupt::new(event));
     let (device, handle) = Balloon::new(config, discarder, regions, interrupt.clone());
     let transport = Arc::new(Mutex::new(MmioTransport::new(Box::new(device), memory.clone(), interrupt.clone())));
     bus.insert(slot.base, slot.size_bytes, transport.clone())?;
-    Ok(InstalledBalloon { handle, interrupt, transport })
+    let notify_addr = slot.base + faultline_abi::virtio::mmio::QUEUE_NOTIFY;
+    let notifier =
+        ioeventfd.map(|register| QueueNotifier::start(transport.clone(), notify_addr, register)).transpose()?;
+    Ok(InstalledBalloon { handle, interrupt, transport, notifier })
 }
 
 #[cfg(test)]

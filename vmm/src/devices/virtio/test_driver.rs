@@ -243,8 +243,9 @@ impl Rig {
         let mut bus = MmioBus::new();
         let slot = MmioSlot::nth(0);
         assert_eq!(slot.base, BASE);
-        let installed = install_balloon(&mut bus, slot, ram.memory(), discarder, regions.clone(), config).unwrap();
-        let InstalledBalloon { handle: balloon, interrupt, transport } = installed;
+        let installed =
+            install_balloon(&mut bus, slot, ram.memory(), discarder, regions.clone(), config, None).unwrap();
+        let InstalledBalloon { handle: balloon, interrupt, transport, notifier: _ } = installed;
         Rig { bus, transport, balloon, interrupt, engine, regions, ram }
     }
 

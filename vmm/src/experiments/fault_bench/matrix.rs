@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use crate::config::{AccessKind, AccessPattern, Backend, PagingMode, HUGEPAGE_2M};
-use crate::smmu::engine_tuning::{EngineTuning, HandlerKind};
+use crate::smmu::engine_tuning::{useful_handler_threads, EngineTuning};
 
 /// Guest RAM below the workload region (the guest's own image, page tables, stacks).
 pub const GUEST_LOW_BYTES: u64 = 16 << 20;
@@ -66,15 +66,26 @@ impl Cell {
     /// The default-engine cell of the same configuration (same handler threads), for
     /// cells with engine options: what the options buy.
     pub fn default_engine(&self) -> Option<Cell> {
-        (self.paging.uses_userfaultfd() && self.engine != "default" && self.engine != "reference")
-            .then(|| Cell { engine: "default".into(), ..self.clone() })
+        let yardstick = ["default", "reference", "minimal"].contains(&self.engine.as_str());
+        (self.paging.uses_userfaultfd() && !yardstick).then(|| Cell { engine: "default".into(), ..self.clone() })
     }
 
     /// The reference-handler cell of the same configuration, for userfaultfd cells that
     /// do not use it themselves.
     pub fn reference(&self) -> Option<Cell> {
-        (self.paging.uses_userfaultfd() && self.engine != "reference").then(|| Cell {
-            engine: "reference".into(),
+        self.yardstick("reference")
+    }
+
+    /// The minimal-handler cell of the same configuration (poll + read + COPY of a zero
+    /// page, the floor), for userfaultfd cells other than itself. The minimal handler
+    /// resolves MISSING faults only, so uffd-minor cells have none.
+    pub fn minimal(&self) -> Option<Cell> {
+        (self.paging == PagingMode::UffdMissing).then(|| self.yardstick("minimal")).flatten()
+    }
+
+    fn yardstick(&self, engine: &str) -> Option<Cell> {
+        (self.paging.uses_userfaultfd() && self.engine != engine).then(|| Cell {
+            engine: engine.into(),
             threads: 1,
             ..self.clone()
         })
@@ -171,10 +182,14 @@ fn normalize(mut cell: Cell) -> Result<Cell, Skipped> {
         cell.threads = 0;
     } else {
         match EngineTuning::parse(&cell.engine) {
-            Ok(t) if t.handler == HandlerKind::Reference => cell.threads = 1,
-            Ok(_) => {}
+            Ok(t) if t.handler.single_threaded() => cell.threads = 1,
+            // What the VMM will really start on this host (the label says so).
+            Ok(_) => cell.threads = useful_handler_threads(cell.threads),
             Err(e) => return Err(skip(&cell, &e.to_string())),
         }
+    }
+    if cell.paging == PagingMode::UffdMinor && cell.engine == "minimal" {
+        return Err(skip(&cell, "the minimal handler resolves MISSING faults only"));
     }
     if cell.paging == PagingMode::UffdMinor && cell.backend == Backend::Anon {
         return Err(skip(&cell, "uffd-minor needs a shared backing (memfd, file on tmpfs, hugetlb)"));
@@ -230,7 +245,7 @@ mod tests {
         MatrixSpec {
             backends: vec![Backend::Anon, Backend::Memfd],
             paging: vec![PagingMode::UffdMissing, PagingMode::UffdMinor],
-            engines: vec!["default".into(), "reference".into()],
+            engines: vec!["default".into(), "reference".into(), "minimal".into()],
             vcpus: vec![1, 2],
             threads: vec![1, 2],
             patterns: vec![AccessPattern::Sequential],
@@ -242,9 +257,12 @@ mod tests {
     #[test]
     fn expansion_adds_kernel_baselines_and_skips_minor_on_anon() {
         let (cells, skipped) = expand(&spec());
-        // Per vCPU count: anon kernel + missing(default 1t, 2t, reference);
-        // memfd kernel + missing(3) + minor(3) = 4 + 7 = 11.
-        assert_eq!(cells.len(), 22, "{:#?}", cells.iter().map(Cell::label).collect::<Vec<_>>());
+        // Per vCPU count: anon kernel + missing(default 1t, 2t, reference, minimal);
+        // memfd kernel + missing(4) + minor(default 1t, 2t, reference) = 5 + 8 = 13; one
+        // default cell fewer per mode where the host cannot use 2 handler threads.
+        let per_mode = if useful_handler_threads(2) == 2 { 0 } else { 1 };
+        assert_eq!(cells.len(), 26 - 6 * per_mode, "{:#?}", cells.iter().map(Cell::label).collect::<Vec<_>>());
+        assert!(skipped.iter().any(|s| s.reason.contains("MISSING faults only")));
         assert!(cells.iter().all(|c| c.paging != PagingMode::UffdMinor || c.backend != Backend::Anon));
         assert!(skipped.iter().any(|s| s.reason.contains("uffd-minor")));
         for cell in &cells {
@@ -254,8 +272,11 @@ mod tests {
             if let Some(reference) = cell.reference() {
                 assert!(cells.contains(&reference), "{} has no reference", cell.label());
             }
+            if let Some(minimal) = cell.minimal() {
+                assert!(cells.contains(&minimal), "{} has no minimal", cell.label());
+            }
         }
-        assert!(cells.iter().filter(|c| c.engine == "reference").all(|c| c.threads == 1));
+        assert!(cells.iter().filter(|c| c.engine == "reference" || c.engine == "minimal").all(|c| c.threads == 1));
         let mut s = spec();
         s.engines.push("dontwake+around=8".into());
         let (cells, _) = expand(&s);

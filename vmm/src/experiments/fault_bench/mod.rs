@@ -8,6 +8,7 @@
 //! - [`sample`]: one run's figures and their spread over repeats;
 //! - [`machine`]: what it ran on; [`table`], [`output`], [`plot`]: the results.
 
+pub mod host_noise;
 pub mod machine;
 pub mod matrix;
 pub mod output;
@@ -37,9 +38,9 @@ pub struct FaultBenchArgs {
     /// Paging modes (each cell's `kernel` baseline is always added).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "kernel,uffd-missing,uffd-minor")]
     pub paging: Vec<PagingMode>,
-    /// Engine variants for userfaultfd modes: default, reference, or options joined by
-    /// '+': batch=N, dontwake, zeropool, around=N, busypoll, exclusive.
-    #[arg(long, value_delimiter = ',', default_value = "default,reference")]
+    /// Engine variants for userfaultfd modes: default, reference, minimal, or options
+    /// joined by '+': batch=N, dontwake, zeropool, around=N, busypoll, noexclusive.
+    #[arg(long, value_delimiter = ',', default_value = "default,reference,minimal")]
     pub engines: Vec<String>,
     /// vCPU counts.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
@@ -80,6 +81,11 @@ pub struct FaultBenchArgs {
     /// The faultline binary to run (default: this one).
     #[arg(long, value_name = "PATH")]
     pub faultline_bin: Option<PathBuf>,
+    /// Host noise during the runs, a dimension of its own: the whole matrix is run once
+    /// per noise (none, mmap-churn, mprotect-churn, pageout, ksm, compaction) and compared
+    /// with `none` (see docs/benchmarks.md).
+    #[arg(long, value_delimiter = ',', value_parser = crate::config::HostNoise::parse)]
+    pub host_noise: Vec<crate::config::HostNoise>,
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -176,6 +182,14 @@ fn spec_of(args: &FaultBenchArgs) -> Result<MatrixSpec, FaultBenchError> {
 
 /// Runs the sweep, printing progress on stderr unless `--quiet`.
 pub fn run(args: &FaultBenchArgs) -> Result<FaultBenchReport, FaultBenchError> {
+    run_with_noise(args, None)
+}
+
+/// [`run`] with every child under `noise` (`--host-noise`).
+pub fn run_with_noise(
+    args: &FaultBenchArgs,
+    noise: Option<crate::config::HostNoise>,
+) -> Result<FaultBenchReport, FaultBenchError> {
     if args.repeat == 0 {
         return Err(FaultBenchError::NoRepeat);
     }
@@ -211,6 +225,7 @@ pub fn run(args: &FaultBenchArgs) -> Result<FaultBenchReport, FaultBenchError> {
             .unwrap_or_else(|| PathBuf::from("faultline")),
         timeout_s: args.timeout,
         file_dir: PathBuf::from("/dev/shm"),
+        host_noise: noise,
     };
     let command_line = std::env::args().collect::<Vec<_>>().join(" ");
     let machine = MachineInfo::collect(command_line);
@@ -271,8 +286,9 @@ pub fn run(args: &FaultBenchArgs) -> Result<FaultBenchReport, FaultBenchError> {
     Ok(FaultBenchReport { machine, repeat: args.repeat, cells: results, skipped, notes })
 }
 
-/// Computes per-run metrics, the ratios to each cell's kernel baseline and reference
-/// handler (pairing runs of the same repeat), the spreads and the CDFs.
+/// Computes per-run metrics, the ratios to each cell's kernel baseline, reference and
+/// minimal handlers and default engine (pairing runs of the same repeat), the spreads and
+/// the CDFs.
 fn finish(results: &mut [CellResult]) {
     let per_run: Vec<Vec<Option<BTreeMap<String, f64>>>> =
         results.iter().map(|r| r.samples.iter().map(|s| s.as_ref().map(RunSample::metrics)).collect()).collect();
@@ -282,15 +298,19 @@ fn finish(results: &mut [CellResult]) {
         let others = [
             ("kernel", r.cell.kernel_baseline()),
             ("reference", r.cell.reference()),
+            ("minimal", r.cell.minimal()),
             ("default", r.cell.default_engine()),
         ];
         for (name, other) in others {
             let Some(j) = other.as_ref().and_then(index_of) else { continue };
             for (rep, mine) in with_ratios[i].iter_mut().enumerate() {
                 let (Some(mine), Some(Some(theirs))) = (mine.as_mut(), per_run[j].get(rep)) else { continue };
-                for (metric, key) in
-                    [("first_mean_ns", "first_mean"), ("first_p50_ns", "first_p50"), ("rate_pages_s", "rate")]
-                {
+                for (metric, key) in [
+                    ("first_mean_ns", "first_mean"),
+                    ("first_p50_ns", "first_p50"),
+                    ("fault_mean_ns", "fault_mean"),
+                    ("rate_pages_s", "rate"),
+                ] {
                     if let (Some(a), Some(b)) = (mine.get(metric).copied(), theirs.get(metric).copied()) {
                         if b > 0.0 {
                             mine.insert(format!("x_{name}_{key}"), a / b);

@@ -7,7 +7,7 @@ use std::path::Path;
 use super::matrix::{access_name, pattern_name};
 use super::{plot, FaultBenchError, FaultBenchReport};
 
-fn write(path: &Path, text: &str) -> Result<(), FaultBenchError> {
+pub(super) fn write(path: &Path, text: &str) -> Result<(), FaultBenchError> {
     std::fs::write(path, text).map_err(|source| FaultBenchError::Output { path: path.display().to_string(), source })
 }
 

@@ -23,6 +23,8 @@ pub struct Runner {
     pub timeout_s: f64,
     /// Directory for `file` backends (must be tmpfs for userfaultfd modes).
     pub file_dir: PathBuf,
+    /// `--host-noise` for every run (see `host_noise`).
+    pub host_noise: Option<crate::config::HostNoise>,
 }
 
 impl Runner {
@@ -47,6 +49,9 @@ impl Runner {
         c.args(["--size", &format!("{}K", cell.size_bytes >> 10), "--timeout", &self.timeout_s.to_string()]);
         if cell.paging.uses_userfaultfd() {
             c.args(["--fault-engine", &cell.engine]);
+        }
+        if let Some(noise) = self.host_noise {
+            c.args(["--host-noise", noise.name()]);
         }
         c
     }

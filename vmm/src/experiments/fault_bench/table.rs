@@ -40,7 +40,7 @@ impl FaultBenchReport {
             self.repeat
         ));
         out.push_str(&format!(
-            "{:<width$} {:>23} {:>6} {:>7} {:>7} {:>23} {:>7} {:>13} {:>13}{} {:>6} {:>8}\n",
+            "{:<width$} {:>23} {:>6} {:>7} {:>7} {:>23} {:>7} {:>13} {:>13} {:>13}{} {:>6} {:>8}\n",
             "cell",
             "first touch p50/p99/mean",
             "warm50",
@@ -50,6 +50,7 @@ impl FaultBenchReport {
             "/vCPU",
             "x kernel l/r",
             "x ref l/r",
+            "x min l/r",
             if options { format!(" {:>13}", "x default l/r") } else { String::new() },
             "+-%",
             "total ms",
@@ -62,7 +63,7 @@ impl FaultBenchReport {
                 _ => format!("{:>13}", "-"),
             };
             out.push_str(&format!(
-                "{:<width$} {} {} {} {} {} {} {} {}{} {} {}\n",
+                "{:<width$} {} {} {} {} {} {} {} {} {}{} {} {}\n",
                 c.label,
                 format_args!(
                     "{}/{}/{}",
@@ -80,6 +81,7 @@ impl FaultBenchReport {
                 num(m("rate_per_vcpu_pages_s"), 1e3, 7, 1),
                 ratio("kernel"),
                 ratio("reference"),
+                ratio("minimal"),
                 if options { format!(" {}", ratio("default")) } else { String::new() },
                 num(spread_percent(c, "first_mean_ns"), 1.0, 6, 1),
                 num(m("total_ms"), 1.0, 8, 0),
@@ -90,16 +92,52 @@ impl FaultBenchReport {
         }
         out.push_str(
             "\nfault50 = first-touch p50 minus warm-pass p50 (the fault's share of a touch); engin50 = engine-side\n\
-             p50 (message read -> page installed); x kernel / x ref / x default: first-touch mean latency /\n\
-             paging rate as multiples of the same cell in kernel mode / with the reference handler / with the\n\
-             default engine (paired run by run);\n\
-             +-% = (max - min) / median of the first-touch mean over the runs.\n",
+             p50 (message read -> page installed); x kernel / x ref / x min / x default: first-touch mean\n\
+             latency / paging rate as multiples of the same cell in kernel mode / with the reference handler /\n\
+             with the minimal handler (poll + read + COPY of a zero page) / with the default engine (paired run\n\
+             by run); +-% = (max - min) / median of the first-touch mean over the runs.\n",
         );
+        for line in self.yardstick_lines() {
+            out.push_str(&line);
+            out.push('\n');
+        }
         for n in &self.notes {
             out.push_str(&format!("note: {n}\n"));
         }
         for s in &self.skipped {
             out.push_str(&format!("skipped: {}: {}\n", s.cell, s.reason));
+        }
+        out
+    }
+}
+
+impl FaultBenchReport {
+    /// The default engine against each yardstick handler over the whole sweep: per
+    /// yardstick and figure (first-touch mean; fault cost = first-touch mean minus warm
+    /// mean), the median over cells of each cell's median paired ratio and the worst cell.
+    /// A ratio above 1 means the default engine made the vCPU wait longer.
+    pub fn yardstick_lines(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (name, label) in [("reference", "reference handler"), ("minimal", "minimal handler")] {
+            for (key, what) in [("first_mean", "first-touch mean"), ("fault_mean", "fault cost (first - warm)")] {
+                let metric = format!("x_{name}_{key}");
+                let mut ratios: Vec<(f64, &str)> = self
+                    .cells
+                    .iter()
+                    .filter(|c| c.cell.engine == "default")
+                    .filter_map(|c| c.median(&metric).map(|v| (v, c.label.as_str())))
+                    .collect();
+                if ratios.is_empty() {
+                    continue;
+                }
+                ratios.sort_by(|a, b| a.0.total_cmp(&b.0));
+                let median = ratios[ratios.len() / 2].0;
+                let (worst, cell) = ratios[ratios.len() - 1];
+                out.push(format!(
+                    "default engine / {label}, {what}: median {median:.2}x over {} cells, worst {worst:.2}x ({cell})",
+                    ratios.len()
+                ));
+            }
         }
         out
     }

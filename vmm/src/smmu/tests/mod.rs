@@ -4,6 +4,7 @@
 
 mod access;
 mod coherence;
+mod host_swap;
 mod hugetlb;
 mod stress;
 mod tuning;

@@ -6,11 +6,12 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::runtime::Runtime;
+use super::state::{BalloonEvent, BalloonObserver, DeviceState};
 use super::stats::GuestStats;
 use crate::devices::virtio::VirtioInterrupt;
 
@@ -54,59 +55,15 @@ pub struct BalloonCounters {
     pub last_error: Option<String>,
 }
 
-/// Atomic counters, updated on vCPU threads.
-#[derive(Debug, Default)]
-pub(super) struct Counters {
-    pub inflated: AtomicU64,
-    pub deflated: AtomicU64,
-    pub reported: AtomicU64,
-    pub bytes_discarded: AtomicU64,
-    pub huge_freed: AtomicU64,
-    pub zeroed: AtomicU64,
-    pub invalid_pfns: AtomicU64,
-    pub redundant_pfns: AtomicU64,
-    pub discard_errors: AtomicU64,
-    pub device_errors: AtomicU64,
-}
-
-/// Adds `n` to a counter.
-pub(super) fn add(counter: &AtomicU64, n: u64) {
-    counter.fetch_add(n, Ordering::Relaxed);
-}
-
 /// The balloon as seen from outside the device: target, schedule, statistics, counters.
 pub struct BalloonHandle {
     target: AtomicU32,
     actual: AtomicU32,
     schedule: Mutex<VecDeque<u32>>,
-    stats: Mutex<Option<(GuestStats, Instant)>>,
-    last_error: Mutex<Option<String>>,
-    invalid_pfn_logged: AtomicBool,
     advance_pending: AtomicBool,
-    pub(super) counters: Counters,
-    pub(super) interrupt: Arc<VirtioInterrupt>,
-    pub(super) runtime: Mutex<Runtime>,
-    observer: Mutex<Option<BalloonObserver>>,
+    state: DeviceState,
+    runtime: Mutex<Runtime>,
 }
-
-/// What a [`BalloonObserver`] is told, on the device's thread, at the moment it happens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BalloonEvent {
-    /// An empty balloon is about to take its first page.
-    InflatingFromEmpty,
-    /// The guest wrote `actual` (pages).
-    ActualWritten {
-        /// The guest's `actual`.
-        actual: u32,
-        /// The target at that moment.
-        target: u32,
-    },
-}
-
-/// Observes the balloon (e.g. `experiments::balloon_watch` measures host memory exactly
-/// when the balloon starts inflating and when it reaches a target: a sampling thread can
-/// be starved by busy vCPUs at just those moments).
-pub type BalloonObserver = Box<dyn Fn(BalloonEvent) + Send + Sync>;
 
 impl std::fmt::Debug for BalloonHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -122,15 +79,15 @@ impl BalloonHandle {
             target: AtomicU32::new(target),
             actual: AtomicU32::new(0),
             schedule: Mutex::new(schedule),
-            stats: Mutex::new(None),
-            last_error: Mutex::new(None),
-            invalid_pfn_logged: AtomicBool::new(false),
             advance_pending: AtomicBool::new(false),
-            counters: Counters::default(),
-            interrupt,
+            state: DeviceState::new(interrupt),
             runtime: Mutex::new(runtime),
-            observer: Mutex::new(None),
         }
+    }
+
+    /// What the queue processing updates (counters, interrupt, statistics, errors).
+    pub(super) fn state(&self) -> &DeviceState {
+        &self.state
     }
 
     pub(super) fn runtime(&self) -> MutexGuard<'_, Runtime> {
@@ -139,13 +96,7 @@ impl BalloonHandle {
 
     /// Sets the observer told of [`BalloonEvent`]s.
     pub fn set_observer(&self, observer: BalloonObserver) {
-        *self.observer.lock().unwrap_or_else(|e| e.into_inner()) = Some(observer);
-    }
-
-    pub(super) fn notify(&self, event: BalloonEvent) {
-        if let Some(observer) = self.observer.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            observer(event);
-        }
+        self.state.set_observer(observer);
     }
 
     /// The host's target (config `num_pages`), in 4 KiB pages.
@@ -183,7 +134,7 @@ impl BalloonHandle {
     fn store_target(&self, pages: u32) {
         self.advance_pending.store(false, Ordering::SeqCst);
         self.target.store(pages, Ordering::SeqCst);
-        self.interrupt.signal_config_change();
+        self.state.interrupt.signal_config_change();
     }
 
     /// What the guest says the balloon holds (config `actual`), in 4 KiB pages.
@@ -198,7 +149,7 @@ impl BalloonHandle {
     /// breath as its own write.
     pub(super) fn guest_wrote_actual(&self, pages: u32) {
         self.actual.store(pages, Ordering::SeqCst);
-        self.notify(BalloonEvent::ActualWritten { actual: pages, target: self.target_pages() });
+        self.state.notify(BalloonEvent::ActualWritten { actual: pages, target: self.target_pages() });
         let reached = pages == self.target_pages() && !self.lock_schedule().is_empty();
         self.advance_pending.store(reached, Ordering::SeqCst);
     }
@@ -225,25 +176,19 @@ impl BalloonHandle {
 
     /// The latest statistics the guest sent (None until it sends some).
     pub fn stats(&self) -> Option<GuestStats> {
-        self.stats.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(s, _)| s.clone())
+        self.state.stats()
     }
 
     /// How long ago the guest last sent statistics (None if it never has).
     pub fn stats_age(&self) -> Option<Duration> {
-        self.stats.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(_, at)| at.elapsed())
-    }
-
-    pub(super) fn store_stats(&self, values: std::collections::BTreeMap<String, u64>) {
-        let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        let updates = stats.as_ref().map_or(0, |(s, _)| s.updates) + 1;
-        *stats = Some((GuestStats { values, updates }, Instant::now()));
+        self.state.stats_age()
     }
 
     /// Asks the guest for fresh statistics: gives back the statistics buffer it posted,
     /// which the driver refills and posts again. Returns false when there is no buffer
     /// to give back (no stats queue, or the guest has not posted one yet).
     pub fn request_stats(&self) -> bool {
-        self.runtime().return_stats_buffer(&self.interrupt)
+        self.runtime().return_stats_buffer(&self.state.interrupt)
     }
 
     /// A snapshot of the counters.
@@ -252,7 +197,7 @@ impl BalloonHandle {
             let rt = self.runtime();
             (rt.pages.count(), rt.pages.partial_huge_pages(), rt.pages.freed_bytes())
         };
-        let c = &self.counters;
+        let c = &self.state.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         BalloonCounters {
             target_pages: self.target_pages(),
@@ -270,22 +215,11 @@ impl BalloonHandle {
             redundant_pfns: get(&c.redundant_pfns),
             discard_errors: get(&c.discard_errors),
             device_errors: get(&c.device_errors),
-            last_error: self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            last_error: self.state.last_error(),
         }
     }
 
     pub(super) fn record_error(&self, error: &str) {
-        add(&self.counters.device_errors, 1);
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());
-    }
-
-    /// Counts a PFN that is not guest RAM; logs the first one.
-    pub(super) fn invalid_pfn(&self, pfn: u64) {
-        add(&self.counters.invalid_pfns, 1);
-        if !self.invalid_pfn_logged.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                "balloon: the guest sent PFN {pfn:#x}, which is not guest RAM; skipped (further ones are only counted)"
-            );
-        }
+        self.state.record_error(error);
     }
 }

@@ -25,17 +25,19 @@
 //! ```
 
 mod control;
-pub mod handle;
-pub mod pages;
+mod handle;
+mod pages;
 mod runtime;
-pub mod stats;
+mod state;
+mod stats;
 
 #[cfg(test)]
 mod tests;
 
 use std::sync::Arc;
 
-pub use handle::{BalloonCounters, BalloonEvent, BalloonHandle, BalloonObserver};
+pub use handle::{BalloonCounters, BalloonHandle};
+pub use state::{BalloonEvent, BalloonObserver};
 pub use stats::GuestStats;
 
 use super::{ActivateContext, DeviceError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
@@ -160,7 +162,7 @@ impl Balloon {
             features |= (on as u64) << bit;
         }
         let pages = pages::BalloonPages::new(&regions);
-        let runtime = Runtime { discarder, regions, pages, active: None };
+        let runtime = Runtime { discarder, regions, pages, active: None, pending: Default::default() };
         let handle = Arc::new(BalloonHandle::new(runtime, interrupt, &config.schedule, config.initial_target_pages));
         (Self { features, queue_size: config.queue_size, handle: handle.clone() }, handle)
     }
@@ -236,7 +238,7 @@ impl VirtioDevice for Balloon {
         let active = Active { memory: context.memory, queues: context.queues, indices, stats_head: None };
         let mut runtime = self.handle.runtime();
         runtime.active = Some(active);
-        let result = runtime.process_pending(&self.handle);
+        let result = runtime.process_pending(self.handle.state());
         drop(runtime);
         if let Err(e) = &result {
             self.handle.record_error(&e.to_string());
@@ -245,7 +247,7 @@ impl VirtioDevice for Balloon {
     }
 
     fn queue_notify(&mut self, index: u16) -> Result<(), DeviceError> {
-        let result = self.handle.runtime().process(&self.handle, index);
+        let result = self.handle.runtime().process(self.handle.state(), index);
         if let Err(e) = &result {
             self.handle.record_error(&e.to_string());
         }

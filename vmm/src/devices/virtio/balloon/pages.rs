@@ -4,9 +4,6 @@
 
 use crate::smmu::{GuestRange, Regions, PAGE_4K};
 
-/// 4 KiB pages in a 2 MiB huge page.
-pub const PAGES_PER_HUGE: u64 = crate::smmu::PAGE_2M / PAGE_4K;
-
 /// Errors looking up a balloon page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PageError {
@@ -164,6 +161,9 @@ pub fn runs(mut gpas: Vec<u64>) -> Vec<GuestRange> {
 mod tests {
     use super::*;
     use crate::smmu::{UffdRegion, PAGE_2M};
+
+    /// 4 KiB pages in a 2 MiB huge page.
+    const PAGES_PER_HUGE: u64 = PAGE_2M / PAGE_4K;
 
     fn region(gpa: u64, len: u64, page_bytes: u64) -> UffdRegion {
         UffdRegion::unmapped_for_tests(gpa, len, page_bytes, false)

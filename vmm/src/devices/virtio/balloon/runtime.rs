@@ -6,15 +6,14 @@
 //! DEVICE_NEEDS_RESET). A PFN that is not guest RAM is skipped and counted: one bad PFN
 //! never stops the others and never reaches a neighbour.
 
-use super::handle::BalloonEvent;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::handle::{add, BalloonHandle};
 use super::pages::{runs, BalloonPages, PageError};
+use super::state::{add, BalloonEvent, DeviceState};
 use super::stats::{self, STAT_ENTRY_BYTES};
 use super::QueueIndices;
 use crate::devices::virtio::chain::{self, ValidChain};
@@ -25,6 +24,10 @@ use crate::smmu::{GuestRange, Regions, PAGE_4K};
 
 /// PFNs are read this many bytes at a time, so a huge descriptor costs no host memory.
 const PFN_CHUNK_BYTES: usize = 4096;
+/// Inflated pages collected before their discards are issued even though the
+/// notification's chains are not all processed yet (bounds the host memory a driver's
+/// huge PFN arrays can make the device hold: 8 bytes a page, 2 MiB here).
+const FLUSH_PAGES: u64 = 256 * 1024;
 /// The most statistics bytes read from one buffer (the spec defines 16 tags).
 const MAX_STATS_BYTES: usize = 64 * STAT_ENTRY_BYTES;
 
@@ -43,6 +46,19 @@ pub(super) struct Runtime {
     pub regions: Arc<Regions>,
     pub pages: BalloonPages,
     pub active: Option<Active>,
+    /// Inflated pages whose discard is still to come (see [`Runtime::flush_inflated`]).
+    pub pending: PendingInflate,
+}
+
+/// Pages put in the balloon whose host memory is not freed yet.
+#[derive(Debug, Default)]
+pub(super) struct PendingInflate {
+    /// 4 KiB pages of 4 KiB regions.
+    small: Vec<u64>,
+    /// 4 KiB pages of hugetlb regions, by huge page.
+    huge: BTreeMap<u64, (GuestRange, Vec<u64>)>,
+    /// Pages in both.
+    pages: u64,
 }
 
 /// What a queue is for.
@@ -75,7 +91,7 @@ impl Runtime {
     }
 
     /// Processes everything available in queue `index`.
-    pub fn process(&mut self, handle: &BalloonHandle, index: u16) -> Result<(), DeviceError> {
+    pub fn process(&mut self, handle: &DeviceState, index: u16) -> Result<(), DeviceError> {
         let Some(active) = self.active.as_mut() else { return Ok(()) };
         let Some(kind) = active.indices.kind(index) else {
             return Err(DeviceError::Queue { queue: index, what: "no such queue".into() });
@@ -89,7 +105,7 @@ impl Runtime {
         }
         let table = GuestAddress(active.queues[index as usize].desc_table());
         let size = active.queues[index as usize].size();
-        let mut used = 0;
+        let mut done_heads = Vec::with_capacity(heads.len());
         let mut result = Ok(());
         for head in heads {
             let memory = &self.active.as_ref().expect("active").memory;
@@ -109,6 +125,13 @@ impl Runtime {
                 result = Err(e);
                 break;
             }
+            done_heads.push(head);
+        }
+        // The inflated pages of every chain, discarded in as few host operations as their
+        // runs allow, before the driver sees any of those chains used.
+        self.flush_inflated(handle);
+        let mut used = 0;
+        for head in done_heads {
             if kind == QueueKind::Stats {
                 // Held until the host wants fresh statistics; give back an older one.
                 let active = self.active.as_mut().expect("active");
@@ -127,7 +150,7 @@ impl Runtime {
 
     /// Raises the used-buffer interrupt unless the driver suppressed it
     /// (VRING_AVAIL_F_NO_INTERRUPT; a polling driver sets it).
-    fn notify_driver(&mut self, handle: &BalloonHandle, index: u16) {
+    fn notify_driver(&mut self, handle: &DeviceState, index: u16) {
         let Some(active) = self.active.as_mut() else { return };
         if driver_wants_interrupt(&active.queues[index as usize], &active.memory) {
             handle.interrupt.signal_used();
@@ -137,7 +160,7 @@ impl Runtime {
     /// Processes what every ready queue already holds: Linux's balloon posts its first
     /// statistics buffer (and kicks) before it sets DRIVER_OK, a kick the transport
     /// ignores, so activation must look for it.
-    pub fn process_pending(&mut self, handle: &BalloonHandle) -> Result<(), DeviceError> {
+    pub fn process_pending(&mut self, handle: &DeviceState) -> Result<(), DeviceError> {
         let ready: Vec<u16> = match self.active.as_ref() {
             Some(active) => (0..active.queues.len() as u16).filter(|&i| active.queues[i as usize].ready()).collect(),
             None => return Ok(()),
@@ -148,7 +171,7 @@ impl Runtime {
     /// Inflate or deflate: the chain is an array of le32 PFNs.
     fn balloon_pfns(
         &mut self,
-        handle: &BalloonHandle,
+        handle: &DeviceState,
         chain: &ValidChain,
         queue: u16,
         kind: QueueKind,
@@ -180,12 +203,12 @@ impl Runtime {
         Ok(())
     }
 
-    fn inflate(&mut self, handle: &BalloonHandle, pfns: impl Iterator<Item = u32>) {
+    /// Puts pages in the balloon; their discards wait in `pending` for
+    /// [`Runtime::flush_inflated`] (or until `pending` holds [`FLUSH_PAGES`]).
+    fn inflate(&mut self, handle: &DeviceState, pfns: impl Iterator<Item = u32>) {
         if self.pages.count() == 0 {
             handle.notify(BalloonEvent::InflatingFromEmpty);
         }
-        let mut small = Vec::new();
-        let mut huge: BTreeMap<u64, (GuestRange, Vec<u64>)> = BTreeMap::new();
         for pfn in pfns {
             let gpa = (pfn as u64) << 12;
             match self.pages.insert(gpa) {
@@ -194,17 +217,36 @@ impl Runtime {
                 Ok(true) => {
                     add(&handle.counters.inflated, 1);
                     if let Some(page) = self.pages.huge_page_of(gpa) {
-                        huge.entry(page.gpa).or_insert_with(|| (page, Vec::new())).1.push(gpa);
+                        self.pending.huge.entry(page.gpa).or_insert_with(|| (page, Vec::new())).1.push(gpa);
                     } else {
-                        small.push(gpa);
+                        self.pending.small.push(gpa);
                     }
+                    self.pending.pages += 1;
                 }
             }
         }
-        for range in runs(small) {
-            self.discard(handle, range);
+        if self.pending.pages >= FLUSH_PAGES {
+            self.flush_inflated(handle);
         }
-        for (page, gpas) in huge.into_values() {
+    }
+
+    /// Discards what [`Runtime::inflate`] collected: 4 KiB pages as coalesced runs, huge
+    /// pages whole once all their 4 KiB pages are in, the rest of a huge page zeroed.
+    fn flush_inflated(&mut self, handle: &DeviceState) {
+        let pending = std::mem::take(&mut self.pending);
+        let (near, far) = split_halves(runs(pending.small));
+        if far.is_empty() {
+            near.into_iter().for_each(|range| _ = self.discard(handle, range));
+        } else {
+            // Two host threads zap page tables at once (disjoint ranges: the invalidation
+            // layer and the kernel both allow it); the kernel's zap is most of the cost.
+            let this = &*self;
+            std::thread::scope(|scope| {
+                scope.spawn(|| far.into_iter().for_each(|range| _ = this.discard(handle, range)));
+                near.into_iter().for_each(|range| _ = this.discard(handle, range));
+            });
+        }
+        for (page, gpas) in pending.huge.into_values() {
             if self.pages.huge_page_full(page) {
                 if self.discard(handle, page) {
                     add(&handle.counters.huge_freed, 1);
@@ -219,7 +261,7 @@ impl Runtime {
     /// guest's data; zero it, so every backend gives a deflated page back as zeros. A huge
     /// page not resident in our mapping is skipped: writing would allocate it, and its
     /// first touch gives zeros anyway.
-    fn zero_if_resident(&self, handle: &BalloonHandle, gpa: u64) {
+    fn zero_if_resident(&self, handle: &DeviceState, gpa: u64) {
         let Some(region) = self.regions.by_gpa(gpa) else { return };
         let resident = accounting::resident_bytes(region.host_of(gpa), PAGE_4K).unwrap_or(0) > 0;
         let Some(active) = self.active.as_ref().filter(|_| resident) else { return };
@@ -229,7 +271,7 @@ impl Runtime {
         }
     }
 
-    fn deflate(&mut self, handle: &BalloonHandle, pfns: impl Iterator<Item = u32>) {
+    fn deflate(&mut self, handle: &DeviceState, pfns: impl Iterator<Item = u32>) {
         for pfn in pfns {
             match self.pages.remove((pfn as u64) << 12) {
                 Err(PageError::NotRam(_)) => handle.invalid_pfn(pfn as u64),
@@ -241,7 +283,7 @@ impl Runtime {
     }
 
     /// Discards `range` through the invalidation layer; true if memory was freed.
-    fn discard(&self, handle: &BalloonHandle, range: GuestRange) -> bool {
+    fn discard(&self, handle: &DeviceState, range: GuestRange) -> bool {
         match self.discarder.discard(range) {
             Ok(report) => {
                 let freed: u64 = report.freed.iter().map(|r| r.len).sum();
@@ -256,7 +298,7 @@ impl Runtime {
         }
     }
 
-    fn take_stats(&mut self, handle: &BalloonHandle, chain: &ValidChain, queue: u16) -> Result<(), DeviceError> {
+    fn take_stats(&mut self, handle: &DeviceState, chain: &ValidChain, queue: u16) -> Result<(), DeviceError> {
         check_readable(chain, queue)?;
         let total: usize = chain.segments.iter().map(|s| s.len as usize).sum();
         if !total.is_multiple_of(STAT_ENTRY_BYTES) {
@@ -281,7 +323,7 @@ impl Runtime {
     /// Free page reporting: each buffer is a free range the guest may reuse later without
     /// telling (it then reads zeros). Accepted in either direction: Linux posts them
     /// device-writable, the contract's guest device-readable.
-    fn report_free(&mut self, handle: &BalloonHandle, chain: &ValidChain, queue: u16) -> Result<(), DeviceError> {
+    fn report_free(&mut self, handle: &DeviceState, chain: &ValidChain, queue: u16) -> Result<(), DeviceError> {
         for s in &chain.segments {
             if !s.addr.0.is_multiple_of(PAGE_4K) || !(s.len as u64).is_multiple_of(PAGE_4K) {
                 let what = format!("reported range [{:#x}, +{:#x}) is not 4 KiB aligned", s.addr.0, s.len);
@@ -301,6 +343,34 @@ impl Runtime {
         }
         Ok(())
     }
+}
+
+/// Below this many bytes of discards, one thread does them all.
+const PARALLEL_DISCARD_BYTES: u64 = 16 << 20;
+
+/// Cuts sorted runs into two halves of (about) equal bytes, splitting a run at a page if
+/// need be; the second is empty when there is too little to share.
+fn split_halves(runs: Vec<GuestRange>) -> (Vec<GuestRange>, Vec<GuestRange>) {
+    let total: u64 = runs.iter().map(|r| r.len).sum();
+    if total < PARALLEL_DISCARD_BYTES {
+        return (runs, Vec::new());
+    }
+    let half = total / 2 / PAGE_4K * PAGE_4K;
+    let (mut near, mut far, mut taken) = (Vec::new(), Vec::new(), 0);
+    for run in runs {
+        if taken >= half {
+            far.push(run);
+        } else if taken + run.len <= half {
+            taken += run.len;
+            near.push(run);
+        } else {
+            let cut = half - taken;
+            near.push(GuestRange::new(run.gpa, cut));
+            far.push(GuestRange::new(run.gpa + cut, run.len - cut));
+            taken = half;
+        }
+    }
+    (near, far)
 }
 
 /// The heads the driver made available since the last pass; refuses an avail index that

@@ -1,0 +1,193 @@
+//! Lazy restore: a [`PageSource`] over a snapshot chain, so the restored VM starts at once
+//! and each page is read from the images on its first touch (userfaultfd MISSING faults
+//! resolved by the fault engine with COPY, or ZEROPAGE for pages no image carries).
+//!
+//! A page's contents come from the topmost snapshot of the chain whose image carries it
+//! (a diff over its parent), else it is zero. Lookups are a binary search per chain link
+//! over the image's sorted ranges. Image checksums cover whole images, so a lazy restore
+//! checks the state file, the chain and every image's size up front but cannot check the
+//! image bytes it never reads: `faultline snapshot inspect` does, without restoring.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use crate::memory::RamRegion;
+use crate::smmu::page_source::{PageData, PageSource, PageSourceError};
+
+use super::{Chain, SnapshotError};
+
+/// One snapshot's image of one zone, open.
+struct LinkImage {
+    file: File,
+    ranges: Vec<(u64, u64)>,
+}
+
+impl LinkImage {
+    /// The end of the carried range that holds `offset`, if one does.
+    fn carried_until(&self, offset: u64) -> Option<u64> {
+        let index = self.ranges.partition_point(|&(start, _)| start <= offset);
+        let &(start, len) = self.ranges.get(index.checked_sub(1)?)?;
+        (offset < start + len).then_some(start + len)
+    }
+
+    /// The next carried offset after `offset` (where zero or a lower link stops).
+    fn next_start(&self, offset: u64) -> Option<u64> {
+        let index = self.ranges.partition_point(|&(start, _)| start <= offset);
+        self.ranges.get(index).map(|r| r.0)
+    }
+}
+
+/// Where one guest-physical slot's bytes are in its zone.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    gpa: u64,
+    size_bytes: u64,
+    zone: usize,
+    zone_offset: u64,
+}
+
+/// Pages of a snapshot chain, read on demand.
+pub struct ChainSource {
+    /// Per zone, its image in each link of the chain, base first.
+    zones: Vec<Vec<LinkImage>>,
+    /// The restored VM's memory layout: known once its guest RAM exists, which is after
+    /// the fault engine (and so this source) was handed over.
+    slots: std::sync::OnceLock<Vec<Slot>>,
+}
+
+impl std::fmt::Debug for ChainSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChainSource").field("zones", &self.zones.len()).field("slots", &self.slots).finish()
+    }
+}
+
+impl ChainSource {
+    /// Opens every image of `chain`.
+    pub fn open(chain: &Chain) -> Result<Self, SnapshotError> {
+        chain.check_files()?;
+        let zone_count = chain.top().images.len();
+        let mut zones: Vec<Vec<LinkImage>> = (0..zone_count).map(|_| Vec::new()).collect();
+        for (dir, state) in &chain.links {
+            for image in &state.images {
+                let path = dir.join(&image.file);
+                let file = File::open(&path).map_err(|source| SnapshotError::Io { path, what: "open", source })?;
+                zones[image.zone].push(LinkImage { file, ranges: image.ranges.clone() });
+            }
+        }
+        Ok(ChainSource { zones, slots: std::sync::OnceLock::new() })
+    }
+
+    /// Tells the source where guest RAM lies (once, before any vCPU runs).
+    pub fn set_layout(&self, regions: &[RamRegion]) {
+        let slots = regions
+            .iter()
+            .map(|r| Slot { gpa: r.gpa, size_bytes: r.size_bytes, zone: r.zone, zone_offset: r.fd_offset })
+            .collect();
+        let _ = self.slots.set(slots);
+    }
+
+    /// Fills `buf` with zone `zone`'s bytes from `offset`; true if any came from an image.
+    fn fill(&self, zone: usize, offset: u64, buf: &mut [u8], path_hint: &Path) -> Result<bool, PageSourceError> {
+        let links = &self.zones[zone];
+        let end = offset + buf.len() as u64;
+        let mut at = offset;
+        let mut any = false;
+        while at < end {
+            // The topmost link carrying `at`, and how far it carries it before a higher
+            // link starts carrying.
+            let mut piece_end = end;
+            let mut found = None;
+            for (depth, link) in links.iter().enumerate().rev() {
+                if let Some(until) = link.carried_until(at) {
+                    found = Some((depth, until.min(piece_end)));
+                    break;
+                }
+                if let Some(next) = link.next_start(at) {
+                    piece_end = piece_end.min(next);
+                }
+            }
+            let slice = |from: u64, to: u64| (from - offset) as usize..(to - offset) as usize;
+            match found {
+                Some((depth, until)) => {
+                    let range = slice(at, until);
+                    links[depth].file.read_exact_at(&mut buf[range.clone()], at).map_err(|source| {
+                        tracing::debug!("lazy restore read failed in {}", path_hint.display());
+                        PageSourceError::Read { offset: at, len: range.len(), source }
+                    })?;
+                    any = true;
+                    at = until;
+                }
+                None => {
+                    buf[slice(at, piece_end)].fill(0);
+                    at = piece_end;
+                }
+            }
+        }
+        Ok(any)
+    }
+}
+
+impl PageSource for ChainSource {
+    fn read_page(&self, gpa: u64, buf: &mut [u8]) -> Result<PageData, PageSourceError> {
+        let slots = self.slots.get().map_or(&[][..], Vec::as_slice);
+        let Some(slot) = slots.iter().find(|s| gpa >= s.gpa && gpa < s.gpa + s.size_bytes) else {
+            return Err(PageSourceError::Failed { gpa, reason: "not guest RAM of the restored VM".into() });
+        };
+        let offset = slot.zone_offset + (gpa - slot.gpa);
+        let any = self.fill(slot.zone, offset, buf, Path::new("snapshot image"))?;
+        if !any || buf.iter().all(|&b| b == 0) {
+            return Ok(PageData::Zero);
+        }
+        Ok(PageData::Filled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn image(pages: &[(u64, u8)], ranges: Vec<(u64, u64)>) -> LinkImage {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&vec![0u8; 64 << 10]).unwrap();
+        for &(page, byte) in pages {
+            file.write_all_at(&[byte; 4096], page * 4096).unwrap();
+        }
+        LinkImage { file, ranges }
+    }
+
+    #[test]
+    fn the_topmost_link_carrying_a_byte_wins_and_the_rest_is_zero() {
+        // Base carries pages 0-3 (page 2 a zero page it carries), the diff page 1 and 5.
+        let base = image(&[(0, 0xb0), (1, 0xb1), (3, 0xb3)], vec![(0, 4 << 12)]);
+        let diff = image(&[(1, 0xd1), (5, 0xd5)], vec![(1 << 12, 1 << 12), (5 << 12, 1 << 12)]);
+        let source = ChainSource { zones: vec![vec![base, diff]], slots: std::sync::OnceLock::new() };
+        source.set_layout(&[RamRegion {
+            zone: 0,
+            backend: crate::config::Backend::Anon,
+            gpa: 0x10_0000,
+            size_bytes: 64 << 10,
+            host_addr: 0,
+            page_bytes: 4096,
+            fd: None,
+            fd_offset: 0,
+            path: None,
+        }]);
+        let mut page = vec![0xffu8; 4096];
+        let expect = [(0, Some(0xb0)), (1, Some(0xd1)), (2, None), (3, Some(0xb3)), (4, None), (5, Some(0xd5))];
+        for (index, byte) in expect {
+            let data = source.read_page(0x10_0000 + index * 4096, &mut page).unwrap();
+            match byte {
+                Some(b) => assert!(data == PageData::Filled && page.iter().all(|&x| x == b), "page {index}"),
+                None => assert_eq!(data, PageData::Zero, "page {index}"),
+            }
+        }
+        // A 16 KiB read (a bigger page unit than the images') mixes links piece by piece.
+        let mut big = vec![0xffu8; 16 << 10];
+        assert_eq!(source.read_page(0x10_0000, &mut big).unwrap(), PageData::Filled);
+        let firsts: Vec<u8> = big.chunks(4096).map(|c| c[0]).collect();
+        assert_eq!(firsts, [0xb0, 0xd1, 0, 0xb3]);
+        assert!(source.read_page(0x9_0000, &mut page).is_err(), "outside guest RAM");
+    }
+}
