@@ -49,14 +49,14 @@ fn file_backend_creates_its_file_and_verifies() {
 }
 
 #[test]
-fn existing_file_of_the_right_size_is_reused() {
+fn existing_file_of_the_right_size_is_reused_with_reuse_on() {
     if !kvm_available() {
         return;
     }
     let dir = ScratchDir::new("file-reuse");
     let path = dir.0.join("guest-ram");
     std::fs::write(&path, vec![0u8; 32 << 20]).unwrap();
-    let spec = format!("size=32M,backend=file,path={}", path.display());
+    let spec = format!("size=32M,backend=file,path={},reuse=on", path.display());
     run_json(&["--vcpus", "1", "--memory", &spec]).assert_success().assert_verified(pages(24));
 }
 

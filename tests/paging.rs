@@ -183,7 +183,7 @@ fn modes_that_cannot_work_are_refused_with_the_fix() {
     // A file that already holds data cannot be paged with MISSING faults.
     let shm = std::path::PathBuf::from(format!("/dev/shm/faultline-data-{}", std::process::id()));
     std::fs::write(&shm, vec![1u8; 64 << 20]).unwrap();
-    let zone = format!("size=64M,backend=file,path={},paging=uffd-missing", shm.display());
+    let zone = format!("size=64M,backend=file,path={},reuse=on,paging=uffd-missing", shm.display());
     let run = run_json(&["--memory", &zone]);
     std::fs::remove_file(&shm).unwrap();
     assert_ne!(run.code, 0);

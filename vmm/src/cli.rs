@@ -181,9 +181,12 @@ pub struct RunArgs {
     /// Print the run report as JSON instead of the summary.
     #[arg(long)]
     pub json: bool,
-    /// Stop the VM after this many seconds.
-    #[arg(long, value_name = "SECONDS")]
-    pub timeout: Option<f64>,
+    /// Stop the VM after this many seconds (exit status 1, exit kind "stopped"). There is
+    /// no limit by default, as in QEMU or Firecracker: a guest that never exits (e.g. one
+    /// spinning, or halted with interrupts off) runs until stopped, so bound unattended
+    /// runs with this.
+    #[arg(long, value_name = "SECONDS", value_parser = crate::config::duration::parse_seconds)]
+    pub timeout: Option<std::time::Duration>,
 }
 
 fn parse_size_arg(text: &str) -> Result<u64, String> {
@@ -261,6 +264,26 @@ impl RunArgs {
         }
         if let Some(kernel) = &self.kernel {
             config.kernel = KernelImage::Path(kernel.clone());
+            let workload_flags = [
+                ("--steps", self.steps.is_some()),
+                ("--size", self.size.is_some()),
+                ("--seed", self.seed.is_some()),
+                ("--pattern", self.pattern.is_some()),
+                ("--stride", self.stride.is_some()),
+                ("--access", self.access.is_some()),
+                ("--passes", self.passes.is_some()),
+                ("--rate", self.rate.is_some()),
+                ("--duration-ms", self.duration_ms.is_some()),
+                ("--balloon-changes", self.balloon_changes.is_some()),
+            ];
+            if let Some((flag, _)) = workload_flags.iter().find(|(_, given)| *given) {
+                return Err(ConfigError::BadWorkload {
+                    field: "steps",
+                    reason: format!(
+                        "{flag} drives the built-in guest's workload and would be ignored with --kernel; pass your kernel its own options with --cmdline"
+                    ),
+                });
+            }
         }
         if let Some(cmdline) = &self.cmdline {
             config.cmdline = cmdline.clone();
@@ -367,6 +390,8 @@ mod tests {
             "3",
             "--chaos-events",
             "100",
+            "--steps",
+            "fill,churn",
         ])
         .to_config()
         .unwrap();

@@ -94,8 +94,13 @@ pub struct GuestStepResult {
     pub pass: u64,
     /// Pages the step covered.
     pub pages: u64,
-    /// Wall time of the step in TSC cycles (slowest CPU).
+    /// Time of the step in TSC cycles as the guest measured it (the slowest CPU's own
+    /// start to end: less than wall time when CPUs did not run at once, e.g. more vCPUs
+    /// than host cores).
     pub cycles: u64,
+    /// Wall time on the host's clock from the guest's previous report line to this one
+    /// (the step plus its reporting), nanoseconds. Set by the VMM, not the guest.
+    pub host_wall_ns: u64,
     /// CPUs that ran it.
     pub cpus: u64,
     /// Per-touch latency (touch only).
@@ -140,6 +145,29 @@ pub struct GuestReport {
     pub balloon_changes: Vec<serde_json::Value>,
     /// Report lines that could not be parsed (a guest bug worth seeing).
     pub unparsed: Vec<String>,
+    /// Report lines not kept because their kind already had [`MAX_LINES_PER_KIND`] (a
+    /// chatty guest cannot grow the VMM or the report without bound).
+    pub dropped_lines: u64,
+    /// Whether a dropped line reported a failure (a failed verify or balloon change, an
+    /// error or exception): the run still counts it.
+    pub dropped_failure: bool,
+}
+
+/// Lines of one kind (results, verifies, errors, ...) kept in the report; later ones are
+/// counted in `dropped_lines`. Far more than any workload prints.
+pub const MAX_LINES_PER_KIND: usize = 1024;
+
+/// Longest serial line kept, bytes; the rest of a longer line is dropped.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+
+/// Appends `item` unless `list` is full; says whether it was kept.
+fn keep<T>(list: &mut Vec<T>, item: T, dropped: &mut u64) -> bool {
+    if list.len() >= MAX_LINES_PER_KIND {
+        *dropped += 1;
+        return false;
+    }
+    list.push(item);
+    true
 }
 
 impl GuestReport {
@@ -149,6 +177,7 @@ impl GuestReport {
             && self.verifies.iter().all(|v| v.ok)
             && self.errors.is_empty()
             && self.exceptions.is_empty()
+            && !self.dropped_failure
             && self.balloon_changes.iter().all(|c| c["kept_ok"] == true && c["zero_ok"] == true && c["mismatches"] == 0)
     }
 }
@@ -157,6 +186,8 @@ impl GuestReport {
 pub struct GuestReportCollector {
     started: Instant,
     partial: Vec<u8>,
+    on_balloon_line: Option<Box<dyn FnMut() + Send>>,
+    last_line_at: Instant,
     /// What has been parsed so far.
     pub report: GuestReport,
 }
@@ -189,7 +220,19 @@ impl crate::persist::Persist for GuestReportCollector {
 impl GuestReportCollector {
     /// A collector that measures `ready_after_ns` from `started` (the VMM's start).
     pub fn new(started: Instant) -> Self {
-        GuestReportCollector { started, partial: Vec::new(), report: GuestReport::default() }
+        GuestReportCollector {
+            started,
+            partial: Vec::new(),
+            on_balloon_line: None,
+            last_line_at: started,
+            report: GuestReport::default(),
+        }
+    }
+
+    /// Calls `hook` whenever the guest reports it has followed a balloon target change
+    /// (the moment the balloon watch measures host memory, before later steps touch it).
+    pub fn on_balloon_line(&mut self, hook: Box<dyn FnMut() + Send>) {
+        self.on_balloon_line = Some(hook);
     }
 
     /// Feeds bytes the guest wrote to its serial port.
@@ -199,7 +242,7 @@ impl GuestReportCollector {
                 let line = String::from_utf8_lossy(&self.partial).trim_end_matches('\r').to_string();
                 self.partial.clear();
                 self.push_line(&line);
-            } else if self.partial.len() < 1 << 20 {
+            } else if self.partial.len() < MAX_LINE_BYTES {
                 self.partial.push(byte);
             }
         }
@@ -211,23 +254,43 @@ impl GuestReportCollector {
             return;
         };
         let (kind, json) = rest.split_once(' ').unwrap_or((rest, "{}"));
+        let now = Instant::now();
+        let since_previous_line = now.duration_since(self.last_line_at).as_nanos() as u64;
+        self.last_line_at = now;
         let report = &mut self.report;
+        let dropped = &mut report.dropped_lines;
         let parsed = match kind {
             abi::report::READY => serde_json::from_str(json).map(|ready| {
                 report.ready = Some(ready);
                 report.ready_after_ns = Some(self.started.elapsed().as_nanos() as u64);
             }),
-            abi::report::RESULT => serde_json::from_str(json).map(|r| report.results.push(r)),
-            abi::report::VERIFY => serde_json::from_str(json).map(|v| report.verifies.push(v)),
+            abi::report::RESULT => serde_json::from_str(json).map(|mut r: GuestStepResult| {
+                r.host_wall_ns = since_previous_line;
+                keep(&mut report.results, r, dropped);
+            }),
+            abi::report::VERIFY => serde_json::from_str(json).map(|v: GuestVerify| {
+                let ok = v.ok;
+                report.dropped_failure |= !keep(&mut report.verifies, v, dropped) && !ok;
+            }),
             abi::report::DONE => serde_json::from_str(json).map(|d| report.done = Some(d)),
-            abi::report::ERROR => serde_json::from_str::<serde_json::Value>(json)
-                .map(|v| report.errors.push(v.get("msg").and_then(|m| m.as_str()).unwrap_or(json).to_string())),
-            abi::report::EXCEPTION => serde_json::from_str(json).map(|v| report.exceptions.push(v)),
-            abi::report::BALLOON => serde_json::from_str(json).map(|v| report.balloon_changes.push(v)),
+            abi::report::ERROR => serde_json::from_str::<serde_json::Value>(json).map(|v| {
+                let message = v.get("msg").and_then(|m| m.as_str()).unwrap_or(json).to_string();
+                report.dropped_failure |= !keep(&mut report.errors, message, dropped);
+            }),
+            abi::report::EXCEPTION => serde_json::from_str(json).map(|v| {
+                report.dropped_failure |= !keep(&mut report.exceptions, v, dropped);
+            }),
+            abi::report::BALLOON => serde_json::from_str(json).map(|v: serde_json::Value| {
+                let ok = v["kept_ok"] == true && v["zero_ok"] == true && v["mismatches"] == 0;
+                report.dropped_failure |= !keep(&mut report.balloon_changes, v, dropped) && !ok;
+                if let Some(hook) = self.on_balloon_line.as_mut() {
+                    hook();
+                }
+            }),
             _ => Ok(()),
         };
         if parsed.is_err() {
-            report.unparsed.push(line.to_string());
+            keep(&mut report.unparsed, line.to_string(), &mut report.dropped_lines);
         }
     }
 }

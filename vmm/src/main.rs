@@ -67,7 +67,7 @@ fn run(args: &RunArgs, started: Instant) -> ExitCode {
     let options = RunOptions {
         api_socket: args.api_socket.clone(),
         stop_on_signals: true,
-        ..RunOptions::new(started, args.timeout.map(std::time::Duration::from_secs_f64))
+        ..RunOptions::new(started, args.timeout)
     };
     finish(vmm::run(&config, &options), args.json)
 }

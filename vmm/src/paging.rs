@@ -143,15 +143,8 @@ impl FaultReport {
                 self.eexist, self.eagain, self.retries, self.deferred, self.remove_events
             ));
         }
-        match &self.coherence {
-            Some(c) if c.is_clean() => out.push(format!(
-                "  coherence: clean ({} pages checked, {} populated)",
-                c.granules_checked, c.granules_populated
-            )),
-            Some(c) => {
-                out.push(format!("  coherence: {} DISAGREEMENTS, first {:?}", c.mismatch_count, c.mismatches.first()))
-            }
-            None => {}
+        if let Some(c) = &self.coherence {
+            out.push(format!("  coherence: {}", c.describe()));
         }
         out
     }
@@ -243,7 +236,11 @@ impl GuestPaging {
 
     /// Compares the state table with the host's page tables now.
     pub fn check_coherence(&self) -> Result<CoherenceReport, PagingError> {
-        Ok(coherence::check(&self.regions, &self.table, &self.inv)?)
+        let mut report = coherence::check(&self.regions, &self.table, &self.inv)?;
+        // Pages lost behind our back stay reported even after a refill made the table and
+        // the host agree again.
+        report.lost_and_refilled = self.engine.as_ref().map_or(0, |e| e.stats().lost_refilled);
+        Ok(report)
     }
 
     /// Ends paging after the vCPUs stopped: checks coherence, stops the engine, and says
@@ -257,7 +254,9 @@ impl GuestPaging {
         report.engine_failure = engine.failure();
         let tracked = self.regions.iter().any(|r| r.mode != UffdMode::None);
         if tracked && report.engine_failure.is_none() {
-            report.coherence = Some(self.check_coherence()?);
+            let mut coherence = self.check_coherence()?;
+            coherence.lost_and_refilled = engine.stats().lost_refilled;
+            report.coherence = Some(coherence);
         }
         // Taken before shutdown, which returns only the error when the engine failed.
         report.add_engine_stats(&engine.stats());

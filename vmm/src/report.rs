@@ -104,10 +104,7 @@ impl RunReport {
             return "the guest reported a failure (see the verify, balloon and error lines)".into();
         }
         if let Some(c) = self.faults.as_ref().and_then(|f| f.coherence.as_ref()).filter(|c| !c.is_clean()) {
-            return format!(
-                "the coherence check found {} disagreements between the smmu and the host",
-                c.mismatch_count
-            );
+            return format!("the coherence check between the smmu and the host: {}", c.describe());
         }
         if let Some(c) = self.chaos.as_ref().filter(|c| c.errors > 0) {
             return format!("the chaos driver had {} errors", c.errors);
@@ -142,10 +139,19 @@ impl RunReport {
         }
         let tsc_khz = self.guest.ready.as_ref().map_or(0, |r| r.tsc_khz);
         for result in &self.guest.results {
-            let step_ms = if tsc_khz > 0 { result.cycles as f64 / tsc_khz as f64 } else { f64::NAN };
+            // Without the guest's TSC frequency (a kernel that printed no ready line),
+            // cycles are all there is: never "NaN ms".
+            let guest_time = if tsc_khz > 0 {
+                format!("{:.2} ms", result.cycles as f64 / tsc_khz as f64)
+            } else {
+                format!("{} TSC cycles", result.cycles)
+            };
             out.push_str(&format!(
-                "  {} pass {}: {} pages in {:.2} ms",
-                result.step, result.pass, result.pages, step_ms
+                "  {} pass {}: {} pages in {guest_time} (slowest vCPU), {:.2} ms wall",
+                result.step,
+                result.pass,
+                result.pages,
+                ms(result.host_wall_ns)
             ));
             if let Some(h) = &result.latency_cycles {
                 out.push_str(&format!(
@@ -179,6 +185,13 @@ impl RunReport {
         for exception in &self.guest.exceptions {
             out.push_str(&format!("  guest exception: {exception}\n"));
         }
+        if self.guest.dropped_lines > 0 {
+            out.push_str(&format!(
+                "  {} guest report lines dropped (only the first {} of each kind are kept)\n",
+                self.guest.dropped_lines,
+                crate::guest_report::MAX_LINES_PER_KIND
+            ));
+        }
         if let Some(faults) = self.faults.as_ref().filter(|f| f.modes.iter().any(|m| *m != "kernel")) {
             for line in faults.summary_lines() {
                 out.push_str(&format!("  {line}\n"));
@@ -204,8 +217,13 @@ impl RunReport {
         }
         if let Some(b) = &self.balloon {
             let mib = |bytes: u64| bytes as f64 / 1048576.0;
+            let peak_note = if b.peak_balloon_bytes > 0 && !b.peak_reached_target {
+                format!(" (the guest could not reach its {:.1} MiB target)", mib(b.largest_target_bytes))
+            } else {
+                String::new()
+            };
             out.push_str(&format!(
-                "  balloon: peak {:.1} MiB, host memory freed {:.1} MiB ({:.1}% of it), inflated in {:.1} ms; {} huge pages freed, {} partial; {} device errors, {} bad PFNs\n",
+                "  balloon: peak {:.1} MiB{peak_note}, host memory freed {:.1} MiB ({:.1}% of it), inflated in {:.1} ms; {} huge pages freed, {} partial; {} device errors, {} bad PFNs\n",
                 mib(b.peak_balloon_bytes),
                 mib(b.freed_bytes),
                 b.freed_ratio * 100.0,

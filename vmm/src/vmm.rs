@@ -232,6 +232,10 @@ impl Vmm {
             .balloon
             .as_ref()
             .map(|handle| BalloonWatch::attach(handle, machine.paging.regions().clone()));
+        if let Some(watch) = watch.clone() {
+            let hook = Box::new(move || watch.guest_followed_change());
+            machine.collector.lock().unwrap_or_else(|e| e.into_inner()).on_balloon_line(hook);
+        }
         let api = match &options.api_socket {
             Some(path) => {
                 let target = Arc::new(VmTarget::new(machine.clone(), history.clone()));
@@ -273,6 +277,7 @@ impl Vmm {
         drop(signals);
         waited?;
         let exit = machine.control.exit().unwrap_or(VmExit::Stopped { reason: "ended without a reason".into() });
+        let exit = machine.ram.explain_failure(exit);
         let total_ns = options.started.elapsed().as_nanos() as u64;
         let host_memory = HostMemory::of_self();
         let balloon_report = watch.zip(machine.devices.balloon.as_ref()).map(|(watch, handle)| watch.report(handle));

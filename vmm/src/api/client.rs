@@ -3,7 +3,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
@@ -30,6 +30,9 @@ pub enum ClientError {
     /// No answer within the timeout given to [`ControlClient::connect`].
     #[error("the VM did not answer within {0:?}; it may be busy or stuck (try a longer --timeout)")]
     Timeout(Duration),
+    /// The answer is longer than any answer of this protocol.
+    #[error("the VM's answer is longer than {0} bytes without ending its line; this is not a Faultline control socket, or the VM misbehaves")]
+    TooLong(usize),
     /// The server closed the connection before answering.
     #[error("the VM closed the control connection without answering (did it just end?)")]
     Closed,
@@ -40,6 +43,11 @@ pub enum ClientError {
     #[error("{0}")]
     Server(ErrorBody),
 }
+
+/// The longest answer line the client reads: far above any answer of the protocol (the
+/// server queues at most 256 KiB per connection), so a peer that streams bytes without a
+/// newline cannot grow the client without bound.
+pub const MAX_ANSWER_BYTES: usize = 4 << 20;
 
 /// A connection to a control socket.
 #[derive(Debug)]
@@ -92,18 +100,50 @@ impl ControlClient {
         }
     }
 
-    /// Reads one response line.
+    /// Reads one response line, within the timeout for the whole line (not per read: a
+    /// peer dripping bytes cannot hold the client past it) and at most
+    /// [`MAX_ANSWER_BYTES`] long.
     pub fn read_response(&mut self) -> Result<Response, ClientError> {
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => return Err(ClientError::Closed),
-            Ok(_) => {}
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                return Err(ClientError::Timeout(self.timeout.unwrap_or_default()));
+        let deadline = self.timeout.map(|t| Instant::now() + t);
+        let timed_out = || ClientError::Timeout(self.timeout.unwrap_or_default());
+        let mut line = Vec::new();
+        loop {
+            if let Some(deadline) = deadline {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(timed_out());
+                }
+                self.writer.set_read_timeout(Some(left))?;
             }
-            Err(e) => return Err(e.into()),
+            let buf = match self.reader.fill_buf() {
+                Ok(buf) => buf,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    return Err(timed_out());
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if buf.is_empty() {
+                return Err(if line.is_empty() {
+                    ClientError::Closed
+                } else {
+                    ClientError::Protocol("the connection closed in the middle of an answer".into())
+                });
+            }
+            let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+                Some(end) => (end + 1, true),
+                None => (buf.len(), false),
+            };
+            line.extend_from_slice(&buf[..take]);
+            self.reader.consume(take);
+            if line.len() > MAX_ANSWER_BYTES {
+                return Err(ClientError::TooLong(MAX_ANSWER_BYTES));
+            }
+            if done {
+                break;
+            }
         }
-        serde_json::from_str(&line).map_err(|e| ClientError::Protocol(e.to_string()))
+        serde_json::from_slice(&line).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     fn typed<T: DeserializeOwned>(&mut self, cmd: &str, args: Value) -> Result<T, ClientError> {

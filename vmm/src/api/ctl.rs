@@ -20,9 +20,9 @@ pub struct CtlArgs {
     /// Print the JSON result instead of a sentence.
     #[arg(long, global = true)]
     pub json: bool,
-    /// Give up if the VM does not answer within this many seconds.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
-    pub timeout: f64,
+    /// Give up if the VM does not answer within this many seconds (0: wait for ever).
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_ctl_timeout)]
+    pub timeout: CtlTimeout,
     /// What to ask.
     #[command(subcommand)]
     pub command: CtlCommand,
@@ -115,10 +115,23 @@ pub fn main(args: &CtlArgs) -> ExitCode {
     }
 }
 
+/// `faultline ctl --timeout`: how long to wait for an answer (`None`: for ever).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CtlTimeout(pub Option<Duration>);
+
+/// `--timeout`: seconds, or 0 for no limit.
+fn parse_ctl_timeout(text: &str) -> Result<CtlTimeout, String> {
+    if text.trim().parse::<f64>() == Ok(0.0) {
+        return Ok(CtlTimeout(None));
+    }
+    crate::config::duration::parse_seconds(text)
+        .map(|t| CtlTimeout(Some(t)))
+        .map_err(|e| e.replace("omit it for no limit", "0 to wait for ever"))
+}
+
 /// Runs `faultline ctl` and returns what it prints.
 pub fn execute(args: &CtlArgs) -> Result<String, ClientError> {
-    let timeout = Duration::try_from_secs_f64(args.timeout).ok().filter(|t| !t.is_zero());
-    let mut client = ControlClient::connect(&args.socket, timeout)?;
+    let mut client = ControlClient::connect(&args.socket, args.timeout.0)?;
     let (cmd, call_args) = match &args.command {
         CtlCommand::Hello => ("hello", Value::Null),
         CtlCommand::Status => ("status", Value::Null),
@@ -262,7 +275,11 @@ fn describe_paging(stats: &Value) -> String {
 fn describe_coherence(report: &Value) -> String {
     let checked = &report["granules_checked"];
     let populated = &report["granules_populated"];
+    let lost = report["lost_and_refilled"].as_u64().unwrap_or(0);
     match report["mismatch_count"].as_u64() {
+        Some(0) if lost > 0 => format!(
+            "coherence: {lost} pages LOST behind the VMM's back and refilled with zeros ({checked} pages checked)"
+        ),
         Some(0) => format!("coherence: clean ({checked} pages checked, {populated} populated)"),
         Some(n) => {
             format!("coherence: {n} disagreements ({checked} pages checked); first: {}", report["mismatches"][0])

@@ -36,13 +36,10 @@ fn run(target: &dyn ControlTarget, command: Command) -> Result<Value, ErrorBody>
         Command::BalloonSet { target_bytes } => {
             let balloon = balloon(target)?;
             let memory_bytes = target.status().memory_bytes;
-            if target_bytes > memory_bytes {
+            if let Err(reason) = crate::config::check_balloon_target(target_bytes, memory_bytes) {
                 return Err(ErrorBody::new(
                     ErrorKind::BadArgs,
-                    format!(
-                        "target {target_bytes} bytes is more than the guest's RAM ({memory_bytes} bytes); \
-                         choose a target up to that"
-                    ),
+                    format!("target {target_bytes} bytes: {reason} (guest RAM is {memory_bytes} bytes)"),
                 ));
             }
             balloon

@@ -1,5 +1,10 @@
 //! The control socket's file: bound with mode 0600, a stale one (left by a VMM that died)
 //! replaced, a live one (another VMM listening) refused, and removed when the server goes.
+//!
+//! Check-and-bind is made atomic by a lock file beside the socket (`<path>.lock`, an
+//! exclusive `flock` held for the server's life): without it a second VMM could find the
+//! first one's socket between its `bind` and `listen` (connect is refused: "stale"),
+//! remove it and bind its own.
 
 use std::io::ErrorKind as IoKind;
 use std::os::fd::OwnedFd;
@@ -62,6 +67,65 @@ pub(super) struct SocketFile {
     path: PathBuf,
     /// (device, inode) of the file we bound, so we never remove a successor's socket.
     identity: (u64, u64),
+    /// The lock that makes this process the socket path's owner (dropped after the
+    /// socket file is removed: fields drop after `Drop::drop`).
+    _lock: PathLock,
+}
+
+/// An exclusive `flock` on `<socket>.lock`, removed (while still held) on drop.
+#[derive(Debug)]
+struct PathLock {
+    path: PathBuf,
+    /// Holds the `flock` while open.
+    _file: std::fs::File,
+}
+
+impl PathLock {
+    /// Takes the lock or says who has it. After locking, the file must still be the one
+    /// at the path (a previous owner may have removed it between our open and our lock;
+    /// then we would hold a lock nobody else can see): if not, open again.
+    fn take(socket: &Path) -> Result<Self, ApiError> {
+        let mut name = socket.as_os_str().to_owned();
+        name.push(".lock");
+        let path = PathBuf::from(name);
+        let fail = |what, source: std::io::Error| ApiError::Socket { path: path.clone(), what, source };
+        loop {
+            let file = std::os::unix::fs::OpenOptionsExt::mode(
+                std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false),
+                0o600,
+            )
+            .open(&path)
+            .map_err(|e| fail("create the lock file of", e))?;
+            match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::WOULDBLOCK) => return Err(ApiError::InUse(socket.to_path_buf())),
+                Err(e) => return Err(fail("lock", e.into())),
+            }
+            let held = file.metadata().map_err(|e| fail("inspect the lock file of", e))?;
+            match std::fs::symlink_metadata(&path) {
+                Ok(now) if (now.st_dev(), now.st_ino()) == (held.st_dev(), held.st_ino()) => {
+                    return Ok(PathLock { path, _file: file })
+                }
+                Ok(_) => continue,
+                Err(e) if e.kind() == IoKind::NotFound => continue,
+                Err(e) => return Err(fail("inspect the lock file of", e)),
+            }
+        }
+    }
+}
+
+impl Drop for PathLock {
+    fn drop(&mut self) {
+        // Removed while held (a waiter that opened it before sees it gone and opens anew),
+        // and only if it is still ours.
+        let ours = match (self._file.metadata(), std::fs::symlink_metadata(&self.path)) {
+            (Ok(held), Ok(now)) => (held.st_dev(), held.st_ino()) == (now.st_dev(), now.st_ino()),
+            _ => false,
+        };
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 impl SocketFile {
@@ -87,6 +151,9 @@ pub(super) fn bind(path: &Path) -> Result<(UnixListener, SocketFile), ApiError> 
     if path.as_os_str().len() > MAX_PATH_BYTES {
         return Err(ApiError::PathTooLong(path.to_path_buf()));
     }
+    // Held from before the check until the socket file is removed: no other faultline can
+    // check, clear or bind this path meanwhile.
+    let lock = PathLock::take(path)?;
     clear_stale(path)?;
     let io_err =
         |what, source: rustix::io::Errno| ApiError::Socket { path: path.to_path_buf(), what, source: source.into() };
@@ -112,7 +179,7 @@ pub(super) fn bind(path: &Path) -> Result<(UnixListener, SocketFile), ApiError> 
         what: "inspect",
         source,
     })?;
-    let file = SocketFile { path: path.to_path_buf(), identity: (meta.st_dev(), meta.st_ino()) };
+    let file = SocketFile { path: path.to_path_buf(), identity: (meta.st_dev(), meta.st_ino()), _lock: lock };
     rustix::net::listen(&fd, LISTEN_BACKLOG).map_err(|e| io_err("listen on", e))?;
     Ok((UnixListener::from(fd), file))
 }

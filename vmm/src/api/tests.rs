@@ -238,8 +238,16 @@ fn balloon_targets_the_vm_cannot_take_are_refused_clearly() {
     let served = Served::start(vm(true));
     let too_big = server_error(ctl(&served.path, &["balloon", "set", "2G"]));
     assert_eq!(too_big.kind, ErrorKind::BadArgs);
-    assert!(too_big.message.contains("more than the guest's RAM"), "{too_big}");
-    let refused = server_error(ctl(&served.path, &["balloon", "set", "1G"]));
+    assert!(too_big.message.contains("smaller than guest RAM"), "{too_big}");
+    // The same rule as the command line's --balloon-schedule: all of RAM, or part of a
+    // page, is refused too.
+    let all_of_ram = server_error(ctl(&served.path, &["balloon", "set", "1G"]));
+    assert_eq!(all_of_ram.kind, ErrorKind::BadArgs, "{all_of_ram}");
+    assert!(all_of_ram.message.contains("smaller than guest RAM"), "{all_of_ram}");
+    let part_page = server_error(ctl(&served.path, &["balloon", "set", "5000"]));
+    assert_eq!(part_page.kind, ErrorKind::BadArgs, "{part_page}");
+    assert!(part_page.message.contains("multiple of the balloon page"), "{part_page}");
+    let refused = server_error(ctl(&served.path, &["balloon", "set", "1020M"]));
     assert_eq!(refused.kind, ErrorKind::BalloonError);
     assert!(refused.message.contains("at most"), "{refused}");
     let garbage = server_error(ctl(&served.path, &["balloon", "set", "lots"]));
@@ -439,13 +447,19 @@ fn a_server_does_not_remove_a_successors_socket() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ctl.sock");
     let first = ControlServer::bind(&path, vm(true)).unwrap();
-    // Someone removed our file and another server took the path.
+    let lock = dir.path().join("ctl.sock.lock");
+    // While the first holds the path, a second server is refused even if the socket file
+    // went away (the path's lock says who owns it).
     std::fs::remove_file(&path).unwrap();
+    assert!(matches!(ControlServer::bind(&path, vm(true)).unwrap_err(), ApiError::InUse(_)));
+    // Someone removed our files and another server took the path.
+    std::fs::remove_file(&lock).unwrap();
     let second = ControlServer::bind(&path, vm(true)).unwrap();
     drop(first);
     assert!(UnixStream::connect(&path).is_ok(), "the first server removed the second's socket");
+    assert!(lock.exists(), "the first server removed the second's lock file");
     drop(second);
-    assert!(!path.exists());
+    assert!(!path.exists() && !lock.exists());
 }
 
 #[test]

@@ -10,7 +10,7 @@ pub mod elf;
 pub mod gdt;
 pub mod linux;
 pub mod pvh;
-#[cfg(test)]
+#[doc(hidden)] // for tests, unit and integration: hand-made hostile kernels
 pub mod test_elf;
 pub mod timeline;
 pub mod zero;

@@ -11,7 +11,7 @@ use super::ConfigError;
 pub struct BalloonOptions {
     /// Targets to follow in order, bytes (multiples of 4 KiB): each next one when the
     /// guest has reached the current one. Empty: start at 0 and wait for `faultline ctl`.
-    #[serde(deserialize_with = "deserialize_sizes")]
+    #[serde(deserialize_with = "super::size::deserialize_sizes")]
     pub schedule_bytes: Vec<u64>,
     /// Target changes the built-in guest's `balloon` step follows before it ends (default:
     /// the schedule's length; 0 with no schedule: until the workload duration ends). Set it
@@ -23,23 +23,6 @@ pub struct BalloonOptions {
     pub no_free_page_reporting: bool,
     /// Do not offer deflate-on-OOM.
     pub no_deflate_on_oom: bool,
-}
-
-fn deserialize_sizes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum SizeValue {
-        Number(u64),
-        Text(String),
-    }
-    Vec::<SizeValue>::deserialize(d)?
-        .into_iter()
-        .map(|v| match v {
-            SizeValue::Number(n) => Ok(n),
-            SizeValue::Text(t) => abi::parse_size(&t)
-                .ok_or_else(|| serde::de::Error::custom(format!("cannot parse size '{t}' (use e.g. 512M, 1G)"))),
-        })
-        .collect()
 }
 
 impl BalloonOptions {
@@ -64,15 +47,25 @@ impl BalloonOptions {
     /// Checks the schedule against guest RAM.
     pub fn validate(&self, memory_bytes: u64) -> Result<(), ConfigError> {
         for &target in &self.schedule_bytes {
-            if target % abi::PAGE_SIZE != 0 {
-                let reason = "balloon targets are whole 4 KiB pages; round the size";
-                return Err(ConfigError::BadSetting { field: "balloon.schedule_bytes", value: target, reason });
-            }
-            if target >= memory_bytes {
-                let reason = "a balloon target must be smaller than guest RAM";
-                return Err(ConfigError::BadSetting { field: "balloon.schedule_bytes", value: target, reason });
-            }
+            check_target(target, memory_bytes).map_err(|reason| ConfigError::BadSetting {
+                field: "balloon.schedule_bytes",
+                value: target,
+                reason,
+            })?;
         }
         Ok(())
     }
+}
+
+/// The one rule for a balloon target, from the command line, a config file or the control
+/// API: whole 4 KiB pages, and smaller than guest RAM (a balloon of all of RAM would leave
+/// the guest nothing to run in; QEMU's `balloon` likewise always leaves the guest some).
+pub fn check_target(target_bytes: u64, memory_bytes: u64) -> Result<(), &'static str> {
+    if !target_bytes.is_multiple_of(abi::PAGE_SIZE) {
+        return Err("balloon targets are whole 4 KiB pages; round the size");
+    }
+    if target_bytes >= memory_bytes {
+        return Err("a balloon target must be smaller than guest RAM");
+    }
+    Ok(())
 }

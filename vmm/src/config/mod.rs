@@ -8,12 +8,16 @@ use faultline_abi as abi;
 use serde::{Deserialize, Serialize};
 
 mod balloon;
+pub mod duration;
 mod host_changes;
 mod paging;
+mod size;
 
-pub use balloon::BalloonOptions;
+pub use balloon::{check_target as check_balloon_target, BalloonOptions};
 pub use host_changes::{HostChangeKind, HostChangesConfig, HostNoise};
 pub use paging::{ChaosConfig, FaultEngineOptions, PagingMode};
+pub use size::format_size;
+use size::{deserialize_opt_size, deserialize_size};
 
 /// Errors in a configuration. Each message names the field and the fix.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -48,9 +52,9 @@ pub enum ConfigError {
         /// The next aligned size, as a suggestion.
         suggestion: u64,
     },
-    /// `path` is given for a backend that does not use one, or missing for `file`.
+    /// A zone option (path, reuse, hugepage) is missing, or does not fit its backend.
     #[error("memory zone {zone}: {reason}")]
-    BadZonePath {
+    BadZoneOption {
         /// Index of the zone.
         zone: usize,
         /// What is wrong.
@@ -103,6 +107,14 @@ pub enum ConfigError {
         /// What is wrong and what is accepted.
         reason: String,
     },
+    /// The kernel image is missing, not a regular file, or larger than guest RAM.
+    #[error("kernel {path}: {reason}")]
+    KernelFile {
+        /// The file.
+        path: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
     /// The TOML config file could not be read or parsed.
     #[error("config file {path}: {reason}")]
     ConfigFile {
@@ -114,10 +126,12 @@ pub enum ConfigError {
 }
 
 /// Where one zone's memory comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// Private anonymous memory, populated lazily by the kernel.
+    /// Private anonymous memory, populated lazily by the kernel (the default, as on the
+    /// command line).
+    #[default]
     Anon,
     /// Shared memory from a memfd (shmem).
     Memfd,
@@ -161,11 +175,16 @@ pub struct ZoneConfig {
     /// Size of the zone in bytes.
     #[serde(deserialize_with = "deserialize_size")]
     pub size_bytes: u64,
-    /// Where its memory comes from.
+    /// Where its memory comes from (default: anon).
+    #[serde(default)]
     pub backend: Backend,
     /// The backing file (`file` backend only).
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// Boot on the data an existing backing file holds (`file` backend only): without it,
+    /// a file that holds data is refused rather than overwritten.
+    #[serde(default)]
+    pub reuse: bool,
     /// Huge page size for `hugetlb` (2 MiB or 1 GiB); ignored for other backends.
     #[serde(default = "default_hugepage", deserialize_with = "deserialize_size")]
     pub hugepage_bytes: u64,
@@ -182,20 +201,6 @@ fn default_hugepage() -> u64 {
     HUGEPAGE_2M
 }
 
-fn deserialize_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum SizeValue {
-        Number(u64),
-        Text(String),
-    }
-    match SizeValue::deserialize(d)? {
-        SizeValue::Number(n) => Ok(n),
-        SizeValue::Text(t) => abi::parse_size(&t)
-            .ok_or_else(|| serde::de::Error::custom(format!("cannot parse size '{t}' (use e.g. 512M, 1G)"))),
-    }
-}
-
 impl ZoneConfig {
     /// A zone of `size_bytes` with `backend`, no path, 2 MiB huge pages.
     pub fn new(size_bytes: u64, backend: Backend) -> Self {
@@ -203,6 +208,7 @@ impl ZoneConfig {
             size_bytes,
             backend,
             path: None,
+            reuse: false,
             hugepage_bytes: HUGEPAGE_2M,
             paging: PagingMode::Kernel,
             thp: false,
@@ -217,15 +223,21 @@ impl ZoneConfig {
         }
     }
 
-    /// Parses `size=1G,backend=hugetlb[,path=/x][,hugepage=2M][,paging=uffd-missing]`
+    /// Parses `size=1G,backend=hugetlb[,path=/x][,reuse=on][,hugepage=2M][,paging=uffd-missing]`
     /// (`backend` defaults to anon, `paging` to kernel;
-    /// a bare `1G` means `size=1G`).
+    /// a bare `1G` means `size=1G`). A key given twice is an error, not "last wins".
     pub fn parse(spec: &str) -> Result<Self, ConfigError> {
         let bad = |reason: String| ConfigError::BadZoneSpec { spec: spec.to_string(), reason };
         let mut size = None;
         let mut zone = ZoneConfig::new(0, Backend::Anon);
+        let mut seen: Vec<&str> = Vec::new();
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (key, value) = part.split_once('=').unwrap_or(("size", part));
+            let canonical = if key == "hugepage_size" { "hugepage" } else { key };
+            if seen.contains(&canonical) {
+                return Err(bad(format!("{canonical}= is given twice; give each key once")));
+            }
+            seen.push(canonical);
             match key {
                 "size" => {
                     size = Some(abi::parse_size(value).ok_or_else(|| bad(format!("cannot parse size '{value}'")))?)
@@ -236,6 +248,13 @@ impl ZoneConfig {
                     })?
                 }
                 "path" => zone.path = Some(PathBuf::from(value)),
+                "reuse" => {
+                    zone.reuse = match value {
+                        "on" | "yes" | "true" | "1" => true,
+                        "off" | "no" | "false" | "0" => false,
+                        _ => return Err(bad(format!("reuse={value}: give reuse=on or reuse=off"))),
+                    }
+                }
                 "thp" => {
                     zone.thp = match value {
                         "on" | "1" | "true" => true,
@@ -256,12 +275,15 @@ impl ZoneConfig {
                 }
                 other => {
                     return Err(bad(format!(
-                        "unknown key '{other}' (keys: size, backend, path, hugepage, paging, thp)"
+                        "unknown key '{other}' (keys: size, backend, path, reuse, hugepage, paging, thp)"
                     )))
                 }
             }
         }
         zone.size_bytes = size.ok_or_else(|| bad("missing size=".to_string()))?;
+        if seen.contains(&"hugepage") && zone.backend != Backend::Hugetlb {
+            return Err(bad(format!("hugepage= is only for backend=hugetlb, not {}", zone.backend.name())));
+        }
         Ok(zone)
     }
 }
@@ -316,24 +338,6 @@ pub struct Workload {
     pub dup_pages: u64,
 }
 
-fn deserialize_opt_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    // `null` (how a serialized config, e.g. in a snapshot, writes "not given") is None.
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum MaybeSize {
-        Number(u64),
-        Text(String),
-        Null(()),
-    }
-    match MaybeSize::deserialize(d)? {
-        MaybeSize::Number(n) => Ok(Some(n)),
-        MaybeSize::Text(t) => abi::parse_size(&t)
-            .map(Some)
-            .ok_or_else(|| serde::de::Error::custom(format!("cannot parse size '{t}' (use e.g. 512M, 1G)"))),
-        MaybeSize::Null(()) => Ok(None),
-    }
-}
-
 impl Default for Workload {
     fn default() -> Self {
         Workload {
@@ -372,6 +376,15 @@ impl Workload {
             return Err(ConfigError::BadWorkload {
                 field: "size",
                 reason: "0 bytes; give e.g. 64M or omit for all".into(),
+            });
+        }
+        if let Some(size) = self.size_bytes.filter(|s| !s.is_multiple_of(abi::PAGE_SIZE)) {
+            return Err(ConfigError::BadWorkload {
+                field: "size",
+                reason: format!(
+                    "{size} bytes is not whole 4 KiB pages (the workload works on pages); round it, e.g. to {}",
+                    format_size(size.div_ceil(abi::PAGE_SIZE) * abi::PAGE_SIZE)
+                ),
             });
         }
         if self.stride_pages == 0 {
@@ -458,6 +471,9 @@ pub struct VmConfig {
     pub host_noise: Option<HostNoise>,
 }
 
+/// The largest TOML config file read.
+pub const MAX_CONFIG_FILE_BYTES: u64 = 1 << 20;
+
 /// Most vCPUs supported (the tiny guest's limit).
 pub const MAX_VCPUS: usize = abi::MAX_CPUS;
 
@@ -481,11 +497,52 @@ impl Default for VmConfig {
 }
 
 impl VmConfig {
-    /// Reads a TOML config file. Unknown fields are errors that name the field.
+    /// Reads a TOML config file. Unknown fields are errors that name the field. Only a
+    /// regular file of at most [`MAX_CONFIG_FILE_BYTES`] is read (`/dev/zero` or a FIFO
+    /// would be read for ever).
     pub fn from_toml_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        use std::io::Read;
         let err = |reason: String| ConfigError::ConfigFile { path: path.display().to_string(), reason };
-        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        // O_NONBLOCK: opening a FIFO must not wait for a writer (regular files ignore it).
+        let file =
+            std::os::unix::fs::OpenOptionsExt::custom_flags(std::fs::OpenOptions::new().read(true), libc::O_NONBLOCK)
+                .open(path)
+                .map_err(|e| err(e.to_string()))?;
+        let meta = file.metadata().map_err(|e| err(e.to_string()))?;
+        if !meta.is_file() {
+            return Err(err("is not a regular file (a device, FIFO or directory); give a TOML file".into()));
+        }
+        let mut text = String::new();
+        file.take(MAX_CONFIG_FILE_BYTES + 1).read_to_string(&mut text).map_err(|e| err(e.to_string()))?;
+        if text.len() as u64 > MAX_CONFIG_FILE_BYTES {
+            return Err(err(format!("is larger than {MAX_CONFIG_FILE_BYTES} bytes; a VM's config is a few lines")));
+        }
         toml::from_str(&text).map_err(|e| err(e.to_string()))
+    }
+
+    /// Checks the kernel image file: a regular file no larger than guest RAM (it could not
+    /// be loaded otherwise; a device such as `/dev/zero` would be read for ever).
+    pub fn check_kernel_file(&self) -> Result<(), ConfigError> {
+        let KernelImage::Path(path) = &self.kernel else {
+            return Ok(());
+        };
+        let err = |reason: String| ConfigError::KernelFile { path: path.display().to_string(), reason };
+        let meta = match std::fs::metadata(path) {
+            Ok(meta) => meta,
+            // The loader names a missing file (and any other error reading it) itself.
+            Err(_) => return Ok(()),
+        };
+        if !meta.is_file() {
+            return Err(err("is not a regular file (a device, FIFO or directory); give a kernel image file".into()));
+        }
+        if meta.len() > self.total_memory_bytes() {
+            return Err(err(format!(
+                "is {} bytes, larger than guest RAM ({} bytes), so it cannot be loaded; give the right file or more memory",
+                meta.len(),
+                self.total_memory_bytes()
+            )));
+        }
+        Ok(())
     }
 
     /// Total guest RAM in bytes.
@@ -493,9 +550,10 @@ impl VmConfig {
         self.zones.iter().map(|z| z.size_bytes).sum()
     }
 
-    /// Checks everything that can be checked without touching the host. Host-dependent
-    /// checks (hugepage pool, file permissions, memory limits) happen when the memory
-    /// layer creates the zones.
+    /// Checks everything that can be checked without touching the host, and that a kernel
+    /// file is a regular file that fits in guest RAM. Host-dependent checks (hugepage
+    /// pool, file permissions, memory limits) happen when the memory layer creates the
+    /// zones.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.vcpus == 0 || self.vcpus as usize > MAX_VCPUS {
             return Err(ConfigError::BadVcpuCount { vcpus: self.vcpus, max: MAX_VCPUS });
@@ -508,9 +566,28 @@ impl VmConfig {
                 return Err(ConfigError::ZeroZoneSize { zone: index });
             }
             if zone.backend == Backend::Hugetlb && ![HUGEPAGE_2M, HUGEPAGE_1G].contains(&zone.hugepage_bytes) {
-                return Err(ConfigError::BadZoneSpec {
-                    spec: format!("hugepage={}", zone.hugepage_bytes),
-                    reason: format!("memory zone {index}: hugepage must be 2M or 1G"),
+                return Err(ConfigError::BadZoneOption {
+                    zone: index,
+                    reason: format!(
+                        "hugepage={} is not a huge page size: give hugepage=2M or hugepage=1G",
+                        format_size(zone.hugepage_bytes)
+                    ),
+                });
+            }
+            if zone.backend != Backend::Hugetlb && zone.hugepage_bytes != HUGEPAGE_2M {
+                return Err(ConfigError::BadZoneOption {
+                    zone: index,
+                    reason: format!(
+                        "hugepage={} is only for backend=hugetlb, not {}",
+                        format_size(zone.hugepage_bytes),
+                        zone.backend.name()
+                    ),
+                });
+            }
+            if zone.reuse && zone.backend != Backend::File {
+                return Err(ConfigError::BadZoneOption {
+                    zone: index,
+                    reason: format!("reuse=on is only for backend=file, not {}", zone.backend.name()),
                 });
             }
             let page = zone.page_bytes();
@@ -541,14 +618,14 @@ impl VmConfig {
             }
             match (zone.backend, &zone.path) {
                 (Backend::File, None) => {
-                    return Err(ConfigError::BadZonePath {
+                    return Err(ConfigError::BadZoneOption {
                         zone: index,
                         reason: "backend=file needs path=/some/file (created if missing)".into(),
                     })
                 }
                 (Backend::File, Some(_)) | (_, None) => {}
                 (other, Some(_)) => {
-                    return Err(ConfigError::BadZonePath {
+                    return Err(ConfigError::BadZoneOption {
                         zone: index,
                         reason: format!("path= is only for backend=file, not {}", other.name()),
                     })
@@ -592,10 +669,20 @@ impl VmConfig {
                 let reason = "a chaos range is 1 to 1048576 pages (4 GiB) (--chaos-max-pages)";
                 return Err(ConfigError::BadSetting { field: "chaos.max_pages", value: chaos.max_pages, reason });
             }
+            if chaos.discards && !self.workload.steps.iter().any(|s| s == "churn") {
+                let reason = "chaos discards throw the guest's data away, which only the churn step expects: add churn to --steps (e.g. --steps fill,churn), or give --chaos-no-discard";
+                return Err(ConfigError::BadSetting { field: "chaos.events", value: chaos.events, reason });
+            }
             if self.kernel != KernelImage::BuiltIn {
                 let reason = "the chaos driver needs the built-in guest (it works on its workload region)";
                 return Err(ConfigError::BadSetting { field: "chaos.events", value: chaos.events, reason });
             }
+        }
+        if self.kernel != KernelImage::BuiltIn && self.workload != Workload::default() {
+            return Err(ConfigError::BadWorkload {
+                field: "steps",
+                reason: "workload options (--steps, --size, --seed, --pattern, --stride, --access, --passes, --rate, --duration-ms, [workload]) drive the built-in guest only and would be ignored with --kernel; pass your kernel its own options with --cmdline".into(),
+            });
         }
         if let Some(host) = &self.host_changes {
             if self.kernel != KernelImage::BuiltIn {
@@ -611,7 +698,7 @@ impl VmConfig {
             }
             self.workload.validate()?;
         }
-        Ok(())
+        self.check_kernel_file()
     }
 
     /// The kernel command line: for the built-in guest, the workload's tokens and the
@@ -747,7 +834,16 @@ mod tests {
         config.chaos = Some(ChaosConfig { max_pages: 0, ..ChaosConfig::default() });
         assert!(config.validate().unwrap_err().to_string().contains("chaos.max_pages"));
         config.chaos = Some(ChaosConfig::default());
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("add churn to --steps") && err.contains("--chaos-no-discard"), "{err}");
+        config.chaos = Some(ChaosConfig { discards: false, ..ChaosConfig::default() });
         config.validate().unwrap();
+        config.chaos = Some(ChaosConfig::default());
+        config.workload.steps = vec!["fill".into(), "churn".into()];
+        config.validate().unwrap();
+        config.workload.size_bytes = Some(4097);
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("4097 bytes is not whole 4 KiB pages") && err.contains("8K"), "{err}");
     }
 
     #[test]
@@ -768,5 +864,35 @@ mod tests {
         assert!(config.validate().unwrap_err().to_string().contains("--balloon"));
         assert_eq!(BalloonOptions::parse_schedule("128M, 0").unwrap(), vec![128 << 20, 0]);
         assert!(BalloonOptions::parse_schedule("lots").is_err());
+    }
+
+    #[test]
+    fn zone_keys_given_twice_or_not_fitting_the_backend_are_refused() {
+        let err = ZoneConfig::parse("size=64M,size=128M").unwrap_err().to_string();
+        assert!(err.contains("size= is given twice"), "{err}");
+        let err = ZoneConfig::parse("size=64M,hugepage=2M").unwrap_err().to_string();
+        assert!(err.contains("hugepage= is only for backend=hugetlb, not anon"), "{err}");
+        let err = ZoneConfig::parse("size=64M,reuse=maybe").unwrap_err().to_string();
+        assert!(err.contains("reuse=on or reuse=off"), "{err}");
+        assert!(ZoneConfig::parse("size=64M,backend=file,path=/x,reuse=on").unwrap().reuse);
+        let config = VmConfig {
+            zones: vec![ZoneConfig { hugepage_bytes: 4 << 20, ..ZoneConfig::new(64 << 20, Backend::Hugetlb) }],
+            ..Default::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("hugepage=4M is not a huge page size") && !err.contains("4194304"), "{err}");
+        let config = VmConfig {
+            zones: vec![ZoneConfig { reuse: true, ..ZoneConfig::new(64 << 20, Backend::Memfd) }],
+            ..Default::default()
+        };
+        assert!(config.validate().unwrap_err().to_string().contains("reuse=on is only for backend=file"));
+    }
+
+    #[test]
+    fn toml_zones_default_to_anon_like_the_command_line() {
+        let config: VmConfig = toml::from_str("[[memory]]\nsize_bytes = \"64M\"\n").unwrap();
+        assert_eq!(config.zones[0], ZoneConfig::new(64 << 20, Backend::Anon));
+        let err = toml::from_str::<VmConfig>("[[memory]]\nsize_bytes = true\n").unwrap_err().to_string();
+        assert!(err.contains("a whole number of bytes") && !err.contains("untagged"), "{err}");
     }
 }

@@ -18,19 +18,24 @@ const BALLOON_PAGE: u64 = 4096;
 /// What the balloon did to host memory.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct BalloonReport {
-    /// The largest target the guest reached, bytes.
+    /// The largest balloon the guest gave, bytes (whether or not it reached its target).
     pub peak_balloon_bytes: u64,
+    /// The largest target asked for, bytes.
+    pub largest_target_bytes: u64,
+    /// Whether the guest reached the target it was asked for at its peak (false when it
+    /// could give no more, e.g. a target above its workload region).
+    pub peak_reached_target: bool,
     /// Guest RAM held on the host just before the balloon first inflated, bytes.
     pub held_before_bytes: u64,
-    /// Guest RAM held on the host when the guest reached the largest target, bytes.
+    /// Guest RAM held on the host when the balloon was at its peak, bytes.
     pub held_at_peak_bytes: u64,
     /// `held_before - held_at_peak`: host memory the inflation really freed.
     pub freed_bytes: u64,
     /// `freed / peak_balloon`: 1.0 when every ballooned byte came back to the host (more
     /// when free page reporting freed some too).
     pub freed_ratio: f64,
-    /// From the first inflation to the guest reporting the largest target, milliseconds
-    /// (includes the guest picking its pages and posting them).
+    /// From the first inflation to the balloon reaching its peak, milliseconds (includes
+    /// the guest picking its pages and posting them).
     pub inflate_ms: f64,
     /// Guest RAM held at the end, bytes.
     pub held_at_end_bytes: u64,
@@ -44,6 +49,8 @@ pub struct BalloonReport {
 struct State {
     report: BalloonReport,
     inflating_since: Option<Instant>,
+    /// The peak has grown since host memory was last measured at it.
+    peak_unmeasured: bool,
 }
 
 /// Watches one balloon.
@@ -74,26 +81,60 @@ impl BalloonWatch {
                     state.inflating_since = Some(Instant::now());
                 }
             }
-            BalloonEvent::ActualWritten { actual, target } if actual == target => {
-                state.report.targets_reached += 1;
-                let bytes = u64::from(actual) * BALLOON_PAGE;
-                if bytes > state.report.peak_balloon_bytes {
-                    // The clock first: measuring host memory walks guest RAM's page
-                    // tables, which is not part of the inflation.
+            BalloonEvent::ActualWritten { actual, target } => {
+                let (bytes, target_bytes) = (u64::from(actual) * BALLOON_PAGE, u64::from(target) * BALLOON_PAGE);
+                let report = &mut state.report;
+                report.largest_target_bytes = report.largest_target_bytes.max(target_bytes);
+                if actual == target {
+                    report.targets_reached += 1;
+                }
+                if bytes > report.peak_balloon_bytes {
+                    // A new peak, reached or not: the guest may never get to its target
+                    // (it can give only its workload region). Host memory is measured
+                    // once the guest stops growing the balloon, not on every batch: a
+                    // measurement reads the whole pagemap.
+                    report.peak_balloon_bytes = bytes;
+                    report.peak_reached_target = actual == target;
+                    state.peak_unmeasured = true;
                     if let Some(since) = state.inflating_since {
                         state.report.inflate_ms = since.elapsed().as_secs_f64() * 1e3;
                     }
-                    state.report.peak_balloon_bytes = bytes;
-                    state.report.held_at_peak_bytes = self.held();
+                    if actual == target {
+                        self.measure_peak(&mut state);
+                    }
+                } else if state.peak_unmeasured {
+                    // The balloon stopped growing (it deflates, or the guest wrote the
+                    // same size again): the host still holds what it held at the peak.
+                    self.measure_peak(&mut state);
                 }
             }
-            BalloonEvent::ActualWritten { .. } => {}
         }
+    }
+
+    /// The guest reports it has followed a target change, as far as it could: if the
+    /// balloon grew since host memory was last measured, measure it now (later steps may
+    /// touch the guest's RAM again).
+    pub fn guest_followed_change(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.peak_unmeasured {
+            self.measure_peak(&mut state);
+        }
+    }
+
+    fn measure_peak(&self, state: &mut State) {
+        state.report.held_at_peak_bytes = self.held();
+        state.peak_unmeasured = false;
     }
 
     /// The report, with the device's counters and what is held now.
     pub fn report(&self, handle: &BalloonHandle) -> BalloonReport {
-        let mut report = self.state.lock().unwrap_or_else(|e| e.into_inner()).report.clone();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.peak_unmeasured {
+            // The guest never reached its target and the balloon stayed at its peak.
+            self.measure_peak(&mut state);
+        }
+        let mut report = state.report.clone();
+        drop(state);
         report.freed_bytes = report.held_before_bytes.saturating_sub(report.held_at_peak_bytes);
         if report.peak_balloon_bytes > 0 {
             report.freed_ratio = report.freed_bytes as f64 / report.peak_balloon_bytes as f64;

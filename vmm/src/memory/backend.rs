@@ -9,6 +9,7 @@ use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::config::{Backend, ZoneConfig, HUGEPAGE_1G};
@@ -64,6 +65,86 @@ pub enum BackendError {
         /// The path.
         path: PathBuf,
     },
+    /// The backing file holds data and the zone does not say to reuse it.
+    #[error("memory zone {zone}: {path} already holds data ({file_bytes} bytes); Faultline does not overwrite a file that may be someone's data: add reuse=on to boot on its contents as guest RAM (its size must be the zone's), or give a new or empty file")]
+    FileHoldsData {
+        /// Index of the zone.
+        zone: usize,
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        file_bytes: u64,
+    },
+    /// The backing file is larger than the zone, or not exactly its size with `reuse=on`.
+    #[error("memory zone {zone}: {path} is {file_bytes} bytes but the zone is {zone_bytes} bytes; a backing file must have the zone's size: give size={file_bytes} or another file")]
+    FileSizeMismatch {
+        /// Index of the zone.
+        zone: usize,
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        file_bytes: u64,
+        /// The zone's size.
+        zone_bytes: u64,
+    },
+    /// `reuse=on` on a file that does not exist or is empty.
+    #[error("memory zone {zone}: reuse=on but {path} is empty or new, so there is nothing to reuse: drop reuse=on to create it")]
+    NothingToReuse {
+        /// Index of the zone.
+        zone: usize,
+        /// The file.
+        path: PathBuf,
+    },
+    /// Two zones name the same file (also through `./`, a symlink or a hard link).
+    #[error("memory zones {first} and {zone} are the same file ({path}, device {dev}, inode {ino}); two zones on one file would overwrite each other: give each zone its own file")]
+    SameFile {
+        /// The earlier zone.
+        first: usize,
+        /// This zone.
+        zone: usize,
+        /// This zone's path.
+        path: PathBuf,
+        /// The file's device.
+        dev: u64,
+        /// The file's inode.
+        ino: u64,
+    },
+    /// Another process holds the file's lock: another VM is running on it.
+    #[error("memory zone {zone}: {path} is in use by another process (it holds the file's lock, e.g. another faultline VM on the same file); stop it or give another file")]
+    FileInUse {
+        /// Index of the zone.
+        zone: usize,
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file's filesystem has too little free space for the zone.
+    #[error("memory zone {zone}: {path} needs {needed_bytes} more bytes ({needed_mib} MiB) but its filesystem has {free_bytes} bytes ({free_mib} MiB) free; the guest would fault (SIGBUS) when it filled it: free space, make the zone smaller, or put the file on a larger filesystem")]
+    NoSpace {
+        /// Index of the zone.
+        zone: usize,
+        /// The file.
+        path: PathBuf,
+        /// Bytes the file still needs to hold the whole zone.
+        needed_bytes: u64,
+        /// The same in MiB.
+        needed_mib: u64,
+        /// Free bytes for unprivileged users of the filesystem.
+        free_bytes: u64,
+        /// The same in MiB.
+        free_mib: u64,
+    },
+    /// fstat/fstatvfs/flock failed on the backing file.
+    #[error("memory zone {zone}: cannot {what} {path}: {source}")]
+    FileCheck {
+        /// Index of the zone.
+        zone: usize,
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
     /// ftruncate failed.
     #[error("memory zone {zone}: cannot size {what} to {size_bytes} bytes: {source}")]
     Resize {
@@ -108,6 +189,8 @@ pub struct ZoneMapping {
     host_addr: *mut u8,
     size_bytes: u64,
     fd: Option<OwnedFd>,
+    /// Device and inode of a `file` zone's file (to refuse two zones on one file).
+    file_identity: Option<(u64, u64)>,
     /// The mmap flags used (the vm-memory regions are built with the same).
     pub mmap_flags: i32,
 }
@@ -144,8 +227,10 @@ impl Drop for ZoneMapping {
     }
 }
 
-/// Creates the backing memory of zone `index` and maps it.
-pub fn map_zone(index: usize, zone: &ZoneConfig) -> Result<ZoneMapping, BackendError> {
+/// Creates the backing memory of zone `index` and maps it. `earlier` are the zones
+/// already mapped (a file zone on the same file as one of them is refused).
+pub fn map_zone(index: usize, zone: &ZoneConfig, earlier: &[ZoneMapping]) -> Result<ZoneMapping, BackendError> {
+    let mut file_identity = None;
     let size = zone.size_bytes;
     let (fd, flags) = match zone.backend {
         Backend::Anon => (None, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
@@ -162,7 +247,9 @@ pub fn map_zone(index: usize, zone: &ZoneConfig) -> Result<ZoneMapping, BackendE
         }
         Backend::File => {
             let path = zone.path.as_deref().unwrap_or(Path::new(""));
-            (Some(open_file(index, path, size)?), libc::MAP_SHARED | libc::MAP_NORESERVE)
+            let (fd, identity) = open_file(index, path, zone, earlier)?;
+            file_identity = Some(identity);
+            (Some(fd), libc::MAP_SHARED | libc::MAP_NORESERVE)
         }
     };
     let raw_fd = fd.as_ref().map_or(-1, AsRawFd::as_raw_fd);
@@ -193,7 +280,7 @@ pub fn map_zone(index: usize, zone: &ZoneConfig) -> Result<ZoneMapping, BackendE
             _ => BackendError::Mmap { zone: index, size_bytes: size, backend, source },
         });
     }
-    Ok(ZoneMapping { host_addr: addr.cast(), size_bytes: size, fd, mmap_flags: flags })
+    Ok(ZoneMapping { host_addr: addr.cast(), size_bytes: size, fd, file_identity, mmap_flags: flags })
 }
 
 fn memfd(zone: usize, what: &'static str, flags: libc::c_uint) -> Result<OwnedFd, BackendError> {
@@ -215,8 +302,20 @@ fn resize(zone: usize, fd: &impl AsRawFd, size_bytes: u64, what: String) -> Resu
     Ok(())
 }
 
-/// Opens (or creates) a backing file read-write; grows it only if it is empty.
-fn open_file(zone: usize, path: &Path, size_bytes: u64) -> Result<OwnedFd, BackendError> {
+/// Opens (or creates) a backing file read-write and holds its lock for the zone's life.
+///
+/// The contract: a new, empty or sparse (no data) file is sized to the zone and used; a
+/// file that holds data is refused unless the zone says `reuse=on`, and then it must have
+/// exactly the zone's size; a file larger than the zone is always refused. Two zones on
+/// one file (by device and inode, so `./`, symlinks and hard links too) are refused, and
+/// an exclusive `flock` held as long as the fd is open refuses a second VM on the file.
+fn open_file(
+    zone: usize,
+    path: &Path,
+    config: &ZoneConfig,
+    earlier: &[ZoneMapping],
+) -> Result<(OwnedFd, (u64, u64)), BackendError> {
+    let size_bytes = config.size_bytes;
     let file: File = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(
         |source| match source.raw_os_error() {
             Some(libc::EACCES) | Some(libc::EROFS) | Some(libc::EPERM) => {
@@ -225,13 +324,39 @@ fn open_file(zone: usize, path: &Path, size_bytes: u64) -> Result<OwnedFd, Backe
             _ => BackendError::FileOpen { zone, path: path.to_path_buf(), source },
         },
     )?;
-    let meta = file.metadata().map_err(|source| BackendError::FileOpen { zone, path: path.to_path_buf(), source })?;
+    let check = |what: &'static str| {
+        move |source: io::Error| BackendError::FileCheck { zone, what, path: path.to_path_buf(), source }
+    };
+    let meta = file.metadata().map_err(check("stat"))?;
     if !meta.is_file() {
         return Err(BackendError::NotAFile { zone, path: path.to_path_buf() });
     }
+    let identity = (meta.dev(), meta.ino());
+    if let Some(first) = earlier.iter().position(|m| m.file_identity == Some(identity)) {
+        let (dev, ino) = identity;
+        return Err(BackendError::SameFile { first, zone, path: path.to_path_buf(), dev, ino });
+    }
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => return Err(BackendError::FileInUse { zone, path: path.to_path_buf() }),
+        Err(e) => return Err(check("lock")(e.into())),
+    }
     let file_bytes = meta.len();
-    if file_bytes < size_bytes {
-        if file_bytes != 0 {
+    let holds_data = file_bytes > 0 && rustix::fs::seek(&file, rustix::fs::SeekFrom::Data(0)).is_ok();
+    let mismatch =
+        || BackendError::FileSizeMismatch { zone, path: path.to_path_buf(), file_bytes, zone_bytes: size_bytes };
+    if file_bytes > size_bytes {
+        return Err(mismatch());
+    }
+    if config.reuse {
+        if !holds_data {
+            return Err(BackendError::NothingToReuse { zone, path: path.to_path_buf() });
+        }
+        if file_bytes != size_bytes {
+            return Err(mismatch());
+        }
+    } else if holds_data {
+        if file_bytes < size_bytes {
             return Err(BackendError::FileTooSmall {
                 zone,
                 path: path.to_path_buf(),
@@ -239,9 +364,68 @@ fn open_file(zone: usize, path: &Path, size_bytes: u64) -> Result<OwnedFd, Backe
                 needed_bytes: size_bytes,
             });
         }
+        return Err(BackendError::FileHoldsData { zone, path: path.to_path_buf(), file_bytes });
+    }
+    check_free_space(zone, path, &file, size_bytes, meta.blocks().saturating_mul(512))?;
+    if file_bytes != size_bytes {
         resize(zone, &file, size_bytes, path.display().to_string())?;
     }
-    Ok(OwnedFd::from(file))
+    Ok((OwnedFd::from(file), identity))
+}
+
+/// Why a file zone's file can no longer back the zone, if it cannot: it was truncated
+/// below the zone's size, or its filesystem is full. `None` for other zones.
+pub fn file_fault_cause(zone: usize, mapping: &ZoneMapping, path: Option<&Path>) -> Option<String> {
+    mapping.file_identity?;
+    let fd = mapping.fd.as_ref()?;
+    let path = path.map_or_else(String::new, |p| p.display().to_string());
+    let stat = rustix::fs::fstat(fd).ok()?;
+    let file_bytes = stat.st_size as u64;
+    if file_bytes < mapping.size_bytes {
+        return Some(format!(
+            "memory zone {zone}: its file {path} was truncated to {file_bytes} bytes while the VM ran (the zone is {} bytes), so the guest's access past the end failed (SIGBUS); do not resize a file zone's file while its VM runs",
+            mapping.size_bytes
+        ));
+    }
+    let fs = rustix::fs::fstatvfs(fd).ok()?;
+    let allocated = (stat.st_blocks as u64).saturating_mul(512);
+    if fs.f_blocks > 0 && fs.f_bavail == 0 && allocated < mapping.size_bytes {
+        return Some(format!(
+            "memory zone {zone}: the filesystem of its file {path} is full, so a guest page could not be allocated (SIGBUS); free space there or put the file on a larger filesystem"
+        ));
+    }
+    None
+}
+
+/// Refuses a zone its file's filesystem cannot hold: writing a page the filesystem has no
+/// room for SIGBUSes the writer (a vCPU: `KVM_RUN` fails with EFAULT, naming nothing).
+fn check_free_space(
+    zone: usize,
+    path: &Path,
+    file: &File,
+    size_bytes: u64,
+    allocated_bytes: u64,
+) -> Result<(), BackendError> {
+    let fs = rustix::fs::fstatvfs(file).map_err(|e| BackendError::FileCheck {
+        zone,
+        what: "statvfs the filesystem of",
+        path: path.to_path_buf(),
+        source: e.into(),
+    })?;
+    let free_bytes = fs.f_bavail.saturating_mul(fs.f_frsize);
+    let needed_bytes = size_bytes.saturating_sub(allocated_bytes);
+    // f_blocks == 0: a filesystem that reports no size (e.g. hugetlbfs without size=).
+    if fs.f_blocks > 0 && needed_bytes > free_bytes {
+        return Err(BackendError::NoSpace {
+            zone,
+            path: path.to_path_buf(),
+            needed_bytes,
+            needed_mib: needed_bytes.div_ceil(1 << 20),
+            free_bytes,
+            free_mib: free_bytes >> 20,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -255,7 +439,7 @@ mod tests {
     #[test]
     fn anon_and_memfd_zones_are_writable_and_shared_ones_have_an_fd() {
         for backend in [Backend::Anon, Backend::Memfd] {
-            let mapping = map_zone(0, &ZoneConfig::new(1 << 20, backend)).unwrap();
+            let mapping = map_zone(0, &ZoneConfig::new(1 << 20, backend), &[]).unwrap();
             // SAFETY: the mapping is 1 MiB of fresh read-write memory.
             unsafe { mapping.host_addr().add(4096).write(7) };
             assert_eq!(mapping.fd().is_some(), backend == Backend::Memfd);
@@ -266,7 +450,7 @@ mod tests {
     fn new_file_is_created_at_the_zone_size() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ram");
-        let mapping = map_zone(0, &file_zone(&path, 2 << 20)).unwrap();
+        let mapping = map_zone(0, &file_zone(&path, 2 << 20), &[]).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 << 20);
         drop(mapping);
     }
@@ -276,7 +460,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ram");
         std::fs::write(&path, b"data").unwrap();
-        let err = map_zone(1, &file_zone(&path, 1 << 20)).unwrap_err().to_string();
+        let err = map_zone(1, &file_zone(&path, 1 << 20), &[]).unwrap_err().to_string();
         assert!(err.contains("is 4 bytes") && err.contains("1048576 bytes needed"), "{err}");
     }
 
@@ -285,7 +469,7 @@ mod tests {
         // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } == 0 {
             // root ignores file permissions; /proc/version is read-only for everyone.
-            let err = map_zone(0, &file_zone(Path::new("/proc/version"), 4096)).unwrap_err().to_string();
+            let err = map_zone(0, &file_zone(Path::new("/proc/version"), 4096), &[]).unwrap_err().to_string();
             assert!(err.contains("/proc/version"), "{err}");
             return;
         }
@@ -295,7 +479,7 @@ mod tests {
         let mut perms = std::fs::metadata(&path).unwrap().permissions();
         std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o444);
         std::fs::set_permissions(&path, perms).unwrap();
-        let err = map_zone(0, &file_zone(&path, 4096)).unwrap_err().to_string();
+        let err = map_zone(0, &file_zone(&path, 4096), &[]).unwrap_err().to_string();
         assert!(err.contains("read-only") && err.contains(&path.display().to_string()), "{err}");
     }
 }

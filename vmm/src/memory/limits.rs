@@ -19,6 +19,16 @@ pub enum LimitError {
         /// The same in MiB.
         limit_mib: u64,
     },
+    /// RAM populated before the guest starts is more than the host has available.
+    #[error("zones populated up front (paging=prefault, or uffd-minor's page cache fill: zone(s) {zones}) need {requested_mib} MiB but this host has only {available_mib} MiB available (MemAvailable + SwapFree); the kernel would OOM-kill the VM: give less memory, use paging=kernel or uffd-missing (populated on first touch), or free memory on the host")]
+    NotEnoughAvailable {
+        /// The zones populated up front.
+        zones: String,
+        /// Bytes they need, in MiB.
+        requested_mib: u64,
+        /// MemAvailable + SwapFree, in MiB.
+        available_mib: u64,
+    },
     /// Guest RAM does not fit in the process's address-space limit.
     #[error("guest RAM of {requested_bytes} bytes does not fit in this process's address-space limit (RLIMIT_AS, ulimit -v) of {limit_bytes} bytes; raise it with `ulimit -v unlimited` or give less memory")]
     AddressSpaceLimit {
@@ -70,6 +80,10 @@ pub struct HostMemInfo {
     pub mem_total_bytes: u64,
     /// SwapTotal.
     pub swap_total_bytes: u64,
+    /// MemAvailable: what can be allocated without swapping, by the kernel's estimate.
+    pub mem_available_bytes: u64,
+    /// SwapFree.
+    pub swap_free_bytes: u64,
 }
 
 impl HostMemInfo {
@@ -81,7 +95,12 @@ impl HostMemInfo {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
                 .map_or(0, |kib| kib.saturating_mul(1024))
         };
-        HostMemInfo { mem_total_bytes: field("MemTotal"), swap_total_bytes: field("SwapTotal") }
+        HostMemInfo {
+            mem_total_bytes: field("MemTotal"),
+            swap_total_bytes: field("SwapTotal"),
+            mem_available_bytes: field("MemAvailable"),
+            swap_free_bytes: field("SwapFree"),
+        }
     }
 
     /// Reads /proc/meminfo.
@@ -102,6 +121,21 @@ pub fn check_host_memory(lazy_bytes: u64, host: HostMemInfo) -> Result<(), Limit
             requested_mib: lazy_bytes >> 20,
             limit_bytes,
             limit_mib: limit_bytes >> 20,
+        });
+    }
+    Ok(())
+}
+
+/// Refuses RAM populated before the guest starts (`upfront_bytes`, in `zones`) beyond
+/// MemAvailable + SwapFree: unlike lazily populated RAM, all of it is allocated at once,
+/// and the kernel's answer to too much is the OOM killer, with no message from us.
+pub fn check_available_memory(upfront_bytes: u64, zones: &str, host: HostMemInfo) -> Result<(), LimitError> {
+    let available = host.mem_available_bytes.saturating_add(host.swap_free_bytes);
+    if host.mem_total_bytes > 0 && upfront_bytes > available {
+        return Err(LimitError::NotEnoughAvailable {
+            zones: zones.to_string(),
+            requested_mib: upfront_bytes.div_ceil(1 << 20),
+            available_mib: available >> 20,
         });
     }
     Ok(())
@@ -199,15 +233,34 @@ mod tests {
     #[test]
     fn meminfo_is_parsed_in_bytes() {
         let info = HostMemInfo::parse("MemTotal:       24000000 kB\nMemFree: 1 kB\nSwapTotal:      1024 kB\n");
-        assert_eq!(info, HostMemInfo { mem_total_bytes: 24_000_000 * 1024, swap_total_bytes: 1024 * 1024 });
+        assert_eq!(
+            info,
+            HostMemInfo { mem_total_bytes: 24_000_000 * 1024, swap_total_bytes: 1024 * 1024, ..HostMemInfo::default() }
+        );
+        let info = HostMemInfo::parse("MemTotal: 8 kB\nMemAvailable: 4 kB\nSwapFree: 2 kB\n");
+        assert_eq!((info.mem_available_bytes, info.swap_free_bytes), (4096, 2048));
     }
 
     #[test]
     fn lazy_memory_may_exceed_free_but_not_total_plus_swap() {
-        let host = HostMemInfo { mem_total_bytes: 8 << 30, swap_total_bytes: 2 << 30 };
+        let host = HostMemInfo { mem_total_bytes: 8 << 30, swap_total_bytes: 2 << 30, ..HostMemInfo::default() };
         assert!(check_host_memory(10 << 30, host).is_ok());
         let err = check_host_memory(11 << 30, host).unwrap_err().to_string();
         assert!(err.contains("11264 MiB") && err.contains("10240 MiB") && err.contains("backend=file"), "{err}");
+    }
+
+    #[test]
+    fn memory_populated_up_front_must_fit_in_what_is_available() {
+        let host = HostMemInfo {
+            mem_total_bytes: 24 << 30,
+            mem_available_bytes: 10 << 30,
+            swap_free_bytes: 1 << 30,
+            ..HostMemInfo::default()
+        };
+        assert!(check_available_memory(11 << 30, "0", host).is_ok());
+        let err = check_available_memory(12 << 30, "0, 2", host).unwrap_err().to_string();
+        assert!(err.contains("zone(s) 0, 2") && err.contains("12288 MiB") && err.contains("11264 MiB"), "{err}");
+        assert!(err.contains("paging=kernel"), "{err}");
     }
 
     #[test]

@@ -96,11 +96,11 @@ impl GuestRam {
             .map(|z| layout::ZoneExtent { size_bytes: z.size_bytes, align_bytes: z.page_bytes() })
             .collect();
         let slots = layout::plan(&extents)?;
-        let mappings = zones
-            .iter()
-            .enumerate()
-            .map(|(index, zone)| backend::map_zone(index, zone))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut mappings = Vec::with_capacity(zones.len());
+        for (index, zone) in zones.iter().enumerate() {
+            let mapping = backend::map_zone(index, zone, &mappings)?;
+            mappings.push(mapping);
+        }
 
         let mut regions = Vec::with_capacity(slots.len());
         let mut mmap_regions = Vec::with_capacity(slots.len());
@@ -156,6 +156,35 @@ impl GuestRam {
         &self.mappings
     }
 
+    /// Names the file behind a vCPU or fault-engine failure that a file zone's file
+    /// caused: a file truncated while the VM ran, or a full filesystem, make the kernel
+    /// fail the access (SIGBUS: `KVM_RUN` EFAULT, or ENOMEM/ENOSPC from userfaultfd) with
+    /// an error that names neither. Other exits are returned as they are.
+    pub fn explain_failure(&self, exit: crate::exit::VmExit) -> crate::exit::VmExit {
+        use crate::exit::VmExit;
+        let reason = match &exit {
+            VmExit::Fatal { reason, .. } | VmExit::FaultEngineFailed { reason } => reason.clone(),
+            _ => return exit,
+        };
+        let Some(cause) = self
+            .mappings
+            .iter()
+            .enumerate()
+            .find_map(|(zone, m)| backend::file_fault_cause(zone, m, self.path_of(zone)))
+        else {
+            return exit;
+        };
+        let reason = format!("{cause} ({reason})");
+        match exit {
+            VmExit::Fatal { vcpu, .. } => VmExit::Fatal { vcpu, reason },
+            _ => VmExit::FaultEngineFailed { reason },
+        }
+    }
+
+    fn path_of(&self, zone: usize) -> Option<&std::path::Path> {
+        self.regions.iter().find(|r| r.zone == zone).and_then(|r| r.path.as_deref())
+    }
+
     /// Total guest RAM in bytes.
     pub fn size_bytes(&self) -> u64 {
         self.regions.iter().map(|r| r.size_bytes).sum()
@@ -186,8 +215,24 @@ fn check_host_limits(zones: &[ZoneConfig]) -> Result<(), Error> {
     limits::check_address_space(total, limits::rlimit_address_space())?;
     let lazy: u64 =
         zones.iter().filter(|z| matches!(z.backend, Backend::Anon | Backend::Memfd)).map(|z| z.size_bytes).sum();
+    // Zones whose memory is allocated before the guest runs: prefault populates them,
+    // uffd-minor fills their page cache first (hugetlb comes from its pool, checked below;
+    // a file from its filesystem, checked when it is opened).
+    let upfront: Vec<(usize, &ZoneConfig)> = zones
+        .iter()
+        .enumerate()
+        .filter(|(_, z)| matches!(z.backend, Backend::Anon | Backend::Memfd))
+        .filter(|(_, z)| {
+            z.paging == crate::config::PagingMode::Prefault
+                || (z.paging == crate::config::PagingMode::UffdMinor && z.backend == Backend::Memfd)
+        })
+        .collect();
     if lazy > 0 {
-        limits::check_host_memory(lazy, limits::HostMemInfo::read()?)?;
+        let host = limits::HostMemInfo::read()?;
+        limits::check_host_memory(lazy, host)?;
+        let upfront_bytes: u64 = upfront.iter().map(|(_, z)| z.size_bytes).sum();
+        let names = upfront.iter().map(|(i, _)| i.to_string()).collect::<Vec<_>>().join(", ");
+        limits::check_available_memory(upfront_bytes, &names, host)?;
     }
     let mut huge_pages: BTreeMap<u64, u64> = BTreeMap::new();
     for zone in zones.iter().filter(|z| z.backend == Backend::Hugetlb) {

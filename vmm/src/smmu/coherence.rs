@@ -73,6 +73,18 @@ pub enum Disagreement {
     MissingWriteProtect,
 }
 
+impl Disagreement {
+    /// What it means, in words.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Disagreement::MappedBehindSmmu => "the host maps a page the smmu holds unpopulated",
+            Disagreement::Lost => "the smmu holds the page populated but the host has lost it",
+            Disagreement::UnexpectedWriteProtect => "the page is write-protected but the smmu holds it writable",
+            Disagreement::MissingWriteProtect => "the smmu holds the page write-protected but it is writable",
+        }
+    }
+}
+
 /// One disagreement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Mismatch {
@@ -97,12 +109,38 @@ pub struct CoherenceReport {
     pub mismatch_count: u64,
     /// The first disagreements.
     pub mismatches: Vec<Mismatch>,
+    /// Pages lost behind the VMM's back during the run that the fault engine has since
+    /// refilled with zeros (a MISSING fault on a page the table held populated): the host
+    /// and the table agree again, but the guest's data there is gone.
+    pub lost_and_refilled: u64,
 }
 
 impl CoherenceReport {
-    /// Whether the table and the host agree everywhere.
+    /// Whether the table and the host agree everywhere and no page was lost on the way.
     pub fn is_clean(&self) -> bool {
-        self.mismatch_count == 0
+        self.mismatch_count == 0 && self.lost_and_refilled == 0
+    }
+
+    /// One line for people: "clean (...)" or what disagreed, without Rust debug output.
+    pub fn describe(&self) -> String {
+        if self.is_clean() {
+            return format!("clean ({} pages checked, {} populated)", self.granules_checked, self.granules_populated);
+        }
+        let mut parts = Vec::new();
+        if self.mismatch_count > 0 {
+            let first = self
+                .mismatches
+                .first()
+                .map_or_else(String::new, |m| format!(", first at gpa {:#x}: {}", m.gpa, m.kind.describe()));
+            parts.push(format!("{} DISAGREEMENTS{first}", self.mismatch_count));
+        }
+        if self.lost_and_refilled > 0 {
+            parts.push(format!(
+                "{} pages LOST behind the VMM's back and refilled with zeros (the guest's data there is gone)",
+                self.lost_and_refilled
+            ));
+        }
+        parts.join("; ")
     }
 
     fn record(&mut self, m: Mismatch) {

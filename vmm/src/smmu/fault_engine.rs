@@ -266,6 +266,7 @@ impl FaultEngine {
             remove_events: c.remove_events.load(Ordering::Relaxed),
             external_removes: c.external_removes.load(Ordering::Relaxed),
             fault_around_pages: c.fault_around_pages.load(Ordering::Relaxed),
+            lost_refilled: c.lost_refilled.load(Ordering::Relaxed),
         }
     }
 

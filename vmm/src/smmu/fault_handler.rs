@@ -271,6 +271,14 @@ impl<'a> Handler<'a> {
                 let restore = PageState(before.0 & clear.0);
                 s.table.update(range, restore, PageState(set.0 & !before.0));
             }
+            // The table held the page populated, yet the kernel raised MISSING and took
+            // the fill: its contents were lost behind our back. Keep that on record.
+            if f.kind == FaultKind::Missing
+                && before.contains(PageState::POPULATED)
+                && matches!(outcome, Ok(FillOutcome::Filled))
+            {
+                s.counters.lost_refilled.fetch_add(1, Ordering::Relaxed);
+            }
             let outcome = outcome?;
             drop(lock);
             break outcome;

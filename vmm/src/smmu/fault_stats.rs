@@ -61,6 +61,9 @@ pub struct EngineStats {
     pub external_removes: u64,
     /// Pages installed by fault-around (`around=N`) before anyone touched them.
     pub fault_around_pages: u64,
+    /// MISSING faults on pages the table held populated: their contents were lost behind
+    /// the VMM's back (e.g. another process punched a hole) and the fill put zeros there.
+    pub lost_refilled: u64,
 }
 
 impl EngineStats {
@@ -109,4 +112,5 @@ pub(crate) struct Counters {
     pub(crate) remove_events: AtomicU64,
     pub(crate) external_removes: AtomicU64,
     pub(crate) fault_around_pages: AtomicU64,
+    pub(crate) lost_refilled: AtomicU64,
 }
