@@ -47,7 +47,7 @@ fn a_file_zone_that_already_holds_data_boots_and_verifies() {
     let path = dir.0.join("guest-ram");
     // An old image: every byte non-zero, .bss, page tables and stacks of the guest included.
     std::fs::write(&path, vec![0xa5u8; 32 << 20]).unwrap();
-    let spec = format!("size=32M,backend=file,path={}", path.display());
+    let spec = format!("size=32M,backend=file,path={},reuse=on", path.display());
     let direct = run_json(&["--vcpus", "2", "--memory", &spec]);
     direct.assert_success().assert_verified(pages(24));
     std::fs::write(&path, vec![0x5au8; 32 << 20]).unwrap();

@@ -167,7 +167,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ram");
         std::fs::write(&path, vec![0x5au8; 8 << 20]).unwrap();
-        let zone = ZoneConfig { path: Some(path.clone()), ..ZoneConfig::new(8 << 20, Backend::File) };
+        let zone = ZoneConfig { path: Some(path.clone()), reuse: true, ..ZoneConfig::new(8 << 20, Backend::File) };
         let ram = GuestRam::new(&[zone]).unwrap();
         zero_range(&ram, 0x1000 + 10, 0x5000).unwrap();
         drop(ram);
