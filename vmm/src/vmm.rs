@@ -1,7 +1,7 @@
 //! Builds a VM step by step from a [`VmConfig`] (guest RAM, the KVM VM, the kernel and
 //! its boot data, devices, vCPU threads) or from a snapshot, runs it to its end with the
 //! control socket and the chaos driver beside it, and reports.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
@@ -78,6 +78,17 @@ pub enum VmmError {
     /// The host could not be set up for host changes.
     #[error("host changes: {0}")]
     Host(#[from] HostError),
+    /// The vCPUs could not be started.
+    #[error("cannot start the vCPUs: {0}")]
+    Start(crate::machine::MachineError),
+    /// Zones given to a restore do not fit the snapshot.
+    #[error("--memory: the snapshot's zones are [{saved}] bytes, the zones given are [{given}]; give one --memory per saved zone with the same size (backend, path and paging may differ)")]
+    RestoreZones {
+        /// The saved zone sizes.
+        saved: String,
+        /// The sizes given.
+        given: String,
+    },
     /// The stop signals could not be watched.
     #[error("cannot watch SIGINT/SIGTERM/SIGHUP: {0}")]
     Signals(String),
@@ -260,9 +271,9 @@ impl Vmm {
                     chaos::run(chaos_config, paging.discarder(), paging.regions(), &segments, &machine.control, stop)
                 })
             });
-            let waited = match machine.resume() {
-                Ok(()) => runner::wait_for_end(&machine.control, deadline, api),
-                Err(e) => Err(RunError::EventLoop(format!("cannot start the vCPUs: {e}"))),
+            let waited: Result<(), VmmError> = match machine.resume() {
+                Ok(()) => runner::wait_for_end(&machine.control, deadline, api).map_err(VmmError::from),
+                Err(e) => Err(VmmError::Start(e)),
             };
             if let Err(e) = &waited {
                 machine.control.end(VmExit::Stopped { reason: e.to_string() });
@@ -379,14 +390,7 @@ fn build_machine(config: &VmConfig, options: &RunOptions, start: Start) -> Resul
 fn check_zone_overrides(saved: &[ZoneConfig], given: &[ZoneConfig]) -> Result<(), VmmError> {
     let sizes = |zones: &[ZoneConfig]| zones.iter().map(|z| z.size_bytes.to_string()).collect::<Vec<_>>().join(", ");
     if saved.len() != given.len() || saved.iter().zip(given).any(|(a, b)| a.size_bytes != b.size_bytes) {
-        return Err(VmmError::Snapshot(SnapshotError::Chain {
-            path: PathBuf::from("--memory"),
-            reason: format!(
-                "the snapshot's zones are [{}] bytes, the zones given are [{}]; give one --memory per saved zone with the same size (backend, path and paging may differ)",
-                sizes(saved),
-                sizes(given)
-            ),
-        }));
+        return Err(VmmError::RestoreZones { saved: sizes(saved), given: sizes(given) });
     }
     Ok(())
 }
