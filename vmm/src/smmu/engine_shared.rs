@@ -219,6 +219,29 @@ pub(super) fn run_guarded(shared: &Shared, idx: usize, body: impl FnOnce() -> Re
 
 /// Every event but a page fault: REMOVE / UNMAP (invalidate), REMAP (log), FORK (close).
 /// Shared by every handler design.
+/// The single-threaded handlers' wait (reference, minimal): `poll` the userfaultfd and the
+/// shutdown eventfd, then `read` one message. `None` at shutdown.
+pub(super) fn next_event(
+    s: &Shared,
+    msg: &mut [super::uffd::RawMsg],
+    events: &mut Vec<Event>,
+) -> Result<Option<Event>, FaultEngineError> {
+    use rustix::event::{poll, PollFd, PollFlags};
+    loop {
+        let mut fds = [PollFd::new(&*s.uffd, PollFlags::IN), PollFd::new(&s.shutdown_fd, PollFlags::IN)];
+        match poll(&mut fds, None) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(std::io::Error::from(e).into()),
+        }
+        if !fds[1].revents().is_empty() {
+            return Ok(None);
+        }
+        if s.uffd.read_events(msg, events)? > 0 {
+            return Ok(events.pop());
+        }
+    }
+}
+
 pub(super) fn on_other_event(s: &Shared, ev: Event) {
     match ev {
         Event::PageFault { .. } => unreachable!("page faults are resolved by the caller"),

@@ -11,9 +11,7 @@
 //! as the others do. MINOR and write-protect faults stop it with an error: it resolves
 //! MISSING faults only, from zeros (the engine's page source is not consulted).
 
-use rustix::event::{poll, PollFd, PollFlags};
-
-use super::engine_shared::{on_other_event, FaultEngineError, Shared};
+use super::engine_shared::{next_event, on_other_event, FaultEngineError, Shared};
 use super::page_state::PageState;
 use super::uffd::{Event, FillOutcome};
 use super::GuestRange;
@@ -24,19 +22,8 @@ pub(super) fn run(s: &Shared) -> Result<(), FaultEngineError> {
     let zeros = vec![0u8; max_page];
     let mut msg = super::uffd::msg_buffer(1);
     let mut events = Vec::with_capacity(1);
-    loop {
-        let mut fds = [PollFd::new(&*s.uffd, PollFlags::IN), PollFd::new(&s.shutdown_fd, PollFlags::IN)];
-        match poll(&mut fds, None) {
-            Ok(_) | Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(std::io::Error::from(e).into()),
-        }
-        if !fds[1].revents().is_empty() {
-            return Ok(());
-        }
-        if s.uffd.read_events(&mut msg, &mut events)? == 0 {
-            continue;
-        }
-        match events.pop().expect("one event read") {
+    while let Some(event) = next_event(s, &mut msg, &mut events)? {
+        match event {
             Event::PageFault { wp: true, .. } => {
                 return Err(FaultEngineError::HandlerUnsupported { handler: "minimal", what: "write-protect faults" })
             }
@@ -66,4 +53,5 @@ pub(super) fn run(s: &Shared) -> Result<(), FaultEngineError> {
             other => on_other_event(s, other),
         }
     }
+    Ok(())
 }

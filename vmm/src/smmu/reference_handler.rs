@@ -12,9 +12,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use rustix::event::{poll, PollFd, PollFlags};
-
-use super::engine_shared::{on_other_event, record_latency, FaultEngineError, Shared};
+use super::engine_shared::{next_event, on_other_event, record_latency, FaultEngineError, Shared};
 use super::fault_stats::FaultKind;
 use super::page_source::PageData;
 use super::page_state::PageState;
@@ -27,20 +25,9 @@ pub(super) fn run(s: &Shared) -> Result<(), FaultEngineError> {
     let mut buf = vec![0u8; max_page];
     let mut msg = super::uffd::msg_buffer(1);
     let mut events = Vec::with_capacity(1);
-    loop {
-        let mut fds = [PollFd::new(&*s.uffd, PollFlags::IN), PollFd::new(&s.shutdown_fd, PollFlags::IN)];
-        match poll(&mut fds, None) {
-            Ok(_) | Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(std::io::Error::from(e).into()),
-        }
-        if !fds[1].revents().is_empty() {
-            return Ok(());
-        }
-        if s.uffd.read_events(&mut msg, &mut events)? == 0 {
-            continue;
-        }
+    while let Some(event) = next_event(s, &mut msg, &mut events)? {
         let read_at = Instant::now();
-        match events[0] {
+        match event {
             Event::PageFault { address, write, wp, minor } => {
                 if wp {
                     return Err(FaultEngineError::HandlerUnsupported {
@@ -97,4 +84,5 @@ pub(super) fn run(s: &Shared) -> Result<(), FaultEngineError> {
             other => on_other_event(s, other),
         }
     }
+    Ok(())
 }
