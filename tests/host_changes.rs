@@ -15,18 +15,7 @@ use faultline::host::lock::HostLock;
 
 /// True when the host changes can run here (root and KVM); otherwise a loud skip.
 fn host_changes_possible() -> bool {
-    if !kvm_available() {
-        return false;
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        if std::env::var("FAULTLINE_REQUIRE_KVM").as_deref() == Ok("1") {
-            panic!("host-change tests need root");
-        }
-        eprintln!("!!!! SKIPPED: host changes need root (swap, KSM, compaction settings) !!!!");
-        return false;
-    }
-    true
+    common::root_and_kvm("host changes (swap, KSM, compaction settings)")
 }
 
 const MODES: [&str; 4] = ["kernel", "prefault", "uffd-missing", "uffd-minor"];

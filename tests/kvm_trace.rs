@@ -9,18 +9,7 @@ use common::*;
 use serde_json::Value;
 
 fn trace_possible() -> bool {
-    if !kvm_available() {
-        return false;
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        if std::env::var("FAULTLINE_REQUIRE_KVM").as_deref() == Ok("1") {
-            panic!("the KVM trace tests need root (tracefs)");
-        }
-        eprintln!("!!!! SKIPPED: the KVM trace needs root (tracefs) !!!!");
-        return false;
-    }
-    true
+    common::root_and_kvm("the KVM trace (tracefs)")
 }
 
 /// Asserts that changes of kind `what` were followed into KVM: unmapped (unless a fill)

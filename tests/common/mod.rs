@@ -26,6 +26,23 @@ pub fn kvm_available() -> bool {
     ok
 }
 
+/// True when the tests run as root (KVM must be usable too); otherwise a loud skip saying
+/// `needs`, or a failure under FAULTLINE_REQUIRE_KVM=1 (CI runs as root).
+pub fn root_and_kvm(needs: &str) -> bool {
+    if !kvm_available() {
+        return false;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        if std::env::var("FAULTLINE_REQUIRE_KVM").as_deref() == Ok("1") {
+            panic!("{needs}: these tests need root");
+        }
+        eprintln!("!!!! SKIPPED: {needs} need root !!!!");
+        return false;
+    }
+    true
+}
+
 /// QEMU's binary when installed. Without it, the test is skipped with a loud message,
 /// unless FAULTLINE_REQUIRE_QEMU=1 (CI), where it fails.
 pub fn qemu() -> Option<&'static str> {

@@ -23,12 +23,7 @@ impl MemcgSqueeze {
     pub fn enter() -> Result<Self, HostError> {
         let (parent, v2) = own_memory_cgroup()?;
         let dir = parent.join(format!("faultline-{}", std::process::id()));
-        std::fs::create_dir(&dir).map_err(|source| HostError::Write {
-            path: dir.clone(),
-            value: "(mkdir)".into(),
-            hint: super::root_hint(&source),
-            source,
-        })?;
+        sysfs::create_dir(&dir)?;
         let memcg = MemcgSqueeze { dir, parent, v2 };
         sysfs::write(memcg.dir.join("cgroup.procs"), &std::process::id().to_string())?;
         Ok(memcg)

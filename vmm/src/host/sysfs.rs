@@ -37,6 +37,17 @@ pub fn write(path: impl AsRef<Path>, value: &str) -> Result<(), HostError> {
     })
 }
 
+/// Creates the directory `path` in a pseudo filesystem (a cgroup, a trace instance).
+pub fn create_dir(path: impl AsRef<Path>) -> Result<(), HostError> {
+    let path = path.as_ref();
+    std::fs::create_dir(path).map_err(|source| HostError::Write {
+        path: path.to_path_buf(),
+        value: "(mkdir)".into(),
+        hint: root_hint(&source),
+        source,
+    })
+}
+
 /// A setting changed for the guard's life: the original value is written back on drop.
 #[derive(Debug)]
 pub struct SettingGuard {

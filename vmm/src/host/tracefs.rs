@@ -61,12 +61,7 @@ impl Tracefs {
     /// Creates the instance `instances/name` (removed when the [`Instance`] drops).
     pub fn instance(&self, name: &str) -> Result<Instance, HostError> {
         let dir = self.root.join("instances").join(name);
-        std::fs::create_dir(&dir).map_err(|source| HostError::Write {
-            path: dir.clone(),
-            value: "(mkdir)".into(),
-            hint: super::root_hint(&source),
-            source,
-        })?;
+        sysfs::create_dir(&dir)?;
         Ok(Instance { dir })
     }
 }
