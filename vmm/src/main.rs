@@ -78,12 +78,11 @@ fn restore(args: &RestoreArgs, started: Instant) -> ExitCode {
         Ok(overrides) => overrides,
         Err(err) => return fail(&err),
     };
-    let timeout = match args.time_limit() {
-        Ok(timeout) => timeout,
-        Err(err) => return fail(&err),
+    let options = RunOptions {
+        api_socket: args.api_socket.clone(),
+        stop_on_signals: true,
+        ..RunOptions::new(started, args.timeout)
     };
-    let options =
-        RunOptions { api_socket: args.api_socket.clone(), stop_on_signals: true, ..RunOptions::new(started, timeout) };
     finish(vmm::Vmm::restore(&args.from, &overrides, &options).and_then(vmm::Vmm::run), args.json)
 }
 

@@ -21,9 +21,9 @@ pub struct RestoreArgs {
     /// Serve the control API on this Unix socket while the VM runs.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
-    /// Stop the VM after this many seconds.
-    #[arg(long, value_name = "SECONDS")]
-    pub timeout: Option<f64>,
+    /// Stop the VM after this many seconds (a positive number; no limit by default).
+    #[arg(long, value_name = "SECONDS", value_parser = crate::config::duration::parse_seconds)]
+    pub timeout: Option<std::time::Duration>,
     /// Echo the guest's serial console to stdout.
     #[arg(long)]
     pub console: bool,
@@ -37,18 +37,6 @@ pub struct RestoreArgs {
 }
 
 impl RestoreArgs {
-    /// The run's time limit, checked (negative, NaN and absurd values are refused).
-    pub fn time_limit(&self) -> Result<Option<std::time::Duration>, String> {
-        match self.timeout {
-            None => Ok(None),
-            Some(seconds) => std::time::Duration::try_from_secs_f64(seconds)
-                .ok()
-                .filter(|d| !d.is_zero() && d.as_secs() < 365 * 24 * 3600)
-                .map(Some)
-                .ok_or_else(|| format!("--timeout {seconds}: give a number of seconds above 0, e.g. --timeout 30")),
-        }
-    }
-
     /// The overrides these options ask for.
     pub fn overrides(&self) -> Result<RestoreOverrides, ConfigError> {
         let zones = if self.memory.is_empty() {

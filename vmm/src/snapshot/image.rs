@@ -272,7 +272,7 @@ fn write_from_guest(file: &File, path: &Path, view: &ZoneView, offset: u64, len:
 }
 
 /// True when every byte is zero (word at a time).
-fn is_zero(bytes: &[u8]) -> bool {
+pub(crate) fn is_zero(bytes: &[u8]) -> bool {
     let (head, words, tail) = {
         // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets the aligned
         // middle of the slice.

@@ -136,7 +136,7 @@ impl PageSource for ChainSource {
         };
         let offset = slot.zone_offset + (gpa - slot.gpa);
         let any = self.fill(slot.zone, offset, buf, Path::new("snapshot image"))?;
-        if !any || buf.iter().all(|&b| b == 0) {
+        if !any || super::image::is_zero(buf) {
             return Ok(PageData::Zero);
         }
         Ok(PageData::Filled)
