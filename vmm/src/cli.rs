@@ -82,8 +82,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     pub fault_threads: Option<usize>,
     /// Fault engine design and fast paths: default, reference (the textbook one-thread
-    /// handler), or options joined by '+': batch=N, dontwake, zeropool, around=N,
-    /// busypoll, exclusive (see docs/benchmarks.md).
+    /// handler), minimal (poll + read + COPY, the floor), or options joined by '+':
+    /// batch=N, dontwake, zeropool, around=N, busypoll, noexclusive (see docs/benchmarks.md).
     #[arg(long, value_name = "OPTIONS", value_parser = EngineTuning::parse_arg)]
     pub fault_engine: Option<EngineTuning>,
     /// Run the chaos driver: this many random discard / write-protect / unprotect

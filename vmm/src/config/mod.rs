@@ -661,8 +661,8 @@ impl VmConfig {
             return Err(ConfigError::BadSetting { field: "workload.steps", value: 0, reason });
         }
         if let Some(chaos) = &self.chaos {
-            if self.fault_engine.tuning.handler == crate::smmu::engine_tuning::HandlerKind::Reference {
-                let reason = "the reference handler does not resolve write-protect faults, which the chaos driver raises; use the default engine";
+            if !self.fault_engine.tuning.handler.resolves_write_protect() {
+                let reason = "only the default engine resolves write-protect faults, which the chaos driver raises; the reference and minimal handlers do not: drop them from --fault-engine";
                 return Err(ConfigError::BadSetting { field: "chaos.events", value: chaos.events, reason });
             }
             if !(1..=1 << 20).contains(&chaos.max_pages) {
@@ -844,6 +844,22 @@ mod tests {
         config.workload.size_bytes = Some(4097);
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("4097 bytes is not whole 4 KiB pages") && err.contains("8K"), "{err}");
+    }
+
+    #[test]
+    fn chaos_refuses_every_handler_that_cannot_resolve_write_protect_faults() {
+        use crate::smmu::engine_tuning::EngineTuning;
+        let mut config = VmConfig {
+            chaos: Some(ChaosConfig::default()),
+            workload: Workload { steps: vec!["fill".into(), "churn".into()], ..Default::default() },
+            ..Default::default()
+        };
+        config.validate().unwrap();
+        for design in ["reference", "minimal"] {
+            config.fault_engine.tuning = EngineTuning::parse(design).unwrap();
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains("chaos.events") && err.contains("write-protect"), "{design}: {err}");
+        }
     }
 
     #[test]
