@@ -348,26 +348,16 @@ fn build_machine(config: &VmConfig, options: &RunOptions, start: Start) -> Resul
     // kernel loader's (or the restore's) writes too.
     let paging = Arc::new(start_paging(config, options, &ram, &control, &host)?);
     host.start_trace(&ram, &paging);
-    let vm = Vm::new(&kvm, &ram)?;
-    let supported_cpuid = kvm.supported_cpuid()?;
-    let vcpus = (0..config.vcpus)
-        .map(|id| Vcpu::new(&vm, &supported_cpuid, id, config.vcpus))
-        .collect::<Result<Vec<_>, _>>()?;
-    if start == Start::Boot {
-        let kernel = boot::load_kernel(&config.kernel, &ram)?;
-        tracing::debug!("loaded {}: {:?}, ends at {:#x}", kernel.name, kernel.entry, kernel.end_gpa);
-        let tsc_khz = vcpus[0].tsc_khz().ok();
-        let cmdline = config.guest_cmdline(tsc_khz);
-        boot::write_cmdline(ram.memory(), &cmdline)?;
-        let entry = boot::configure(&kernel, &ram, &cmdline)?;
-        vcpus[0].set_entry(&entry)?;
-    }
-
-    let collector = Arc::new(Mutex::new(GuestReportCollector::new(options.started)));
-    let step_stop = Arc::new(AtomicBool::new(false));
-    let mut mmio = MmioBus::new();
-    let (balloon, notifier) = attach_balloon(config, &ram, &vm, &paging, &mut mmio)?;
-    let (pio, serial, step_control) = build_bus(&vm, config.console, collector.clone(), step_stop.clone())?;
+    let mut vm = Vm::create(&kvm, &ram)?;
+    // The PIT and the memslots mostly wait in the kernel (see `Vm::create`): they are
+    // made on a thread of their own while the vCPUs, the kernel and the devices are set up.
+    let (memory, built) = std::thread::scope(|scope| {
+        let slow = scope.spawn(|| vm.create_pit().and_then(|()| vm.register_memory(&ram)));
+        let built = build_vcpus_and_devices(config, options, start, &kvm, &vm, &ram, &paging);
+        (slow.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)), built)
+    });
+    vm.adopt_memory(memory?);
+    let VcpusAndDevices { vcpus, collector, step_stop, balloon, notifier, pio, mmio, serial, step_control } = built?;
     let buses = Arc::new(DeviceBuses::new(pio, mmio));
     let fleet =
         VcpuFleet::spawn(vcpus, buses.clone(), ram.memory().clone(), control.clone()).map_err(RunError::from)?;
@@ -384,6 +374,51 @@ fn build_machine(config: &VmConfig, options: &RunOptions, start: Start) -> Resul
         control,
     });
     Ok((machine, host))
+}
+
+/// The vCPUs (boot vCPU at its entry point when booting) and the devices of a machine
+/// being built.
+struct VcpusAndDevices {
+    vcpus: Vec<Vcpu>,
+    collector: Arc<Mutex<GuestReportCollector>>,
+    step_stop: Arc<AtomicBool>,
+    balloon: Option<Arc<BalloonHandle>>,
+    notifier: Option<QueueNotifier>,
+    pio: PioBus,
+    mmio: MmioBus,
+    serial: Arc<Mutex<SerialDevice>>,
+    step_control: Arc<Mutex<StepControl>>,
+}
+
+/// Creates the vCPUs, loads the kernel when booting, and builds the devices: the part of
+/// [`build_machine`] that needs neither the PIT nor the memslots.
+fn build_vcpus_and_devices(
+    config: &VmConfig,
+    options: &RunOptions,
+    start: Start,
+    kvm: &Kvm,
+    vm: &Vm,
+    ram: &GuestRam,
+    paging: &GuestPaging,
+) -> Result<VcpusAndDevices, VmmError> {
+    let supported_cpuid = kvm.supported_cpuid()?;
+    let vcpus =
+        (0..config.vcpus).map(|id| Vcpu::new(vm, &supported_cpuid, id, config.vcpus)).collect::<Result<Vec<_>, _>>()?;
+    if start == Start::Boot {
+        let kernel = boot::load_kernel(&config.kernel, ram)?;
+        tracing::debug!("loaded {}: {:?}, ends at {:#x}", kernel.name, kernel.entry, kernel.end_gpa);
+        let tsc_khz = vcpus[0].tsc_khz().ok();
+        let cmdline = config.guest_cmdline(tsc_khz);
+        boot::write_cmdline(ram.memory(), &cmdline)?;
+        let entry = boot::configure(&kernel, ram, &cmdline)?;
+        vcpus[0].set_entry(&entry)?;
+    }
+    let collector = Arc::new(Mutex::new(GuestReportCollector::new(options.started)));
+    let step_stop = Arc::new(AtomicBool::new(false));
+    let mut mmio = MmioBus::new();
+    let (balloon, notifier) = attach_balloon(config, ram, vm, paging, &mut mmio)?;
+    let (pio, serial, step_control) = build_bus(vm, config.console, collector.clone(), step_stop.clone())?;
+    Ok(VcpusAndDevices { vcpus, collector, step_stop, balloon, notifier, pio, mmio, serial, step_control })
 }
 
 /// Zones given to a restore must match the snapshot's in count and size.

@@ -64,17 +64,35 @@ pub struct Vm {
     pub(super) dirty_logging: bool,
 }
 
+/// Guest RAM registered with a VM's KVM as memslots (from [`Vm::register_memory`]), to be
+/// handed back with [`Vm::adopt_memory`].
+#[derive(Debug)]
+pub struct RegisteredMemory(Vec<kvm_userspace_memory_region>);
+
 impl Vm {
     /// Creates the VM, its in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT, and registers
     /// every region of `ram` as a memslot (slot numbers in region order).
     pub fn new(kvm: &Kvm, ram: &GuestRam) -> Result<Self, VmError> {
+        let mut vm = Vm::create(kvm, ram)?;
+        vm.create_pit()?;
+        let memory = vm.register_memory(ram)?;
+        vm.adopt_memory(memory);
+        Ok(vm)
+    }
+
+    /// Creates the VM and its in-kernel irqchip (PIC, IOAPIC, LAPICs), and checks that
+    /// `ram` fits KVM's memslots. The PIT and guest RAM come next, with
+    /// [`Vm::create_pit`] and [`Vm::register_memory`], which may run on another thread
+    /// while vCPUs are created and the kernel is loaded: both mostly wait (registering a
+    /// memslot waits out a grace period of KVM's memslot SRCU, 4-10 ms on a nested host
+    /// whatever the size; the PIT starts a kernel thread), so overlapping them with the
+    /// rest of the build shortens the boot.
+    pub fn create(kvm: &Kvm, ram: &GuestRam) -> Result<Self, VmError> {
         let fd = kvm.fd().create_vm().map_err(VmError::Create)?;
         let setup = |what| move |source| VmError::Setup { what, source };
         fd.set_tss_address(KVM_TSS_GPA as usize).map_err(setup("KVM_SET_TSS_ADDR"))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_GPA).map_err(setup("KVM_SET_IDENTITY_MAP_ADDR"))?;
         fd.create_irq_chip().map_err(setup("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-        fd.create_pit2(pit).map_err(setup("KVM_CREATE_PIT2"))?;
         let msrs = kvm.fd().get_msr_index_list().map_err(setup("KVM_GET_MSR_INDEX_LIST"))?;
         let mut vm =
             Vm { fd, msrs_to_save: msrs.as_slice().into(), slots: Vec::new(), xsave_bytes: 0, dirty_logging: false };
@@ -86,6 +104,19 @@ impl Vm {
         if ram.regions().len() > max {
             return Err(VmError::TooManySlots { regions: ram.regions().len(), max });
         }
+        Ok(vm)
+    }
+
+    /// Creates the in-kernel PIT (channel 2's speaker gate as a dummy port).
+    pub fn create_pit(&self) -> Result<(), VmError> {
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        self.fd.create_pit2(pit).map_err(|source| VmError::Setup { what: "KVM_CREATE_PIT2", source })
+    }
+
+    /// Registers every region of `ram` as a memslot (slot numbers in region order); give
+    /// the result to [`Vm::adopt_memory`] before the vCPUs run.
+    pub fn register_memory(&self, ram: &GuestRam) -> Result<RegisteredMemory, VmError> {
+        let mut slots = Vec::with_capacity(ram.regions().len());
         for (slot, region) in ram.regions().iter().enumerate() {
             let memslot = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -95,15 +126,21 @@ impl Vm {
                 userspace_addr: region.host_addr,
             };
             // SAFETY: the host range is a live mapping owned by `ram`, which outlives the
-            // VM (vmm::run drops the VM and its vCPUs before guest RAM).
-            unsafe { vm.fd.set_user_memory_region(memslot) }.map_err(|source| VmError::Memslot {
+            // VM (the machine drops the VM and its vCPUs before guest RAM).
+            unsafe { self.fd.set_user_memory_region(memslot) }.map_err(|source| VmError::Memslot {
                 gpa: region.gpa,
                 size_bytes: region.size_bytes,
                 source,
             })?;
-            vm.slots.push(memslot);
+            slots.push(memslot);
         }
-        Ok(vm)
+        Ok(RegisteredMemory(slots))
+    }
+
+    /// Records the memslots [`Vm::register_memory`] registered (for the dirty log and
+    /// the snapshot layer).
+    pub fn adopt_memory(&mut self, memory: RegisteredMemory) {
+        self.slots = memory.0;
     }
 
     /// The MSRs KVM lists for saving (KVM_GET_MSR_INDEX_LIST), read once per VM.
