@@ -102,10 +102,10 @@ fn examples_of(file: &Path, scratch: &Path) -> Vec<Example> {
         }
         for (number, line) in joined {
             let command = line.split(" #").next().unwrap().trim();
-            let command = command.strip_prefix("target/release/").unwrap_or(command);
+            let command = strip_binary_dir(command);
             let command = command.strip_prefix("cargo run --release -- ").map(|c| format!("faultline {c}"));
             let command = command.as_deref().unwrap_or(line.split(" #").next().unwrap().trim());
-            let command = command.strip_prefix("target/release/").unwrap_or(command);
+            let command = strip_binary_dir(command);
             let Some(rest) = command.strip_prefix("faultline ") else { continue };
             let background = rest.ends_with('&');
             let rest = rest.trim_end_matches('&').replace("/tmp/", &format!("{}/", scratch.display()));
@@ -331,4 +331,13 @@ fn the_example_reader_finds_commands_continuations_and_output() {
         ]
     );
     assert_eq!(words("--cmdline \"console=ttyS0 quiet\" x"), vec!["--cmdline", "console=ttyS0 quiet", "x"]);
+}
+
+/// A command as the docs write it with the binary's path (`target/<triple>/release/`,
+/// or `target/release/`) taken off, so that it starts with `faultline`.
+fn strip_binary_dir(command: &str) -> &str {
+    ["target/x86_64-unknown-linux-gnu/release/", "target/release/"]
+        .iter()
+        .find_map(|dir| command.strip_prefix(dir))
+        .unwrap_or(command)
 }

@@ -64,5 +64,17 @@ fn main() {
         panic!("building the guest image (guest-image/) failed: see the errors above");
     }
     let elf = target_dir.join(host).join("release").join("faultline-guest");
-    println!("cargo:rustc-env=FAULTLINE_GUEST_ELF={}", elf.display());
+    // The binary embeds the guest without its debug info (three quarters of the file):
+    // less for every run to map. The full ELF stays in
+    // OUT_DIR/guest-target/ for addr2line and gdb.
+    let stripped = out_dir.join("faultline-guest.stripped");
+    let objcopy = Command::new("objcopy").arg("--strip-debug").arg(&elf).arg(&stripped).status();
+    let embedded = match objcopy {
+        Ok(status) if status.success() => stripped,
+        _ => {
+            println!("cargo:warning=objcopy --strip-debug failed; embedding the guest with its debug info");
+            elf.clone()
+        }
+    };
+    println!("cargo:rustc-env=FAULTLINE_GUEST_ELF={}", embedded.display());
 }
