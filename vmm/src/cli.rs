@@ -43,6 +43,9 @@ pub enum Command {
     /// Look at snapshots.
     #[command(subcommand)]
     Snapshot(crate::snapshot::cli::SnapshotCommand),
+    /// Serve a snapshot's pages to a VM restored with `--memory-restore uffd-socket:PATH`
+    /// (Firecracker's page-fault handler protocol).
+    PageServer(crate::snapshot::page_server::PageServerArgs),
 }
 
 /// Benchmarks.

@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         Command::Ctl(args) => faultline::api::ctl::main(&args),
         Command::Trace(args) => run(&RunArgs { trace_kvm: true, ..args }, started),
         Command::Restore(args) => restore(&args, started),
+        Command::PageServer(args) => snapshot::page_server::main(&args),
         Command::Snapshot(SnapshotCommand::Inspect { dir, json }) => match snapshot::inspect(&dir) {
             Ok(inspection) if json => print_json(&inspection),
             Ok(inspection) => {

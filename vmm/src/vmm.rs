@@ -9,7 +9,7 @@ use faultline_abi as abi;
 
 use crate::api::{ApiError, ControlServer};
 use crate::boot::{self, BootError};
-use crate::config::{ConfigError, VmConfig, ZoneConfig};
+use crate::config::{ConfigError, PagingMode, VmConfig, ZoneConfig};
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORTS};
 use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_IRQ, SERIAL_PORTS};
 use crate::devices::step_control::{StepControl, STEP_CONTROL_PORTS};
@@ -29,6 +29,8 @@ use crate::paging::{EngineFailureHook, GuestPaging, PagingError};
 use crate::report::{HostMemory, RunReport};
 use crate::smmu::page_source::{PageSource, ZeroSource};
 use crate::snapshot::lazy::ChainSource;
+use crate::snapshot::map::MapError;
+use crate::snapshot::uffd_socket::{ExternalPager, UffdSocketError};
 use crate::snapshot::{self, Chain, MemoryRestore, RestoreOverrides, SnapshotError, SnapshotHistory};
 use crate::stop_signals::StopSignals;
 use crate::vm_target::VmTarget;
@@ -72,6 +74,12 @@ pub enum VmmError {
     /// A snapshot could not be read or restored.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// A `map` or `uffd-minor` restore could not set guest RAM up.
+    #[error(transparent)]
+    MapRestore(#[from] MapError),
+    /// Guest RAM could not be handed to an external page-fault handler.
+    #[error(transparent)]
+    UffdSocket(#[from] UffdSocketError),
     /// The control socket could not be served.
     #[error(transparent)]
     Api(#[from] ApiError),
@@ -115,6 +123,9 @@ pub enum VmmError {
         max: usize,
     },
 }
+
+/// How long a fault may wait on an external page-fault handler by default.
+const DEFAULT_PAGE_SERVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Options of one run that are not part of the VM's configuration.
 #[derive(Clone)]
@@ -166,6 +177,9 @@ pub struct Vmm {
     options: RunOptions,
     setup_ns: u64,
     restored_bytes: Option<u64>,
+    // `uffd-socket` restores: guest RAM's external page-fault handler, watched while the
+    // VM runs.
+    pager: Option<ExternalPager>,
     // Host changes' setup and the KVM trace: dropped after the machine (restores the host).
     host: HostSide,
 }
@@ -191,14 +205,22 @@ impl Vmm {
         if let Some(console) = overrides.console {
             config.console = console;
         }
-        if overrides.memory_restore == MemoryRestore::UffdMissing {
+        let paging = match &overrides.memory_restore {
+            MemoryRestore::Eager => None,
+            MemoryRestore::UffdMissing => Some(PagingMode::UffdMissing),
+            MemoryRestore::UffdMinor => Some(PagingMode::UffdMinor),
+            // The kernel pages a mapped image; an external handler owns the userfaultfd.
+            MemoryRestore::Map | MemoryRestore::UffdSocket(_) => Some(PagingMode::Kernel),
+        };
+        if let Some(paging) = paging {
             for zone in &mut config.zones {
-                zone.paging = crate::config::PagingMode::UffdMissing;
+                zone.paging = paging;
             }
         }
         config.validate()?;
         chain.check_files()?;
-        let (machine, host, loaded) = match overrides.memory_restore {
+        let mut pager = None;
+        let (machine, host, loaded) = match &overrides.memory_restore {
             MemoryRestore::Eager => {
                 let (machine, host) = build_machine(&config, options, Start::Restore)?;
                 let views = snapshot::zone_views(&machine.ram, &machine.config.zones);
@@ -212,9 +234,35 @@ impl Vmm {
                 source.set_layout(machine.ram.regions());
                 (machine, host, 0)
             }
+            MemoryRestore::Map => {
+                snapshot::map::check_map_zones(&config.zones)?;
+                let (machine, host) = build_machine(&config, options, Start::Restore)?;
+                let views = snapshot::zone_views(&machine.ram, &machine.config.zones);
+                let loaded = snapshot::map::map_chain(&chain, &views)?;
+                (machine, host, loaded)
+            }
+            MemoryRestore::UffdMinor => {
+                snapshot::map::check_minor_zones(&config.zones)?;
+                let (machine, host) = build_machine(&config, options, Start::Restore)?;
+                let views = snapshot::zone_views(&machine.ram, &machine.config.zones);
+                for view in &views {
+                    snapshot::image::clear_shared_zone(view).map_err(SnapshotError::from)?;
+                }
+                let loaded = snapshot::map::fill_page_cache(&chain, &views)?;
+                (machine, host, loaded)
+            }
+            MemoryRestore::UffdSocket(path) => {
+                let (machine, host) = build_machine(&config, options, Start::Restore)?;
+                let sizes: Vec<u64> = config.zones.iter().map(|z| z.size_bytes).collect();
+                let stall = overrides.page_server_timeout.unwrap_or(DEFAULT_PAGE_SERVER_TIMEOUT);
+                pager = Some(ExternalPager::hand_off(path, machine.ram.regions(), &sizes, stall)?);
+                (machine, host, 0)
+            }
         };
         machine.restore_state(chain.into_machine_state()).map_err(SnapshotError::from)?;
-        Ok(Vmm::assemble(machine, options, Some(loaded), host))
+        let mut vmm = Vmm::assemble(machine, options, Some(loaded), host);
+        vmm.pager = pager;
+        Ok(vmm)
     }
 
     fn assemble(machine: Machine, options: &RunOptions, restored_bytes: Option<u64>, host: HostSide) -> Self {
@@ -225,6 +273,7 @@ impl Vmm {
             options: options.clone(),
             setup_ns: options.started.elapsed().as_nanos() as u64,
             restored_bytes,
+            pager: None,
         }
     }
 
@@ -236,7 +285,8 @@ impl Vmm {
     /// Lets the vCPUs run, serves the control socket and the chaos driver until the VM
     /// ends (or the run's time limit passes), then tears the VM down and reports.
     pub fn run(self) -> Result<RunReport, VmmError> {
-        let Vmm { machine, history, options, setup_ns, restored_bytes, host: mut host_side } = self;
+        let Vmm { machine, history, options, setup_ns, restored_bytes, pager, host: mut host_side } = self;
+        let pager = pager.map(|pager| pager.watch(machine.control.clone()));
         let config = machine.config.clone();
         let watch = machine
             .devices
@@ -286,6 +336,10 @@ impl Vmm {
             (waited, chaos, host, noise)
         });
         drop(signals);
+        // The vCPUs are gone: the handler may go (it sees the connection close).
+        if let Some(watchdog) = pager {
+            watchdog.finish();
+        }
         waited?;
         let exit = machine.control.exit().unwrap_or(VmExit::Stopped { reason: "ended without a reason".into() });
         let exit = machine.ram.explain_failure(exit);

@@ -30,10 +30,17 @@ pub struct RestoreArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
-    /// How guest memory comes back: `eager` reads the images into RAM first;
-    /// `uffd-missing` starts at once and reads each page on its first touch.
-    #[arg(long, value_enum, default_value_t = MemoryRestore::Eager)]
+    /// How guest memory comes back: `eager` reads the images into RAM first; `map`
+    /// maps the image (anon zones); `uffd-missing` reads each page on its first touch;
+    /// `uffd-minor` fills shared zones' page cache and maps it on faults;
+    /// `uffd-socket:PATH` hands the userfaultfd to an external handler (Firecracker's
+    /// protocol; e.g. `faultline page-server`).
+    #[arg(long, value_name = "MODE", default_value = "eager", value_parser = MemoryRestore::parse)]
     pub memory_restore: MemoryRestore,
+    /// With `uffd-socket`: end the VM with an error when a thread has waited this long
+    /// on a page fault the handler did not answer (the handler's exit is noticed at once).
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = crate::config::duration::parse_seconds)]
+    pub page_server_timeout: std::time::Duration,
 }
 
 impl RestoreArgs {
@@ -44,7 +51,12 @@ impl RestoreArgs {
         } else {
             Some(self.memory.iter().map(|spec| ZoneConfig::parse(spec)).collect::<Result<Vec<_>, _>>()?)
         };
-        Ok(RestoreOverrides { zones, console: self.console.then_some(true), memory_restore: self.memory_restore })
+        Ok(RestoreOverrides {
+            zones,
+            console: self.console.then_some(true),
+            memory_restore: self.memory_restore.clone(),
+            page_server_timeout: Some(self.page_server_timeout),
+        })
     }
 }
 
