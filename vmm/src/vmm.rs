@@ -205,6 +205,14 @@ impl Vmm {
         if let Some(console) = overrides.console {
             config.console = console;
         }
+        // Zones a mode cannot serve are refused by the mode's name, before the paging
+        // checks would refuse them by the paging mode it implies.
+        match &overrides.memory_restore {
+            MemoryRestore::Map => snapshot::map::check_map_zones(&config.zones)?,
+            MemoryRestore::UffdMinor => snapshot::map::check_minor_zones(&config.zones)?,
+            MemoryRestore::UffdSocket(_) => snapshot::uffd_socket::check_zones(&config.zones)?,
+            MemoryRestore::Eager | MemoryRestore::UffdMissing => {}
+        }
         let paging = match &overrides.memory_restore {
             MemoryRestore::Eager => None,
             MemoryRestore::UffdMissing => Some(PagingMode::UffdMissing),
@@ -235,14 +243,12 @@ impl Vmm {
                 (machine, host, 0)
             }
             MemoryRestore::Map => {
-                snapshot::map::check_map_zones(&config.zones)?;
                 let (machine, host) = build_machine(&config, options, Start::Restore)?;
                 let views = snapshot::zone_views(&machine.ram, &machine.config.zones);
                 let loaded = snapshot::map::map_chain(&chain, &views)?;
                 (machine, host, loaded)
             }
             MemoryRestore::UffdMinor => {
-                snapshot::map::check_minor_zones(&config.zones)?;
                 let (machine, host) = build_machine(&config, options, Start::Restore)?;
                 let views = snapshot::zone_views(&machine.ram, &machine.config.zones);
                 for view in &views {

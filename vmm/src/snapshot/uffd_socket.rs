@@ -82,6 +82,14 @@ pub enum UffdSocketError {
     },
 }
 
+/// Refuses zones an external handler cannot page, by name (before guest RAM exists).
+pub fn check_zones(zones: &[crate::config::ZoneConfig]) -> Result<(), UffdSocketError> {
+    match zones.iter().position(|z| z.backend == crate::config::Backend::File) {
+        Some(zone) => Err(UffdSocketError::Backend { zone, backend: zones[zone].backend.name() }),
+        None => Ok(()),
+    }
+}
+
 /// Where each zone starts in the flat memory file: the zones laid end to end.
 pub fn flat_bases(zone_sizes: &[u64]) -> Vec<u64> {
     zone_sizes
@@ -135,11 +143,6 @@ impl ExternalPager {
         zone_sizes: &[u64],
         stall: Duration,
     ) -> Result<Self, UffdSocketError> {
-        for r in regions {
-            if r.backend == crate::config::Backend::File {
-                return Err(UffdSocketError::Backend { zone: r.zone, backend: r.backend.name() });
-            }
-        }
         // As Firecracker: REMOVE events (balloon discards) are always on.
         let optional = Features::MISSING_HUGETLBFS.union(Features::MISSING_SHMEM);
         let uffd = Uffd::open(Features::EVENT_REMOVE, optional)?;
