@@ -304,3 +304,73 @@ fn map_and_uffd_minor_restore_a_diff_chain_and_refuse_backends_they_cannot_serve
         assert!(out.stderr.contains(expect), "{mode} {zone}: {}", out.stderr);
     }
 }
+
+/// `UFFDIO_API` and `UFFDIO_REGISTER` of <linux/userfaultfd.h> (`_IOWR(0xAA, nr, size)`).
+const UFFDIO_API: u64 = 0xC018_AA3F;
+const UFFDIO_REGISTER: u64 = 0xC020_AA00;
+const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+
+/// `len` bytes of this process's own anonymous memory registered MISSING on a fresh
+/// userfaultfd with REMOVE events (what a VMM hands over), as (address, uffd).
+fn registered_memory(len: usize) -> (*mut u8, OwnedFd) {
+    let uffd = userfaultfd();
+    let mut api = [0xAAu64, UFFD_FEATURE_EVENT_REMOVE, 0];
+    // SAFETY: UFFDIO_API takes a struct uffdio_api {u64 api, features, ioctls}: `api`.
+    assert_eq!(unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API as _, api.as_mut_ptr()) }, 0);
+    // SAFETY: a fresh private anonymous mapping; only this test uses it.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(addr, libc::MAP_FAILED);
+    let mut register = [addr as u64, len as u64, 1 /* MODE_MISSING */, 0];
+    // SAFETY: UFFDIO_REGISTER takes a struct uffdio_register {range {start, len}, mode, ioctls}.
+    assert_eq!(unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER as _, register.as_mut_ptr()) }, 0);
+    (addr.cast(), uffd)
+}
+
+#[test]
+fn the_page_server_never_refills_a_discarded_page_with_the_images_contents() {
+    if !root_and_kvm("lazy restore tests (userfaultfd)") {
+        return;
+    }
+    let scratch = ScratchDir::new("lazy-remove");
+    let base = snapshot_mid_workload(&scratch.0, false);
+    let image = std::fs::read(base.join("zone-0.img")).unwrap();
+    let len = image.len();
+    let mib = |n: usize| n << 20;
+    assert!(image[mib(8)..mib(24)].iter().any(|&b| b != 0), "the guest wrote its workload region");
+    for prefetch in ["none", "background"] {
+        let (addr, uffd) = registered_memory(len);
+        // SAFETY: `addr` is our own live mapping of `len` bytes; reads of it fault into the
+        // page server (another process) until it installed each page.
+        let memory = unsafe { std::slice::from_raw_parts_mut(addr, len) };
+        let socket = scratch.0.join(format!("remove-{prefetch}.sock"));
+        let server = page_server(&socket, &base, &["--prefetch", prefetch]);
+        let stream = UnixStream::connect(&socket).unwrap();
+        let table = format!(r#"[{{"base_host_virt_addr":{},"size":{len},"offset":0,"page_size":4096}}]"#, addr as u64);
+        stream.send_with_fd(table.as_bytes(), uffd.as_raw_fd()).unwrap();
+        // Discarded before anything touched it (a prefetch may or may not have got there).
+        // SAFETY: a range of our own mapping; MADV_DONTNEED only drops its pages.
+        assert_eq!(unsafe { libc::madvise(addr.add(mib(40)).cast(), mib(8), libc::MADV_DONTNEED) }, 0);
+        assert!(memory[mib(8)..mib(24)] == image[mib(8)..mib(24)], "{prefetch}: served pages are the image's");
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::madvise(addr.add(mib(8)).cast(), mib(8), libc::MADV_DONTNEED) }, 0);
+        assert!(memory[mib(8)..mib(16)].iter().all(|&b| b == 0), "{prefetch}: a discarded page came back non-zero");
+        assert!(memory[mib(40)..mib(48)].iter().all(|&b| b == 0), "{prefetch}: a discarded page came back non-zero");
+        assert!(memory[mib(16)..mib(24)] == image[mib(16)..mib(24)], "{prefetch}: pages not discarded stay");
+        drop(stream);
+        let out = server.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["remove_events"], 2, "{prefetch}: {report}");
+        // SAFETY: our own mapping, no longer used.
+        unsafe { libc::munmap(addr.cast(), len) };
+    }
+}
