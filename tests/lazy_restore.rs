@@ -261,7 +261,7 @@ fn the_page_server_refuses_bad_handoffs_with_clear_errors() {
 }
 
 #[test]
-fn map_and_uffd_minor_restore_a_diff_chain_and_refuse_backends_they_cannot_serve() {
+fn map_uffd_minor_and_prefetching_uffd_missing_restore_a_diff_chain_and_refusals_are_named() {
     if !root_and_kvm("lazy restore tests (userfaultfd, hugepages)") {
         return;
     }
@@ -292,6 +292,25 @@ fn map_and_uffd_minor_restore_a_diff_chain_and_refuse_backends_they_cannot_serve
         let minor = faults["latency"].as_array().unwrap().iter().find(|l| l["kind"] == "minor");
         assert!(minor.is_some_and(|m| m["count"].as_u64().unwrap() > 0), "{zone}: no MINOR faults: {}", out.stdout);
     }
+
+    // uffd-missing with a background prefetch: every page through the fault engine,
+    // coherent at the end; the prefetch says how far it got.
+    let output = faultline()
+        .env("FAULTLINE_LOG", "faultline::vmm=info")
+        .args(["restore", "--json", "--timeout", "120", "--memory-restore", "uffd-missing", "--prefetch", "background"])
+        .arg("--from")
+        .arg(&top)
+        .output()
+        .unwrap();
+    let out = outcome(output);
+    out.assert_success().assert_verified(WORKLOAD_PAGES);
+    assert_eq!(out.report["faults"]["coherence"]["mismatch_count"], 0, "{}", out.stdout);
+    let line = out.stderr.lines().find(|l| l.contains("prefetch: ")).unwrap_or_else(|| panic!("{}", out.stderr));
+    let kib: u64 = line.split("prefetch: ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(kib > 0, "{line}");
+    let out = restore(&top, &["--memory-restore", "map", "--prefetch", "background"]);
+    assert_eq!(out.code, 2);
+    assert!(out.stderr.contains("--prefetch background works with --memory-restore uffd-missing"), "{}", out.stderr);
 
     let file_zone = format!("size=64M,backend=file,path={}", scratch.0.join("ram").display());
     for (mode, zone, expect) in [

@@ -30,6 +30,7 @@ use crate::report::{HostMemory, RunReport};
 use crate::smmu::page_source::{PageSource, ZeroSource};
 use crate::snapshot::lazy::ChainSource;
 use crate::snapshot::map::MapError;
+use crate::snapshot::prefetch::Prefetcher;
 use crate::snapshot::uffd_socket::{ExternalPager, UffdSocketError};
 use crate::snapshot::{self, Chain, MemoryRestore, RestoreOverrides, SnapshotError, SnapshotHistory};
 use crate::stop_signals::StopSignals;
@@ -96,6 +97,12 @@ pub enum VmmError {
         saved: String,
         /// The sizes given.
         given: String,
+    },
+    /// `--prefetch background` with a mode that has nothing to prefetch.
+    #[error("--prefetch background works with --memory-restore uffd-missing, not {mode} (eager, map and uffd-minor read or map everything up front; for uffd-socket ask the handler: faultline page-server --prefetch background)")]
+    RestorePrefetch {
+        /// The restore mode given.
+        mode: &'static str,
     },
     /// The stop signals could not be watched.
     #[error("cannot watch SIGINT/SIGTERM/SIGHUP: {0}")]
@@ -180,6 +187,8 @@ pub struct Vmm {
     // `uffd-socket` restores: guest RAM's external page-fault handler, watched while the
     // VM runs.
     pager: Option<ExternalPager>,
+    // `uffd-missing --prefetch background`: the host ranges to bring in while it runs.
+    prefetch: Option<Vec<(u64, u64)>>,
     // Host changes' setup and the KVM trace: dropped after the machine (restores the host).
     host: HostSide,
 }
@@ -205,6 +214,9 @@ impl Vmm {
         if let Some(console) = overrides.console {
             config.console = console;
         }
+        if overrides.prefetch_background && overrides.memory_restore != MemoryRestore::UffdMissing {
+            return Err(VmmError::RestorePrefetch { mode: overrides.memory_restore.name() });
+        }
         // Zones a mode cannot serve are refused by the mode's name, before the paging
         // checks would refuse them by the paging mode it implies.
         match &overrides.memory_restore {
@@ -228,6 +240,7 @@ impl Vmm {
         config.validate()?;
         chain.check_files()?;
         let mut pager = None;
+        let mut prefetch = None;
         let (machine, host, loaded) = match &overrides.memory_restore {
             MemoryRestore::Eager => {
                 let (machine, host) = build_machine(&config, options, Start::Restore)?;
@@ -240,6 +253,9 @@ impl Vmm {
                 let options = RunOptions { page_source: Some(source.clone()), ..options.clone() };
                 let (machine, host) = build_machine(&config, &options, Start::Restore)?;
                 source.set_layout(machine.ram.regions());
+                if overrides.prefetch_background {
+                    prefetch = Some(snapshot::prefetch::carried_host_ranges(&source, machine.ram.regions()));
+                }
                 (machine, host, 0)
             }
             MemoryRestore::Map => {
@@ -268,6 +284,7 @@ impl Vmm {
         machine.restore_state(chain.into_machine_state()).map_err(SnapshotError::from)?;
         let mut vmm = Vmm::assemble(machine, options, Some(loaded), host);
         vmm.pager = pager;
+        vmm.prefetch = prefetch;
         Ok(vmm)
     }
 
@@ -280,6 +297,7 @@ impl Vmm {
             setup_ns: options.started.elapsed().as_nanos() as u64,
             restored_bytes,
             pager: None,
+            prefetch: None,
         }
     }
 
@@ -291,8 +309,10 @@ impl Vmm {
     /// Lets the vCPUs run, serves the control socket and the chaos driver until the VM
     /// ends (or the run's time limit passes), then tears the VM down and reports.
     pub fn run(self) -> Result<RunReport, VmmError> {
-        let Vmm { machine, history, options, setup_ns, restored_bytes, pager, host: mut host_side } = self;
+        let Vmm { machine, history, options, setup_ns, restored_bytes, pager, prefetch, host: mut host_side } = self;
         let pager = pager.map(|pager| pager.watch(machine.control.clone()));
+        // Before the vCPUs go, so pages stream in before and while they start.
+        let prefetch = prefetch.map(Prefetcher::start);
         let config = machine.config.clone();
         let watch = machine
             .devices
@@ -342,7 +362,12 @@ impl Vmm {
             (waited, chaos, host, noise)
         });
         drop(signals);
-        // The vCPUs are gone: the handler may go (it sees the connection close).
+        // The vCPUs are gone: the prefetch stops (before the engine and guest RAM go), and
+        // the handler may go (it sees the connection close).
+        if let Some(prefetch) = prefetch {
+            let bytes = prefetch.finish();
+            tracing::info!("prefetch: {} KiB brought in by the end of the run", bytes >> 10);
+        }
         if let Some(watchdog) = pager {
             watchdog.finish();
         }

@@ -41,6 +41,11 @@ pub struct RestoreArgs {
     /// on a page fault the handler did not answer (the handler's exit is noticed at once).
     #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = crate::config::duration::parse_seconds)]
     pub page_server_timeout: std::time::Duration,
+    /// With `uffd-missing`: `background` also brings every carried page in from a
+    /// thread while the guest runs (through the fault engine: never over a page the
+    /// guest has, never over a discard).
+    #[arg(long, value_enum, default_value_t = super::page_server::Prefetch::None)]
+    pub prefetch: super::page_server::Prefetch,
 }
 
 impl RestoreArgs {
@@ -56,6 +61,7 @@ impl RestoreArgs {
             console: self.console.then_some(true),
             memory_restore: self.memory_restore.clone(),
             page_server_timeout: Some(self.page_server_timeout),
+            prefetch_background: self.prefetch == super::page_server::Prefetch::Background,
         })
     }
 }

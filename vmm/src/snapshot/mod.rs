@@ -22,6 +22,7 @@ pub mod image;
 pub mod lazy;
 pub mod map;
 pub mod page_server;
+pub mod prefetch;
 pub mod uffd_socket;
 
 use std::path::{Path, PathBuf};
@@ -94,6 +95,8 @@ pub struct RestoreOverrides {
     pub memory_restore: MemoryRestore,
     /// `uffd-socket`: how long a fault may wait on the external handler (None: 10 s).
     pub page_server_timeout: Option<std::time::Duration>,
+    /// `uffd-missing`: bring every carried page in from a background thread as well.
+    pub prefetch_background: bool,
 }
 
 /// How a restore brings guest memory back (`--memory-restore`; docs/lazy-restore.md).
