@@ -166,15 +166,26 @@ fn a_handler_written_from_firecrackers_protocol_serves_our_restore() {
     }
     let scratch = ScratchDir::new("lazy-fc");
     let base = snapshot_mid_workload(&scratch.0, false);
-    let socket = scratch.0.join("fc.sock");
-    // One zone, full snapshot: the flat memory file is zone-0.img itself.
-    let handler = fc_handler(&socket, &base.join("zone-0.img"), "serve");
-    let out = restore(&base, &["--memory-restore", &socket_mode(&socket)]);
-    let served = handler.wait_with_output().unwrap();
-    out.assert_success().assert_verified(WORKLOAD_PAGES);
-    let stderr = String::from_utf8_lossy(&served.stderr);
-    assert!(served.status.success(), "{stderr}");
-    assert!(stderr.contains("VMM went away"), "the handler saw the VM go: {stderr}");
+    let pool = HugepagePool::reserve(40);
+    let mut cases = vec![vec![]];
+    if pool.is_some() {
+        // 2 MiB regions: the handler copies a huge page per fault.
+        cases.push(vec!["-m", "size=64M,backend=hugetlb"]);
+    }
+    for (index, zones) in cases.into_iter().enumerate() {
+        let socket = scratch.0.join(format!("fc-{index}.sock"));
+        // One zone, full snapshot: the flat memory file is zone-0.img itself.
+        let handler = fc_handler(&socket, &base.join("zone-0.img"), "serve");
+        let mode = socket_mode(&socket);
+        let mut args = vec!["--memory-restore", mode.as_str()];
+        args.extend_from_slice(&zones);
+        let out = restore(&base, &args);
+        let served = handler.wait_with_output().unwrap();
+        out.assert_success().assert_verified(WORKLOAD_PAGES);
+        let stderr = String::from_utf8_lossy(&served.stderr);
+        assert!(served.status.success(), "{zones:?}: {stderr}");
+        assert!(stderr.contains("VMM went away"), "{zones:?}: the handler saw the VM go: {stderr}");
+    }
 }
 
 #[test]
