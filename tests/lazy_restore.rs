@@ -319,9 +319,19 @@ fn map_uffd_minor_and_prefetching_uffd_missing_restore_a_diff_chain_and_refusals
     let line = out.stderr.lines().find(|l| l.contains("prefetch: ")).unwrap_or_else(|| panic!("{}", out.stderr));
     let kib: u64 = line.split("prefetch: ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
     assert!(kib > 0, "{line}");
+    // Record the working set, then prefetch it: both restores verify every page.
+    let out =
+        restore(&top, &["--memory-restore", "uffd-missing", "--record-working-set", "--working-set-ms", "600000"]);
+    out.assert_success().assert_verified(WORKLOAD_PAGES);
+    let set: Value = serde_json::from_str(&std::fs::read_to_string(top.join("working-set.json")).unwrap()).unwrap();
+    let pages = set["pages"].as_array().unwrap();
+    assert!(pages.len() as u64 >= WORKLOAD_PAGES, "the verify touched every page: {} recorded", pages.len());
+    let out = restore(&top, &["--memory-restore", "uffd-missing", "--prefetch", "working-set"]);
+    out.assert_success().assert_verified(WORKLOAD_PAGES);
+    assert_eq!(out.report["faults"]["coherence"]["mismatch_count"], 0, "{}", out.stdout);
     let out = restore(&top, &["--memory-restore", "map", "--prefetch", "background"]);
     assert_eq!(out.code, 2);
-    assert!(out.stderr.contains("--prefetch background works with --memory-restore uffd-missing"), "{}", out.stderr);
+    assert!(out.stderr.contains("work with --memory-restore uffd-missing, not map"), "{}", out.stderr);
 
     let file_zone = format!("size=64M,backend=file,path={}", scratch.0.join("ram").display());
     for (mode, zone, expect) in [

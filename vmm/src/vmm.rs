@@ -30,8 +30,10 @@ use crate::report::{HostMemory, RunReport};
 use crate::smmu::page_source::{PageSource, ZeroSource};
 use crate::snapshot::lazy::ChainSource;
 use crate::snapshot::map::MapError;
+use crate::snapshot::page_server::Prefetch;
 use crate::snapshot::prefetch::Prefetcher;
 use crate::snapshot::uffd_socket::{ExternalPager, UffdSocketError};
+use crate::snapshot::working_set::{Recorder, WorkingSet, WorkingSetError, FILE as WORKING_SET_FILE};
 use crate::snapshot::{self, Chain, MemoryRestore, RestoreOverrides, SnapshotError, SnapshotHistory};
 use crate::stop_signals::StopSignals;
 use crate::vm_target::VmTarget;
@@ -99,11 +101,17 @@ pub enum VmmError {
         given: String,
     },
     /// `--prefetch background` with a mode that has nothing to prefetch.
-    #[error("--prefetch background works with --memory-restore uffd-missing, not {mode} (eager, map and uffd-minor read or map everything up front; for uffd-socket ask the handler: faultline page-server --prefetch background)")]
+    #[error("--prefetch and --record-working-set work with --memory-restore uffd-missing, not {mode} (eager, map and uffd-minor read or map everything up front; for uffd-socket ask the handler: faultline page-server --prefetch background)")]
     RestorePrefetch {
         /// The restore mode given.
         mode: &'static str,
     },
+    /// Recording a working set while prefetching one.
+    #[error("--record-working-set with --prefetch working-set would record the prefetch, not the guest; record without a prefetch")]
+    RecordWhilePrefetching,
+    /// The working set to prefetch cannot be read.
+    #[error(transparent)]
+    WorkingSet(#[from] WorkingSetError),
     /// The stop signals could not be watched.
     #[error("cannot watch SIGINT/SIGTERM/SIGHUP: {0}")]
     Signals(String),
@@ -189,6 +197,8 @@ pub struct Vmm {
     pager: Option<ExternalPager>,
     // `uffd-missing --prefetch background`: the host ranges to bring in while it runs.
     prefetch: Option<Vec<(u64, u64)>>,
+    // `--record-working-set`: the recording page source and the snapshot to write beside.
+    working_set: Option<(Arc<Recorder>, std::path::PathBuf)>,
     // Host changes' setup and the KVM trace: dropped after the machine (restores the host).
     host: HostSide,
 }
@@ -214,8 +224,12 @@ impl Vmm {
         if let Some(console) = overrides.console {
             config.console = console;
         }
-        if overrides.prefetch_background && overrides.memory_restore != MemoryRestore::UffdMissing {
+        let lazy_only = overrides.prefetch != Prefetch::None || overrides.record_working_set.is_some();
+        if lazy_only && overrides.memory_restore != MemoryRestore::UffdMissing {
             return Err(VmmError::RestorePrefetch { mode: overrides.memory_restore.name() });
+        }
+        if overrides.prefetch == Prefetch::WorkingSet && overrides.record_working_set.is_some() {
+            return Err(VmmError::RecordWhilePrefetching);
         }
         // Zones a mode cannot serve are refused by the mode's name, before the paging
         // checks would refuse them by the paging mode it implies.
@@ -241,6 +255,7 @@ impl Vmm {
         chain.check_files()?;
         let mut pager = None;
         let mut prefetch = None;
+        let mut working_set = None;
         let (machine, host, loaded) = match &overrides.memory_restore {
             MemoryRestore::Eager => {
                 let (machine, host) = build_machine(&config, options, Start::Restore)?;
@@ -250,12 +265,24 @@ impl Vmm {
             }
             MemoryRestore::UffdMissing => {
                 let source = Arc::new(ChainSource::open(&chain)?);
-                let options = RunOptions { page_source: Some(source.clone()), ..options.clone() };
+                let page_source: Arc<dyn PageSource> = match overrides.record_working_set {
+                    Some(window) => {
+                        let recorder = Arc::new(Recorder::new(source.clone(), window));
+                        working_set = Some((recorder.clone(), dir.to_path_buf()));
+                        recorder
+                    }
+                    None => source.clone(),
+                };
+                let options = RunOptions { page_source: Some(page_source), ..options.clone() };
                 let (machine, host) = build_machine(&config, &options, Start::Restore)?;
                 source.set_layout(machine.ram.regions());
-                if overrides.prefetch_background {
-                    prefetch = Some(snapshot::prefetch::carried_host_ranges(&source, machine.ram.regions()));
-                }
+                prefetch = match overrides.prefetch {
+                    Prefetch::None => None,
+                    Prefetch::Background => {
+                        Some(snapshot::prefetch::carried_host_ranges(&source, machine.ram.regions()))
+                    }
+                    Prefetch::WorkingSet => Some(WorkingSet::load(dir)?.host_ranges(machine.ram.regions())),
+                };
                 (machine, host, 0)
             }
             MemoryRestore::Map => {
@@ -285,6 +312,7 @@ impl Vmm {
         let mut vmm = Vmm::assemble(machine, options, Some(loaded), host);
         vmm.pager = pager;
         vmm.prefetch = prefetch;
+        vmm.working_set = working_set;
         Ok(vmm)
     }
 
@@ -298,6 +326,7 @@ impl Vmm {
             restored_bytes,
             pager: None,
             prefetch: None,
+            working_set: None,
         }
     }
 
@@ -309,7 +338,20 @@ impl Vmm {
     /// Lets the vCPUs run, serves the control socket and the chaos driver until the VM
     /// ends (or the run's time limit passes), then tears the VM down and reports.
     pub fn run(self) -> Result<RunReport, VmmError> {
-        let Vmm { machine, history, options, setup_ns, restored_bytes, pager, prefetch, host: mut host_side } = self;
+        let Vmm {
+            machine,
+            history,
+            options,
+            setup_ns,
+            restored_bytes,
+            pager,
+            prefetch,
+            working_set,
+            host: mut host_side,
+        } = self;
+        if let Some((recorder, _)) = &working_set {
+            recorder.start();
+        }
         let pager = pager.map(|pager| pager.watch(machine.control.clone()));
         // Before the vCPUs go, so pages stream in before and while they start.
         let prefetch = prefetch.map(Prefetcher::start);
@@ -370,6 +412,14 @@ impl Vmm {
         }
         if let Some(watchdog) = pager {
             watchdog.finish();
+        }
+        if let Some((recorder, dir)) = &working_set {
+            match recorder.save(dir, machine.ram.regions()) {
+                Ok(pages) => {
+                    tracing::info!("working set: {pages} pages written to {}", dir.join(WORKING_SET_FILE).display())
+                }
+                Err(e) => tracing::warn!("working set not written: {e}"),
+            }
         }
         waited?;
         let exit = machine.control.exit().unwrap_or(VmExit::Stopped { reason: "ended without a reason".into() });

@@ -34,8 +34,14 @@ pub struct RestoreBenchArgs {
     /// vCPUs of the guest.
     #[arg(long, default_value_t = 2)]
     pub vcpus: u32,
-    /// Restore modes, comma-separated (`uffd-socket` runs a page server).
-    #[arg(long, value_delimiter = ',', default_value = "eager,map,uffd-missing,uffd-minor,uffd-socket")]
+    /// Restore modes, comma-separated: eager, map, uffd-missing, uffd-missing-bg (with
+    /// `--prefetch background`), uffd-missing-ws (a recording restore first, then
+    /// `--prefetch working-set`), uffd-minor, uffd-socket (against a page server).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "eager,map,uffd-missing,uffd-missing-bg,uffd-missing-ws,uffd-minor,uffd-socket"
+    )]
     pub modes: Vec<String>,
     /// Where snapshots go (a fresh directory is made inside); tmpfs by default.
     #[arg(long, default_value = "/dev/shm")]
@@ -138,7 +144,7 @@ fn take_snapshot(args: &RestoreBenchArgs, work: &Path, memory_mib: u64) -> Resul
     let mut child = Command::new(exe())
         .args(["run", "--console", "--timeout", "600", "--vcpus", &args.vcpus.to_string()])
         .args(["-m", &format!("size={memory_mib}M"), "--size", &(args.touched_mib << 20).to_string()])
-        .args(["--steps", "fill,idle,verify", "--duration-ms", "1000", "--api-socket"])
+        .args(["--steps", "fill,idle,verify", "--duration-ms", "200", "--api-socket"])
         .arg(&socket)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -188,6 +194,22 @@ fn restore_row(work: &Path, snapshot: &Path, memory_mib: u64, mode: &str) -> Res
             }
             server = Some(child);
             command.arg("--memory-restore").arg(format!("uffd-socket:{}", socket.display()));
+        }
+        "uffd-missing-bg" => {
+            command.args(["--memory-restore", "uffd-missing", "--prefetch", "background"]);
+        }
+        "uffd-missing-ws" => {
+            // Record the working set in one restore, then prefetch it in the measured one.
+            let recorded = Command::new(exe())
+                .args(["restore", "--json", "--timeout", "600", "--memory-restore", "uffd-missing"])
+                .args(["--record-working-set", "--working-set-ms", "600000", "--from"])
+                .arg(snapshot)
+                .output()
+                .map_err(|e| step("record the working set")(e.to_string()))?;
+            if !recorded.status.success() {
+                return Err(step("record the working set")(String::from_utf8_lossy(&recorded.stderr).to_string()));
+            }
+            command.args(["--memory-restore", "uffd-missing", "--prefetch", "working-set"]);
         }
         "uffd-minor" => {
             command.args(["--memory-restore", "uffd-minor", "-m", &format!("size={memory_mib}M,backend=memfd")]);

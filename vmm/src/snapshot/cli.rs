@@ -42,10 +42,19 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = crate::config::duration::parse_seconds)]
     pub page_server_timeout: std::time::Duration,
     /// With `uffd-missing`: `background` also brings every carried page in from a
-    /// thread while the guest runs (through the fault engine: never over a page the
-    /// guest has, never over a discard).
+    /// thread while the guest runs, `working-set` the pages a `--record-working-set`
+    /// restore recorded, in first-touch order, from before the vCPUs start (both through
+    /// the fault engine: never over a page the guest has, never over a discard).
     #[arg(long, value_enum, default_value_t = super::page_server::Prefetch::None)]
     pub prefetch: super::page_server::Prefetch,
+    /// With `uffd-missing`: write the pages the guest touches first (during
+    /// `--working-set-ms` after the restore) beside the snapshot, for `--prefetch
+    /// working-set`.
+    #[arg(long)]
+    pub record_working_set: bool,
+    /// How long after the restore `--record-working-set` records, ms.
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    pub working_set_ms: u64,
 }
 
 impl RestoreArgs {
@@ -61,7 +70,8 @@ impl RestoreArgs {
             console: self.console.then_some(true),
             memory_restore: self.memory_restore.clone(),
             page_server_timeout: Some(self.page_server_timeout),
-            prefetch_background: self.prefetch == super::page_server::Prefetch::Background,
+            prefetch: self.prefetch,
+            record_working_set: self.record_working_set.then(|| std::time::Duration::from_millis(self.working_set_ms)),
         })
     }
 }

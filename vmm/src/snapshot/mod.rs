@@ -24,6 +24,7 @@ pub mod map;
 pub mod page_server;
 pub mod prefetch;
 pub mod uffd_socket;
+pub mod working_set;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -95,8 +96,11 @@ pub struct RestoreOverrides {
     pub memory_restore: MemoryRestore,
     /// `uffd-socket`: how long a fault may wait on the external handler (None: 10 s).
     pub page_server_timeout: Option<std::time::Duration>,
-    /// `uffd-missing`: bring every carried page in from a background thread as well.
-    pub prefetch_background: bool,
+    /// `uffd-missing`: what a background thread brings in besides the faults.
+    pub prefetch: page_server::Prefetch,
+    /// `uffd-missing`: record the guest's first touches for this long after the
+    /// restore into the snapshot's working-set file.
+    pub record_working_set: Option<std::time::Duration>,
 }
 
 /// How a restore brings guest memory back (`--memory-restore`; docs/lazy-restore.md).

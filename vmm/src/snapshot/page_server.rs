@@ -50,14 +50,19 @@ pub struct PageServerArgs {
     pub json: bool,
 }
 
-/// What the page server installs without a fault asking for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+/// What is installed without a fault asking for it (the page server, and restores by
+/// `uffd-missing`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Prefetch {
     /// Only what faults ask for.
+    #[default]
     None,
-    /// Every carried page, in address order, while no fault waits.
+    /// Every carried page, in address order, while the guest runs.
     Background,
+    /// The pages a restore recorded with `--record-working-set`, in first-touch order,
+    /// from before the vCPUs start (restores by `uffd-missing` only).
+    WorkingSet,
 }
 
 /// Errors of the page server.
@@ -76,6 +81,9 @@ pub enum PageServerError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// An option the page server does not serve.
+    #[error("page-server: {0}")]
+    Unsupported(&'static str),
     /// The socket path is taken.
     #[error("page-server: {0} exists; remove it or give another --socket")]
     SocketExists(PathBuf),
@@ -243,6 +251,11 @@ pub fn main(args: &PageServerArgs) -> std::process::ExitCode {
 
 /// Runs `faultline page-server` to the end of the VM it serves.
 pub fn run(args: &PageServerArgs) -> Result<PageServerReport, PageServerError> {
+    if args.prefetch == Prefetch::WorkingSet {
+        return Err(PageServerError::Unsupported(
+            "--prefetch working-set is served by restore --memory-restore uffd-missing, not by the page server yet; use --prefetch background",
+        ));
+    }
     let chain = Chain::read(&args.from)?;
     let zone_sizes: Vec<u64> = chain.top().config.zones.iter().map(|z| z.size_bytes).collect();
     let source = ChainSource::open(&chain)?;
