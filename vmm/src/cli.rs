@@ -43,6 +43,9 @@ pub enum Command {
     /// Look at snapshots.
     #[command(subcommand)]
     Snapshot(crate::snapshot::cli::SnapshotCommand),
+    /// Serve a snapshot's pages to a VM restored with `--memory-restore uffd-socket:PATH`
+    /// (Firecracker's page-fault handler protocol).
+    PageServer(crate::snapshot::page_server::PageServerArgs),
 }
 
 /// Benchmarks.
@@ -57,6 +60,9 @@ pub enum BenchCommand {
     /// Pause latency, snapshot time and size against touched memory (full and diff), and
     /// eager restore time, against QEMU microvm saving and restoring the same ELF.
     Snapshot(crate::experiments::snapshot_bench::SnapshotBenchArgs),
+    /// Restore modes against guest size: first instruction, warm point, faults
+    /// (docs/lazy-restore.md).
+    Restore(crate::experiments::restore_bench::RestoreBenchArgs),
 }
 
 /// Options of `faultline run`.

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use faultline::cli::{BenchCommand, Cli, Command, RunArgs};
-use faultline::experiments::{boot_bench, fault_bench, snapshot_bench};
+use faultline::experiments::{boot_bench, fault_bench, restore_bench, snapshot_bench};
 use faultline::snapshot::{self, cli::RestoreArgs, cli::SnapshotCommand};
 use faultline::vmm::{self, RunOptions};
 
@@ -53,9 +53,18 @@ fn main() -> ExitCode {
             }
             Err(err) => fail(&err),
         },
+        Command::Bench(BenchCommand::Restore(args)) => match restore_bench::run(&args) {
+            Ok(report) if args.json => print_json(&report),
+            Ok(report) => {
+                print!("{}", report.table());
+                ExitCode::SUCCESS
+            }
+            Err(err) => fail(&err),
+        },
         Command::Ctl(args) => faultline::api::ctl::main(&args),
         Command::Trace(args) => run(&RunArgs { trace_kvm: true, ..args }, started),
         Command::Restore(args) => restore(&args, started),
+        Command::PageServer(args) => snapshot::page_server::main(&args),
         Command::Snapshot(SnapshotCommand::Inspect { dir, json }) => match snapshot::inspect(&dir) {
             Ok(inspection) if json => print_json(&inspection),
             Ok(inspection) => {

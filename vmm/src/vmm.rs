@@ -9,7 +9,7 @@ use faultline_abi as abi;
 
 use crate::api::{ApiError, ControlServer};
 use crate::boot::{self, BootError};
-use crate::config::{ConfigError, VmConfig, ZoneConfig};
+use crate::config::{ConfigError, PagingMode, VmConfig, ZoneConfig};
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORTS};
 use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_IRQ, SERIAL_PORTS};
 use crate::devices::step_control::{StepControl, STEP_CONTROL_PORTS};
@@ -29,6 +29,11 @@ use crate::paging::{EngineFailureHook, GuestPaging, PagingError};
 use crate::report::{HostMemory, RunReport};
 use crate::smmu::page_source::{PageSource, ZeroSource};
 use crate::snapshot::lazy::ChainSource;
+use crate::snapshot::map::MapError;
+use crate::snapshot::page_server::Prefetch;
+use crate::snapshot::prefetch::Prefetcher;
+use crate::snapshot::uffd_socket::{ExternalPager, UffdSocketError};
+use crate::snapshot::working_set::{Recorder, WorkingSet, WorkingSetError, FILE as WORKING_SET_FILE};
 use crate::snapshot::{self, Chain, MemoryRestore, RestoreOverrides, SnapshotError, SnapshotHistory};
 use crate::stop_signals::StopSignals;
 use crate::vm_target::VmTarget;
@@ -72,6 +77,12 @@ pub enum VmmError {
     /// A snapshot could not be read or restored.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// A `map` or `uffd-minor` restore could not set guest RAM up.
+    #[error(transparent)]
+    MapRestore(#[from] MapError),
+    /// Guest RAM could not be handed to an external page-fault handler.
+    #[error(transparent)]
+    UffdSocket(#[from] UffdSocketError),
     /// The control socket could not be served.
     #[error(transparent)]
     Api(#[from] ApiError),
@@ -89,6 +100,18 @@ pub enum VmmError {
         /// The sizes given.
         given: String,
     },
+    /// `--prefetch background` with a mode that has nothing to prefetch.
+    #[error("--prefetch and --record-working-set work with --memory-restore uffd-missing, not {mode} (eager, map and uffd-minor read or map everything up front; for uffd-socket ask the handler: faultline page-server --prefetch background)")]
+    RestorePrefetch {
+        /// The restore mode given.
+        mode: &'static str,
+    },
+    /// Recording a working set while prefetching one.
+    #[error("--record-working-set with --prefetch working-set would record the prefetch, not the guest; record without a prefetch")]
+    RecordWhilePrefetching,
+    /// The working set to prefetch cannot be read.
+    #[error(transparent)]
+    WorkingSet(#[from] WorkingSetError),
     /// The stop signals could not be watched.
     #[error("cannot watch SIGINT/SIGTERM/SIGHUP: {0}")]
     Signals(String),
@@ -115,6 +138,9 @@ pub enum VmmError {
         max: usize,
     },
 }
+
+/// How long a fault may wait on an external page-fault handler by default.
+const DEFAULT_PAGE_SERVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Options of one run that are not part of the VM's configuration.
 #[derive(Clone)]
@@ -166,6 +192,13 @@ pub struct Vmm {
     options: RunOptions,
     setup_ns: u64,
     restored_bytes: Option<u64>,
+    // `uffd-socket` restores: guest RAM's external page-fault handler, watched while the
+    // VM runs.
+    pager: Option<ExternalPager>,
+    // `uffd-missing --prefetch background`: the host ranges to bring in while it runs.
+    prefetch: Option<Vec<(u64, u64)>>,
+    // `--record-working-set`: the recording page source and the snapshot to write beside.
+    working_set: Option<(Arc<Recorder>, std::path::PathBuf)>,
     // Host changes' setup and the KVM trace: dropped after the machine (restores the host).
     host: HostSide,
 }
@@ -191,14 +224,39 @@ impl Vmm {
         if let Some(console) = overrides.console {
             config.console = console;
         }
-        if overrides.memory_restore == MemoryRestore::UffdMissing {
+        let lazy_only = overrides.prefetch != Prefetch::None || overrides.record_working_set.is_some();
+        if lazy_only && overrides.memory_restore != MemoryRestore::UffdMissing {
+            return Err(VmmError::RestorePrefetch { mode: overrides.memory_restore.name() });
+        }
+        if overrides.prefetch == Prefetch::WorkingSet && overrides.record_working_set.is_some() {
+            return Err(VmmError::RecordWhilePrefetching);
+        }
+        // Zones a mode cannot serve are refused by the mode's name, before the paging
+        // checks would refuse them by the paging mode it implies.
+        match &overrides.memory_restore {
+            MemoryRestore::Map => snapshot::map::check_map_zones(&config.zones)?,
+            MemoryRestore::UffdMinor => snapshot::map::check_minor_zones(&config.zones)?,
+            MemoryRestore::UffdSocket(_) => snapshot::uffd_socket::check_zones(&config.zones)?,
+            MemoryRestore::Eager | MemoryRestore::UffdMissing => {}
+        }
+        let paging = match &overrides.memory_restore {
+            MemoryRestore::Eager => None,
+            MemoryRestore::UffdMissing => Some(PagingMode::UffdMissing),
+            MemoryRestore::UffdMinor => Some(PagingMode::UffdMinor),
+            // The kernel pages a mapped image; an external handler owns the userfaultfd.
+            MemoryRestore::Map | MemoryRestore::UffdSocket(_) => Some(PagingMode::Kernel),
+        };
+        if let Some(paging) = paging {
             for zone in &mut config.zones {
-                zone.paging = crate::config::PagingMode::UffdMissing;
+                zone.paging = paging;
             }
         }
         config.validate()?;
         chain.check_files()?;
-        let (machine, host, loaded) = match overrides.memory_restore {
+        let mut pager = None;
+        let mut prefetch = None;
+        let mut working_set = None;
+        let (machine, host, loaded) = match &overrides.memory_restore {
             MemoryRestore::Eager => {
                 let (machine, host) = build_machine(&config, options, Start::Restore)?;
                 let views = snapshot::zone_views(&machine.ram, &machine.config.zones);
@@ -207,14 +265,55 @@ impl Vmm {
             }
             MemoryRestore::UffdMissing => {
                 let source = Arc::new(ChainSource::open(&chain)?);
-                let options = RunOptions { page_source: Some(source.clone()), ..options.clone() };
+                let page_source: Arc<dyn PageSource> = match overrides.record_working_set {
+                    Some(window) => {
+                        let recorder = Arc::new(Recorder::new(source.clone(), window));
+                        working_set = Some((recorder.clone(), dir.to_path_buf()));
+                        recorder
+                    }
+                    None => source.clone(),
+                };
+                let options = RunOptions { page_source: Some(page_source), ..options.clone() };
                 let (machine, host) = build_machine(&config, &options, Start::Restore)?;
                 source.set_layout(machine.ram.regions());
+                prefetch = match overrides.prefetch {
+                    Prefetch::None => None,
+                    Prefetch::Background => {
+                        Some(snapshot::prefetch::carried_host_ranges(&source, machine.ram.regions()))
+                    }
+                    Prefetch::WorkingSet => Some(WorkingSet::load(dir)?.host_ranges(machine.ram.regions())),
+                };
+                (machine, host, 0)
+            }
+            MemoryRestore::Map => {
+                let (machine, host) = build_machine(&config, options, Start::Restore)?;
+                let views = snapshot::zone_views(&machine.ram, &machine.config.zones);
+                let loaded = snapshot::map::map_chain(&chain, &views)?;
+                (machine, host, loaded)
+            }
+            MemoryRestore::UffdMinor => {
+                let (machine, host) = build_machine(&config, options, Start::Restore)?;
+                let views = snapshot::zone_views(&machine.ram, &machine.config.zones);
+                for view in &views {
+                    snapshot::image::clear_shared_zone(view).map_err(SnapshotError::from)?;
+                }
+                let loaded = snapshot::map::fill_page_cache(&chain, &views)?;
+                (machine, host, loaded)
+            }
+            MemoryRestore::UffdSocket(path) => {
+                let (machine, host) = build_machine(&config, options, Start::Restore)?;
+                let sizes: Vec<u64> = config.zones.iter().map(|z| z.size_bytes).collect();
+                let stall = overrides.page_server_timeout.unwrap_or(DEFAULT_PAGE_SERVER_TIMEOUT);
+                pager = Some(ExternalPager::hand_off(path, machine.ram.regions(), &sizes, stall)?);
                 (machine, host, 0)
             }
         };
         machine.restore_state(chain.into_machine_state()).map_err(SnapshotError::from)?;
-        Ok(Vmm::assemble(machine, options, Some(loaded), host))
+        let mut vmm = Vmm::assemble(machine, options, Some(loaded), host);
+        vmm.pager = pager;
+        vmm.prefetch = prefetch;
+        vmm.working_set = working_set;
+        Ok(vmm)
     }
 
     fn assemble(machine: Machine, options: &RunOptions, restored_bytes: Option<u64>, host: HostSide) -> Self {
@@ -225,6 +324,9 @@ impl Vmm {
             options: options.clone(),
             setup_ns: options.started.elapsed().as_nanos() as u64,
             restored_bytes,
+            pager: None,
+            prefetch: None,
+            working_set: None,
         }
     }
 
@@ -236,7 +338,23 @@ impl Vmm {
     /// Lets the vCPUs run, serves the control socket and the chaos driver until the VM
     /// ends (or the run's time limit passes), then tears the VM down and reports.
     pub fn run(self) -> Result<RunReport, VmmError> {
-        let Vmm { machine, history, options, setup_ns, restored_bytes, host: mut host_side } = self;
+        let Vmm {
+            machine,
+            history,
+            options,
+            setup_ns,
+            restored_bytes,
+            pager,
+            prefetch,
+            working_set,
+            host: mut host_side,
+        } = self;
+        if let Some((recorder, _)) = &working_set {
+            recorder.start();
+        }
+        let pager = pager.map(|pager| pager.watch(machine.control.clone()));
+        // Before the vCPUs go, so pages stream in before and while they start.
+        let prefetch = prefetch.map(Prefetcher::start);
         let config = machine.config.clone();
         let watch = machine
             .devices
@@ -286,6 +404,23 @@ impl Vmm {
             (waited, chaos, host, noise)
         });
         drop(signals);
+        // The vCPUs are gone: the prefetch stops (before the engine and guest RAM go), and
+        // the handler may go (it sees the connection close).
+        if let Some(prefetch) = prefetch {
+            let bytes = prefetch.finish();
+            tracing::info!("prefetch: {} KiB brought in by the end of the run", bytes >> 10);
+        }
+        if let Some(watchdog) = pager {
+            watchdog.finish();
+        }
+        if let Some((recorder, dir)) = &working_set {
+            match recorder.save(dir, machine.ram.regions()) {
+                Ok(pages) => {
+                    tracing::info!("working set: {pages} pages written to {}", dir.join(WORKING_SET_FILE).display())
+                }
+                Err(e) => tracing::warn!("working set not written: {e}"),
+            }
+        }
         waited?;
         let exit = machine.control.exit().unwrap_or(VmExit::Stopped { reason: "ended without a reason".into() });
         let exit = machine.ram.explain_failure(exit);

@@ -7,4 +7,5 @@ pub mod chaos;
 pub mod child_timing;
 pub mod fault_bench;
 pub mod host_changes;
+pub mod restore_bench;
 pub mod snapshot_bench;

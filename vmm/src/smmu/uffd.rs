@@ -131,6 +131,13 @@ impl Uffd {
         Ok(Uffd { fd, features: Features(want.0 & features.0) })
     }
 
+    /// Wraps a userfaultfd another process opened and passed over a Unix socket (the
+    /// Firecracker handoff: the sender ran the UFFDIO_API handshake and registered the
+    /// ranges). Which features the sender enabled is not known here.
+    pub fn from_received(fd: OwnedFd) -> Uffd {
+        Uffd { fd, features: Features(0) }
+    }
+
     /// The features this kernel offers (probed on a throw-away fd: UFFDIO_API can only be
     /// called once per fd).
     pub fn available_features() -> Result<Features> {

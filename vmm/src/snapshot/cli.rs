@@ -30,10 +30,31 @@ pub struct RestoreArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
-    /// How guest memory comes back: `eager` reads the images into RAM first;
-    /// `uffd-missing` starts at once and reads each page on its first touch.
-    #[arg(long, value_enum, default_value_t = MemoryRestore::Eager)]
+    /// How guest memory comes back: `eager` reads the images into RAM first; `map`
+    /// maps the image (anon zones); `uffd-missing` reads each page on its first touch;
+    /// `uffd-minor` fills shared zones' page cache and maps it on faults;
+    /// `uffd-socket:PATH` hands the userfaultfd to an external handler (Firecracker's
+    /// protocol; e.g. `faultline page-server`).
+    #[arg(long, value_name = "MODE", default_value = "eager", value_parser = MemoryRestore::parse)]
     pub memory_restore: MemoryRestore,
+    /// With `uffd-socket`: end the VM with an error when a thread has waited this long
+    /// on a page fault the handler did not answer (the handler's exit is noticed at once).
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = crate::config::duration::parse_seconds)]
+    pub page_server_timeout: std::time::Duration,
+    /// With `uffd-missing`: `background` also brings every carried page in from a
+    /// thread while the guest runs, `working-set` the pages a `--record-working-set`
+    /// restore recorded, in first-touch order, from before the vCPUs start (both through
+    /// the fault engine: never over a page the guest has, never over a discard).
+    #[arg(long, value_enum, default_value_t = super::page_server::Prefetch::None)]
+    pub prefetch: super::page_server::Prefetch,
+    /// With `uffd-missing`: write the pages the guest touches first (during
+    /// `--working-set-ms` after the restore) beside the snapshot, for `--prefetch
+    /// working-set`.
+    #[arg(long)]
+    pub record_working_set: bool,
+    /// How long after the restore `--record-working-set` records, ms.
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    pub working_set_ms: u64,
 }
 
 impl RestoreArgs {
@@ -44,7 +65,14 @@ impl RestoreArgs {
         } else {
             Some(self.memory.iter().map(|spec| ZoneConfig::parse(spec)).collect::<Result<Vec<_>, _>>()?)
         };
-        Ok(RestoreOverrides { zones, console: self.console.then_some(true), memory_restore: self.memory_restore })
+        Ok(RestoreOverrides {
+            zones,
+            console: self.console.then_some(true),
+            memory_restore: self.memory_restore.clone(),
+            page_server_timeout: Some(self.page_server_timeout),
+            prefetch: self.prefetch,
+            record_working_set: self.record_working_set.then(|| std::time::Duration::from_millis(self.working_set_ms)),
+        })
     }
 }
 

@@ -87,6 +87,42 @@ impl ChainSource {
         let _ = self.slots.set(slots);
     }
 
+    /// How many zones the chain has.
+    pub fn zone_count(&self) -> usize {
+        self.zones.len()
+    }
+
+    /// Zone `zone`'s bytes from `offset` into `buf` (the page server's lookup: by zone
+    /// offset, not guest-physical address). Zero when no image carries them, or they are
+    /// all zero.
+    pub fn read_zone(&self, zone: usize, offset: u64, buf: &mut [u8]) -> Result<PageData, PageSourceError> {
+        if zone >= self.zones.len() {
+            return Err(PageSourceError::Failed { gpa: offset, reason: format!("zone {zone} is not in the snapshot") });
+        }
+        let any = self.fill(zone, offset, buf, Path::new("snapshot image"))?;
+        if !any || super::image::is_zero(buf) {
+            return Ok(PageData::Zero);
+        }
+        Ok(PageData::Filled)
+    }
+
+    /// The byte ranges of zone `zone` some image of the chain carries, sorted and merged
+    /// (what a background prefetch has to install; the rest is zero).
+    pub fn carried_ranges(&self, zone: usize) -> Vec<(u64, u64)> {
+        let Some(links) = self.zones.get(zone) else { return Vec::new() };
+        let mut spans: Vec<(u64, u64)> =
+            links.iter().flat_map(|link| link.ranges.iter().map(|&(start, len)| (start, start + len))).collect();
+        spans.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (start, end) in spans {
+            match merged.last_mut() {
+                Some(last) if start <= last.1 => last.1 = last.1.max(end),
+                _ => merged.push((start, end)),
+            }
+        }
+        merged.into_iter().map(|(start, end)| (start, end - start)).collect()
+    }
+
     /// Fills `buf` with zone `zone`'s bytes from `offset`; true if any came from an image.
     fn fill(&self, zone: usize, offset: u64, buf: &mut [u8], path_hint: &Path) -> Result<bool, PageSourceError> {
         let links = &self.zones[zone];

@@ -20,6 +20,11 @@ pub mod cli;
 pub mod format;
 pub mod image;
 pub mod lazy;
+pub mod map;
+pub mod page_server;
+pub mod prefetch;
+pub mod uffd_socket;
+pub mod working_set;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -89,18 +94,66 @@ pub struct RestoreOverrides {
     pub console: Option<bool>,
     /// How guest memory comes back.
     pub memory_restore: MemoryRestore,
+    /// `uffd-socket`: how long a fault may wait on the external handler (None: 10 s).
+    pub page_server_timeout: Option<std::time::Duration>,
+    /// `uffd-missing`: what a background thread brings in besides the faults.
+    pub prefetch: page_server::Prefetch,
+    /// `uffd-missing`: record the guest's first touches for this long after the
+    /// restore into the snapshot's working-set file.
+    pub record_working_set: Option<std::time::Duration>,
 }
 
-/// How a restore brings guest memory back.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+/// How a restore brings guest memory back (`--memory-restore`; docs/lazy-restore.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum MemoryRestore {
     /// Read every carried page into guest RAM before the vCPUs start.
     #[default]
     Eager,
+    /// Map the base image privately over anonymous zones (the kernel reads each page on
+    /// first touch, copy-on-write); diffs above the base are read in eagerly.
+    Map,
     /// Start at once; every zone is paged by userfaultfd MISSING faults, each page read
     /// from the images on first touch.
     UffdMissing,
+    /// Shared zones (memfd, hugetlb): the images are written into the zone's page cache
+    /// and faults map it with UFFDIO_CONTINUE (no copy per fault).
+    UffdMinor,
+    /// Register guest RAM MISSING on a userfaultfd and hand it, with the region table,
+    /// to an external handler listening on this Unix socket, as Firecracker does.
+    UffdSocket(PathBuf),
+}
+
+impl MemoryRestore {
+    /// Parses `eager`, `map`, `uffd-missing`, `uffd-minor` or `uffd-socket:PATH`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        Ok(match text {
+            "eager" => MemoryRestore::Eager,
+            "map" => MemoryRestore::Map,
+            "uffd-missing" => MemoryRestore::UffdMissing,
+            "uffd-minor" => MemoryRestore::UffdMinor,
+            _ => match text.strip_prefix("uffd-socket:") {
+                Some("") => return Err("uffd-socket: needs the handler's socket path, e.g. uffd-socket:/run/pager.sock".into()),
+                Some(path) => MemoryRestore::UffdSocket(PathBuf::from(path)),
+                None => {
+                    return Err(format!(
+                        "unknown memory restore mode {text:?}; use eager, map, uffd-missing, uffd-minor or uffd-socket:PATH"
+                    ))
+                }
+            },
+        })
+    }
+
+    /// The mode's name as `--memory-restore` takes it (without a socket path).
+    pub fn name(&self) -> &'static str {
+        match self {
+            MemoryRestore::Eager => "eager",
+            MemoryRestore::Map => "map",
+            MemoryRestore::UffdMissing => "uffd-missing",
+            MemoryRestore::UffdMinor => "uffd-minor",
+            MemoryRestore::UffdSocket(_) => "uffd-socket",
+        }
+    }
 }
 
 /// What a snapshot wrote.
