@@ -23,11 +23,13 @@ use crate::config::{Backend, FaultEngineOptions, PagingMode, ZoneConfig, HUGEPAG
 use crate::memory::{GuestRam, RamRegion};
 use crate::smmu::access::GuestAccess;
 use crate::smmu::coherence::{self, CoherenceError, CoherenceReport};
+use crate::smmu::discard::DiscardError;
 use crate::smmu::discard::Discarder;
 use crate::smmu::fault_engine::{EngineStats, FaultEngine, FaultEngineConfig, FaultEngineError, LatencySummary};
 use crate::smmu::invalidation::Invalidation;
 use crate::smmu::page_source::PageSource;
-use crate::smmu::page_state::{PageStateError, PageStateTable};
+use crate::smmu::page_state::{PageStateError, PageStateTable, PageStateTableState};
+use crate::smmu::GuestRange;
 use crate::smmu::{RegionBacking, Regions, UffdMode, UffdRegion};
 
 /// tmpfs / shmem (`statfs.f_type`).
@@ -83,6 +85,9 @@ pub enum PagingError {
     /// The coherence check could not run.
     #[error(transparent)]
     Coherence(#[from] CoherenceError),
+    /// A saved page state could not be applied to the restored VM.
+    #[error("restoring the page-state table: {0}; restore onto zones of the sizes the snapshot was taken with")]
+    RestorePageState(#[from] DiscardError),
 }
 
 /// Called once when the fault engine dies, with its error (the VMM ends the VM).
@@ -232,6 +237,25 @@ impl GuestPaging {
     /// The invalidation layer (for subscribers).
     pub fn invalidation(&self) -> &Arc<Invalidation> {
         &self.inv
+    }
+
+    /// The page-state table as a snapshot saves it.
+    pub fn save_page_state(&self) -> PageStateTableState {
+        self.table.save_state()
+    }
+
+    /// Applies a saved page-state table to a freshly restored VM (memory loaded or to be
+    /// paged in, vCPUs not started): discarded pages are discarded again (holes that read
+    /// as zeros, marked discarded, so userfaultfd MISSING faults on them get zeros and
+    /// not the images' bytes), write-protected pages are write-protected again.
+    pub fn restore_page_state(&self, state: &PageStateTableState) -> Result<(), PagingError> {
+        for &(gpa, len) in &state.discarded {
+            self.discarder.discard(GuestRange::new(gpa, len))?;
+        }
+        for &(gpa, len) in &state.write_protected {
+            self.discarder.write_protect(GuestRange::new(gpa, len))?;
+        }
+        Ok(())
     }
 
     /// Compares the state table with the host's page tables now.

@@ -14,6 +14,8 @@
 //!   compare it with), including fault-around.
 //! - [`discard`]: discard and write-protect ranges of guest RAM through the invalidation
 //!   layer, with the right host operation per backend.
+//! - [`vmm_writes`]: the pages the VMM itself wrote or discarded (what a diff snapshot
+//!   adds to KVM's dirty log).
 //!
 //! All ranges in this layer are guest-physical ([`GuestRange`]); [`Regions`] translates
 //! between guest-physical and host-virtual addresses.
@@ -35,6 +37,7 @@ mod reference_handler;
 pub mod swapped;
 pub mod uffd;
 mod uffd_types;
+pub mod vmm_writes;
 
 #[cfg(test)]
 mod tests;

@@ -8,13 +8,28 @@
 //! in the same pause, so no write falls between two snapshots). A diff names its parent;
 //! restoring it loads the chain from the full snapshot up.
 //!
-//! The VMM's own writes to guest RAM are not in KVM's dirty log and would have to join
-//! a diff by hand. Today no VMM part writes guest RAM while a snapshot-capable VM runs:
-//! the balloon (which discards and writes its rings) and the chaos driver (which
-//! discards) are refused by `Machine::save_state`, the fault engine only fills zeros into
-//! holes (a hole in the parent reads as zero too), and the kernel loader ran before the
-//! first snapshot. Making the balloon snapshot-capable means adding the pages it writes
-//! and discards to the diff here.
+//! The VMM's own changes to guest RAM are not in KVM's dirty log, so the smmu keeps a
+//! set of its own ([`crate::smmu::vmm_writes`]): every discard through the
+//! [`Discarder`](crate::smmu::discard::Discarder) (balloon inflation, free page
+//! reporting) marks its range, and the balloon marks the used rings it writes and the
+//! pages of partially held huge pages it zeroes. A diff carries the union of the dirty
+//! log and that set, both taken in the same pause (and both reset by a full snapshot).
+//! A page in the union that no longer exists on the host (discarded since the parent)
+//! is carried as zeros without being read, so a chain never resurrects the parent's
+//! bytes there; reading it would populate it, or fault into the fault engine.
+//!
+//! Discarded pages also stay holes across a restore: the state saves the smmu's
+//! page-state table's discarded ranges (only pages absent on the host: a zone paged by
+//! the kernel is not tracked page by page), and `Machine::restore_state` discards them
+//! again in the new VM, after an eager load (which wrote the chain's zeros there) and
+//! before a lazy one (whose fault engine then fills them with zeros instead of reading
+//! the images).
+//!
+//! While a snapshot is written the VM is paused and its devices are quiesced
+//! (`Machine::quiesce`: the balloon's transport is held, so its notifier thread cannot
+//! serve a kick and write guest RAM meanwhile). The fault engine only fills pages the
+//! guest touches, and the kernel loader ran before the first snapshot. Chaos runs
+//! (which write-protect and discard at random) are still refused by `Machine::save_state`.
 
 pub mod cli;
 pub mod format;
@@ -202,46 +217,50 @@ fn write_snapshot(
     dir: &Path,
     parent: Option<&Path>,
 ) -> Result<(Vec<ZoneImage>, u64), SnapshotError> {
-    let state = machine.save_state()?;
+    // Device threads stay still until the images are written: nothing but this reads
+    // or writes guest RAM meanwhile.
+    let quiet = machine.quiesce();
+    let mut state = machine.save_state_quiesced(&quiet)?;
     let views = zone_views(&machine.ram, &machine.config.zones);
+    let existing = views.iter().map(image::existing_pages).collect::<Result<Vec<_>, ImageError>>()?;
+    if let Some(page_state) = state.page_state.as_mut() {
+        page_state.discarded = absent_ranges(machine, &views, &existing, &page_state.discarded);
+    }
+    let writes = machine.paging.discarder().vmm_writes().clone();
     let mut vm = machine.vm();
     let images = match parent {
         None => views
             .iter()
-            .map(|view| {
-                let pages = image::existing_pages(view)?;
-                image::write_image(dir, &format::image_file_name(view.zone), view, &pages, Carry::NonZero)
+            .zip(&existing)
+            .map(|(view, pages)| {
+                image::write_image(dir, &format::image_file_name(view.zone), view, pages, Carry::NonZero, None)
             })
             .collect::<Result<Vec<_>, ImageError>>()?,
         Some(_) => {
-            let mut dirty: Vec<Vec<u64>> = vec![Vec::new(); views.len()];
-            for (slot, region) in machine.ram.regions().iter().enumerate() {
-                let unit = views[region.zone].page_bytes;
-                for page in vm.take_dirty_pages(slot)? {
-                    dirty[region.zone].push((region.fd_offset + page * 4096) / unit);
-                }
+            // The guest's writes (KVM's dirty log) and the VMM's own (device writes and
+            // every discard since the parent), taken in the same pause.
+            let vmm_pages = writes.take();
+            let diff = diff_images(machine, &mut vm, dir, &views, &existing, &vmm_pages);
+            if diff.is_err() {
+                // Not lost for the next diff.
+                vmm_pages.iter().for_each(|&gpa| writes.mark(crate::smmu::GuestRange::new(gpa, 4096)));
             }
-            views
-                .iter()
-                .zip(&mut dirty)
-                .map(|(view, pages)| {
-                    pages.sort_unstable();
-                    pages.dedup();
-                    image::write_image(dir, &format::image_file_name(view.zone), view, pages, Carry::All)
-                })
-                .collect::<Result<Vec<_>, ImageError>>()?
+            diff?
         }
     };
     if parent.is_none() {
         // From the first full snapshot on, the guest's writes are logged for diffs; a
         // fresh log starts clean, so the next diff holds exactly what follows.
         vm.enable_dirty_log()?;
-        // Logging may have been on before (an earlier full snapshot): reset it.
+        // Logging may have been on before (an earlier full snapshot): reset it, and the
+        // VMM's own writes with it.
         for slot in 0..machine.ram.regions().len() {
             vm.take_dirty_pages(slot)?;
         }
+        writes.take();
     }
     drop(vm);
+    drop(quiet);
     let file = SnapshotState {
         kind: if parent.is_some() { SnapshotKind::Diff } else { SnapshotKind::Full },
         parent: parent.map(|parent| parent_reference(dir, parent)),
@@ -259,6 +278,78 @@ fn write_snapshot(
     std::fs::write(&tmp, &bytes).map_err(io("write"))?;
     std::fs::rename(&tmp, dir.join(format::STATE_FILE)).map_err(io("rename"))?;
     Ok((images, bytes.len() as u64))
+}
+
+/// The diff's images: per zone, the pages KVM logged dirty and the pages the VMM wrote
+/// or discarded (`vmm_pages`, guest-physical), each carried whether zero or not; pages
+/// that no longer exist are carried as zeros without being read.
+fn diff_images(
+    machine: &Machine,
+    vm: &mut crate::vstate::Vm,
+    dir: &Path,
+    views: &[ZoneView],
+    existing: &[Vec<u64>],
+    vmm_pages: &[u64],
+) -> Result<Vec<ZoneImage>, SnapshotError> {
+    let mut dirty: Vec<Vec<u64>> = vec![Vec::new(); views.len()];
+    for (slot, region) in machine.ram.regions().iter().enumerate() {
+        let unit = views[region.zone].page_bytes;
+        for page in vm.take_dirty_pages(slot)? {
+            dirty[region.zone].push((region.fd_offset + page * 4096) / unit);
+        }
+    }
+    for &gpa in vmm_pages {
+        if let Some((zone, offset)) = zone_offset(machine, gpa) {
+            dirty[zone].push(offset / views[zone].page_bytes);
+        }
+    }
+    Ok(views
+        .iter()
+        .zip(&mut dirty)
+        .zip(existing)
+        .map(|((view, pages), existing)| {
+            pages.sort_unstable();
+            pages.dedup();
+            let name = format::image_file_name(view.zone);
+            image::write_image(dir, &name, view, pages, Carry::All, Some(existing))
+        })
+        .collect::<Result<Vec<_>, ImageError>>()?)
+}
+
+/// The zone and offset in it of guest-physical `gpa`, if it is guest RAM.
+fn zone_offset(machine: &Machine, gpa: u64) -> Option<(usize, u64)> {
+    let region = machine.ram.regions().iter().find(|r| gpa >= r.gpa && gpa - r.gpa < r.size_bytes)?;
+    Some((region.zone, region.fd_offset + (gpa - region.gpa)))
+}
+
+/// The parts of the page-state table's discarded ranges whose pages do not exist on the
+/// host now. A zone paged by the kernel is not tracked page by page, so a page the guest
+/// touched again after a discard may still be marked discarded: it is in the images, and
+/// a restore must not discard it.
+fn absent_ranges(
+    machine: &Machine,
+    views: &[ZoneView],
+    existing: &[Vec<u64>],
+    discarded: &[(u64, u64)],
+) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &(gpa, len) in discarded {
+        let Some((zone, _)) = zone_offset(machine, gpa) else { continue };
+        let unit = views[zone].page_bytes;
+        let mut at = gpa / unit * unit;
+        while at < gpa + len {
+            let absent = zone_offset(machine, at)
+                .is_some_and(|(z, offset)| existing[z].binary_search(&(offset / unit)).is_err());
+            if absent {
+                match out.last_mut() {
+                    Some(last) if last.0 + last.1 == at => last.1 += unit,
+                    _ => out.push((at, unit)),
+                }
+            }
+            at += unit;
+        }
+    }
+    out
 }
 
 /// How a diff in `dir` names its parent: `../NAME` when both are in the same directory
