@@ -393,6 +393,14 @@ pub enum TransportStateError {
         /// This transport's device ID.
         here: u32,
     },
+    /// Some saved queues have no refused-register flags.
+    #[error("the saved virtio-mmio state has {queues} queues but refused-register flags for only {refused}; the state file is damaged")]
+    Refused {
+        /// Queues saved.
+        queues: usize,
+        /// Flag sets saved.
+        refused: usize,
+    },
     /// A saved queue is not one virtio-queue accepts (size, alignment).
     #[error("saved virtio queue {index} cannot be set up again: {reason}; the state file is damaged")]
     Queue {
@@ -530,6 +538,11 @@ impl Persist for MmioTransport {
         let here = self.device.device_type();
         if state.device_type != here {
             return Err(TransportStateError::DeviceType { saved: state.device_type, here });
+        }
+        // Activation hands the queues to the device and keeps the flags: more flags than
+        // queues is normal, fewer would leave a queue without its own.
+        if state.refused.len() < state.queues.len() {
+            return Err(TransportStateError::Refused { queues: state.queues.len(), refused: state.refused.len() });
         }
         let queues = state.queues.iter().enumerate().map(|(i, q)| q.to_queue(i)).collect::<Result<Vec<_>, _>>()?;
         let device_queues = match &state.device_queues {

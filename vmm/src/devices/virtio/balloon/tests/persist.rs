@@ -71,6 +71,11 @@ fn a_transport_state_of_another_device_or_with_broken_queues_is_refused() {
     activate(&rig, ALL, 16);
     let mut state = rig.transport.lock().unwrap().save().unwrap();
     let fresh = Rig::new(RAM, Backend::Anon, config());
+    let mut unpaired = state.clone();
+    unpaired.queues = state.device_queues.clone().unwrap();
+    unpaired.refused.truncate(1);
+    let err = fresh.transport.lock().unwrap().restore(&unpaired).unwrap_err();
+    assert!(matches!(err, TransportStateError::Refused { queues: 4, refused: 1 }), "{err}");
     let mut other = state.clone();
     other.device_type = 1;
     let err = fresh.transport.lock().unwrap().restore(&other).unwrap_err();
