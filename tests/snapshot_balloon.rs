@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::running::{chain_memory, restore, Running};
-use common::{kvm_available, pages, RunOutcome, ScratchDir};
+use common::{kvm_available, pages, HugepagePool, RunOutcome, ScratchDir};
 use faultline::snapshot::read_state;
 use serde_json::Value;
 
@@ -130,13 +130,28 @@ fn catch_inflating(dir: &Path) -> Option<(Running, u32, (PathBuf, u32))> {
     panic!("the balloon never started inflating");
 }
 
-/// Sets the restored VM's balloon to 0, waits for the end, checks it verified.
-fn deflate_and_finish(vm: Running) -> RunOutcome {
+/// Sets the restored VM's balloon to 0, waits for the end, checks it verified after
+/// following an inflation to `inflated` pages and the deflation.
+fn deflate_and_finish(vm: Running, inflated: u64) -> RunOutcome {
     vm.ctl_json(&["balloon", "set", "0"]).expect("balloon set 0");
     let run = vm.wait();
     run.assert_success().assert_verified(1);
-    assert_changes_checked_out(&run, &[pages(64), 0]);
+    assert_changes_checked_out(&run, &[inflated, 0]);
     run
+}
+
+/// Starts a VM in `dir` whose guest follows two balloon changes by hand, waits until its
+/// fill is done (the balloon step sends statistics as it starts), takes a full snapshot
+/// `dir/base`, inflates the balloon to `mib` MiB and waits until the guest has.
+fn inflated_after_base(dir: &Path, zone: &str, mib: u64) -> Running {
+    let args = ["--vcpus", "2", "-m", zone, "--balloon", "--balloon-changes", "2", "--steps", "fill,balloon,verify"];
+    let mut vm = Running::start(dir, &args);
+    vm.wait_until(|vm| vm.ctl_json(&["balloon", "stats"]).is_ok_and(|s| !s["age_ms"].is_null()));
+    vm.snapshot(&dir.join("base"), &[]);
+    vm.ctl_json(&["balloon", "set", &format!("{mib}M")]).unwrap();
+    let reached = |info: &Value| info["actual_pages"] == pages(mib) && info["target_pages"] == pages(mib);
+    vm.wait_until(|vm| vm.ctl_json(&["balloon", "get"]).is_ok_and(|info| reached(&info)));
+    vm
 }
 
 #[test]
@@ -145,26 +160,8 @@ fn a_uffd_paged_vm_snapshotted_after_inflation_restores_with_ballooned_pages_zer
         return;
     }
     let scratch = ScratchDir::new("snapshot-balloon-uffd");
-    let args = [
-        "--vcpus",
-        "2",
-        "-m",
-        "size=128M,paging=uffd-missing",
-        "--balloon",
-        "--balloon-changes",
-        "2",
-        "--steps",
-        "fill,balloon,verify",
-    ];
-    let vm = Running::start(&scratch.0, &args);
-    // The balloon step sends statistics as it starts: the fill is done by then, so the
-    // base carries the pattern in every page the balloon will take.
-    vm.wait_until(|vm| vm.ctl_json(&["balloon", "stats"]).is_ok_and(|s| !s["age_ms"].is_null()));
+    let vm = inflated_after_base(&scratch.0, "size=128M,paging=uffd-missing", 64);
     let base = scratch.0.join("base");
-    vm.snapshot(&base, &[]);
-    vm.ctl_json(&["balloon", "set", "64M"]).unwrap();
-    let reached = |info: &Value| info["actual_pages"] == pages(64) && info["target_pages"] == pages(64);
-    vm.wait_until(|vm| vm.ctl_json(&["balloon", "get"]).is_ok_and(|info| reached(&info)));
     let diff = scratch.0.join("diff");
     vm.snapshot(&diff, &["--diff", "--stop"]);
     let stopped = vm.wait();
@@ -192,7 +189,7 @@ fn a_uffd_paged_vm_snapshotted_after_inflation_restores_with_ballooned_pages_zer
     // eagerly into a uffd-missing zone: the guest deflates, finds its returned pages
     // zero, and verifies everything.
     let lazy = Running::restore(&scratch.0, "lazy.sock", &diff, &["--memory-restore", "uffd-missing"]);
-    let run = deflate_and_finish(lazy);
+    let run = deflate_and_finish(lazy, pages(64));
     assert_eq!(run.report["faults"]["modes"][0], "uffd-missing");
     assert_eq!(run.report["faults"]["coherence"]["mismatch_count"], 0, "{}", run.stdout);
     let eager = Running::restore(&scratch.0, "eager.sock", &diff, &["-m", "size=128M,paging=uffd-missing"]);
@@ -202,6 +199,42 @@ fn a_uffd_paged_vm_snapshotted_after_inflation_restores_with_ballooned_pages_zer
     let populated = check["granules_populated"].as_u64().unwrap();
     assert!(populated <= pages(128 - 64), "{populated} pages populated after the restore: {check}");
     assert_eq!(check["mismatch_count"], 0, "{check}");
-    let run = deflate_and_finish(eager);
+    let run = deflate_and_finish(eager, pages(64));
     assert_eq!(run.report["faults"]["coherence"]["mismatch_count"], 0, "{}", run.stdout);
+}
+
+#[test]
+fn a_hugetlb_balloon_holding_a_partial_huge_page_snapshots_in_2m_units_and_restores() {
+    if !kvm_available() {
+        return;
+    }
+    // One 128 MiB VM at a time: the snapshotted one, then the restored one.
+    let Some(_pool) = HugepagePool::reserve(70) else {
+        return;
+    };
+    let scratch = ScratchDir::new("snapshot-balloon-hugetlb");
+    // 33 MiB: 16 whole huge pages freed, and half of one held (zeroed, not freed).
+    let vm = inflated_after_base(&scratch.0, "size=128M,backend=hugetlb", 33);
+    vm.ctl_json(&["pause"]).unwrap();
+    let diff = scratch.0.join("diff");
+    let full = scratch.0.join("full");
+    vm.snapshot(&diff, &["--diff"]);
+    vm.snapshot(&full, &["--stop"]);
+    let stopped = vm.wait();
+    assert_eq!(stopped.report["exit"]["kind"], "stopped", "{}", stopped.stdout);
+
+    let state = read_state(&diff).unwrap();
+    assert_eq!(state.images[0].page_bytes, 2 << 20, "hugetlb zones are saved in 2 MiB units");
+    let device = &state.machine.balloon.as_ref().unwrap().device;
+    assert!(device.counters.huge_freed >= 16 && device.counters.zeroed > 0, "{:?}", device.counters);
+    let from_chain = chain_memory(&diff);
+    let from_full = chain_memory(&full);
+    let differing = from_chain.bytes().chunks(4096).zip(from_full.bytes().chunks(4096)).filter(|(a, b)| a != b).count();
+    assert_eq!(differing, 0, "pages where base+diff differ from the full snapshot");
+    for &(gpa, len) in &device.held {
+        assert!(from_chain.bytes()[gpa as usize..(gpa + len) as usize].iter().all(|&b| b == 0), "{gpa:#x}");
+    }
+    let restored = Running::restore(&scratch.0, "restored.sock", &diff, &[]);
+    let run = deflate_and_finish(restored, pages(33));
+    assert_eq!(run.report["backends"][0], "hugetlb");
 }

@@ -23,7 +23,7 @@ impl Running {
     /// Starts `faultline run --json --api-socket DIR/api.sock ARGS` and waits until the
     /// guest is ready.
     pub fn start(dir: &Path, args: &[&str]) -> Running {
-        let running = Running::spawn(dir, "api.sock", &["run"], args);
+        let mut running = Running::spawn(dir, "api.sock", &["run"], args);
         running.wait_until(|vm| vm.ctl_json(&["status"]).is_ok_and(|s| s["guest_ready"] == true));
         running
     }
@@ -34,7 +34,7 @@ impl Running {
         let from = from.to_str().expect("a UTF-8 path");
         let mut all = vec!["--from", from];
         all.extend_from_slice(args);
-        let running = Running::spawn(dir, name, &["restore"], &all);
+        let mut running = Running::spawn(dir, name, &["restore"], &all);
         running.wait_until(|vm| vm.ctl_json(&["status"]).is_ok());
         running
     }
@@ -53,11 +53,19 @@ impl Running {
         Running { child, socket }
     }
 
-    /// Polls `ready` every 20 ms for up to a minute.
-    pub fn wait_until(&self, ready: impl Fn(&Running) -> bool) {
+    /// Polls `ready` every 20 ms for up to two minutes (the VMs run with --timeout 120); panics with the process's output if
+    /// it ends first.
+    pub fn wait_until(&mut self, ready: impl Fn(&Running) -> bool) {
         let started = Instant::now();
         while !ready(self) {
-            assert!(started.elapsed() < Duration::from_secs(60), "the VM never got there");
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let mut stderr = String::new();
+                if let Some(mut pipe) = self.child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+                }
+                panic!("the VM ended ({status}) before it got there: {stderr}");
+            }
+            assert!(started.elapsed() < Duration::from_secs(120), "the VM never got there");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
