@@ -293,7 +293,7 @@ impl Machine {
             }
             _ => None,
         };
-        let page_state = Some(self.paging.save_page_state());
+        let page_state = Some(self.paging.save_page_state()?);
         Ok(MachineState { vcpus, vm, serial, step_control, collector, balloon, page_state })
     }
 

@@ -85,6 +85,9 @@ pub enum PagingError {
     /// The coherence check could not run.
     #[error(transparent)]
     Coherence(#[from] CoherenceError),
+    /// Which pages the host holds could not be read for the saved page state.
+    #[error("saving the page-state table: cannot read which guest pages the host holds: {0}")]
+    HostPages(std::io::Error),
     /// A saved page state could not be applied to the restored VM.
     #[error("restoring the page-state table: {0}; restore onto zones of the sizes the snapshot was taken with")]
     RestorePageState(#[from] DiscardError),
@@ -239,9 +242,28 @@ impl GuestPaging {
         &self.inv
     }
 
-    /// The page-state table as a snapshot saves it.
-    pub fn save_page_state(&self) -> PageStateTableState {
-        self.table.save_state()
+    /// The page-state table as a snapshot saves it: its discarded ranges are only those
+    /// the host holds nothing for (a region paged by the kernel is not tracked page by
+    /// page, so a page the guest touched again after a discard may still be marked; it is
+    /// the guest's again, and restoring must not discard it).
+    pub fn save_page_state(&self) -> Result<PageStateTableState, PagingError> {
+        let mut state = self.table.save_state();
+        let mut discarded: Vec<(u64, u64)> = Vec::new();
+        for &(gpa, len) in &state.discarded {
+            for (region, part) in self.regions.split(GuestRange::new(gpa, len)) {
+                let granule = region.page_bytes;
+                let held = crate::smmu::host_pages::held(region, part).map_err(PagingError::HostPages)?;
+                for (i, _) in held.iter().enumerate().filter(|(_, &held)| !held) {
+                    let at = part.gpa + i as u64 * granule;
+                    match discarded.last_mut() {
+                        Some(last) if last.0 + last.1 == at => last.1 += granule,
+                        _ => discarded.push((at, granule)),
+                    }
+                }
+            }
+        }
+        state.discarded = discarded;
+        Ok(state)
     }
 
     /// Applies a saved page-state table to a freshly restored VM (memory loaded or to be

@@ -19,8 +19,9 @@
 //! bytes there; reading it would populate it, or fault into the fault engine.
 //!
 //! Discarded pages also stay holes across a restore: the state saves the smmu's
-//! page-state table's discarded ranges (only pages absent on the host: a zone paged by
-//! the kernel is not tracked page by page), and `Machine::restore_state` discards them
+//! page-state table's discarded ranges (only pages the host holds nothing for: a zone
+//! paged by the kernel is not tracked page by page; see `GuestPaging::save_page_state`),
+//! and `Machine::restore_state` discards them
 //! again in the new VM, after an eager load (which wrote the chain's zeros there) and
 //! before a lazy one (whose fault engine then fills them with zeros instead of reading
 //! the images).
@@ -220,12 +221,9 @@ fn write_snapshot(
     // Device threads stay still until the images are written: nothing but this reads
     // or writes guest RAM meanwhile.
     let quiet = machine.quiesce();
-    let mut state = machine.save_state_quiesced(&quiet)?;
+    let state = machine.save_state_quiesced(&quiet)?;
     let views = zone_views(&machine.ram, &machine.config.zones);
     let existing = views.iter().map(image::existing_pages).collect::<Result<Vec<_>, ImageError>>()?;
-    if let Some(page_state) = state.page_state.as_mut() {
-        page_state.discarded = absent_ranges(machine, &views, &existing, &page_state.discarded);
-    }
     let writes = machine.paging.discarder().vmm_writes().clone();
     let mut vm = machine.vm();
     let images = match parent {
@@ -320,36 +318,6 @@ fn diff_images(
 fn zone_offset(machine: &Machine, gpa: u64) -> Option<(usize, u64)> {
     let region = machine.ram.regions().iter().find(|r| gpa >= r.gpa && gpa - r.gpa < r.size_bytes)?;
     Some((region.zone, region.fd_offset + (gpa - region.gpa)))
-}
-
-/// The parts of the page-state table's discarded ranges whose pages do not exist on the
-/// host now. A zone paged by the kernel is not tracked page by page, so a page the guest
-/// touched again after a discard may still be marked discarded: it is in the images, and
-/// a restore must not discard it.
-fn absent_ranges(
-    machine: &Machine,
-    views: &[ZoneView],
-    existing: &[Vec<u64>],
-    discarded: &[(u64, u64)],
-) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &(gpa, len) in discarded {
-        let Some((zone, _)) = zone_offset(machine, gpa) else { continue };
-        let unit = views[zone].page_bytes;
-        let mut at = gpa / unit * unit;
-        while at < gpa + len {
-            let absent = zone_offset(machine, at)
-                .is_some_and(|(z, offset)| existing[z].binary_search(&(offset / unit)).is_err());
-            if absent {
-                match out.last_mut() {
-                    Some(last) if last.0 + last.1 == at => last.1 += unit,
-                    _ => out.push((at, unit)),
-                }
-            }
-            at += unit;
-        }
-    }
-    out
 }
 
 /// How a diff in `dir` names its parent: `../NAME` when both are in the same directory
