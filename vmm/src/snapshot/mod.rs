@@ -218,6 +218,25 @@ fn write_snapshot(
     dir: &Path,
     parent: Option<&Path>,
 ) -> Result<(Vec<ZoneImage>, u64), SnapshotError> {
+    let mut taken = Vec::new();
+    let result = write_snapshot_taking(machine, dir, parent, &mut taken);
+    if result.is_err() {
+        // A diff that failed took pages out of KVM's dirty log and the VMM's set: they
+        // go back into the set, so the next diff (on the same parent) still carries them.
+        let writes = machine.paging.discarder().vmm_writes();
+        taken.into_iter().for_each(|gpa| writes.mark(crate::smmu::GuestRange::new(gpa, 4096)));
+    }
+    result
+}
+
+/// [`write_snapshot`], listing in `taken` every page (guest-physical) a diff took out of
+/// the dirty log and the VMM's set.
+fn write_snapshot_taking(
+    machine: &Machine,
+    dir: &Path,
+    parent: Option<&Path>,
+    taken: &mut Vec<u64>,
+) -> Result<(Vec<ZoneImage>, u64), SnapshotError> {
     // Device threads stay still until the images are written: nothing but this reads
     // or writes guest RAM meanwhile.
     let quiet = machine.quiesce();
@@ -237,13 +256,8 @@ fn write_snapshot(
         Some(_) => {
             // The guest's writes (KVM's dirty log) and the VMM's own (device writes and
             // every discard since the parent), taken in the same pause.
-            let vmm_pages = writes.take();
-            let diff = diff_images(machine, &mut vm, dir, &views, &existing, &vmm_pages);
-            if diff.is_err() {
-                // Not lost for the next diff.
-                vmm_pages.iter().for_each(|&gpa| writes.mark(crate::smmu::GuestRange::new(gpa, 4096)));
-            }
-            diff?
+            taken.extend(writes.take());
+            diff_images(machine, &mut vm, dir, &views, &existing, taken)?
         }
     };
     if parent.is_none() {
@@ -251,11 +265,12 @@ fn write_snapshot(
         // fresh log starts clean, so the next diff holds exactly what follows.
         vm.enable_dirty_log()?;
         // Logging may have been on before (an earlier full snapshot): reset it, and the
-        // VMM's own writes with it.
-        for slot in 0..machine.ram.regions().len() {
-            vm.take_dirty_pages(slot)?;
+        // VMM's own writes with it (kept in `taken`: should this snapshot still fail, a
+        // diff on the earlier one needs them).
+        for (slot, region) in machine.ram.regions().iter().enumerate() {
+            taken.extend(vm.take_dirty_pages(slot)?.into_iter().map(|page| region.gpa + page * 4096));
         }
-        writes.take();
+        taken.extend(writes.take());
     }
     drop(vm);
     drop(quiet);
@@ -278,25 +293,23 @@ fn write_snapshot(
     Ok((images, bytes.len() as u64))
 }
 
-/// The diff's images: per zone, the pages KVM logged dirty and the pages the VMM wrote
-/// or discarded (`vmm_pages`, guest-physical), each carried whether zero or not; pages
-/// that no longer exist are carried as zeros without being read.
+/// The diff's images: per zone, the pages the VMM wrote or discarded (`taken`, guest-
+/// physical, on entry) and the pages KVM logged dirty (added to `taken`), each carried
+/// whether zero or not; pages that no longer exist are carried as zeros without being
+/// read.
 fn diff_images(
     machine: &Machine,
     vm: &mut crate::vstate::Vm,
     dir: &Path,
     views: &[ZoneView],
     existing: &[Vec<u64>],
-    vmm_pages: &[u64],
+    taken: &mut Vec<u64>,
 ) -> Result<Vec<ZoneImage>, SnapshotError> {
-    let mut dirty: Vec<Vec<u64>> = vec![Vec::new(); views.len()];
     for (slot, region) in machine.ram.regions().iter().enumerate() {
-        let unit = views[region.zone].page_bytes;
-        for page in vm.take_dirty_pages(slot)? {
-            dirty[region.zone].push((region.fd_offset + page * 4096) / unit);
-        }
+        taken.extend(vm.take_dirty_pages(slot)?.into_iter().map(|page| region.gpa + page * 4096));
     }
-    for &gpa in vmm_pages {
+    let mut dirty: Vec<Vec<u64>> = vec![Vec::new(); views.len()];
+    for &gpa in taken.iter() {
         if let Some((zone, offset)) = zone_offset(machine, gpa) {
             dirty[zone].push(offset / views[zone].page_bytes);
         }
