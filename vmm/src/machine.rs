@@ -16,13 +16,16 @@ use serde::{Deserialize, Serialize};
 use crate::config::VmConfig;
 use crate::devices::serial::{SerialDevice, SerialDeviceState, SerialError};
 use crate::devices::step_control::{StepControl, StepControlState};
-use crate::devices::virtio::balloon::BalloonHandle;
+use crate::devices::virtio::balloon::{BalloonHandle, BalloonState, BalloonStateError};
+use crate::devices::virtio::mmio::{MmioTransportState, TransportStateError};
 use crate::devices::virtio::notify::QueueNotifier;
+use crate::devices::virtio::MmioTransport;
 use crate::devices::DeviceBuses;
 use crate::guest_report::{CollectorState, GuestReportCollector};
 use crate::memory::GuestRam;
-use crate::paging::GuestPaging;
+use crate::paging::{GuestPaging, PagingError};
 use crate::persist::Persist;
+use crate::smmu::page_state::PageStateTableState;
 use crate::vstate::{VcpuFleet, VcpuState, VcpuThreadError, Vm, VmControl, VmError, VmState};
 
 /// Errors pausing, resuming, saving or restoring a machine.
@@ -37,6 +40,15 @@ pub enum MachineError {
     /// The serial device's state could not be restored.
     #[error(transparent)]
     Serial(#[from] SerialError),
+    /// The balloon's state could not be restored.
+    #[error(transparent)]
+    Balloon(#[from] BalloonStateError),
+    /// The balloon's virtio-mmio transport could not be restored.
+    #[error(transparent)]
+    Transport(#[from] TransportStateError),
+    /// The page-state table could not be applied.
+    #[error(transparent)]
+    PageState(#[from] PagingError),
     /// The VM has ended.
     #[error("the VM has ended ({0}); there is nothing to pause, resume or save")]
     Ended(String),
@@ -61,6 +73,8 @@ pub struct MachineDevices {
     pub step_stop: Arc<AtomicBool>,
     /// The balloon, if the VM has one.
     pub balloon: Option<Arc<BalloonHandle>>,
+    /// The balloon's virtio-mmio transport (on the MMIO bus too), if the VM has one.
+    pub balloon_transport: Option<Arc<Mutex<MmioTransport>>>,
     /// The thread serving the balloon's queue notifications from ioeventfds, if any
     /// (stops with the devices, after the vCPUs and before guest RAM).
     pub notifier: Option<QueueNotifier>,
@@ -136,6 +150,29 @@ pub struct MachineState {
     pub step_control: StepControlState,
     /// The guest's report lines so far.
     pub collector: CollectorState,
+    /// The virtio-balloon and its transport (None: the VM has no balloon).
+    #[serde(default)]
+    pub balloon: Option<SavedBalloon>,
+    /// The smmu's page-state table: which pages were discarded (None in states written
+    /// before it was saved).
+    #[serde(default)]
+    pub page_state: Option<PageStateTableState>,
+}
+
+/// A balloon's saved state: the device, then its transport (restored in that order).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SavedBalloon {
+    /// Target, actual, schedule, pages held, statistics, counters.
+    pub device: BalloonState,
+    /// Registers, queues and ring indices, interrupt status, config generation.
+    pub transport: MmioTransportState,
+}
+
+/// The devices held still while a snapshot is taken: with the vCPUs paused, a device
+/// thread (the balloon's queue notifier) could still be serving a kick; holding the
+/// transport's lock makes it wait until the snapshot is written.
+pub struct Quiesced<'a> {
+    balloon: Option<MutexGuard<'a, MmioTransport>>,
 }
 
 /// The parts a [`Machine`] is assembled from.
@@ -215,16 +252,23 @@ impl Machine {
         Ok(took)
     }
 
+    /// Holds every device thread still (see [`Quiesced`]) until the guard is dropped.
+    /// Take it after pausing and keep it while guest RAM is read.
+    pub fn quiesce(&self) -> Quiesced<'_> {
+        Quiesced { balloon: self.devices.balloon_transport.as_ref().map(|t| lock(t)) }
+    }
+
     /// The state of every part but guest RAM. The machine must be paused (or not started).
     pub fn save_state(&self) -> Result<MachineState, MachineError> {
+        let quiet = self.quiesce();
+        self.save_state_quiesced(&quiet)
+    }
+
+    /// [`Machine::save_state`] with the devices already held still by `quiet`.
+    pub fn save_state_quiesced(&self, quiet: &Quiesced<'_>) -> Result<MachineState, MachineError> {
         self.check_alive()?;
         if self.run_state() == RunState::Running {
             return Err(MachineError::NotPaused);
-        }
-        if self.devices.balloon.is_some() {
-            return Err(MachineError::Unsupported(
-                "it has a virtio-balloon, whose state is not saved yet; run without --balloon to snapshot".into(),
-            ));
         }
         if self.config.chaos.is_some() {
             return Err(MachineError::Unsupported(
@@ -242,7 +286,15 @@ impl Machine {
             Ok(state) => state,
             Err(never) => match never {},
         };
-        Ok(MachineState { vcpus, vm, serial, step_control, collector })
+        let balloon = match (&self.devices.balloon, &quiet.balloon) {
+            (Some(handle), Some(transport)) => {
+                let device = (&**handle).save()?;
+                Some(SavedBalloon { device, transport: transport.save()? })
+            }
+            _ => None,
+        };
+        let page_state = Some(self.paging.save_page_state()?);
+        Ok(MachineState { vcpus, vm, serial, step_control, collector, balloon, page_state })
     }
 
     /// Puts every part but guest RAM into `state`. The machine must not be running.
@@ -264,6 +316,29 @@ impl Machine {
         lock(&self.devices.serial).restore(&state.serial)?;
         let _ = lock(&self.devices.step_control).restore(&state.step_control);
         let _ = lock(&self.collector).restore(&state.collector);
+        // Discarded pages become holes again before any device looks at guest RAM.
+        if let Some(page_state) = &state.page_state {
+            self.paging.restore_page_state(page_state)?;
+        }
+        match (&state.balloon, &self.devices.balloon, &self.devices.balloon_transport) {
+            (None, None, _) => {}
+            (Some(saved), Some(handle), Some(transport)) => {
+                // The device first: restoring an activated transport activates it.
+                let mut device = &**handle;
+                device.restore(&saved.device)?;
+                lock(transport).restore(&saved.transport)?;
+            }
+            (Some(_), _, _) => {
+                return Err(MachineError::Mismatch(
+                    "the snapshot has a virtio-balloon and this VM has none; restore with the configuration it was saved with".into(),
+                ))
+            }
+            (None, Some(_), _) => {
+                return Err(MachineError::Mismatch(
+                    "this VM has a virtio-balloon and the snapshot has none; restore without --balloon".into(),
+                ))
+            }
+        }
         Ok(())
     }
 

@@ -23,11 +23,13 @@ use crate::config::{Backend, FaultEngineOptions, PagingMode, ZoneConfig, HUGEPAG
 use crate::memory::{GuestRam, RamRegion};
 use crate::smmu::access::GuestAccess;
 use crate::smmu::coherence::{self, CoherenceError, CoherenceReport};
+use crate::smmu::discard::DiscardError;
 use crate::smmu::discard::Discarder;
 use crate::smmu::fault_engine::{EngineStats, FaultEngine, FaultEngineConfig, FaultEngineError, LatencySummary};
 use crate::smmu::invalidation::Invalidation;
 use crate::smmu::page_source::PageSource;
-use crate::smmu::page_state::{PageStateError, PageStateTable};
+use crate::smmu::page_state::{PageStateError, PageStateTable, PageStateTableState};
+use crate::smmu::GuestRange;
 use crate::smmu::{RegionBacking, Regions, UffdMode, UffdRegion};
 
 /// tmpfs / shmem (`statfs.f_type`).
@@ -83,6 +85,12 @@ pub enum PagingError {
     /// The coherence check could not run.
     #[error(transparent)]
     Coherence(#[from] CoherenceError),
+    /// Which pages the host holds could not be read for the saved page state.
+    #[error("saving the page-state table: cannot read which guest pages the host holds: {0}")]
+    HostPages(std::io::Error),
+    /// A saved page state could not be applied to the restored VM.
+    #[error("restoring the page-state table: {0}; restore onto zones of the sizes the snapshot was taken with")]
+    RestorePageState(#[from] DiscardError),
 }
 
 /// Called once when the fault engine dies, with its error (the VMM ends the VM).
@@ -232,6 +240,44 @@ impl GuestPaging {
     /// The invalidation layer (for subscribers).
     pub fn invalidation(&self) -> &Arc<Invalidation> {
         &self.inv
+    }
+
+    /// The page-state table as a snapshot saves it: its discarded ranges are only those
+    /// the host holds nothing for (a region paged by the kernel is not tracked page by
+    /// page, so a page the guest touched again after a discard may still be marked; it is
+    /// the guest's again, and restoring must not discard it).
+    pub fn save_page_state(&self) -> Result<PageStateTableState, PagingError> {
+        let mut state = self.table.save_state();
+        let mut discarded: Vec<(u64, u64)> = Vec::new();
+        for &(gpa, len) in &state.discarded {
+            for (region, part) in self.regions.split(GuestRange::new(gpa, len)) {
+                let granule = region.page_bytes;
+                let held = crate::smmu::host_pages::held(region, part).map_err(PagingError::HostPages)?;
+                for (i, _) in held.iter().enumerate().filter(|(_, &held)| !held) {
+                    let at = part.gpa + i as u64 * granule;
+                    match discarded.last_mut() {
+                        Some(last) if last.0 + last.1 == at => last.1 += granule,
+                        _ => discarded.push((at, granule)),
+                    }
+                }
+            }
+        }
+        state.discarded = discarded;
+        Ok(state)
+    }
+
+    /// Applies a saved page-state table to a freshly restored VM (memory loaded or to be
+    /// paged in, vCPUs not started): discarded pages are discarded again (holes that read
+    /// as zeros, marked discarded, so userfaultfd MISSING faults on them get zeros and
+    /// not the images' bytes), write-protected pages are write-protected again.
+    pub fn restore_page_state(&self, state: &PageStateTableState) -> Result<(), PagingError> {
+        for &(gpa, len) in &state.discarded {
+            self.discarder.discard(GuestRange::new(gpa, len))?;
+        }
+        for &(gpa, len) in &state.write_protected {
+            self.discarder.write_protect(GuestRange::new(gpa, len))?;
+        }
+        Ok(())
     }
 
     /// Compares the state table with the host's page tables now.

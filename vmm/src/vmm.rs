@@ -15,7 +15,7 @@ use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_IRQ, SERIAL_PORTS};
 use crate::devices::step_control::{StepControl, STEP_CONTROL_PORTS};
 use crate::devices::virtio::balloon::{BalloonConfig, BalloonHandle};
 use crate::devices::virtio::notify::{spare_cpu, QueueNotifier};
-use crate::devices::virtio::{install_balloon, MmioSlot, SlotError};
+use crate::devices::virtio::{install_balloon, MmioSlot, MmioTransport, SlotError};
 use crate::devices::{BusError, DeviceBuses, MmioBus, PioBus};
 use crate::exit::VmExit;
 use crate::experiments::balloon_watch::BalloonWatch;
@@ -492,7 +492,18 @@ fn build_machine(config: &VmConfig, options: &RunOptions, start: Start) -> Resul
         (slow.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)), built)
     });
     vm.adopt_memory(memory?);
-    let VcpusAndDevices { vcpus, collector, step_stop, balloon, notifier, pio, mmio, serial, step_control } = built?;
+    let VcpusAndDevices {
+        vcpus,
+        collector,
+        step_stop,
+        balloon,
+        balloon_transport,
+        notifier,
+        pio,
+        mmio,
+        serial,
+        step_control,
+    } = built?;
     let buses = Arc::new(DeviceBuses::new(pio, mmio));
     let fleet =
         VcpuFleet::spawn(vcpus, buses.clone(), ram.memory().clone(), control.clone()).map_err(RunError::from)?;
@@ -502,7 +513,7 @@ fn build_machine(config: &VmConfig, options: &RunOptions, start: Start) -> Resul
         ram,
         vm,
         fleet,
-        devices: MachineDevices { serial, step_control, step_stop, balloon, notifier },
+        devices: MachineDevices { serial, step_control, step_stop, balloon, balloon_transport, notifier },
         buses,
         collector,
         paging,
@@ -518,6 +529,7 @@ struct VcpusAndDevices {
     collector: Arc<Mutex<GuestReportCollector>>,
     step_stop: Arc<AtomicBool>,
     balloon: Option<Arc<BalloonHandle>>,
+    balloon_transport: Option<Arc<Mutex<MmioTransport>>>,
     notifier: Option<QueueNotifier>,
     pio: PioBus,
     mmio: MmioBus,
@@ -551,9 +563,20 @@ fn build_vcpus_and_devices(
     let collector = Arc::new(Mutex::new(GuestReportCollector::new(options.started)));
     let step_stop = Arc::new(AtomicBool::new(false));
     let mut mmio = MmioBus::new();
-    let (balloon, notifier) = attach_balloon(config, ram, vm, paging, &mut mmio)?;
+    let (balloon, balloon_transport, notifier) = attach_balloon(config, ram, vm, paging, &mut mmio)?;
     let (pio, serial, step_control) = build_bus(vm, config.console, collector.clone(), step_stop.clone())?;
-    Ok(VcpusAndDevices { vcpus, collector, step_stop, balloon, notifier, pio, mmio, serial, step_control })
+    Ok(VcpusAndDevices {
+        vcpus,
+        collector,
+        step_stop,
+        balloon,
+        balloon_transport,
+        notifier,
+        pio,
+        mmio,
+        serial,
+        step_control,
+    })
 }
 
 /// Zones given to a restore must match the snapshot's in count and size.
@@ -574,9 +597,9 @@ fn attach_balloon(
     vm: &Vm,
     paging: &GuestPaging,
     mmio: &mut MmioBus,
-) -> Result<(Option<Arc<BalloonHandle>>, Option<QueueNotifier>), VmmError> {
+) -> Result<AttachedBalloon, VmmError> {
     let Some(options) = &config.balloon else {
-        return Ok((None, None));
+        return Ok((None, None, None));
     };
     let device_config = BalloonConfig {
         schedule: options.schedule_pages(),
@@ -595,8 +618,12 @@ fn attach_balloon(
     let regions = paging.regions().clone();
     let installed = install_balloon(mmio, slot, ram.memory(), discarder, regions, device_config, io)?;
     vm.register_irqfd(installed.interrupt.event(), slot.irq)?;
-    Ok((Some(installed.handle), installed.notifier))
+    Ok((Some(installed.handle), Some(installed.transport), installed.notifier))
 }
+
+/// What [`attach_balloon`] gives the machine: the handle, the transport (for its saved
+/// state) and the notifier thread, each None without a balloon.
+type AttachedBalloon = (Option<Arc<BalloonHandle>>, Option<Arc<Mutex<MmioTransport>>>, Option<QueueNotifier>);
 
 /// Starts demand paging for every zone; a dying fault engine ends the VM.
 fn start_paging(

@@ -228,7 +228,7 @@ fn swapped_out(region: &UffdRegion, gpa: u64, granule: u64) -> bool {
 /// but not a pte marker. Without CAP_SYS_ADMIN the kernel hides the frame field (and so
 /// the swap type); a swapped entry with the uffd-wp bit and a hidden frame is then taken
 /// for the uffd-wp marker it almost always is here (no swap device is needed for it).
-fn holds_contents(entry: u64) -> bool {
+pub(super) fn holds_contents(entry: u64) -> bool {
     if entry & PM_PRESENT != 0 {
         return true;
     }

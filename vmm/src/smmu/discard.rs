@@ -26,6 +26,7 @@ use super::fault_engine::EngineLink;
 use super::invalidation::Invalidation;
 use super::page_state::{PageState, PageStateTable};
 use super::uffd::{Uffd, UffdError};
+use super::vmm_writes::VmmWrites;
 use super::{GuestRange, RegionBacking, Regions, UffdMode, UffdRegion};
 
 /// Errors from discard and write-protect.
@@ -77,6 +78,7 @@ pub struct Discarder {
     inv: Arc<Invalidation>,
     uffd: Option<Arc<Uffd>>,
     link: Option<EngineLink>,
+    writes: Arc<VmmWrites>,
 }
 
 impl Discarder {
@@ -89,7 +91,15 @@ impl Discarder {
         engine: Option<EngineLink>,
     ) -> Self {
         let uffd = engine.as_ref().map(|l| l.uffd.clone());
-        Self { regions, table, inv, uffd, link: engine }
+        let writes = Arc::new(VmmWrites::new(&regions));
+        Self { regions, table, inv, uffd, link: engine, writes }
+    }
+
+    /// The pages the VMM changed behind the guest's back (every discard lands here;
+    /// devices that write guest RAM mark what they write): what a diff snapshot adds to
+    /// KVM's dirty log. Shared by every clone of this discarder.
+    pub fn vmm_writes(&self) -> &Arc<VmmWrites> {
+        &self.writes
     }
 
     fn check_covered(&self, range: GuestRange) -> Result<(), DiscardError> {
@@ -126,6 +136,8 @@ impl Discarder {
             }
             let aligned = GuestRange::new(start, end - start);
             let _inv = self.inv.invalidate(aligned);
+            // Marked first: a host operation that fails half way may have freed some.
+            self.writes.mark(aligned);
             self.free_host(region, aligned)?;
             self.table.mark_discarded(aligned);
             report.freed.push(aligned);

@@ -14,6 +14,9 @@
 //!   compare it with), including fault-around.
 //! - [`discard`]: discard and write-protect ranges of guest RAM through the invalidation
 //!   layer, with the right host operation per backend.
+//! - [`host_pages`]: which pages of a region the host holds contents for now.
+//! - [`vmm_writes`]: the pages the VMM itself wrote or discarded (what a diff snapshot
+//!   adds to KVM's dirty log).
 //!
 //! All ranges in this layer are guest-physical ([`GuestRange`]); [`Regions`] translates
 //! between guest-physical and host-virtual addresses.
@@ -27,6 +30,7 @@ mod fault_around;
 pub mod fault_engine;
 mod fault_handler;
 mod fault_stats;
+pub mod host_pages;
 pub mod invalidation;
 mod minimal_handler;
 pub mod page_source;
@@ -35,6 +39,7 @@ mod reference_handler;
 pub mod swapped;
 pub mod uffd;
 mod uffd_types;
+pub mod vmm_writes;
 
 #[cfg(test)]
 mod tests;

@@ -6,8 +6,13 @@
 //! Ordering against invalidations is not this table's job: the fault engine marks pages
 //! while holding the invalidation layer's lock for the range (see [`super::invalidation`]),
 //! and invalidators mark between `invalidate_range_start` and `invalidate_range_end`.
+//!
+//! A snapshot saves the table's discarded and write-protected ranges
+//! ([`PageStateTableState`]); a restore applies them (`GuestPaging::restore_page_state`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
 
 use super::GuestRange;
 
@@ -186,6 +191,45 @@ impl PageStateTable {
     }
 }
 
+/// The saved page-state table: what a restored VM must know about pages that do not
+/// come from the snapshot's images.
+///
+/// - Discarded pages (ballooned, reported free, ...) must come back as zeros and
+///   unpopulated, whatever an older link of a snapshot chain holds for them: restore
+///   discards them again, which also marks them discarded, so a fault engine under
+///   userfaultfd MISSING paging fills them with zeros instead of reading its page source.
+/// - Populated pages are not restored as populated: in the new process they are mapped
+///   by the eager load (whose writes the fault engine or the kernel maps, marking them)
+///   or, on a lazy restore, by the first fault, which reads them from the images
+///   ("populated from source"). Their count is kept for `snapshot inspect`-style checks.
+/// - Write-protected pages are write-protected again (only VMs with write-protect
+///   tracking have any).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageStateTableState {
+    /// The table's regions as `(gpa, len, granule)` when saved (a restore onto another
+    /// backend may have other granules: discarding again rounds to them).
+    pub regions: Vec<(u64, u64, u64)>,
+    /// Pages populated when saved.
+    pub populated_pages: u64,
+    /// Discarded guest ranges `(gpa, len)`, granule-aligned, sorted.
+    pub discarded: Vec<(u64, u64)>,
+    /// Write-protected guest ranges `(gpa, len)`, sorted.
+    pub write_protected: Vec<(u64, u64)>,
+}
+
+impl PageStateTable {
+    /// The table as saved (see [`PageStateTableState`]).
+    pub fn save_state(&self) -> PageStateTableState {
+        let pairs = |ranges: Vec<GuestRange>| ranges.into_iter().map(|r| (r.gpa, r.len)).collect();
+        PageStateTableState {
+            regions: self.regions.iter().map(|r| (r.gpa, r.len, r.granule)).collect(),
+            populated_pages: self.count(PageState::POPULATED),
+            discarded: pairs(self.ranges_with(PageState::DISCARDED)),
+            write_protected: pairs(self.ranges_with(PageState::WRITE_PROTECTED)),
+        }
+    }
+}
+
 impl RegionTable {
     fn guest_range_intersect(&self, range: GuestRange) -> Option<GuestRange> {
         GuestRange::new(self.gpa, self.len).intersect(&range)
@@ -216,6 +260,19 @@ mod unit_tests {
                 GuestRange::new((1 << 32) + (2 << 20), 2 << 20)
             ]
         );
+    }
+
+    #[test]
+    fn the_saved_state_lists_discarded_and_protected_ranges() {
+        let t = PageStateTable::new(&[(0, 64 * 4096, 4096), (1 << 32, 4 << 21, 2 << 20)]).unwrap();
+        t.set(GuestRange::new(0, 8 * 4096), PageState::POPULATED);
+        t.mark_discarded(GuestRange::new(2 * 4096, 3 * 4096));
+        t.mark_discarded(GuestRange::new((1 << 32) + (2 << 20), 2 << 20));
+        t.set(GuestRange::new(10 * 4096, 4096), PageState::WRITE_PROTECTED);
+        let saved = t.save_state();
+        assert_eq!(saved.populated_pages, 5);
+        assert_eq!(saved.discarded, vec![(2 * 4096, 3 * 4096), ((1 << 32) + (2 << 20), 2 << 20)]);
+        assert_eq!(saved.write_protected, vec![(10 * 4096, 4096)]);
     }
 
     #[test]

@@ -161,12 +161,18 @@ pub enum Carry {
 /// Writes the listed pages (sorted page indices in the zone's unit) of `view` into a new
 /// sparse image file `dir/file` as large as the zone. The VM must be paused and nothing
 /// else may write guest RAM meanwhile.
+///
+/// `existing` (sorted, from [`existing_pages`]) says which pages the host has: a listed
+/// page that does not exist (discarded since the parent, by the balloon or anyone) is
+/// zero, and is carried as zeros without being read, since reading it would populate it
+/// (or fault into the fault engine). `None`: every listed page exists.
 pub fn write_image(
     dir: &Path,
     file_name: &str,
     view: &ZoneView,
     pages: &[u64],
     carry: Carry,
+    existing: Option<&[u64]>,
 ) -> Result<ZoneImage, ImageError> {
     let path = dir.join(file_name);
     let file = File::options().write(true).create_new(true).open(&path).map_err(|e| io_error(&path, "create", e))?;
@@ -180,7 +186,7 @@ pub fn write_image(
             .chunks(per_worker.max(1))
             .map(|chunk| {
                 let (file, path) = (&file, &path);
-                scope.spawn(move || write_pages(file, path, view, chunk, carry))
+                scope.spawn(move || write_pages(file, path, view, chunk, carry, existing))
             })
             .collect();
         handles.into_iter().map(|h| h.join().expect("image writer panicked")).collect()
@@ -221,19 +227,32 @@ struct Piece {
 }
 
 /// Writes `pages` (sorted) of `view` into `file`; see [`write_image`].
-fn write_pages(file: &File, path: &Path, view: &ZoneView, pages: &[u64], carry: Carry) -> Result<Piece, ImageError> {
+fn write_pages(
+    file: &File,
+    path: &Path,
+    view: &ZoneView,
+    pages: &[u64],
+    carry: Carry,
+    existing: Option<&[u64]>,
+) -> Result<Piece, ImageError> {
     let page = view.page_bytes as usize;
+    let zeros = vec![0u8; if existing.is_some() { page } else { 0 }];
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     let mut crc = crc32fast::Hasher::new();
     // The run of contiguous non-zero pages waiting to be written: (zone offset, length).
     let mut run: Option<(u64, usize)> = None;
     for &index in pages {
         let offset = index * view.page_bytes;
-        // SAFETY: offset + page lies inside the zone's live mapping; the VM is paused and
-        // no VMM part writes guest RAM during a snapshot, so nothing changes the page
-        // while this shared view of it lives, and the page exists (it is listed), so
-        // reading it does not fault into the fault engine.
-        let bytes = unsafe { std::slice::from_raw_parts(view.host_addr.add(offset as usize), page) };
+        let bytes = if existing.is_some_and(|e| e.binary_search(&index).is_err()) {
+            &zeros[..]
+        } else {
+            // SAFETY: offset + page lies inside the zone's live mapping; the VM is paused
+            // and the devices are quiesced (no VMM part writes guest RAM during a
+            // snapshot), so nothing changes the page while this shared view of it lives,
+            // and the page exists (listed as such), so reading it does not fault into
+            // the fault engine.
+            unsafe { std::slice::from_raw_parts(view.host_addr.add(offset as usize), page) }
+        };
         let zero = is_zero(bytes);
         if carry == Carry::NonZero && zero {
             continue;

@@ -8,13 +8,29 @@
 //! in the same pause, so no write falls between two snapshots). A diff names its parent;
 //! restoring it loads the chain from the full snapshot up.
 //!
-//! The VMM's own writes to guest RAM are not in KVM's dirty log and would have to join
-//! a diff by hand. Today no VMM part writes guest RAM while a snapshot-capable VM runs:
-//! the balloon (which discards and writes its rings) and the chaos driver (which
-//! discards) are refused by `Machine::save_state`, the fault engine only fills zeros into
-//! holes (a hole in the parent reads as zero too), and the kernel loader ran before the
-//! first snapshot. Making the balloon snapshot-capable means adding the pages it writes
-//! and discards to the diff here.
+//! The VMM's own changes to guest RAM are not in KVM's dirty log, so the smmu keeps a
+//! set of its own ([`crate::smmu::vmm_writes`]): every discard through the
+//! [`Discarder`](crate::smmu::discard::Discarder) (balloon inflation, free page
+//! reporting) marks its range, and the balloon marks the used rings it writes and the
+//! pages of partially held huge pages it zeroes. A diff carries the union of the dirty
+//! log and that set, both taken in the same pause (and both reset by a full snapshot).
+//! A page in the union that no longer exists on the host (discarded since the parent)
+//! is carried as zeros without being read, so a chain never resurrects the parent's
+//! bytes there; reading it would populate it, or fault into the fault engine.
+//!
+//! Discarded pages also stay holes across a restore: the state saves the smmu's
+//! page-state table's discarded ranges (only pages the host holds nothing for: a zone
+//! paged by the kernel is not tracked page by page; see `GuestPaging::save_page_state`),
+//! and `Machine::restore_state` discards them
+//! again in the new VM, after an eager load (which wrote the chain's zeros there) and
+//! before a lazy one (whose fault engine then fills them with zeros instead of reading
+//! the images).
+//!
+//! While a snapshot is written the VM is paused and its devices are quiesced
+//! (`Machine::quiesce`: the balloon's transport is held, so its notifier thread cannot
+//! serve a kick and write guest RAM meanwhile). The fault engine only fills pages the
+//! guest touches, and the kernel loader ran before the first snapshot. Chaos runs
+//! (which write-protect and discard at random) are still refused by `Machine::save_state`.
 
 pub mod cli;
 pub mod format;
@@ -255,46 +271,62 @@ fn write_snapshot(
     dir: &Path,
     parent: Option<&Path>,
 ) -> Result<(Vec<ZoneImage>, u64), SnapshotError> {
-    let state = machine.save_state()?;
+    let mut taken = Vec::new();
+    let result = write_snapshot_taking(machine, dir, parent, &mut taken);
+    if result.is_err() {
+        // A diff that failed took pages out of KVM's dirty log and the VMM's set: they
+        // go back into the set, so the next diff (on the same parent) still carries them.
+        let writes = machine.paging.discarder().vmm_writes();
+        taken.into_iter().for_each(|gpa| writes.mark(crate::smmu::GuestRange::new(gpa, 4096)));
+    }
+    result
+}
+
+/// [`write_snapshot`], listing in `taken` every page (guest-physical) a diff took out of
+/// the dirty log and the VMM's set.
+fn write_snapshot_taking(
+    machine: &Machine,
+    dir: &Path,
+    parent: Option<&Path>,
+    taken: &mut Vec<u64>,
+) -> Result<(Vec<ZoneImage>, u64), SnapshotError> {
+    // Device threads stay still until the images are written: nothing but this reads
+    // or writes guest RAM meanwhile.
+    let quiet = machine.quiesce();
+    let state = machine.save_state_quiesced(&quiet)?;
     let views = zone_views(&machine.ram, &machine.config.zones);
+    let existing = views.iter().map(image::existing_pages).collect::<Result<Vec<_>, ImageError>>()?;
+    let writes = machine.paging.discarder().vmm_writes().clone();
     let mut vm = machine.vm();
     let images = match parent {
         None => views
             .iter()
-            .map(|view| {
-                let pages = image::existing_pages(view)?;
-                image::write_image(dir, &format::image_file_name(view.zone), view, &pages, Carry::NonZero)
+            .zip(&existing)
+            .map(|(view, pages)| {
+                image::write_image(dir, &format::image_file_name(view.zone), view, pages, Carry::NonZero, None)
             })
             .collect::<Result<Vec<_>, ImageError>>()?,
         Some(_) => {
-            let mut dirty: Vec<Vec<u64>> = vec![Vec::new(); views.len()];
-            for (slot, region) in machine.ram.regions().iter().enumerate() {
-                let unit = views[region.zone].page_bytes;
-                for page in vm.take_dirty_pages(slot)? {
-                    dirty[region.zone].push((region.fd_offset + page * 4096) / unit);
-                }
-            }
-            views
-                .iter()
-                .zip(&mut dirty)
-                .map(|(view, pages)| {
-                    pages.sort_unstable();
-                    pages.dedup();
-                    image::write_image(dir, &format::image_file_name(view.zone), view, pages, Carry::All)
-                })
-                .collect::<Result<Vec<_>, ImageError>>()?
+            // The guest's writes (KVM's dirty log) and the VMM's own (device writes and
+            // every discard since the parent), taken in the same pause.
+            taken.extend(writes.take());
+            diff_images(machine, &mut vm, dir, &views, &existing, taken)?
         }
     };
     if parent.is_none() {
         // From the first full snapshot on, the guest's writes are logged for diffs; a
         // fresh log starts clean, so the next diff holds exactly what follows.
         vm.enable_dirty_log()?;
-        // Logging may have been on before (an earlier full snapshot): reset it.
-        for slot in 0..machine.ram.regions().len() {
-            vm.take_dirty_pages(slot)?;
+        // Logging may have been on before (an earlier full snapshot): reset it, and the
+        // VMM's own writes with it (kept in `taken`: should this snapshot still fail, a
+        // diff on the earlier one needs them).
+        for (slot, region) in machine.ram.regions().iter().enumerate() {
+            taken.extend(vm.take_dirty_pages(slot)?.into_iter().map(|page| region.gpa + page * 4096));
         }
+        taken.extend(writes.take());
     }
     drop(vm);
+    drop(quiet);
     let file = SnapshotState {
         kind: if parent.is_some() { SnapshotKind::Diff } else { SnapshotKind::Full },
         parent: parent.map(|parent| parent_reference(dir, parent)),
@@ -312,6 +344,46 @@ fn write_snapshot(
     std::fs::write(&tmp, &bytes).map_err(io("write"))?;
     std::fs::rename(&tmp, dir.join(format::STATE_FILE)).map_err(io("rename"))?;
     Ok((images, bytes.len() as u64))
+}
+
+/// The diff's images: per zone, the pages the VMM wrote or discarded (`taken`, guest-
+/// physical, on entry) and the pages KVM logged dirty (added to `taken`), each carried
+/// whether zero or not; pages that no longer exist are carried as zeros without being
+/// read.
+fn diff_images(
+    machine: &Machine,
+    vm: &mut crate::vstate::Vm,
+    dir: &Path,
+    views: &[ZoneView],
+    existing: &[Vec<u64>],
+    taken: &mut Vec<u64>,
+) -> Result<Vec<ZoneImage>, SnapshotError> {
+    for (slot, region) in machine.ram.regions().iter().enumerate() {
+        taken.extend(vm.take_dirty_pages(slot)?.into_iter().map(|page| region.gpa + page * 4096));
+    }
+    let mut dirty: Vec<Vec<u64>> = vec![Vec::new(); views.len()];
+    for &gpa in taken.iter() {
+        if let Some((zone, offset)) = zone_offset(machine, gpa) {
+            dirty[zone].push(offset / views[zone].page_bytes);
+        }
+    }
+    Ok(views
+        .iter()
+        .zip(&mut dirty)
+        .zip(existing)
+        .map(|((view, pages), existing)| {
+            pages.sort_unstable();
+            pages.dedup();
+            let name = format::image_file_name(view.zone);
+            image::write_image(dir, &name, view, pages, Carry::All, Some(existing))
+        })
+        .collect::<Result<Vec<_>, ImageError>>()?)
+}
+
+/// The zone and offset in it of guest-physical `gpa`, if it is guest RAM.
+fn zone_offset(machine: &Machine, gpa: u64) -> Option<(usize, u64)> {
+    let region = machine.ram.regions().iter().find(|r| gpa >= r.gpa && gpa - r.gpa < r.size_bytes)?;
+    Some((region.zone, region.fd_offset + (gpa - region.gpa)))
 }
 
 /// How a diff in `dir` names its parent: `../NAME` when both are in the same directory

@@ -74,6 +74,14 @@ impl VirtioInterrupt {
         self.raised.load(Ordering::Relaxed)
     }
 
+    /// Puts InterruptStatus and ConfigGeneration back as a saved VM had them (restore,
+    /// before any vCPU runs; the interrupt controller's own state says whether a raised
+    /// interrupt is still pending, so nothing is raised here).
+    pub fn restore(&self, status: u32, generation: u32) {
+        self.status.store(status, Ordering::SeqCst);
+        self.generation.store(generation, Ordering::SeqCst);
+    }
+
     /// Clears InterruptStatus (device reset); the generation keeps counting.
     pub fn reset(&self) {
         self.status.store(0, Ordering::SeqCst);

@@ -6,15 +6,20 @@
 //! negotiated features, and sets DRIVER_OK, which activates the device. Writing 0 to
 //! Status resets everything. A device error sets DEVICE_NEEDS_RESET, raises a config
 //! interrupt, and the transport ignores notifications until the reset.
+//!
+//! Its state (registers, queues with their ring indices, interrupt status and config
+//! generation) is saved and restored through [`Persist`] ([`MmioTransportState`]).
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::interrupt::VirtioInterrupt;
 use super::{status, ActivateContext, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::MmioDevice;
+use crate::persist::Persist;
 
 /// The register layout this transport implements.
 const VERSION: u32 = 2;
@@ -375,4 +380,193 @@ pub fn virtio_mmio_cmdline_token(base: u64, size_bytes: u64, irq: u32) -> String
     let size =
         if size_bytes.is_multiple_of(1 << 10) { format!("{}K", size_bytes >> 10) } else { size_bytes.to_string() };
     format!("virtio_mmio.device={size}@{base:#x}:{irq}")
+}
+
+/// Errors restoring a transport's saved state.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportStateError {
+    /// The state is of another kind of device.
+    #[error("the saved virtio-mmio state is of device type {saved}, this slot holds device type {here}; restore onto the VM configuration it was saved with")]
+    DeviceType {
+        /// The saved device ID.
+        saved: u32,
+        /// This transport's device ID.
+        here: u32,
+    },
+    /// Some saved queues have no refused-register flags.
+    #[error("the saved virtio-mmio state has {queues} queues but refused-register flags for only {refused}; the state file is damaged")]
+    Refused {
+        /// Queues saved.
+        queues: usize,
+        /// Flag sets saved.
+        refused: usize,
+    },
+    /// A saved queue is not one virtio-queue accepts (size, alignment).
+    #[error("saved virtio queue {index} cannot be set up again: {reason}; the state file is damaged")]
+    Queue {
+        /// The queue index.
+        index: usize,
+        /// virtio-queue's error.
+        reason: String,
+    },
+}
+
+/// One virtqueue's configuration and ring positions (virtio-queue's `QueueState`, in a
+/// form serde can write).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueConfigState {
+    /// The most elements the device offers.
+    pub max_size: u16,
+    /// The size the driver chose.
+    pub size: u16,
+    /// QueueReady.
+    pub ready: bool,
+    /// The descriptor table's guest-physical address.
+    pub desc_table: u64,
+    /// The available ring's.
+    pub avail_ring: u64,
+    /// The used ring's.
+    pub used_ring: u64,
+    /// The next available-ring entry the device reads.
+    pub next_avail: u16,
+    /// The next used-ring entry the device writes.
+    pub next_used: u16,
+    /// VIRTIO_F_RING_EVENT_IDX.
+    pub event_idx: bool,
+}
+
+impl From<QueueState> for QueueConfigState {
+    fn from(q: QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx: q.event_idx_enabled,
+        }
+    }
+}
+
+impl QueueConfigState {
+    /// The queue again. Values the driver wrote that the queue refused were never in it,
+    /// so every saved queue converts back.
+    fn to_queue(self, index: usize) -> Result<Queue, TransportStateError> {
+        let state = QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        };
+        Queue::try_from(state).map_err(|e| TransportStateError::Queue { index, reason: e.to_string() })
+    }
+}
+
+/// The saved state of a virtio-mmio transport: every register the driver set, the queues
+/// (from the transport before activation, from the device after) with their ring
+/// indices, InterruptStatus and ConfigGeneration. The device's own state is saved by the
+/// device (e.g. the balloon's handle) and must be restored before this, because
+/// restoring an activated transport activates the device again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioTransportState {
+    /// The device's virtio ID (checked on restore).
+    pub device_type: u32,
+    /// Status.
+    pub status: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// The features the driver wrote.
+    pub driver_features: u64,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// The queues being set up (between FEATURES_OK and DRIVER_OK).
+    pub queues: Vec<QueueConfigState>,
+    /// Per queue, which registers held a refused value.
+    pub refused: Vec<[bool; 4]>,
+    /// Each queue's (size, ready) as the driver reads them after DRIVER_OK.
+    pub active_queues: Vec<(u16, bool)>,
+    /// The queues the activated device works on (None: not activated).
+    pub device_queues: Option<Vec<QueueConfigState>>,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// Why the device needs a reset, if it does.
+    pub last_error: Option<String>,
+}
+
+impl Persist for MmioTransport {
+    type State = MmioTransportState;
+    type Error = TransportStateError;
+
+    fn save(&self) -> Result<MmioTransportState, TransportStateError> {
+        Ok(MmioTransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+            refused: self.refused.clone(),
+            active_queues: self.active_queues.clone(),
+            device_queues: self
+                .device
+                .active_queue_states()
+                .map(|queues| queues.into_iter().map(QueueConfigState::from).collect()),
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.interrupt.generation(),
+            last_error: self.last_error.clone(),
+        })
+    }
+
+    /// Onto a transport fresh from [`MmioTransport::new`] (its device restored first).
+    /// An activated device is activated again with its saved queues, which also serves
+    /// whatever the driver made available that the device had not seen yet (a kick
+    /// still in flight when the VM was paused).
+    fn restore(&mut self, state: &MmioTransportState) -> Result<(), TransportStateError> {
+        let here = self.device.device_type();
+        if state.device_type != here {
+            return Err(TransportStateError::DeviceType { saved: state.device_type, here });
+        }
+        // Activation hands the queues to the device and keeps the flags: more flags than
+        // queues is normal, fewer would leave a queue without its own.
+        if state.refused.len() < state.queues.len() {
+            return Err(TransportStateError::Refused { queues: state.queues.len(), refused: state.refused.len() });
+        }
+        let queues = state.queues.iter().enumerate().map(|(i, q)| q.to_queue(i)).collect::<Result<Vec<_>, _>>()?;
+        let device_queues = match &state.device_queues {
+            Some(saved) => Some(saved.iter().enumerate().map(|(i, q)| q.to_queue(i)).collect::<Result<Vec<_>, _>>()?),
+            None => None,
+        };
+        self.status = state.status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.queues = queues;
+        self.refused = state.refused.clone();
+        self.active_queues = state.active_queues.clone();
+        self.last_error = state.last_error.clone();
+        self.interrupt.restore(state.interrupt_status, state.config_generation);
+        // A device that needs a reset serves nothing until the driver resets it, which
+        // rebuilds everything: it is not activated again.
+        if let (Some(queues), false) = (device_queues, self.needs_reset()) {
+            let context = ActivateContext { memory: self.memory.clone(), queues, features: self.driver_features };
+            if let Err(e) = self.device.activate(context) {
+                self.device_error(e);
+            }
+        }
+        Ok(())
+    }
 }

@@ -112,4 +112,7 @@ pub trait VirtioDevice: Send {
     fn queue_notify(&mut self, index: u16) -> Result<(), DeviceError>;
     /// Back to the state before activation (drops queues and memory).
     fn reset(&mut self);
+    /// The queues the device works on, with their ring positions, if it is activated
+    /// (for the transport's saved state; the transport holds them before activation).
+    fn active_queue_states(&self) -> Option<Vec<virtio_queue::QueueState>>;
 }

@@ -169,6 +169,22 @@ impl BalloonHandle {
         }
     }
 
+    /// Target, actual, the schedule still to come, and whether the next target is due
+    /// (for a saved state).
+    pub(super) fn position(&self) -> (u32, u32, Vec<u32>, bool) {
+        let schedule = self.remaining_schedule();
+        (self.target_pages(), self.actual_pages(), schedule, self.advance_pending.load(Ordering::SeqCst))
+    }
+
+    /// Puts a saved position back, without telling the guest (it saw the target
+    /// already; the restored interrupt state says whether it still has to look).
+    pub(super) fn restore_position(&self, target: u32, actual: u32, schedule: &[u32], advance_pending: bool) {
+        *self.lock_schedule() = schedule.iter().copied().collect();
+        self.target.store(target, Ordering::SeqCst);
+        self.actual.store(actual, Ordering::SeqCst);
+        self.advance_pending.store(advance_pending, Ordering::SeqCst);
+    }
+
     pub(super) fn reset_actual(&self) {
         self.advance_pending.store(false, Ordering::SeqCst);
         self.actual.store(0, Ordering::SeqCst);

@@ -28,6 +28,7 @@ mod control;
 mod handle;
 mod pages;
 mod runtime;
+mod saved;
 mod state;
 mod stats;
 
@@ -37,6 +38,7 @@ mod tests;
 use std::sync::Arc;
 
 pub use handle::{BalloonCounters, BalloonHandle};
+pub use saved::{BalloonState, BalloonStateError};
 pub use state::{BalloonEvent, BalloonObserver};
 pub use stats::GuestStats;
 
@@ -162,7 +164,8 @@ impl Balloon {
             features |= (on as u64) << bit;
         }
         let pages = pages::BalloonPages::new(&regions);
-        let runtime = Runtime { discarder, regions, pages, active: None, pending: Default::default() };
+        let runtime =
+            Runtime { discarder, regions, pages, active: None, pending: Default::default(), restored_stats_head: None };
         let handle = Arc::new(BalloonHandle::new(runtime, interrupt, &config.schedule, config.initial_target_pages));
         (Self { features, queue_size: config.queue_size, handle: handle.clone() }, handle)
     }
@@ -235,8 +238,9 @@ impl VirtioDevice for Balloon {
                 indices.count()
             )));
         }
-        let active = Active { memory: context.memory, queues: context.queues, indices, stats_head: None };
         let mut runtime = self.handle.runtime();
+        let stats_head = runtime.restored_stats_head.take();
+        let active = Active { memory: context.memory, queues: context.queues, indices, stats_head };
         runtime.active = Some(active);
         let result = runtime.process_pending(self.handle.state());
         drop(runtime);
@@ -252,6 +256,11 @@ impl VirtioDevice for Balloon {
             self.handle.record_error(&e.to_string());
         }
         result
+    }
+
+    fn active_queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        let runtime = self.handle.runtime();
+        runtime.active.as_ref().map(|active| active.queues.iter().map(|q| q.state()).collect())
     }
 
     fn reset(&mut self) {

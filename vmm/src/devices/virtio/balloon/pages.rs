@@ -134,6 +134,26 @@ impl BalloonPages {
             .sum()
     }
 
+    /// The pages in the balloon as sorted runs of contiguous 4 KiB pages.
+    pub fn ranges(&self) -> Vec<GuestRange> {
+        let mut out: Vec<GuestRange> = Vec::new();
+        for r in &self.regions {
+            for (index, &word) in r.bits.iter().enumerate() {
+                let mut bits = word;
+                while bits != 0 {
+                    let bit = bits.trailing_zeros() as u64;
+                    let gpa = r.gpa + (index as u64 * 64 + bit) * PAGE_4K;
+                    match out.last_mut() {
+                        Some(last) if last.end() == gpa => last.len += PAGE_4K,
+                        _ => out.push(GuestRange::new(gpa, PAGE_4K)),
+                    }
+                    bits &= bits - 1;
+                }
+            }
+        }
+        out
+    }
+
     /// Empties the balloon (device reset: the guest owns all its memory again).
     pub fn clear(&mut self) {
         for r in &mut self.regions {

@@ -47,7 +47,11 @@ pub(super) struct Runtime {
     pub pages: BalloonPages,
     pub active: Option<Active>,
     /// Inflated pages whose discard is still to come (see [`Runtime::flush_inflated`]).
+    /// Empty between notifications (each one flushes before it returns), so a saved
+    /// state never needs it.
     pub pending: PendingInflate,
+    /// The statistics buffer a restored device holds, until activation takes it.
+    pub restored_stats_head: Option<u16>,
 }
 
 /// Pages put in the balloon whose host memory is not freed yet.
@@ -76,6 +80,7 @@ impl Runtime {
         let Some(active) = self.active.as_mut() else { return false };
         let (Some(head), Some(index)) = (active.stats_head.take(), active.indices.stats) else { return false };
         let queue = &mut active.queues[index as usize];
+        mark_used_ring(&self.discarder, queue);
         match queue.add_used(&active.memory, head, 0) {
             Ok(()) => {
                 if driver_wants_interrupt(queue, &active.memory) {
@@ -130,6 +135,9 @@ impl Runtime {
         // The inflated pages of every chain, discarded in as few host operations as their
         // runs allow, before the driver sees any of those chains used.
         self.flush_inflated(handle);
+        if !done_heads.is_empty() {
+            mark_used_ring(&self.discarder, &self.active.as_ref().expect("active").queues[index as usize]);
+        }
         let mut used = 0;
         for head in done_heads {
             if kind == QueueKind::Stats {
@@ -265,6 +273,7 @@ impl Runtime {
         let Some(region) = self.regions.by_gpa(gpa) else { return };
         let resident = accounting::resident_bytes(region.host_of(gpa), PAGE_4K).unwrap_or(0) > 0;
         let Some(active) = self.active.as_ref().filter(|_| resident) else { return };
+        self.discarder.vmm_writes().mark(GuestRange::new(gpa, PAGE_4K));
         match active.memory.write_slice(&[0u8; PAGE_4K as usize], GuestAddress(gpa)) {
             Ok(()) => add(&handle.counters.zeroed, 1),
             Err(e) => tracing::warn!("balloon: cannot zero ballooned page {gpa:#x}: {e}"),
@@ -405,6 +414,13 @@ fn check_readable(chain: &ValidChain, queue: u16) -> Result<(), DeviceError> {
     }
     let what = format!("chain {} has a device-writable buffer where the device only reads", chain.head);
     Err(DeviceError::Request { queue, what })
+}
+
+/// Records the used ring of `queue` (flags, idx, the ring, avail_event) as written by the
+/// VMM, for diff snapshots: KVM's dirty log does not see the device's writes.
+fn mark_used_ring(discarder: &Discarder, queue: &Queue) {
+    let len = 6 + 8 * queue.size() as u64;
+    discarder.vmm_writes().mark(GuestRange::new(queue.used_ring(), len));
 }
 
 /// Puts `head` in the used ring (nothing written to it); returns 1 for counting.

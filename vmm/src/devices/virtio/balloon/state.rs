@@ -95,6 +95,21 @@ impl DeviceState {
         *stats = Some((GuestStats { values, updates }, Instant::now()));
     }
 
+    /// The latest statistics without their age (for a saved state).
+    pub fn saved_stats(&self) -> Option<GuestStats> {
+        self.stats()
+    }
+
+    /// Puts saved statistics back; their age starts again at the restore.
+    pub fn restore_stats(&self, stats: Option<GuestStats>) {
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = stats.map(|s| (s, Instant::now()));
+    }
+
+    /// Puts a saved last error back (the error counter is restored with the counters).
+    pub fn restore_last_error(&self, error: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+
     pub fn record_error(&self, error: &str) {
         add(&self.counters.device_errors, 1);
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());

@@ -4,6 +4,7 @@
 
 mod figures;
 mod malicious;
+mod persist;
 mod uffd;
 
 use vm_memory::{Bytes, GuestAddress};
