@@ -25,6 +25,8 @@ use crate::guest_report::GuestReportCollector;
 use crate::host::HostError;
 use crate::machine::{Machine, MachineDevices, MachineParts};
 use crate::memory::{self, GuestRam};
+use crate::migration::destination::Incoming;
+use crate::migration::{MigrationError, Migrations};
 use crate::paging::{EngineFailureHook, GuestPaging, PagingError};
 use crate::report::{HostMemory, RunReport};
 use crate::smmu::page_source::{PageSource, ZeroSource};
@@ -75,6 +77,9 @@ pub enum VmmError {
     /// The control socket could not be served.
     #[error(transparent)]
     Api(#[from] ApiError),
+    /// An incoming migration failed (nothing was started).
+    #[error("incoming migration: {0}")]
+    Migration(#[from] MigrationError),
     /// The host could not be set up for host changes.
     #[error("host changes: {0}")]
     Host(#[from] HostError),
@@ -166,6 +171,7 @@ pub struct Vmm {
     options: RunOptions,
     setup_ns: u64,
     restored_bytes: Option<u64>,
+    migrations: Arc<Migrations>,
     // Host changes' setup and the KVM trace: dropped after the machine (restores the host).
     host: HostSide,
 }
@@ -217,8 +223,36 @@ impl Vmm {
         Ok(Vmm::assemble(machine, options, Some(loaded), host))
     }
 
+    /// Waits on `uri` for a VM migrated by another faultline (`faultline ctl migrate`),
+    /// builds it from the configuration the source sends, receives its memory and state,
+    /// and acknowledges; the vCPUs go on when [`Vmm::run`] lets them. A broken or refused
+    /// stream is an error and nothing runs (the source is told and runs on).
+    pub fn incoming(uri: &str, console: Option<bool>, options: &RunOptions) -> Result<Self, VmmError> {
+        let mut incoming = Incoming::accept(uri)?;
+        let mut config = incoming.config().clone();
+        if let Some(console) = console {
+            config.console = console;
+        }
+        let built =
+            config.validate().map_err(VmmError::from).and_then(|()| build_machine(&config, options, Start::Restore));
+        let (machine, host) = match built {
+            Ok(built) => built,
+            Err(e) => return Err(incoming.refuse(MigrationError::Unsupported(e.to_string())).into()),
+        };
+        let restored = incoming.receive(&machine).and_then(|state| Ok(machine.restore_state(state)?));
+        if let Err(e) = restored {
+            return Err(incoming.refuse(e).into());
+        }
+        let metrics = incoming.acknowledge()?;
+        let loaded = metrics.normal_bytes;
+        let vmm = Vmm::assemble(machine, options, Some(loaded), host);
+        vmm.migrations.record_incoming(metrics);
+        Ok(vmm)
+    }
+
     fn assemble(machine: Machine, options: &RunOptions, restored_bytes: Option<u64>, host: HostSide) -> Self {
         Vmm {
+            migrations: Arc::new(Migrations::default()),
             host,
             machine: Arc::new(machine),
             history: Arc::new(SnapshotHistory::default()),
@@ -236,7 +270,7 @@ impl Vmm {
     /// Lets the vCPUs run, serves the control socket and the chaos driver until the VM
     /// ends (or the run's time limit passes), then tears the VM down and reports.
     pub fn run(self) -> Result<RunReport, VmmError> {
-        let Vmm { machine, history, options, setup_ns, restored_bytes, host: mut host_side } = self;
+        let Vmm { machine, history, options, setup_ns, restored_bytes, migrations, host: mut host_side } = self;
         let config = machine.config.clone();
         let watch = machine
             .devices
@@ -249,7 +283,7 @@ impl Vmm {
         }
         let api = match &options.api_socket {
             Some(path) => {
-                let target = Arc::new(VmTarget::new(machine.clone(), history.clone()));
+                let target = Arc::new(VmTarget::new(machine.clone(), history.clone(), migrations.clone()));
                 let server: LoopSubscriber = Arc::new(Mutex::new(ControlServer::bind(path, target)?));
                 vec![server]
             }
@@ -260,7 +294,7 @@ impl Vmm {
             false => None,
         };
         let deadline = options.timeout.map(|t| std::time::Instant::now() + t);
-        let (waited, chaos, host, noise) = std::thread::scope(|scope| {
+        let (waited, chaos, host, noise, migration) = std::thread::scope(|scope| {
             let (host, noise) = host_side.spawn(scope, &machine);
             let chaos = config.chaos.as_ref().map(|chaos_config| {
                 let segments = chaos::workload_segments(&machine.ram.ram_ranges(), config.workload.size_bytes);
@@ -280,10 +314,12 @@ impl Vmm {
             }
             machine.control.end(VmExit::Stopped { reason: "the vCPUs returned".into() });
             machine.stop_vcpus();
+            // A migration still running is cancelled (the VM ended); its thread holds the machine.
+            let migration = migrations.finish();
             let chaos = chaos.map(|h| h.join().unwrap_or_else(|_| chaos_panicked()));
             let host = host.map(|h| h.join().unwrap_or_else(|_| host_changes::panicked()));
             let noise = noise.and_then(|h| h.join().ok());
-            (waited, chaos, host, noise)
+            (waited, chaos, host, noise, migration)
         });
         drop(signals);
         waited?;
@@ -322,6 +358,7 @@ impl Vmm {
             host_changes: host,
             kvm_trace,
             host_noise: noise,
+            migration,
         })
     }
 }
