@@ -78,7 +78,9 @@ pub struct MigrateArgs {
     /// Pre-copy rounds after the first before the stop-and-copy is forced.
     #[arg(long, value_name = "N")]
     pub max_rounds: Option<u32>,
-    /// Wait until it ends, with a progress line on stderr; exit 1 unless it completed.
+    /// Wait until it ends, with a progress line on stderr; exit 1 if it failed or was
+    /// cancelled (status `source-ended`: the source VM ended, its socket closed, before
+    /// the last poll saw the outcome).
     #[arg(long)]
     pub wait: bool,
 }
@@ -224,7 +226,7 @@ pub fn execute(args: &CtlArgs) -> Result<String, ClientError> {
     if let CtlCommand::Migrate(MigrateArgs { action: None, wait: true, .. }) = &args.command {
         result = wait_for_migration(&mut client, result)?;
         let status = result["status"].as_str().unwrap_or("?");
-        if status != "completed" {
+        if status != "completed" && status != "source-ended" {
             let text = if args.json {
                 serde_json::to_string_pretty(&result).unwrap_or_default()
             } else {
@@ -298,18 +300,19 @@ fn wait_for_migration(client: &mut ControlClient, mut status: Value) -> Result<V
         std::thread::sleep(Duration::from_millis(50));
         match client.call("migrate.status", Value::Null) {
             Ok(next) => status = next,
-            // The source VM ends (and its socket closes) only once the destination has
-            // acknowledged the VM during the switch-over, or when the VM itself ended.
-            Err(e @ (ClientError::Io(_) | ClientError::Closed)) => {
+            // The source VM ends (and its control socket closes) when the destination
+            // has acknowledged it, or when the guest or a signal ended it meanwhile: this
+            // end cannot tell which any more; both ends' run reports can.
+            Err(e @ (ClientError::Io(_) | ClientError::Closed)) if status["status"] != "setup" => {
                 if terminal {
                     eprintln!();
                 }
-                if status["status"] == "device" {
-                    status["status"] = "completed".into();
-                    status["note"] = "the source VM ended during the switch-over: it runs at the destination".into();
-                    return Ok(status);
-                }
-                return Err(e);
+                status["status"] = "source-ended".into();
+                status["note"] = format!(
+                    "the source VM ended during the migration (its control socket closed: {e}); it migrated, unless the guest ended first: see both ends' run reports"
+                )
+                .into();
+                return Ok(status);
             }
             Err(e) => return Err(e),
         }

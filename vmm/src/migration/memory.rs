@@ -117,17 +117,15 @@ impl Zones {
         let mut counts = PageCounts::default();
         for i in 0..count {
             let at = frame.len();
-            frame.resize(at + unit as usize, 0);
             let offset = ((first + i) * unit) as usize;
             // SAFETY: [offset, offset + unit) lies inside the zone's live mapping (asserted
-            // above); the destination buffer was just sized for it. The guest may write
-            // the page concurrently; the copy is then torn, and the page is dirty in KVM's
-            // log, so a later round (or the stop-and-copy, with the vCPUs paused) sends it
-            // again. Reading a page that does not exist yet maps the zero page, or goes
-            // through the fault engine for zones under userfaultfd.
-            unsafe {
-                std::ptr::copy_nonoverlapping(view.host_addr.add(offset), frame[at..].as_mut_ptr(), unit as usize)
-            };
+            // above). The guest may write the page concurrently; the copy is then torn,
+            // and the page is dirty in KVM's log, so a later round (or the stop-and-copy,
+            // with the vCPUs paused) sends it again. The slice lives only for the copy.
+            // Reading a page that does not exist yet maps the zero page, or goes through
+            // the fault engine for zones under userfaultfd.
+            let page = unsafe { std::slice::from_raw_parts(view.host_addr.add(offset), unit as usize) };
+            frame.extend_from_slice(page);
             if image::is_zero(&frame[at..]) {
                 frame.truncate(at);
                 frame[map_at + (i / 8) as usize] |= 1 << (i % 8);
