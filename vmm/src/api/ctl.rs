@@ -273,14 +273,11 @@ fn wait_for_migration(client: &mut ControlClient, mut status: Value) -> Result<V
     use std::io::Write;
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     loop {
-        match status["status"].as_str() {
-            Some("completed" | "failed" | "cancelled") => {
-                if terminal {
-                    eprintln!();
-                }
-                return Ok(status);
+        if let Some("completed" | "failed" | "cancelled") = status["status"].as_str() {
+            if terminal {
+                eprintln!();
             }
-            _ => {}
+            return Ok(status);
         }
         if terminal {
             let total = status["total"].as_u64().unwrap_or(0).max(1);
