@@ -189,6 +189,28 @@ fn precopy_over_unix_and_tcp_on_1_and_2_vcpus_loses_no_write() {
     }
 }
 
+#[test]
+fn a_vm_with_a_hugetlb_zone_moves_in_2_mib_pages() {
+    if !root_and_kvm("live migration tests") {
+        return;
+    }
+    let _one = exclusive();
+    // 16 huge pages at each end.
+    let Some(_pool) = common::HugepagePool::reserve(32) else { return };
+    let scratch = ScratchDir::new("migrate-hugetlb");
+    let uri = format!("unix:{}", scratch.0.join("in.sock").display());
+    let mut args = workload("2", "size=16M", "6000");
+    args.extend(["-m".to_string(), "size=32M,backend=hugetlb".to_string()]);
+    let source = Source::start(&scratch.0, "src", &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let dest = destination(&uri);
+    let (code, result, stderr) = source.migrate(&uri);
+    assert_eq!(code, 0, "{stderr} {result}");
+    let (source, dest) = (source.wait(), outcome(dest.wait_with_output().unwrap()));
+    assert_arrived_whole(&dest, &source);
+    assert_eq!(dest.report["backends"], serde_json::json!(["anon", "hugetlb"]));
+    assert_eq!(source.report["migration"]["page-size"], 2 << 20);
+}
+
 /// What the relay does to the source's bytes.
 #[derive(Debug, Clone, Copy)]
 enum Fault {
