@@ -356,6 +356,61 @@ fn corrupted_streams_are_refused_by_the_destination_and_the_source_goes_on() {
 }
 
 #[test]
+fn cancel_and_timeout_leave_the_source_running_and_it_migrates_again() {
+    if !root_and_kvm("live migration tests") {
+        return;
+    }
+    let _one = exclusive();
+    let scratch = ScratchDir::new("migrate-cancel");
+    let args = workload("1", "size=32M", "15000");
+    let source = Source::start(&scratch.0, "src", &args.iter().map(String::as_str).collect::<Vec<_>>());
+    // Cancel: `migrate` answers at once (the transfer is on its own thread, held to
+    // 4 MiB/s so it is still going), `migrate cancel` stops it.
+    let uri = format!("unix:{}", scratch.0.join("cancel.sock").display());
+    let dest = destination(&uri);
+    let (code, first, stderr) = source.ctl(&["migrate", &uri, "--bandwidth", "4M"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(["setup", "active"].contains(&first["status"].as_str().unwrap()), "{first}");
+    let started = Instant::now();
+    while source.ctl(&["migrate", "status"]).1["status"] != "active" {
+        assert!(started.elapsed() < Duration::from_secs(20), "the migration never became active");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, _, stderr) = source.ctl(&["migrate", &uri]);
+    assert_eq!(code, 1, "a second migration while one runs is refused");
+    assert!(stderr.contains("already running"), "{stderr}");
+    let (code, _, stderr) = source.ctl(&["migrate", "cancel"]);
+    assert_eq!(code, 0, "{stderr}");
+    let status = loop {
+        let status = source.ctl(&["migrate", "status"]).1;
+        if status["status"] != "active" && status["status"] != "setup" {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status["status"], "cancelled", "{status}");
+    assert!(status["transferred"].as_u64().unwrap() > 0, "{status}");
+    source.assert_running("a cancelled migration");
+    let dest = outcome(dest.wait_with_output().unwrap());
+    assert_eq!(dest.code, 2, "{}", dest.stderr);
+    assert!(dest.report.is_null() && dest.stderr.contains("incoming migration"), "{}", dest.stderr);
+    let (code, _, stderr) = source.ctl(&["migrate", "cancel"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("no migration is running"), "{stderr}");
+
+    // --timeout: it gives up and the VM runs on.
+    let uri = format!("unix:{}", scratch.0.join("timeout.sock").display());
+    let dest = destination(&uri);
+    let (code, result, _) = source.ctl(&["migrate", &uri, "--bandwidth", "4M", "--timeout", "1", "--wait"]);
+    assert_eq!(code, 1, "{result}");
+    assert_eq!(result["status"], "failed", "{result}");
+    assert!(result["error"].as_str().unwrap().contains("--timeout of 1 s"), "{result}");
+    source.assert_running("a timed-out migration");
+    assert_eq!(outcome(dest.wait_with_output().unwrap()).code, 2);
+    migrate_cleanly(source, &scratch.0);
+}
+
+#[test]
 fn mismatched_handshakes_and_unmigratable_vms_are_refused_clearly() {
     if !root_and_kvm("live migration tests") {
         return;
