@@ -362,7 +362,7 @@ fn cancel_and_timeout_leave_the_source_running_and_it_migrates_again() {
     }
     let _one = exclusive();
     let scratch = ScratchDir::new("migrate-cancel");
-    let args = workload("1", "size=32M", "15000");
+    let args = workload("1", "size=32M", "25000");
     let source = Source::start(&scratch.0, "src", &args.iter().map(String::as_str).collect::<Vec<_>>());
     // Cancel: `migrate` answers at once (the transfer is on its own thread, held to
     // 4 MiB/s so it is still going), `migrate cancel` stops it.
