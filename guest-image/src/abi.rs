@@ -164,7 +164,7 @@ pub mod cmdline {
     /// TSC frequency in kHz, if the VMM knows it (else CPUID 0x15/0x16, else 0x40000010).
     pub const TSC_KHZ: &str = "fl.tsc_khz";
     /// Comma-separated steps run in order, each split across all CPUs:
-    /// `fill`, `verify`, `touch`, `dirty`, `idle`, `churn`, `balloon`, and the fault-injection steps
+    /// `fill`, `verify`, `touch`, `dirty`, `idle`, `churn`, `generations`, `balloon`, and the fault-injection steps
     /// `triple-fault` and `cpl0-sse` (tests only). Default `fill,verify`.
     pub const STEPS: &str = "fl.steps";
     /// Bytes of the workload region to use (`all`, or a size like `64M`); default all.
@@ -184,9 +184,9 @@ pub mod cmdline {
     pub const ACCESS: &str = "fl.access";
     /// Passes of `touch` over the same pages (default 2: cold then warm).
     pub const PASSES: &str = "fl.passes";
-    /// Pages per second `dirty` rewrites (all CPUs together; default 10000).
+    /// Pages per second `dirty` and `generations` rewrite (all CPUs together; default 10000).
     pub const RATE_PAGES_PER_S: &str = "fl.rate";
-    /// How long `dirty` and `idle` run, in milliseconds (default 1000); also how long
+    /// How long `dirty`, `generations` and `idle` run, in milliseconds (default 1000); also how long
     /// `balloon` follows the host when `fl.balloon_changes=0`.
     pub const DURATION_MS: &str = "fl.duration_ms";
     /// `1`: `churn` ignores the duration and runs until the VMM asks it to stop on the
@@ -237,6 +237,14 @@ pub enum Step {
     /// in place (a `fill` step before it); a later `verify` (or a second `balloon`) step
     /// passes only if the host's last target was 0, since held pages stay the host's.
     Balloon,
+    /// Writes generation 0 into every page, then for `fl.duration_ms` rewrites each CPU's
+    /// pages round after round at `fl.rate` pages/s, round `g` writing
+    /// [`generation_word`]`(seed, gpa, g, word)` (word 0 holds `g` itself). At the end every
+    /// page must hold exactly the generation its CPU's cursor says (pages before the cursor
+    /// `g`, the rest `g - 1`) with the whole pattern: a lost or stale write (e.g. a page a
+    /// live migration did not carry over) is a mismatch. Prints `result` (with `rounds`)
+    /// and `verify` lines.
+    Generations,
 }
 
 impl Step {
@@ -252,6 +260,7 @@ impl Step {
             "triple-fault" => Self::TripleFault,
             "cpl0-sse" => Self::Cpl0Sse,
             "balloon" => Self::Balloon,
+            "generations" => Self::Generations,
             _ => return None,
         })
     }
@@ -268,6 +277,7 @@ impl Step {
             Self::TripleFault => "triple-fault",
             Self::Cpl0Sse => "cpl0-sse",
             Self::Balloon => "balloon",
+            Self::Generations => "generations",
         }
     }
 }
@@ -336,6 +346,18 @@ pub const fn churn_seed(seed: u64, round: u64) -> u64 {
         seed
     } else {
         seed ^ splitmix64(round)
+    }
+}
+
+/// Word `word_index` of the page at `page_gpa` in generation `generation` of the
+/// `generations` step: word 0 is the generation itself, the others the pattern of a seed
+/// derived from (`seed`, `generation`).
+#[inline(always)]
+pub const fn generation_word(seed: u64, page_gpa: u64, generation: u64, word_index: u64) -> u64 {
+    if word_index == 0 {
+        generation
+    } else {
+        pattern_word(churn_seed(seed, generation + 1), page_gpa, word_index)
     }
 }
 
@@ -455,7 +477,9 @@ mod tests {
 
     #[test]
     fn steps_round_trip() {
-        for name in ["fill", "verify", "touch", "dirty", "idle", "churn", "triple-fault", "cpl0-sse", "balloon"] {
+        for name in
+            ["fill", "verify", "touch", "dirty", "idle", "churn", "triple-fault", "cpl0-sse", "balloon", "generations"]
+        {
             assert_eq!(Step::parse(name).unwrap().name(), name);
         }
         assert_eq!(Step::parse("nope"), None);

@@ -69,8 +69,10 @@ pub struct CpuResult {
     pub(crate) histogram: Histogram,
     /// `churn`: pages found entirely zero (discarded since the previous round).
     pub(crate) zeroed_pages: u64,
-    /// `churn`: complete rounds.
+    /// `churn`, `generations`: complete rounds.
     pub(crate) rounds: u64,
+    /// `generations`: pages holding another generation than their cursor says.
+    pub(crate) bad_pages: u64,
 }
 
 impl CpuResult {
@@ -85,6 +87,7 @@ impl CpuResult {
             histogram: Histogram::new(),
             zeroed_pages: 0,
             rounds: 0,
+            bad_pages: 0,
         }
     }
 

@@ -1,4 +1,5 @@
-//! The steps: fill, verify, touch, dirty, idle and the fault-injection steps.
+//! The steps: fill, verify, touch, dirty, idle, churn, generations and the
+//! fault-injection steps.
 //!
 //! Every step runs on all CPUs between two barriers ([`phase`]); each CPU handles its
 //! contiguous share of the work and writes its own [`CpuResult`]; the BSP then merges the
@@ -9,7 +10,8 @@ use core::hint::spin_loop;
 use core::ptr::addr_of_mut;
 
 use faultline_abi::{
-    churn_seed, pattern_word, report, splitmix64, ExitStatus, Step, MAX_CPUS, REPORT_PREFIX, VERIFY_REPORT_MAX,
+    churn_seed, generation_word, pattern_word, report, splitmix64, ExitStatus, Step, MAX_CPUS, REPORT_PREFIX,
+    VERIFY_REPORT_MAX,
 };
 
 use crate::balloon_step;
@@ -40,6 +42,7 @@ fn phase(cpus: u32, cpu: u32, work: impl FnOnce(&mut CpuResult)) {
     result.first_count = 0;
     result.zeroed_pages = 0;
     result.rounds = 0;
+    result.bad_pages = 0;
     result.histogram.clear();
     let start = tsc::now();
     work(result);
@@ -100,6 +103,15 @@ pub fn run_steps(cpu: u32) -> ExitStatus {
             }
             GuestStep::Abi(Step::Churn) => {
                 phase(cpus, cpu, |result| churn(context, cpu, result));
+                if cpu == 0 {
+                    print_result(step, None, cpus);
+                    if !print_verify(cpus) {
+                        status = ExitStatus::VerifyFailed;
+                    }
+                }
+            }
+            GuestStep::Abi(Step::Generations) => {
+                phase(cpus, cpu, |result| generations(context, cpu, result));
                 if cpu == 0 {
                     print_result(step, None, cpus);
                     if !print_verify(cpus) {
@@ -385,6 +397,76 @@ fn churn(context: &Context, cpu: u32, result: &mut CpuResult) {
     result.rounds = round - 1;
 }
 
+/// Writes generation `generation` of the `generations` step into the page at `gpa`.
+fn write_generation(seed: u64, gpa: u64, generation: u64) {
+    let page = gpa as *mut u64;
+    for word in 0..WORDS_PER_PAGE {
+        // SAFETY: a page of the workload region (identity-mapped RAM) that only this CPU
+        // touches during this step.
+        unsafe { page.add(word as usize).write_volatile(generation_word(seed, gpa, generation, word)) };
+    }
+}
+
+/// Writes generation 0 into this CPU's pages, then rewrites them in order at its share
+/// of the rate, generation after generation, for the step's duration; then checks that
+/// every page holds the generation its cursor says (before the cursor the current one,
+/// from it on the previous one). A page holding anything else lost a write (or got a
+/// stale one back): `bad_pages` counts them, every wrong word is a mismatch.
+fn generations(context: &Context, cpu: u32, result: &mut CpuResult) {
+    let config = &context.config;
+    let region = &context.region;
+    let (first, end) = Region::share(region.pages, cpu, config.cpus);
+    if first >= end {
+        return;
+    }
+    let seed = config.seed;
+    for index in first..end {
+        write_generation(seed, region.gpa(index), 0);
+    }
+    let (rate_low, rate_high) = Region::share(config.rate_pages_per_s, cpu, config.cpus);
+    let rate = u128::from(rate_high - rate_low);
+    let hz = u128::from(tsc::effective_khz(context.tsc_khz)) * 1000;
+    let duration = tsc::ms_to_cycles(config.duration_ms, context.tsc_khz);
+    let start = tsc::now();
+    let (mut written, mut cursor, mut generation) = (0u64, first, 1u64);
+    loop {
+        let elapsed = tsc::now() - start;
+        if elapsed >= duration {
+            break;
+        }
+        let due = (u128::from(elapsed) * rate / hz) as u64;
+        if written < due {
+            write_generation(seed, region.gpa(cursor), generation);
+            written += 1;
+            cursor += 1;
+            if cursor == end {
+                cursor = first;
+                generation += 1;
+            }
+        } else {
+            spin_loop();
+        }
+    }
+    for index in first..end {
+        let gpa = region.gpa(index);
+        let expected_generation = if index < cursor { generation } else { generation - 1 };
+        let page = gpa as *const u64;
+        let mut bad = false;
+        for word in 0..WORDS_PER_PAGE {
+            // SAFETY: a page of the workload region (identity-mapped RAM).
+            let found = unsafe { page.add(word as usize).read_volatile() };
+            let expected = generation_word(seed, gpa, expected_generation, word);
+            if found != expected {
+                bad = true;
+                result.note_mismatch(Mismatch { gpa: gpa + word * 8, expected, found });
+            }
+        }
+        result.bad_pages += u64::from(bad);
+    }
+    result.pages = end - first;
+    result.rounds = generation - 1;
+}
+
 /// Spins for the step's duration, or with `fl.until_stopped` until the VMM asks it to
 /// stop (the port is read about once a millisecond: each read is an exit).
 fn idle(context: &Context) {
@@ -426,6 +508,11 @@ fn print_result(step: GuestStep, pass: Option<u32>, cpus: u32) {
         let zeroed: u64 = results.iter().map(|r| r.zeroed_pages).sum();
         let rounds = results.iter().map(|r| r.rounds).min().unwrap_or(0);
         let _ = write!(out, ",\"zeroed_pages\":{zeroed},\"rounds\":{rounds}");
+    }
+    if step == GuestStep::Abi(Step::Generations) {
+        let bad: u64 = results.iter().map(|r| r.bad_pages).sum();
+        let rounds = results.iter().map(|r| r.rounds).min().unwrap_or(0);
+        let _ = write!(out, ",\"bad_pages\":{bad},\"rounds\":{rounds}");
     }
     if step == GuestStep::Abi(Step::Touch) {
         // SAFETY: only the BSP uses the merge buffer.

@@ -49,6 +49,13 @@ pub enum VmExit {
         /// Why.
         reason: String,
     },
+    /// The VM was live-migrated away: it runs on at the destination now.
+    Migrated {
+        /// Where it went (`unix:PATH`, `tcp:HOST:PORT`).
+        to: String,
+        /// How long its vCPUs were paused here until the destination had it, µs.
+        downtime_us: u64,
+    },
     /// A signal (SIGINT, SIGTERM, SIGHUP) ended the run.
     Interrupted {
         /// The signal's name.
@@ -78,6 +85,9 @@ impl VmExit {
             VmExit::FaultEngineFailed { reason } => format!("the fault engine failed, VM stopped: {reason}"),
             VmExit::Stopped { reason } => format!("stopped: {reason}"),
             VmExit::Interrupted { signal } => format!("interrupted by {signal}"),
+            VmExit::Migrated { to, downtime_us } => {
+                format!("migrated to {to} (paused {:.1} ms until the destination had it)", *downtime_us as f64 / 1e3)
+            }
         }
     }
 }

@@ -108,9 +108,12 @@ pub struct GuestStepResult {
     /// `churn`: pages found entirely zero (discarded under the guest).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zeroed_pages: Option<u64>,
-    /// `churn`: complete rounds over the region (slowest CPU).
+    /// `churn`, `generations`: complete rounds over the region (slowest CPU).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rounds: Option<u64>,
+    /// `generations`: pages that did not hold the generation they should (lost or stale writes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bad_pages: Option<u64>,
 }
 
 /// A guest `done` line.

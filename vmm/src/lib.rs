@@ -16,6 +16,7 @@ pub mod guest_report;
 pub mod host;
 pub mod machine;
 pub mod memory;
+pub mod migration;
 pub mod paging;
 pub mod persist;
 pub mod report;

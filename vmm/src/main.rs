@@ -110,7 +110,12 @@ fn restore(args: &RestoreArgs, started: Instant) -> ExitCode {
         stop_on_signals: true,
         ..RunOptions::new(started, args.timeout)
     };
-    finish(vmm::Vmm::restore(&args.from, &overrides, &options).and_then(vmm::Vmm::run), args.json)
+    let vmm = match (&args.incoming, &args.from) {
+        (Some(uri), _) => vmm::Vmm::incoming(uri, args.console.then_some(true), &options),
+        (None, Some(from)) => vmm::Vmm::restore(from, &overrides, &options),
+        (None, None) => return fail(&"give --from DIR (a snapshot) or --incoming URI (a migration)"),
+    };
+    finish(vmm.and_then(vmm::Vmm::run), args.json)
 }
 
 /// Prints a run's report (or its error) and picks the exit code.

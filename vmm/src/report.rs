@@ -8,6 +8,7 @@ use crate::experiments::balloon_watch::BalloonReport;
 use crate::experiments::chaos::ChaosReport;
 use crate::experiments::host_changes::HostChangesReport;
 use crate::guest_report::GuestReport;
+use crate::migration::MigrationMetrics;
 use crate::paging::FaultReport;
 use crate::trace::KvmTraceReport;
 
@@ -80,9 +81,13 @@ pub struct RunReport {
     /// Pauses (control socket or snapshots), when there were any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pauses: Option<crate::machine::PauseStats>,
-    /// Guest memory read from a snapshot, bytes, when the VM was restored.
+    /// Guest memory read from a snapshot (or received by a migration), bytes, when the
+    /// VM was restored.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restored_bytes: Option<u64>,
+    /// The VM's live migration (out of this process, or into it), when there was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationMetrics>,
 }
 
 impl RunReport {
@@ -92,12 +97,25 @@ impl RunReport {
         let coherent = self.faults.as_ref().and_then(|f| f.coherence.as_ref()).is_none_or(|c| c.is_clean());
         let chaos_ok = self.chaos.as_ref().is_none_or(|c| c.errors == 0);
         let host_ok = self.host_changes.as_ref().is_none_or(|h| h.errors == 0 && !h.interrupted);
-        self.exit.is_success() && self.guest.success() && coherent && chaos_ok && host_ok
+        (self.exit.is_success() && self.guest.success() || self.migrated_away_cleanly())
+            && coherent
+            && chaos_ok
+            && host_ok
+    }
+
+    /// The source's side of a migration: the VM left without a guest failure so far (it
+    /// finishes at the destination, so there is no `done` line here).
+    fn migrated_away_cleanly(&self) -> bool {
+        let guest = &self.guest;
+        matches!(self.exit, VmExit::Migrated { .. })
+            && guest.verifies.iter().all(|v| v.ok)
+            && guest.errors.is_empty()
+            && guest.exceptions.is_empty()
     }
 
     /// Why the run did not succeed, in one line (the first reason found).
     pub fn failure_reason(&self) -> String {
-        if !self.exit.is_success() {
+        if !self.exit.is_success() && !self.migrated_away_cleanly() {
             return self.exit.describe();
         }
         if !self.guest.success() {
@@ -232,6 +250,21 @@ impl RunReport {
                 b.device.huge_pages_partial,
                 b.device.device_errors,
                 b.device.invalid_pfns
+            ));
+        }
+        if let Some(m) = &self.migration {
+            out.push_str(&format!(
+                "  migration ({}) {}: {:?}, {:.1} MiB sent ({} pages, {} zero), total {:.0} ms, downtime {:.1} ms, {} rounds{}\n",
+                m.role,
+                m.uri,
+                m.status,
+                m.transferred as f64 / 1048576.0,
+                m.normal,
+                m.duplicate,
+                m.total_time,
+                m.downtime,
+                m.rounds,
+                m.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
             ));
         }
         out.push_str(&format!(

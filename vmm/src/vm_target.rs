@@ -1,26 +1,29 @@
 //! The running VM as the control socket sees it ([`crate::api::ControlTarget`]): status
 //! from the machine's lifecycle and the guest's report lines, pause/resume/snapshot, the
-//! smmu's statistics and its coherence checker, the balloon.
+//! smmu's statistics and its coherence checker, the balloon, live migration.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::api::{AfterSnapshot, BalloonControl, ControlTarget, LifecycleControl, PagingControl, SnapshotRequest};
+use crate::api::{MigrateRequest, MigrationControl};
 use crate::api::{VmState, VmStatus};
 use crate::exit::VmExit;
 use crate::machine::{Machine, RunState};
+use crate::migration::Migrations;
 use crate::snapshot::{self, SnapshotHistory};
 
 /// A running VM's state for the control server.
 pub struct VmTarget {
     machine: Arc<Machine>,
     history: Arc<SnapshotHistory>,
+    migrations: Arc<Migrations>,
 }
 
 impl VmTarget {
     /// The control server's view of `machine`.
-    pub fn new(machine: Arc<Machine>, history: Arc<SnapshotHistory>) -> Self {
-        VmTarget { machine, history }
+    pub fn new(machine: Arc<Machine>, history: Arc<SnapshotHistory>, migrations: Arc<Migrations>) -> Self {
+        VmTarget { machine, history, migrations }
     }
 }
 
@@ -56,6 +59,27 @@ impl ControlTarget for VmTarget {
 
     fn lifecycle(&self) -> Option<&dyn LifecycleControl> {
         Some(self)
+    }
+
+    fn migration(&self) -> Option<&dyn MigrationControl> {
+        Some(self)
+    }
+}
+
+impl MigrationControl for VmTarget {
+    fn migrate(&self, request: &MigrateRequest) -> Result<serde_json::Value, String> {
+        let first = self.migrations.start(&self.machine, request).map_err(|e| e.to_string())?;
+        Ok(serde_json::to_value(first).unwrap_or_default())
+    }
+
+    fn migrate_status(&self) -> Result<serde_json::Value, String> {
+        let metrics = self.migrations.status().ok_or("this VM has not migrated (start one with migrate URI)")?;
+        Ok(serde_json::to_value(metrics).unwrap_or_default())
+    }
+
+    fn migrate_cancel(&self) -> Result<serde_json::Value, String> {
+        let metrics = self.migrations.cancel().map_err(|e| e.to_string())?;
+        Ok(serde_json::to_value(metrics).unwrap_or_default())
     }
 }
 

@@ -25,6 +25,8 @@ use crate::guest_report::GuestReportCollector;
 use crate::host::HostError;
 use crate::machine::{Machine, MachineDevices, MachineParts};
 use crate::memory::{self, GuestRam};
+use crate::migration::destination::Incoming;
+use crate::migration::{MigrationError, Migrations};
 use crate::paging::{EngineFailureHook, GuestPaging, PagingError};
 use crate::report::{HostMemory, RunReport};
 use crate::smmu::page_source::{PageSource, ZeroSource};
@@ -86,6 +88,9 @@ pub enum VmmError {
     /// The control socket could not be served.
     #[error(transparent)]
     Api(#[from] ApiError),
+    /// An incoming migration failed (nothing was started).
+    #[error("incoming migration: {0}")]
+    Migration(#[from] MigrationError),
     /// The host could not be set up for host changes.
     #[error("host changes: {0}")]
     Host(#[from] HostError),
@@ -199,6 +204,7 @@ pub struct Vmm {
     prefetch: Option<Vec<(u64, u64)>>,
     // `--record-working-set`: the recording page source and the snapshot to write beside.
     working_set: Option<(Arc<Recorder>, std::path::PathBuf)>,
+    migrations: Arc<Migrations>,
     // Host changes' setup and the KVM trace: dropped after the machine (restores the host).
     host: HostSide,
 }
@@ -316,8 +322,36 @@ impl Vmm {
         Ok(vmm)
     }
 
+    /// Waits on `uri` for a VM migrated by another faultline (`faultline ctl migrate`),
+    /// builds it from the configuration the source sends, receives its memory and state,
+    /// and acknowledges; the vCPUs go on when [`Vmm::run`] lets them. A broken or refused
+    /// stream is an error and nothing runs (the source is told and runs on).
+    pub fn incoming(uri: &str, console: Option<bool>, options: &RunOptions) -> Result<Self, VmmError> {
+        let mut incoming = Incoming::accept(uri)?;
+        let mut config = incoming.config().clone();
+        if let Some(console) = console {
+            config.console = console;
+        }
+        let built =
+            config.validate().map_err(VmmError::from).and_then(|()| build_machine(&config, options, Start::Restore));
+        let (machine, host) = match built {
+            Ok(built) => built,
+            Err(e) => return Err(incoming.refuse(MigrationError::Unsupported(e.to_string())).into()),
+        };
+        let restored = incoming.receive(&machine).and_then(|state| Ok(machine.restore_state(state)?));
+        if let Err(e) = restored {
+            return Err(incoming.refuse(e).into());
+        }
+        let metrics = incoming.acknowledge()?;
+        let loaded = metrics.normal_bytes;
+        let vmm = Vmm::assemble(machine, options, Some(loaded), host);
+        vmm.migrations.record_incoming(metrics);
+        Ok(vmm)
+    }
+
     fn assemble(machine: Machine, options: &RunOptions, restored_bytes: Option<u64>, host: HostSide) -> Self {
         Vmm {
+            migrations: Arc::new(Migrations::default()),
             host,
             machine: Arc::new(machine),
             history: Arc::new(SnapshotHistory::default()),
@@ -347,6 +381,7 @@ impl Vmm {
             pager,
             prefetch,
             working_set,
+            migrations,
             host: mut host_side,
         } = self;
         if let Some((recorder, _)) = &working_set {
@@ -367,7 +402,7 @@ impl Vmm {
         }
         let api = match &options.api_socket {
             Some(path) => {
-                let target = Arc::new(VmTarget::new(machine.clone(), history.clone()));
+                let target = Arc::new(VmTarget::new(machine.clone(), history.clone(), migrations.clone()));
                 let server: LoopSubscriber = Arc::new(Mutex::new(ControlServer::bind(path, target)?));
                 vec![server]
             }
@@ -378,7 +413,7 @@ impl Vmm {
             false => None,
         };
         let deadline = options.timeout.map(|t| std::time::Instant::now() + t);
-        let (waited, chaos, host, noise) = std::thread::scope(|scope| {
+        let (waited, chaos, host, noise, migration) = std::thread::scope(|scope| {
             let (host, noise) = host_side.spawn(scope, &machine);
             let chaos = config.chaos.as_ref().map(|chaos_config| {
                 let segments = chaos::workload_segments(&machine.ram.ram_ranges(), config.workload.size_bytes);
@@ -398,10 +433,12 @@ impl Vmm {
             }
             machine.control.end(VmExit::Stopped { reason: "the vCPUs returned".into() });
             machine.stop_vcpus();
+            // A migration still running is cancelled (the VM ended); its thread holds the machine.
+            let migration = migrations.finish();
             let chaos = chaos.map(|h| h.join().unwrap_or_else(|_| chaos_panicked()));
             let host = host.map(|h| h.join().unwrap_or_else(|_| host_changes::panicked()));
             let noise = noise.and_then(|h| h.join().ok());
-            (waited, chaos, host, noise)
+            (waited, chaos, host, noise, migration)
         });
         drop(signals);
         // The vCPUs are gone: the prefetch stops (before the engine and guest RAM go), and
@@ -457,6 +494,7 @@ impl Vmm {
             host_changes: host,
             kvm_trace,
             host_noise: noise,
+            migration,
         })
     }
 }

@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use serde_json::Value;
 
 use super::client::{ClientError, ControlClient};
-use super::protocol::{BalloonInfo, BalloonStats, HelloResult, VmState, VmStatus};
+use super::protocol::{BalloonInfo, BalloonStats, HelloResult, MigrateMode, VmState, VmStatus};
 
 /// Options of `faultline ctl`.
 #[derive(Debug, Args, Clone)]
@@ -48,6 +48,57 @@ pub enum CtlCommand {
     /// Snapshots.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Live migration: `migrate URI [options]` starts one (the destination is
+    /// `faultline restore --incoming URI`); `migrate status`, `migrate cancel`.
+    Migrate(MigrateArgs),
+}
+
+/// `faultline ctl migrate ...`.
+#[derive(Debug, Args, Clone)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct MigrateArgs {
+    /// `status` or `cancel` instead of starting one.
+    #[command(subcommand)]
+    pub action: Option<MigrateAction>,
+    /// Where the destination listens: `unix:PATH` or `tcp:HOST:PORT`.
+    #[arg(value_name = "URI", required = true)]
+    pub uri: Option<String>,
+    /// How to migrate.
+    #[arg(long, value_enum, default_value_t = MigrateMode::Precopy)]
+    pub mode: MigrateMode,
+    /// Stop and copy once the estimated downtime is under this many milliseconds.
+    #[arg(long, value_name = "MS", default_value = "300")]
+    pub downtime_ms: u64,
+    /// Send at most this many bytes per second (a size: 100M means 100 MiB/s).
+    #[arg(long, value_name = "BYTES", value_parser = parse_bandwidth)]
+    pub bandwidth: Option<u64>,
+    /// Give up after this many seconds (the VM runs on here).
+    #[arg(long = "timeout", value_name = "SECONDS", value_parser = crate::config::duration::parse_seconds)]
+    pub migrate_timeout: Option<Duration>,
+    /// Pre-copy rounds after the first before the stop-and-copy is forced.
+    #[arg(long, value_name = "N")]
+    pub max_rounds: Option<u32>,
+    /// Wait until it ends, with a progress line on stderr; exit 1 if it failed or was
+    /// cancelled (status `source-ended`: the source VM ended, its socket closed, before
+    /// the last poll saw the outcome).
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// `faultline ctl migrate status|cancel`.
+#[derive(Debug, Subcommand, Clone)]
+pub enum MigrateAction {
+    /// The running or last migration's figures (QEMU's names with --json).
+    Status,
+    /// Stop the running migration; the VM runs on here.
+    Cancel,
+}
+
+fn parse_bandwidth(text: &str) -> Result<u64, String> {
+    match faultline_abi::parse_size(text) {
+        Some(0) | None => Err(format!("cannot parse \"{text}\" as bytes per second (e.g. 100M, 1G)")),
+        Some(bytes) => Ok(bytes),
+    }
 }
 
 /// `faultline ctl snapshot ...`.
@@ -155,8 +206,39 @@ pub fn execute(args: &CtlArgs) -> Result<String, ClientError> {
             };
             ("snapshot.create", serde_json::json!({ "dir": dir, "diff": diff, "then": then }))
         }
+        CtlCommand::Migrate(migrate) => match migrate.action {
+            Some(MigrateAction::Status) => ("migrate.status", Value::Null),
+            Some(MigrateAction::Cancel) => ("migrate.cancel", Value::Null),
+            None => (
+                "migrate",
+                serde_json::json!({
+                    "uri": migrate.uri,
+                    "mode": migrate.mode,
+                    "downtime_ms": migrate.downtime_ms,
+                    "bandwidth_bytes_per_s": migrate.bandwidth,
+                    "timeout_ms": migrate.migrate_timeout.map(|t| t.as_millis() as u64),
+                    "max_rounds": migrate.max_rounds,
+                }),
+            ),
+        },
     };
-    let result = client.call(cmd, call_args)?;
+    let mut result = client.call(cmd, call_args)?;
+    if let CtlCommand::Migrate(MigrateArgs { action: None, wait: true, .. }) = &args.command {
+        result = wait_for_migration(&mut client, result)?;
+        let status = result["status"].as_str().unwrap_or("?");
+        if status != "completed" && status != "source-ended" {
+            let text = if args.json {
+                serde_json::to_string_pretty(&result).unwrap_or_default()
+            } else {
+                describe_migration(&result)
+            };
+            println!("{text}");
+            return Err(ClientError::Server(super::protocol::ErrorBody::new(
+                super::protocol::ErrorKind::MigrationError,
+                format!("the migration {status}: {}", result["error"].as_str().unwrap_or("no reason given")),
+            )));
+        }
+    }
     if args.json {
         return Ok(serde_json::to_string_pretty(&result).expect("JSON values serialize"));
     }
@@ -174,6 +256,7 @@ pub fn execute(args: &CtlArgs) -> Result<String, ClientError> {
         CtlCommand::Paging(PagingCommand::Check) => describe_coherence(&result),
         CtlCommand::Pause => format!("paused in {} µs", result["pause_ns"].as_u64().unwrap_or(0) / 1000),
         CtlCommand::Resume => "running".to_string(),
+        CtlCommand::Migrate(_) => describe_migration(&result),
         CtlCommand::Snapshot(SnapshotCommand::Create { .. }) => format!(
             "snapshot {} ({}): {} MiB of memory in {} ms (paused {} µs)",
             result["dir"].as_str().unwrap_or("?"),
@@ -183,6 +266,74 @@ pub fn execute(args: &CtlArgs) -> Result<String, ClientError> {
             result["pause_ns"].as_u64().unwrap_or(0) / 1000,
         ),
     })
+}
+
+/// Polls `migrate.status` until the migration ends, drawing a progress line on stderr.
+fn wait_for_migration(client: &mut ControlClient, mut status: Value) -> Result<Value, ClientError> {
+    use std::io::Write;
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    loop {
+        if let Some("completed" | "failed" | "cancelled") = status["status"].as_str() {
+            if terminal {
+                eprintln!();
+            }
+            return Ok(status);
+        }
+        if terminal {
+            let total = status["total"].as_u64().unwrap_or(0).max(1);
+            let sent = status["normal-bytes"].as_u64().unwrap_or(0);
+            let filled = ((sent.min(total) * 30) / total) as usize;
+            eprint!(
+                "\r[{}{}] {} {} sent, {:.0} Mbit/s, round {}   ",
+                "#".repeat(filled),
+                " ".repeat(30 - filled),
+                status["status"].as_str().unwrap_or("?"),
+                format_bytes(status["transferred"].as_u64().unwrap_or(0)),
+                status["mbps"].as_f64().unwrap_or(0.0),
+                status["dirty-sync-count"].as_u64().unwrap_or(0)
+            );
+            let _ = std::io::stderr().flush();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        match client.call("migrate.status", Value::Null) {
+            Ok(next) => status = next,
+            // The source VM ends (and its control socket closes) when the destination
+            // has acknowledged it, or when the guest or a signal ended it meanwhile: this
+            // end cannot tell which any more; both ends' run reports can.
+            Err(e @ (ClientError::Io(_) | ClientError::Closed)) if status["status"] != "setup" => {
+                if terminal {
+                    eprintln!();
+                }
+                status["status"] = "source-ended".into();
+                status["note"] = format!(
+                    "the source VM ended during the migration (its control socket closed: {e}); it migrated, unless the guest ended first: see both ends' run reports"
+                )
+                .into();
+                return Ok(status);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn describe_migration(m: &Value) -> String {
+    let mut text = format!(
+        "migration to {}: {}, {} sent ({} pages, {} zero), total {:.0} ms, downtime {:.1} ms (expected {:.1} ms), {} dirty syncs, {:.0} Mbit/s",
+        m["uri"].as_str().unwrap_or("?"),
+        m["status"].as_str().unwrap_or("?"),
+        format_bytes(m["transferred"].as_u64().unwrap_or(0)),
+        m["normal"].as_u64().unwrap_or(0),
+        m["duplicate"].as_u64().unwrap_or(0),
+        m["total-time"].as_f64().unwrap_or(0.0),
+        m["downtime"].as_f64().unwrap_or(0.0),
+        m["expected-downtime"].as_f64().unwrap_or(0.0),
+        m["dirty-sync-count"].as_u64().unwrap_or(0),
+        m["mbps"].as_f64().unwrap_or(0.0),
+    );
+    if let Some(error) = m["error"].as_str() {
+        text.push_str(&format!(": {error}"));
+    }
+    text
 }
 
 fn describe_hello(hello: &HelloResult) -> String {

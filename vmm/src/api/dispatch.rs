@@ -6,7 +6,7 @@ use serde_json::Value;
 use super::protocol::{
     parse_request_line, BalloonInfo, Command, ErrorBody, ErrorKind, HelloResult, Response, BALLOON_PAGE_BYTES,
 };
-use super::target::{BalloonControl, ControlTarget, LifecycleControl, PagingControl};
+use super::target::{BalloonControl, ControlTarget, LifecycleControl, MigrationControl, PagingControl};
 
 /// The response to one request line (newline already cut off).
 pub(super) fn answer(target: &dyn ControlTarget, line: &[u8]) -> Response {
@@ -30,6 +30,9 @@ fn run(target: &dyn ControlTarget, command: Command) -> Result<Value, ErrorBody>
         Command::Pause => lifecycle(target)?.pause().map_err(lifecycle_error),
         Command::Resume => lifecycle(target)?.resume().map_err(lifecycle_error),
         Command::SnapshotCreate(request) => lifecycle(target)?.snapshot(&request).map_err(lifecycle_error),
+        Command::Migrate(request) => migration(target)?.migrate(&request).map_err(migration_error),
+        Command::MigrateStatus => migration(target)?.migrate_status().map_err(migration_error),
+        Command::MigrateCancel => migration(target)?.migrate_cancel().map_err(migration_error),
         Command::PagingCheck => {
             paging(target)?.check_coherence().map_err(|e| ErrorBody::new(ErrorKind::PagingError, e))
         }
@@ -61,6 +64,14 @@ fn balloon(target: &dyn ControlTarget) -> Result<&dyn BalloonControl, ErrorBody>
 
 fn lifecycle(target: &dyn ControlTarget) -> Result<&dyn LifecycleControl, ErrorBody> {
     target.lifecycle().ok_or_else(|| ErrorBody::new(ErrorKind::LifecycleError, "this VM cannot be paused or saved"))
+}
+
+fn migration(target: &dyn ControlTarget) -> Result<&dyn MigrationControl, ErrorBody> {
+    target.migration().ok_or_else(|| ErrorBody::new(ErrorKind::MigrationError, "this VM cannot migrate"))
+}
+
+fn migration_error(message: String) -> ErrorBody {
+    ErrorBody::new(ErrorKind::MigrationError, message)
 }
 
 fn lifecycle_error(message: String) -> ErrorBody {

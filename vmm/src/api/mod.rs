@@ -21,7 +21,11 @@ mod tests;
 
 pub use client::{ClientError, ControlClient};
 pub use ctl::CtlArgs;
-pub use protocol::{AfterSnapshot, BalloonInfo, BalloonStats, SnapshotRequest, VmState, VmStatus};
+pub use protocol::{
+    AfterSnapshot, BalloonInfo, BalloonStats, MigrateMode, MigrateRequest, SnapshotRequest, VmState, VmStatus,
+};
 pub use server::{ControlServer, DEFAULT_MAX_CLIENTS};
 pub use socket_file::ApiError;
-pub use target::{BalloonControl, BalloonRefused, BalloonSizes, ControlTarget, LifecycleControl, PagingControl};
+pub use target::{
+    BalloonControl, BalloonRefused, BalloonSizes, ControlTarget, LifecycleControl, MigrationControl, PagingControl,
+};

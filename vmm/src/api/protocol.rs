@@ -36,6 +36,9 @@ pub const COMMANDS: &[&str] = &[
     "balloon.stats",
     "paging.stats",
     "paging.check",
+    "migrate",
+    "migrate.status",
+    "migrate.cancel",
 ];
 
 /// A request as a client sends it.
@@ -110,6 +113,8 @@ pub enum ErrorKind {
     PagingError,
     /// Pause, resume or snapshot failed (the message says why; the VM is unharmed).
     LifecycleError,
+    /// A migration could not start, or there is none to ask about (the VM runs on).
+    MigrationError,
     /// A kind this client does not know (sent by a newer server).
     #[serde(other)]
     Unknown,
@@ -158,6 +163,48 @@ pub enum Command {
     Resume,
     /// `snapshot.create`: save the VM to a snapshot directory.
     SnapshotCreate(SnapshotRequest),
+    /// `migrate`: start a live migration (returns at once; poll `migrate.status`).
+    Migrate(MigrateRequest),
+    /// `migrate.status`: the running or last migration's figures.
+    MigrateStatus,
+    /// `migrate.cancel`: stop the running migration; the VM runs on here.
+    MigrateCancel,
+}
+
+/// The arguments of `migrate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// Where the destination listens: `unix:PATH` or `tcp:HOST:PORT`.
+    pub uri: String,
+    /// How: only `precopy` so far.
+    #[serde(default)]
+    pub mode: MigrateMode,
+    /// Stop-and-copy once the estimated downtime is under this, ms (default 300).
+    #[serde(default = "default_downtime_ms")]
+    pub downtime_ms: u64,
+    /// Send at most this many bytes per second (default: as fast as the link goes).
+    #[serde(default)]
+    pub bandwidth_bytes_per_s: Option<u64>,
+    /// Give up (and run on here) after this many ms (default: no limit).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Pre-copy rounds after the first before the stop-and-copy is forced (default 30).
+    #[serde(default)]
+    pub max_rounds: Option<u32>,
+}
+
+fn default_downtime_ms() -> u64 {
+    300
+}
+
+/// How a VM migrates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrateMode {
+    /// Copy memory while the guest runs, in rounds of dirty pages, then stop and copy the rest.
+    #[default]
+    Precopy,
 }
 
 /// The arguments of `snapshot.create`.
@@ -215,6 +262,16 @@ impl Command {
             "paging.check" => no_args(Command::PagingCheck),
             "pause" => no_args(Command::Pause),
             "resume" => no_args(Command::Resume),
+            "migrate.status" => no_args(Command::MigrateStatus),
+            "migrate.cancel" => no_args(Command::MigrateCancel),
+            "migrate" => serde_json::from_value(args.clone()).map(Command::Migrate).map_err(|e| {
+                ErrorBody::new(
+                    ErrorKind::BadArgs,
+                    format!(
+                        "migrate needs \"args\": {{\"uri\": \"unix:PATH\"|\"tcp:HOST:PORT\", \"mode\": \"precopy\", \"downtime_ms\": 300, \"bandwidth_bytes_per_s\": N, \"timeout_ms\": N, \"max_rounds\": N}}: {e}"
+                    ),
+                )
+            }),
             "snapshot.create" => serde_json::from_value(args.clone()).map(Command::SnapshotCreate).map_err(|e| {
                 ErrorBody::new(
                     ErrorKind::BadArgs,
@@ -504,6 +561,7 @@ mod tests {
             let args = match *cmd {
                 "balloon.set" => serde_json::json!({"target": "4K"}),
                 "snapshot.create" => serde_json::json!({"dir": "/tmp/s"}),
+                "migrate" => serde_json::json!({"uri": "unix:/tmp/m.sock"}),
                 _ => Value::Null,
             };
             assert!(Command::parse(cmd, &args).is_ok(), "{cmd}");

@@ -24,6 +24,24 @@ pub trait ControlTarget: Send + Sync {
     fn lifecycle(&self) -> Option<&dyn LifecycleControl> {
         None
     }
+
+    /// Live migration, if the VM supports it.
+    fn migration(&self) -> Option<&dyn MigrationControl> {
+        None
+    }
+}
+
+/// Live migration of a running VM. `migrate` only checks and starts it (the transfer
+/// runs on its own thread) and returns at once; `migrate_status` polls it.
+pub trait MigrationControl: Send + Sync {
+    /// Starts a migration (JSON: its first figures), or says why this VM cannot migrate.
+    fn migrate(&self, request: &super::protocol::MigrateRequest) -> Result<serde_json::Value, String>;
+
+    /// The running or last migration's figures (JSON).
+    fn migrate_status(&self) -> Result<serde_json::Value, String>;
+
+    /// Cancels the running migration; the VM runs on here (JSON: the figures so far).
+    fn migrate_cancel(&self) -> Result<serde_json::Value, String>;
 }
 
 /// Pausing, resuming and saving a VM. Pause and resume take about a millisecond; a

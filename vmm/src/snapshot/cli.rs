@@ -12,8 +12,13 @@ use crate::config::{ConfigError, ZoneConfig};
 #[derive(Debug, Args, Clone)]
 pub struct RestoreArgs {
     /// The snapshot directory (a full snapshot, or the last diff of a chain).
-    #[arg(long = "from", value_name = "DIR")]
-    pub from: PathBuf,
+    #[arg(long = "from", value_name = "DIR", required_unless_present = "incoming", conflicts_with = "incoming")]
+    pub from: Option<PathBuf>,
+    /// Wait for a live migration on `unix:PATH` or `tcp:HOST:PORT` instead of reading a
+    /// snapshot (the source runs `faultline ctl migrate URI`); with --api-socket,
+    /// --timeout, --console and --json only.
+    #[arg(long, value_name = "URI", conflicts_with_all = ["memory", "memory_restore"])]
+    pub incoming: Option<String>,
     /// Restore into these zones instead of the saved ones: one per saved zone, same
     /// sizes, any backend (e.g. an anon snapshot into size=256M,backend=hugetlb).
     #[arg(long = "memory", short = 'm', value_name = "SPEC")]

@@ -1,0 +1,81 @@
+//! What a migration did, under QEMU's names (`query-migrate`): `migrate.status --json`,
+//! and the `migration` section of both ends' run reports.
+
+use serde::{Deserialize, Serialize};
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationStatus {
+    /// Connecting and handshaking.
+    #[default]
+    Setup,
+    /// Pre-copy rounds while the guest runs.
+    Active,
+    /// Stop-and-copy: the vCPUs are paused, the last pages and the state go.
+    Device,
+    /// The destination runs the VM; this end is done.
+    Completed,
+    /// It failed; the source runs on (see `error`).
+    Failed,
+    /// Cancelled (`migrate.cancel`); the source runs on.
+    Cancelled,
+}
+
+/// The figures of one migration, named as QEMU names them. Times in milliseconds,
+/// sizes in bytes, rates per second.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrationMetrics {
+    /// Which end this is: `source` or `destination`.
+    pub role: String,
+    /// The address.
+    pub uri: String,
+    /// Where it is.
+    pub status: MigrationStatus,
+    /// Why it failed or was cancelled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// From the start to now (or to the end).
+    pub total_time: f64,
+    /// Connecting, handshake and configuration.
+    pub setup_time: f64,
+    /// vCPUs paused on the source to the destination's acknowledgement (source); the
+    /// stop-and-copy's bytes received to the VM restored (destination).
+    pub downtime: f64,
+    /// The last estimate of the downtime: remaining dirty bytes at the measured bandwidth.
+    pub expected_downtime: f64,
+    /// The downtime the source aimed for (`--downtime-ms`).
+    pub downtime_limit: f64,
+    /// Stream bytes sent (source) or received (destination), headers included.
+    pub transferred: u64,
+    /// Dirty bytes known to be still to send.
+    pub remaining: u64,
+    /// Guest RAM.
+    pub total: u64,
+    /// Pages that were all zeros (sent as markers, no bytes).
+    pub duplicate: u64,
+    /// Pages sent with their bytes.
+    pub normal: u64,
+    /// Bytes of those pages.
+    pub normal_bytes: u64,
+    /// Pages the guest dirtied per second during the last round.
+    pub dirty_pages_rate: f64,
+    /// Measured bandwidth, megabits per second.
+    pub mbps: f64,
+    /// Pages sent per second.
+    pub pages_per_second: f64,
+    /// Dirty log harvests (one per round, plus the stop-and-copy's).
+    pub dirty_sync_count: u64,
+    /// Stream bytes sent while the guest ran.
+    pub precopy_bytes: u64,
+    /// Stream bytes sent while it was paused.
+    pub downtime_bytes: u64,
+    /// Pre-copy rounds (round 0: every existing page).
+    pub rounds: u64,
+    /// True when the stop-and-copy began because the downtime estimate was under the
+    /// limit; false when the round limit forced it.
+    pub converged: bool,
+    /// The transfer unit (4096, or 2 MiB where a hugetlb zone moves).
+    pub page_size: u64,
+}

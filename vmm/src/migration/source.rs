@@ -1,0 +1,431 @@
+//! The pre-copy source: connect and handshake, send the configuration, switch KVM's
+//! dirty log on, send every existing page while the guest runs (round 0), then rounds
+//! of the pages dirtied meanwhile until the estimated downtime (dirty bytes at the
+//! measured bandwidth) is under the limit, then stop-and-copy: pause, the last dirty
+//! pages, the machine state, completion, and the destination's acknowledgement. On any
+//! failure the VM resumes here with its memory untouched (the source only reads it).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::handshake::{self, Summary};
+use super::memory::{max_batch, PageCounts, Zones};
+use super::metrics::{MigrationMetrics, MigrationStatus};
+use super::stream::{Frame, FrameReader, FrameType, FrameWriter, StreamError};
+use super::transport::{Link, MigrationUri};
+use super::MigrationError;
+use crate::api::protocol::MigrateRequest;
+use crate::exit::VmExit;
+use crate::machine::{Machine, RunState};
+
+/// How long the source waits for the destination's handshake and acknowledgement.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// A write that blocks this long means the destination stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pre-copy rounds after round 0 before the stop-and-copy is forced.
+pub const DEFAULT_MAX_ROUNDS: u32 = 30;
+
+/// A running migration's shared state: its figures, the cancel flag and the link (shut
+/// down to unblock the sender on cancel).
+pub struct Progress {
+    metrics: Mutex<MigrationMetrics>,
+    cancelled: AtomicBool,
+    link: Mutex<Option<Link>>,
+    started: Instant,
+}
+
+impl Progress {
+    /// Figures at the start.
+    pub(super) fn new(uri: &MigrationUri, machine: &Machine, request: &MigrateRequest) -> Self {
+        let metrics = MigrationMetrics {
+            role: "source".into(),
+            uri: uri.to_string(),
+            total: machine.ram.size_bytes(),
+            downtime_limit: request.downtime_ms as f64,
+            ..MigrationMetrics::default()
+        };
+        Progress {
+            metrics: Mutex::new(metrics),
+            cancelled: AtomicBool::new(false),
+            link: Mutex::new(None),
+            started: Instant::now(),
+        }
+    }
+
+    /// The figures now.
+    pub fn metrics(&self) -> MigrationMetrics {
+        let mut metrics = self.lock().clone();
+        if !matches!(metrics.status, MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled)
+        {
+            metrics.total_time = ms(self.started.elapsed());
+        }
+        metrics
+    }
+
+    /// Asks the migration to stop (and unblocks it).
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+        if let Some(link) = self.link.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            link.shutdown();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MigrationMetrics> {
+        self.metrics.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn update(&self, change: impl FnOnce(&mut MigrationMetrics)) {
+        change(&mut self.lock());
+    }
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
+}
+
+/// Migrates `machine` to `uri` and records the outcome: on success the VM ends here
+/// ([`VmExit::Migrated`]); on failure it runs on as before.
+pub fn migrate(machine: &Machine, uri: MigrationUri, request: &MigrateRequest, progress: &Progress) {
+    let was_running = machine.run_state() == RunState::Running;
+    let result = precopy(machine, &uri, request, progress);
+    if let Some(link) = progress.link.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        link.shutdown();
+    }
+    let total_time = ms(progress.started.elapsed());
+    match result {
+        Ok(()) => {
+            let downtime_us = (progress.lock().downtime * 1e3) as u64;
+            progress.update(|m| {
+                m.status = MigrationStatus::Completed;
+                m.total_time = total_time;
+                m.remaining = 0;
+            });
+            machine.control.end(VmExit::Migrated { to: uri.to_string(), downtime_us });
+        }
+        Err(error) => {
+            // The source only read guest memory: resuming is all it takes to go on.
+            let resumed = match was_running && machine.run_state() == RunState::Paused {
+                true => machine.resume().err().map(|e| format!("; resuming the VM failed too: {e}")),
+                false => None,
+            };
+            tracing::warn!("migration to {uri} failed: {error}");
+            let cancelled = matches!(error, MigrationError::Cancelled) || progress.cancelled.load(Ordering::SeqCst);
+            progress.update(|m| {
+                m.status = if cancelled { MigrationStatus::Cancelled } else { MigrationStatus::Failed };
+                m.error = Some(match cancelled {
+                    true => MigrationError::Cancelled.to_string(),
+                    false => format!("{error}{}", resumed.unwrap_or_default()),
+                });
+                m.total_time = total_time;
+            });
+        }
+    }
+}
+
+/// The sending side: frames out, the destination's answers in (on a reader thread).
+struct Sender<'a> {
+    writer: FrameWriter<Link>,
+    answers: Receiver<Result<Frame, StreamError>>,
+    zones: Zones,
+    machine: &'a Machine,
+    progress: &'a Progress,
+    bandwidth_limit: Option<u64>,
+    deadline: Option<(Instant, f64)>,
+    buffer: Vec<u8>,
+    counts: PageCounts,
+    /// When the memory transfer began, and the stream bytes written before it: the
+    /// bandwidth is what went since, over wall time (reading guest RAM, harvesting and
+    /// the link all count, as they will in the stop-and-copy).
+    active_since: (Instant, u64),
+}
+
+fn precopy(
+    machine: &Machine,
+    uri: &MigrationUri,
+    request: &MigrateRequest,
+    progress: &Progress,
+) -> Result<(), MigrationError> {
+    let link = uri.connect()?;
+    link.set_timeouts(None, Some(WRITE_TIMEOUT));
+    *progress.link.lock().unwrap_or_else(|e| e.into_inner()) = Some(link.try_clone().map_err(io("cloning the link"))?);
+    if progress.cancelled.load(Ordering::SeqCst) {
+        return Err(MigrationError::Cancelled);
+    }
+    let reader_link = link.try_clone().map_err(io("cloning the link"))?;
+    let (answers_in, answers) = mpsc::channel();
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            let mut reader = FrameReader::new(reader_link);
+            loop {
+                let frame = reader.read();
+                let end = frame.is_err();
+                if answers_in.send(frame).is_err() || end {
+                    break;
+                }
+            }
+        });
+        let mut sender = Sender {
+            writer: FrameWriter::new(link),
+            answers,
+            zones: Zones::new(&machine.ram, &machine.config.zones),
+            machine,
+            progress,
+            bandwidth_limit: request.bandwidth_bytes_per_s.filter(|&b| b > 0),
+            deadline: request.timeout_ms.map(|t| (Instant::now() + Duration::from_millis(t), t as f64 / 1e3)),
+            buffer: Vec::with_capacity(super::memory::BATCH_HEADER + 128 + (4 << 20)),
+            counts: PageCounts::default(),
+            active_since: (Instant::now(), 0),
+        };
+        let result = sender.run(request);
+        // Unblocks the reader thread (it ends on the error) before the scope joins it.
+        sender.writer.get_ref().shutdown();
+        result
+    })
+}
+
+fn io(what: &'static str) -> impl Fn(std::io::Error) -> MigrationError {
+    move |source| MigrationError::Stream(StreamError::Io { what, source })
+}
+
+impl Sender<'_> {
+    fn run(&mut self, request: &MigrateRequest) -> Result<(), MigrationError> {
+        let setup_started = Instant::now();
+        self.writer.write(FrameType::Hello, &[&handshake::encode(&Summary::of(&self.machine.config))])?;
+        let welcome = self.answer(FrameType::Welcome, "handshaking")?;
+        let _: serde_json::Value = handshake::decode("destination", &welcome.payload)?;
+        let config = serde_json::to_vec(&self.machine.config).expect("configs serialize");
+        self.writer.write(FrameType::Config, &[&config])?;
+        let page_size = (0..self.zones.len()).map(|z| self.zones.unit(z)).max().unwrap_or(4096);
+        self.progress.update(|m| {
+            m.setup_time = ms(setup_started.elapsed());
+            m.status = MigrationStatus::Active;
+            m.page_size = page_size;
+        });
+
+        // From here on every guest write is logged; a fresh log starts clean, and one
+        // left on by an earlier migration is reset.
+        {
+            let mut vm = self.machine.vm();
+            vm.enable_dirty_log()?;
+            for slot in 0..self.machine.ram.regions().len() {
+                vm.take_dirty_pages(slot)?;
+            }
+        }
+        let max_rounds = u64::from(request.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS));
+        self.active_since = (Instant::now(), self.writer.bytes_written());
+        let existing = self.zones.existing_units()?;
+        let mut round_started = Instant::now();
+        self.send_all(&existing)?;
+        self.end_round(0)?;
+        let mut round = 0u64;
+        let (dirty, converged) = loop {
+            let dirty = self.harvest()?;
+            let elapsed = round_started.elapsed().as_secs_f64().max(1e-6);
+            round_started = Instant::now();
+            let bytes = self.bytes_of(&dirty);
+            let pages: usize = dirty.iter().map(Vec::len).sum();
+            let bandwidth = self.bandwidth();
+            let expected_ms = bytes as f64 / bandwidth * 1e3;
+            self.progress.update(|m| {
+                m.expected_downtime = expected_ms;
+                m.remaining = bytes;
+                m.dirty_pages_rate = pages as f64 / elapsed;
+            });
+            if expected_ms <= request.downtime_ms as f64 {
+                break (dirty, true);
+            }
+            if round >= max_rounds {
+                break (dirty, false);
+            }
+            round += 1;
+            self.send_all(&dirty)?;
+            self.end_round(round)?;
+        };
+
+        // Stop-and-copy.
+        let paused_at = Instant::now();
+        let precopy_bytes = self.writer.bytes_written();
+        self.progress.update(|m| {
+            m.status = MigrationStatus::Device;
+            m.converged = converged;
+            m.rounds = round + 1;
+            m.precopy_bytes = precopy_bytes;
+        });
+        self.machine.pause()?;
+        let last = self.harvest()?;
+        let merged: Vec<Vec<u64>> = dirty
+            .into_iter()
+            .zip(last)
+            .map(|(mut a, b)| {
+                a.extend(b);
+                a.sort_unstable();
+                a.dedup();
+                a
+            })
+            .collect();
+        self.send_all(&merged)?;
+        let state = self.machine.save_state()?;
+        let state = serde_json::to_vec(&state).expect("machine states serialize");
+        self.writer.write(FrameType::State, &[&state])?;
+        self.writer.write(FrameType::Complete, &[])?;
+        let downtime_bytes = self.writer.bytes_written() - precopy_bytes;
+        self.answer(FrameType::Ack, "restoring the VM")?;
+        let downtime = ms(paused_at.elapsed());
+        self.progress.update(|m| {
+            m.downtime = downtime;
+            m.downtime_bytes = downtime_bytes;
+            m.transferred = precopy_bytes + downtime_bytes;
+        });
+        Ok(())
+    }
+
+    /// Waits for the destination's next frame, which must be `wanted` (a `Refuse` says why not).
+    fn answer(&mut self, wanted: FrameType, what: &'static str) -> Result<Frame, MigrationError> {
+        let frame = match self.answers.recv_timeout(ANSWER_TIMEOUT) {
+            Ok(frame) => frame,
+            Err(RecvTimeoutError::Timeout) => {
+                return Err(MigrationError::NoAnswer { peer: "destination", seconds: ANSWER_TIMEOUT.as_secs(), what })
+            }
+            Err(RecvTimeoutError::Disconnected) => Err(StreamError::Closed),
+        };
+        match frame {
+            Err(_) if self.progress.cancelled.load(Ordering::SeqCst) => Err(MigrationError::Cancelled),
+            Err(e) => Err(e.into()),
+            Ok(frame) if frame.kind == wanted => Ok(frame),
+            Ok(frame) => Err(unexpected_answer(frame, wanted)),
+        }
+    }
+
+    /// Between frames: cancelled, refused by the destination, out of time, VM ended?
+    fn check(&mut self) -> Result<(), MigrationError> {
+        if self.progress.cancelled.load(Ordering::SeqCst) {
+            return Err(MigrationError::Cancelled);
+        }
+        if let Some((deadline, seconds)) = self.deadline {
+            if Instant::now() >= deadline {
+                return Err(MigrationError::TimedOut { seconds });
+            }
+        }
+        if let Some(exit) = self.machine.control.exit() {
+            return Err(MigrationError::VmEnded(exit.describe()));
+        }
+        match self.answers.try_recv() {
+            Ok(Ok(frame)) => Err(unexpected_answer(frame, FrameType::Ack)),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Sends the listed units of every zone, in contiguous runs.
+    fn send_all(&mut self, units: &[Vec<u64>]) -> Result<(), MigrationError> {
+        for (zone, list) in units.iter().enumerate() {
+            let batch = max_batch(self.zones.unit(zone));
+            let mut at = 0;
+            while at < list.len() {
+                let first = list[at];
+                let mut count = 1;
+                while at + (count as usize) < list.len() && list[at + count as usize] == first + count && count < batch
+                {
+                    count += 1;
+                }
+                self.send_range(zone, first, count)?;
+                at += count as usize;
+            }
+        }
+        Ok(())
+    }
+
+    fn send_range(&mut self, zone: usize, first: u64, count: u64) -> Result<(), MigrationError> {
+        self.check()?;
+        let counts = self.zones.encode(zone, first, count, &mut self.buffer);
+        let write = self.writer.write(FrameType::Pages, &[&self.buffer]);
+        if write.is_err() && self.progress.cancelled.load(Ordering::SeqCst) {
+            return Err(MigrationError::Cancelled);
+        }
+        if let Err(e) = write {
+            // The destination may have said why it stopped reading.
+            return match self.answers.recv_timeout(Duration::from_millis(500)) {
+                Ok(Ok(frame)) => Err(unexpected_answer(frame, FrameType::Ack)),
+                _ => Err(e.into()),
+            };
+        }
+        self.counts.add(counts);
+        self.pace();
+        let (sent, elapsed) = (self.writer.bytes_written(), self.progress.started.elapsed().as_secs_f64());
+        let bandwidth = self.bandwidth();
+        let counts = self.counts;
+        self.progress.update(|m| {
+            m.transferred = sent;
+            m.duplicate = counts.zero;
+            m.normal = counts.normal;
+            m.normal_bytes = counts.normal_bytes;
+            m.mbps = bandwidth * 8.0 / 1e6;
+            m.pages_per_second = (counts.zero + counts.normal) as f64 / elapsed.max(1e-6);
+        });
+        Ok(())
+    }
+
+    /// Sleeps as long as `--bandwidth` asks.
+    fn pace(&mut self) {
+        let Some(limit) = self.bandwidth_limit else { return };
+        let (since, before) = self.active_since;
+        let due = Duration::from_secs_f64((self.writer.bytes_written() - before) as f64 / limit as f64);
+        let elapsed = since.elapsed();
+        if due > elapsed {
+            std::thread::sleep(due - elapsed);
+        }
+    }
+
+    /// Bytes per second moved since the transfer began (the pacing included).
+    fn bandwidth(&self) -> f64 {
+        let (since, before) = self.active_since;
+        let measured = (self.writer.bytes_written() - before) as f64 / since.elapsed().as_secs_f64().max(1e-6);
+        match self.bandwidth_limit {
+            Some(limit) => measured.min(limit as f64),
+            None => measured,
+        }
+    }
+
+    fn end_round(&mut self, round: u64) -> Result<(), MigrationError> {
+        self.check()?;
+        self.writer.write(FrameType::RoundEnd, &[&(round as u32).to_le_bytes()])?;
+        Ok(())
+    }
+
+    /// The units written since the last harvest, per zone (sorted), with the log reset.
+    fn harvest(&mut self) -> Result<Vec<Vec<u64>>, MigrationError> {
+        let mut dirty: Vec<Vec<u64>> = vec![Vec::new(); self.zones.len()];
+        {
+            let vm = self.machine.vm();
+            for (slot, region) in self.machine.ram.regions().iter().enumerate() {
+                let unit = self.zones.unit(region.zone);
+                for page in vm.take_dirty_pages(slot)? {
+                    dirty[region.zone].push((region.fd_offset + page * 4096) / unit);
+                }
+            }
+        }
+        for list in &mut dirty {
+            list.sort_unstable();
+            list.dedup();
+        }
+        self.progress.update(|m| m.dirty_sync_count += 1);
+        Ok(dirty)
+    }
+
+    fn bytes_of(&self, units: &[Vec<u64>]) -> u64 {
+        units.iter().enumerate().map(|(zone, list)| list.len() as u64 * self.zones.unit(zone)).sum()
+    }
+}
+
+/// A destination frame other than the one due: its `Refuse` message, or the surprise.
+fn unexpected_answer(frame: Frame, wanted: FrameType) -> MigrationError {
+    match frame.kind {
+        FrameType::Refuse => MigrationError::Refused {
+            peer: "destination",
+            reason: String::from_utf8_lossy(&frame.payload).into_owned(),
+        },
+        other => MigrationError::Unexpected { got: format!("{other:?}"), wanted: format!("{wanted:?}") },
+    }
+}

@@ -1,0 +1,199 @@
+//! Where a migration goes: `unix:PATH` or `tcp:HOST:PORT` (std sockets), connected by the
+//! source and listened on by the destination.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::MigrationError;
+
+/// How long the source tries to connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A migration address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationUri {
+    /// A Unix socket path.
+    Unix(PathBuf),
+    /// A TCP host and port.
+    Tcp(String),
+}
+
+impl MigrationUri {
+    /// Parses `unix:PATH` or `tcp:HOST:PORT`.
+    pub fn parse(text: &str) -> Result<Self, MigrationError> {
+        let bad = |reason: &str| MigrationError::BadUri { uri: text.to_string(), reason: reason.to_string() };
+        if let Some(path) = text.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(bad("unix: needs a socket path, e.g. unix:/tmp/migrate.sock"));
+            }
+            return Ok(MigrationUri::Unix(PathBuf::from(path)));
+        }
+        if let Some(address) = text.strip_prefix("tcp:") {
+            let port = address.rsplit_once(':').map(|(_, port)| port);
+            if port.is_none_or(|p| p.parse::<u16>().is_err()) {
+                return Err(bad("tcp: needs HOST:PORT, e.g. tcp:127.0.0.1:4444"));
+            }
+            return Ok(MigrationUri::Tcp(address.to_string()));
+        }
+        if text.starts_with("fd-local:") {
+            return Err(bad("fd-local: (zones handed over by SCM_RIGHTS) is not implemented yet; use unix:PATH"));
+        }
+        Err(bad("use unix:PATH or tcp:HOST:PORT"))
+    }
+
+    /// Connects to a listening destination.
+    pub fn connect(&self) -> Result<Link, MigrationError> {
+        let failed = |source| MigrationError::Connect { uri: self.to_string(), source };
+        match self {
+            MigrationUri::Unix(path) => UnixStream::connect(path).map(Link::Unix).map_err(failed),
+            MigrationUri::Tcp(address) => {
+                let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "the host name resolves to nothing");
+                for addr in address.to_socket_addrs().map_err(failed)? {
+                    match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+                        Ok(stream) => {
+                            let _ = stream.set_nodelay(true);
+                            return Ok(Link::Tcp(stream));
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                Err(failed(last))
+            }
+        }
+    }
+
+    /// Listens for one source (a Unix socket path must not exist yet).
+    pub fn listen(&self) -> Result<Listener, MigrationError> {
+        let failed = |source| MigrationError::Listen { uri: self.to_string(), source };
+        match self {
+            MigrationUri::Unix(path) => {
+                UnixListener::bind(path).map(|l| Listener::Unix(l, path.clone())).map_err(failed)
+            }
+            MigrationUri::Tcp(address) => TcpListener::bind(address).map(Listener::Tcp).map_err(failed),
+        }
+    }
+}
+
+impl std::fmt::Display for MigrationUri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MigrationUri::Unix(path) => write!(f, "unix:{}", path.display()),
+            MigrationUri::Tcp(address) => write!(f, "tcp:{address}"),
+        }
+    }
+}
+
+/// A listening destination.
+pub enum Listener {
+    /// On a Unix socket (removed again on drop).
+    Unix(UnixListener, PathBuf),
+    /// On TCP.
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    /// Waits for the source.
+    pub fn accept(&self) -> Result<Link, MigrationError> {
+        let failed = |source| MigrationError::Accept { source };
+        match self {
+            Listener::Unix(listener, _) => listener.accept().map(|(s, _)| Link::Unix(s)).map_err(failed),
+            Listener::Tcp(listener) => listener
+                .accept()
+                .map(|(s, _)| {
+                    let _ = s.set_nodelay(true);
+                    Link::Tcp(s)
+                })
+                .map_err(failed),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A connected migration link.
+pub enum Link {
+    /// A Unix stream socket.
+    Unix(UnixStream),
+    /// A TCP connection.
+    Tcp(TcpStream),
+}
+
+impl Link {
+    /// A second handle on the same connection (for a reader thread).
+    pub fn try_clone(&self) -> std::io::Result<Link> {
+        Ok(match self {
+            Link::Unix(s) => Link::Unix(s.try_clone()?),
+            Link::Tcp(s) => Link::Tcp(s.try_clone()?),
+        })
+    }
+
+    /// Ends the connection both ways (unblocks any thread reading or writing it).
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Link::Unix(s) => s.shutdown(Shutdown::Both),
+            Link::Tcp(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    /// Ends the sending side only (the peer reads end-of-stream after what was sent).
+    pub fn shutdown_write(&self) {
+        let _ = match self {
+            Link::Unix(s) => s.shutdown(Shutdown::Write),
+            Link::Tcp(s) => s.shutdown(Shutdown::Write),
+        };
+    }
+
+    /// Read and write timeouts (None: wait for ever).
+    pub fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) {
+        let _ = match self {
+            Link::Unix(s) => s.set_read_timeout(read).and(s.set_write_timeout(write)),
+            Link::Tcp(s) => s.set_read_timeout(read).and(s.set_write_timeout(write)),
+        };
+    }
+}
+
+impl Read for Link {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Link::Unix(s) => s.read(buf),
+            Link::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Link {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Link::Unix(s) => s.write(buf),
+            Link::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_parse_or_say_what_to_write() {
+        assert_eq!(MigrationUri::parse("unix:/tmp/m.sock").unwrap(), MigrationUri::Unix("/tmp/m.sock".into()));
+        assert_eq!(MigrationUri::parse("tcp:127.0.0.1:4444").unwrap(), MigrationUri::Tcp("127.0.0.1:4444".into()));
+        for bad in ["unix:", "tcp:host", "tcp:host:99999", "ftp:x", "fd-local:/x", ""] {
+            let err = MigrationUri::parse(bad).unwrap_err().to_string();
+            assert!(err.contains(bad), "{err}");
+        }
+    }
+}
