@@ -414,3 +414,37 @@ fn the_page_server_never_refills_a_discarded_page_with_the_images_contents() {
         unsafe { libc::munmap(addr.cast(), len) };
     }
 }
+
+/// Guest memory bytes the top snapshot in `dir` carries.
+fn carried_bytes(dir: &Path) -> u64 {
+    let chain = faultline::snapshot::Chain::read(dir).expect("a readable snapshot");
+    chain.top().images.iter().map(|image| image.carried_bytes()).sum()
+}
+
+/// A VM restored lazily and snapshotted at once, before it has touched most of its
+/// pages, still carries them all: the pages that exist in the host are not all of its
+/// memory until the lazy restore is brought in. The new snapshot restores eagerly and
+/// the guest verifies every page it wrote before the first snapshot.
+#[test]
+fn a_full_snapshot_of_a_lazily_restored_vm_carries_the_pages_it_never_touched() {
+    if !root_and_kvm("lazy restore tests (userfaultfd)") {
+        return;
+    }
+    let scratch = ScratchDir::new("lazy-resnapshot");
+    let base = snapshot_mid_workload(&scratch.0, false);
+    for mode in ["uffd-missing", "map"] {
+        let vm =
+            common::running::Running::restore(&scratch.0, &format!("{mode}.sock"), &base, &["--memory-restore", mode]);
+        let again = scratch.0.join(format!("again-{mode}"));
+        vm.snapshot(&again, &["--stop"]);
+        let stopped = vm.wait();
+        assert_eq!(stopped.report["exit"]["kind"], "stopped", "{mode}: {}", stopped.stdout);
+        assert!(
+            carried_bytes(&again) >= carried_bytes(&base),
+            "{mode}: the new snapshot carries {} bytes, the one restored from {}",
+            carried_bytes(&again),
+            carried_bytes(&base)
+        );
+        restore(&again, &[]).assert_success().assert_verified(WORKLOAD_PAGES);
+    }
+}

@@ -108,6 +108,9 @@ pub struct PauseStats {
 pub struct Machine {
     fleet: Mutex<VcpuFleet>,
     lifecycle: Mutex<(RunState, PauseStats)>,
+    // Host ranges of guest RAM whose contents a lazy restore has not brought in yet (see
+    // `Machine::set_lazily_restored`).
+    lazy_memory: Mutex<Vec<(u64, u64)>>,
     /// The devices with state.
     pub devices: MachineDevices,
     /// Both buses (what vCPU exits reach).
@@ -205,6 +208,7 @@ impl Machine {
         Machine {
             fleet: Mutex::new(parts.fleet),
             lifecycle: Mutex::new((RunState::Created, PauseStats::default())),
+            lazy_memory: Mutex::new(Vec::new()),
             devices: parts.devices,
             buses: parts.buses,
             collector: parts.collector,
@@ -215,6 +219,32 @@ impl Machine {
             started: parts.started,
             ram: parts.ram,
         }
+    }
+
+    /// Says that guest RAM was restored lazily (`map`, `uffd-missing`, `uffd-socket`):
+    /// the pages in `host_ranges` hold the restored contents but may not exist in the
+    /// host yet, so a walk of the pages that exist (SEEK_DATA, pagemap) would miss them.
+    pub fn set_lazily_restored(&self, host_ranges: Vec<(u64, u64)>) {
+        *lock(&self.lazy_memory) = host_ranges;
+    }
+
+    /// Brings in every page a lazy restore has not yet (by `MADV_POPULATE_READ`, which
+    /// faults each one in through whatever serves it: the fault engine, an external
+    /// handler, or the kernel for a mapped image), so that the pages that exist are all
+    /// the guest's memory. A full snapshot and a migration call it before they list the
+    /// pages to carry; after the first success there is nothing left to do.
+    pub fn bring_in_lazy_memory(&self) -> std::io::Result<u64> {
+        let mut ranges = lock(&self.lazy_memory);
+        let mut bytes = 0;
+        for &(start, len) in ranges.iter() {
+            // SAFETY: the range lies inside guest RAM's live mapping (it came from the
+            // restore's region table and `self.ram` outlives `self`); populating reads
+            // pages in and changes no contents.
+            unsafe { rustix::mm::madvise(start as *mut _, len as usize, rustix::mm::Advice::LinuxPopulateRead) }?;
+            bytes += len;
+        }
+        ranges.clear();
+        Ok(bytes)
     }
 
     /// Running, paused, or not started.

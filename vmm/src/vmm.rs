@@ -314,6 +314,15 @@ impl Vmm {
                 (machine, host, 0)
             }
         };
+        if matches!(
+            overrides.memory_restore,
+            MemoryRestore::UffdMissing | MemoryRestore::Map | MemoryRestore::UffdSocket(_)
+        ) {
+            // Pages of the chain not touched yet are not in the host: a later full
+            // snapshot or migration must bring them in first.
+            let source = ChainSource::open(&chain)?;
+            machine.set_lazily_restored(snapshot::prefetch::carried_host_ranges(&source, machine.ram.regions()));
+        }
         machine.restore_state(chain.into_machine_state()).map_err(SnapshotError::from)?;
         let mut vmm = Vmm::assemble(machine, options, Some(loaded), host);
         vmm.pager = pager;

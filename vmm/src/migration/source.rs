@@ -215,6 +215,10 @@ impl Sender<'_> {
         }
         let max_rounds = u64::from(request.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS));
         self.active_since = (Instant::now(), self.writer.bytes_written());
+        // A lazily restored VM holds pages it has not brought in yet: they must go too.
+        self.machine
+            .bring_in_lazy_memory()
+            .map_err(|e| MigrationError::Memory(format!("cannot bring in the pages of the lazy restore: {e}")))?;
         let existing = self.zones.existing_units()?;
         let mut round_started = Instant::now();
         self.send_all(&existing)?;

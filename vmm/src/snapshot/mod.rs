@@ -295,6 +295,15 @@ fn write_snapshot_taking(
     let quiet = machine.quiesce();
     let state = machine.save_state_quiesced(&quiet)?;
     let views = zone_views(&machine.ram, &machine.config.zones);
+    if parent.is_none() {
+        // A lazily restored VM holds pages it has not brought in yet; a full snapshot
+        // must carry them.
+        machine.bring_in_lazy_memory().map_err(|source| SnapshotError::Io {
+            path: dir.to_path_buf(),
+            what: "bring in the pages of the lazy restore before a full snapshot",
+            source,
+        })?;
+    }
     let existing = views.iter().map(image::existing_pages).collect::<Result<Vec<_>, ImageError>>()?;
     let writes = machine.paging.discarder().vmm_writes().clone();
     let mut vm = machine.vm();
