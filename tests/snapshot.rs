@@ -151,6 +151,19 @@ fn one_snapshot_restores_many_times_and_onto_other_backends() {
         huge.assert_success().assert_verified(common::pages(56));
         assert_eq!(huge.report["backends"][0], "hugetlb");
     }
+    // Onto a file zone (a new file), and from one: a VM on a file zone snapshots its
+    // pages by SEEK_DATA and restores onto anonymous memory.
+    let file_zone = format!("size=64M,backend=file,path={}", scratch.0.join("restored-ram").display());
+    let file = restore(&dir, &["-m", &file_zone]);
+    file.assert_success().assert_verified(common::pages(56));
+    assert_eq!(file.report["backends"][0], "file");
+    let from_file = snapshot_mid_workload(
+        &scratch.0,
+        "1",
+        &format!("size=64M,backend=file,path={}", scratch.0.join("ram").display()),
+    );
+    let anon = restore(&from_file, &["-m", "size=64M,backend=anon"]);
+    anon.assert_success().assert_verified(common::pages(56));
 }
 
 /// An anonymous mapping to load a chain into, for byte comparisons.
