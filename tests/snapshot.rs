@@ -5,78 +5,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{faultline, kvm_available, outcome, HugepagePool, RunOutcome, ScratchDir};
+use common::running::{chain_memory, restore, Running};
+use common::{faultline, kvm_available, outcome, HugepagePool, ScratchDir};
 use faultline::snapshot::format::{self, SnapshotKind};
-use faultline::snapshot::image::ZoneView;
 use faultline::snapshot::Chain;
-use serde_json::Value;
-
-/// A `faultline run` in the background with a control socket.
-struct Running {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Running {
-    /// Starts `faultline run --json --api-socket DIR/api.sock ARGS` and waits until the
-    /// guest is ready.
-    fn start(dir: &Path, args: &[&str]) -> Running {
-        let socket = dir.join("api.sock");
-        let child = faultline()
-            .args(["run", "--json", "--timeout", "120", "--api-socket"])
-            .arg(&socket)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn faultline");
-        let running = Running { child, socket };
-        let started = Instant::now();
-        loop {
-            if let Ok(status) = running.ctl_json(&["status"]) {
-                if status["guest_ready"] == true {
-                    return running;
-                }
-            }
-            assert!(started.elapsed() < Duration::from_secs(60), "the guest never became ready");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// `faultline ctl --json -s SOCKET ARGS`: the JSON result, or stderr on failure.
-    fn ctl_json(&self, args: &[&str]) -> Result<Value, String> {
-        let output = faultline().args(["ctl", "--json", "-s"]).arg(&self.socket).args(args).output().unwrap();
-        if output.status.success() {
-            Ok(serde_json::from_slice(&output.stdout).expect("ctl --json prints JSON"))
-        } else {
-            Err(String::from_utf8_lossy(&output.stderr).to_string())
-        }
-    }
-
-    fn snapshot(&self, dir: &Path, extra: &[&str]) -> Value {
-        let mut args = vec!["snapshot", "create", dir.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        self.ctl_json(&args).unwrap_or_else(|e| panic!("snapshot create {}: {e}", dir.display()))
-    }
-
-    fn wait(self) -> RunOutcome {
-        outcome(self.child.wait_with_output().unwrap())
-    }
-}
-
-/// `faultline restore --json --from DIR ARGS`.
-fn restore(dir: &Path, args: &[&str]) -> RunOutcome {
-    let output = faultline()
-        .args(["restore", "--json", "--timeout", "120", "--from"])
-        .arg(dir)
-        .args(args)
-        .output()
-        .expect("spawn faultline restore");
-    outcome(output)
-}
 
 /// The workload the tests snapshot in the middle of: fill, then dirty for a while, then
 /// verify everything.
@@ -164,60 +99,6 @@ fn one_snapshot_restores_many_times_and_onto_other_backends() {
     );
     let anon = restore(&from_file, &["-m", "size=64M,backend=anon"]);
     anon.assert_success().assert_verified(common::pages(56));
-}
-
-/// An anonymous mapping to load a chain into, for byte comparisons.
-struct Scratch {
-    addr: *mut u8,
-    len: usize,
-}
-
-impl Scratch {
-    fn new(len: usize) -> Scratch {
-        // SAFETY: a fresh private anonymous mapping; unmapped in Drop.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(addr, libc::MAP_FAILED);
-        Scratch { addr: addr.cast(), len }
-    }
-
-    fn view(&self) -> ZoneView {
-        ZoneView {
-            zone: 0,
-            host_addr: self.addr,
-            size_bytes: self.len as u64,
-            page_bytes: 4096,
-            backend: faultline::config::Backend::Anon,
-            fd: None,
-        }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: the mapping lives as long as self and nothing else writes it.
-        unsafe { std::slice::from_raw_parts(self.addr, self.len) }
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`.
-        unsafe { libc::munmap(self.addr.cast(), self.len) };
-    }
-}
-
-fn chain_memory(dir: &Path) -> Scratch {
-    let chain = Chain::read(dir).unwrap();
-    let memory = Scratch::new(chain.top().images[0].size_bytes as usize);
-    chain.load_memory(&[memory.view()]).unwrap();
-    memory
 }
 
 #[test]
@@ -499,7 +380,7 @@ fn sigint_sigterm_and_sighup_end_the_run_with_a_report_and_remove_the_socket() {
         );
         let socket = vm.socket.clone();
         // SAFETY: kill(2) on our own child, which has not been waited for yet.
-        assert_eq!(unsafe { libc::kill(vm.child.id() as i32, signal) }, 0);
+        assert_eq!(unsafe { libc::kill(vm.pid() as i32, signal) }, 0);
         let out = vm.wait();
         assert_eq!(out.code, 1, "{name}: {}", out.stderr);
         assert_eq!(out.report["exit"]["kind"], "interrupted", "{name}: {}", out.stdout);

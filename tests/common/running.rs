@@ -87,6 +87,11 @@ impl Running {
         self.ctl_json(&args).unwrap_or_else(|e| panic!("snapshot create {}: {e}", dir.display()))
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits for the process to end.
     pub fn wait(self) -> RunOutcome {
         outcome(self.child.wait_with_output().unwrap())
