@@ -262,6 +262,15 @@ pub fn execute(args: &CtlArgs) -> Result<String, ClientError> {
         CtlCommand::Pause => format!("paused in {} µs", result["pause_ns"].as_u64().unwrap_or(0) / 1000),
         CtlCommand::Resume => "running".to_string(),
         CtlCommand::Migrate(_) => describe_migration(&result),
+        CtlCommand::Snapshot(SnapshotCommand::Create { .. }) if result["guest_pause_ns"].is_u64() => format!(
+            "live snapshot {} ({}): {} MiB of memory in {} ms while the VM ran (paused {} µs, {} writes waited for their page's copy)",
+            result["dir"].as_str().unwrap_or("?"),
+            result["kind"].as_str().unwrap_or("?"),
+            result["memory_bytes"].as_u64().unwrap_or(0) >> 20,
+            result["total_ms"].as_f64().unwrap_or(0.0).round(),
+            result["guest_pause_ns"].as_u64().unwrap_or(0) / 1000,
+            result["write_faults"].as_u64().unwrap_or(0),
+        ),
         CtlCommand::Snapshot(SnapshotCommand::Create { .. }) => format!(
             "snapshot {} ({}): {} MiB of memory in {} ms (paused {} µs)",
             result["dir"].as_str().unwrap_or("?"),

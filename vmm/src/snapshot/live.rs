@@ -4,15 +4,16 @@
 //!
 //! How: a fresh userfaultfd, opened for this snapshot only, is registered in
 //! write-protect mode over every zone before the pause (QEMU's background-snapshot does
-//! the same). In the pause the VM's state is saved, the pages that exist are listed
-//! (SEEK_DATA / pagemap, as for a full snapshot) and each zone is write-protected whole
+//! the same). In the pause the VM's state is saved, each zone is write-protected whole
 //! (`UFFDIO_WRITEPROTECT`; with `WP_UNPOPULATED` for anonymous zones, so never-touched
-//! pages are protected too; shmem and hugetlb get the kernel's PTE markers). Then the
-//! vCPUs resume. A background pass copies every listed page into the image in order, and
-//! unprotects each chunk once it is copied; a write (by a vCPU through KVM, or by the VMM)
-//! to a page not yet copied blocks in the kernel, and this module's fault thread copies
-//! that page first, then clears its protection and wakes the writer. A page that did not
-//! exist at the pause was zero then: its first write is let through at once.
+//! pages are protected too; shmem and hugetlb get the kernel's PTE markers) and KVM's
+//! dirty log is reset. Then the vCPUs resume. A background pass lists the pages that
+//! exist (SEEK_DATA / pagemap, as for a full snapshot; after the resume, to keep the
+//! pause short: a page only comes into existence by a write, and every write faults
+//! first) and copies them into the image in order, unprotecting each chunk once it is
+//! copied; a write (by a vCPU through KVM, or by the VMM) to a page not yet copied blocks
+//! in the kernel, and this module's fault thread copies that page first (a page that did
+//! not exist reads as zeros: a hole), then clears its protection and wakes the writer.
 //!
 //! Why a separate userfaultfd: a zone paged by the kernel has none, and registering WP on
 //! demand for the snapshot's duration costs nothing while no snapshot runs (no fault
@@ -79,6 +80,9 @@ pub enum LiveError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// Listing the pages that exist failed.
+    #[error(transparent)]
+    Image(Box<image::ImageError>),
     /// The fault thread failed (the message says how).
     #[error("live snapshot: the write-fault thread failed: {0}")]
     FaultThread(String),
@@ -87,9 +91,9 @@ pub enum LiveError {
 /// What a page of a zone is in during the copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Page {
-    /// Existed at the pause, not copied yet (still write-protected).
+    /// Not copied yet (still write-protected, so as it was at the pause).
     Pending,
-    /// Zero at the pause (absent, or all zeros): a hole in the image.
+    /// Zero at the pause (absent then, or all zeros): a hole in the image.
     Hole,
     /// Copied: its checksum.
     Data(u32),
@@ -105,8 +109,13 @@ struct ZoneCopy {
 
 impl ZoneCopy {
     /// Copies the pending pages among `first..end` (page indices) into the image; they
-    /// are write-protected, so they still hold what they held at the pause.
-    fn copy(&self, first: u64, end: u64) -> Result<(), LiveError> {
+    /// are write-protected, so they still hold what they held at the pause. With
+    /// `existing` (sorted page indices that exist in the host now), a pending page not in
+    /// it is marked a hole without being read: it did not exist at the pause either (no
+    /// page comes into existence without a write, and a write to a pending page waits
+    /// for [`ZoneCopy::copy`] in the fault thread; discards wait for the quiesced
+    /// devices), so it was zero then.
+    fn copy(&self, first: u64, end: u64, existing: Option<&[u64]>) -> Result<(), LiveError> {
         let page_bytes = self.view.page_bytes as usize;
         let mut taken: Vec<(u64, Vec<u8>)> = Vec::new();
         {
@@ -115,10 +124,15 @@ impl ZoneCopy {
                 if pages[index as usize] != Page::Pending {
                     continue;
                 }
+                if existing.is_some_and(|e| e.binary_search(&index).is_err()) {
+                    pages[index as usize] = Page::Hole;
+                    continue;
+                }
                 // SAFETY: the page lies inside the zone's live mapping (index < pages());
                 // it is write-protected and not yet unprotected (Pending, under the lock),
-                // so nothing writes it while this shared view lives; it existed at the
-                // pause, so reading it needs no fault handler (and WP never stops reads).
+                // so nothing writes it while this shared view lives. Reading it needs no
+                // fault handler (the zone is paged by the kernel, and WP never stops
+                // reads); a page that does not exist reads as zeros.
                 let bytes = unsafe {
                     std::slice::from_raw_parts(
                         self.view.host_addr.add((index * self.view.page_bytes) as usize),
@@ -240,22 +254,18 @@ fn copy_live(
             };
             let file = File::options().write(true).create_new(true).open(&path).map_err(io("create"))?;
             file.set_len(view.size_bytes).map_err(io("set its length"))?;
-            Ok(ZoneCopy { view: *view, file, path, pages: Mutex::new(vec![Page::Hole; view.pages() as usize]) })
+            Ok(ZoneCopy { view: *view, file, path, pages: Mutex::new(vec![Page::Pending; view.pages() as usize]) })
         })
         .collect::<Result<Vec<_>, LiveError>>()?;
 
     let was_running = machine.run_state() == RunState::Running;
     let pause_started = Instant::now();
-    machine.pause()?;
+    let stopping = machine.pause()?;
     let quiet = machine.quiesce();
     let in_pause = (|| -> Result<_, SnapshotError> {
         let state = machine.save_state_quiesced(&quiet)?;
+        // Every page is protected and pending; which exist is asked after the resume.
         for zone in &zones {
-            let mut pages = zone.pages.lock().unwrap_or_else(|e| e.into_inner());
-            for index in image::existing_pages(&zone.view)? {
-                pages[index as usize] = Page::Pending;
-            }
-            drop(pages);
             uffd.write_protect(zone.view.host_addr as u64, zone.view.size_bytes, true, false)
                 .map_err(LiveError::from)?;
         }
@@ -294,7 +304,8 @@ fn copy_live(
         kind: SnapshotKind::Full,
         memory_bytes: images.iter().map(ZoneImage::carried_bytes).sum(),
         state_bytes,
-        pause_ns: pause.as_nanos() as u64,
+        pause_ns: stopping.as_nanos() as u64,
+        guest_pause_ns: Some(pause.as_nanos() as u64),
         total_ms: started.elapsed().as_secs_f64() * 1e3,
         write_faults: Some(write_faults),
     })
@@ -305,13 +316,14 @@ fn copy_live(
 fn background_copy(uffd: &Uffd, zones: &[ZoneCopy], stop: &AtomicBool) -> Result<(), LiveError> {
     for zone in zones {
         let per_chunk = (CHUNK_BYTES / zone.view.page_bytes).max(1);
+        let existing = image::existing_pages(&zone.view).map_err(|e| LiveError::Image(Box::new(e)))?;
         let mut first = 0;
         while first < zone.view.pages() {
             if stop.load(Ordering::Relaxed) {
                 return Ok(()); // the fault thread failed; its error is the one to report
             }
             let end = (first + per_chunk).min(zone.view.pages());
-            zone.copy(first, end)?;
+            zone.copy(first, end, Some(&existing))?;
             let start = zone.view.host_addr as u64 + first * zone.view.page_bytes;
             uffd.write_protect(start, (end - first) * zone.view.page_bytes, false, false)?;
             first = end;
@@ -352,7 +364,7 @@ fn fault_loop(uffd: &Uffd, zones: &[ZoneCopy], stop: &AtomicBool) -> Result<u64,
                 .find(|zone| zone.contains(address))
                 .ok_or_else(|| LiveError::FaultThread(format!("a fault at {address:#x} outside guest RAM")))?;
             let index = (address - zone.view.host_addr as u64) / zone.view.page_bytes;
-            zone.copy(index, index + 1)?;
+            zone.copy(index, index + 1, None)?;
             let start = zone.view.host_addr as u64 + index * zone.view.page_bytes;
             uffd.write_protect(start, zone.view.page_bytes, false, false)?;
             served += 1;

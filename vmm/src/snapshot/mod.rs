@@ -191,6 +191,10 @@ pub struct SnapshotSummary {
     pub pause_ns: u64,
     /// Whole snapshot, ms (pause, state, images, sync).
     pub total_ms: f64,
+    /// A live snapshot: how long the vCPUs were stopped, ns (stopping them, saving the
+    /// state, write-protecting guest RAM, resetting the dirty log, resuming).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_pause_ns: Option<u64>,
     /// A live snapshot: the guest's (or the VMM's) writes that waited for their page to
     /// be copied first.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -248,6 +252,7 @@ pub fn create(
                 state_bytes,
                 pause_ns: pause.as_nanos() as u64,
                 total_ms: started.elapsed().as_secs_f64() * 1e3,
+                guest_pause_ns: None,
                 write_faults: None,
             })
         }
