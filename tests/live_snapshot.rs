@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::running::{restore, Running};
-use common::{root_and_kvm, RunOutcome, ScratchDir};
+use common::{root_and_kvm, HugepagePool, RunOutcome, ScratchDir};
 use serde_json::Value;
 
 /// One test at a time: each runs a VM whose two vCPUs spin through the whole step, and
@@ -111,6 +111,16 @@ fn a_live_snapshot_of_a_memfd_guest_is_the_guest_at_the_pause() {
         return;
     }
     live_snapshot_round_trip("size=128M,backend=memfd", &[]);
+}
+
+#[test]
+fn a_live_snapshot_of_a_hugetlb_guest_is_the_guest_at_the_pause() {
+    if !root_and_kvm("live snapshots register guest RAM with userfaultfd") {
+        return;
+    }
+    // 64 pages for the guest (the source has ended before its restore starts).
+    let Some(_pool) = HugepagePool::reserve(64) else { return };
+    live_snapshot_round_trip("size=128M,backend=hugetlb", &[]);
 }
 
 #[test]
