@@ -551,6 +551,8 @@ mod tests {
                 then: AfterSnapshot::Stop
             }))
         );
+        let live = Command::parse("snapshot.create", &serde_json::json!({"dir": "/s", "live": true})).unwrap();
+        assert!(matches!(live, Command::SnapshotCreate(SnapshotRequest { live: true, diff: false, .. })), "{live:?}");
         let defaults = Command::parse("snapshot.create", &serde_json::json!({"dir": "/s"})).unwrap();
         assert_eq!(
             defaults,
