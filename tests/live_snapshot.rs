@@ -49,7 +49,10 @@ fn generations_ok(run: &RunOutcome) -> Value {
 
 /// Boots a guest on `memory`, snapshots it live in the middle of `generations`, checks
 /// the source VM ran on and lost nothing, then restores the snapshot and checks it.
-fn live_snapshot_round_trip(memory: &str, restore_args: &[&str]) {
+/// With `diff_on_top`, a diff is taken on top of the live snapshot a little later and
+/// restored too: the dirty log was reset in the live snapshot's pause, so the diff holds
+/// exactly the writes after it.
+fn live_snapshot_round_trip(memory: &str, restore_args: &[&str], diff_on_top: bool) {
     let _one = exclusive();
     let scratch = ScratchDir::new(&format!("live-snapshot-{}", memory.replace(['=', ','], "-")));
     let dir = scratch.0.as_path().join("snap");
@@ -68,6 +71,12 @@ fn live_snapshot_round_trip(memory: &str, restore_args: &[&str]) {
         summary["memory_bytes"].as_u64().unwrap() >> 20,
         summary["total_ms"].as_f64().unwrap(),
     );
+    let diff_dir = scratch.0.join("diff");
+    if diff_on_top {
+        std::thread::sleep(Duration::from_millis(500));
+        let diff = vm.snapshot(&diff_dir, &["--diff"]);
+        assert_eq!(diff["kind"], "diff", "{diff}");
+    }
     let source = vm.wait();
     let results = source.report["guest"]["results"].as_array().unwrap().clone();
     generations_ok(&source);
@@ -82,6 +91,11 @@ fn live_snapshot_round_trip(memory: &str, restore_args: &[&str]) {
     let pages = result["pages"].as_u64().unwrap();
     assert!(pages > 0, "{result}");
     check_restored_report(&restored, &dir);
+    if diff_on_top {
+        let restored = restore(&diff_dir, restore_args);
+        generations_ok(&restored);
+        check_restored_report(&restored, &diff_dir);
+    }
 }
 
 /// The restored guest resumed inside `generations` (its fill result came from the
@@ -98,11 +112,11 @@ fn check_restored_report(restored: &RunOutcome, dir: &Path) {
 }
 
 #[test]
-fn a_live_snapshot_of_an_anonymous_guest_is_the_guest_at_the_pause() {
+fn a_live_snapshot_of_an_anonymous_guest_is_the_guest_at_the_pause_and_a_diff_builds_on_it() {
     if !root_and_kvm("live snapshots register guest RAM with userfaultfd") {
         return;
     }
-    live_snapshot_round_trip("128M", &[]);
+    live_snapshot_round_trip("128M", &[], true);
 }
 
 #[test]
@@ -110,7 +124,7 @@ fn a_live_snapshot_of_a_memfd_guest_is_the_guest_at_the_pause() {
     if !root_and_kvm("live snapshots register guest RAM with userfaultfd") {
         return;
     }
-    live_snapshot_round_trip("size=128M,backend=memfd", &[]);
+    live_snapshot_round_trip("size=128M,backend=memfd", &[], false);
 }
 
 #[test]
@@ -120,7 +134,7 @@ fn a_live_snapshot_of_a_hugetlb_guest_is_the_guest_at_the_pause() {
     }
     // 64 pages for the guest (the source has ended before its restore starts).
     let Some(_pool) = HugepagePool::reserve(64) else { return };
-    live_snapshot_round_trip("size=128M,backend=hugetlb", &[]);
+    live_snapshot_round_trip("size=128M,backend=hugetlb", &[], false);
 }
 
 #[test]
