@@ -143,7 +143,13 @@ impl ZoneCopy {
                     pages[index as usize] = Page::Hole;
                 } else {
                     pages[index as usize] = Page::Data(crc32fast::hash(bytes));
-                    taken.push((index, bytes.to_vec()));
+                    // Contiguous pages go to the file in one write.
+                    match taken.last_mut() {
+                        Some((start, run)) if *start + (run.len() / page_bytes) as u64 == index => {
+                            run.extend_from_slice(bytes)
+                        }
+                        _ => taken.push((index, bytes.to_vec())),
+                    }
                 }
             }
         }
