@@ -59,6 +59,10 @@ fn live_snapshot_round_trip(memory: &str, restore_args: &[&str], diff_on_top: bo
     let vm = Running::start(scratch.0.as_path(), &workload(memory, "3000"));
     // The fill of the region is over well before this; the generations step runs 8 s.
     std::thread::sleep(Duration::from_millis(2500));
+    // A directory in use (it holds the control socket) is refused and left as it was.
+    let busy = vm.ctl_json(&["snapshot", "create", scratch.0.to_str().unwrap(), "--live"]);
+    assert!(busy.as_ref().is_err_and(|e| e.contains("not empty")), "{busy:?}");
+    assert!(vm.socket.exists(), "a refused live snapshot removed nothing");
     let summary = vm.snapshot(&dir, &["--live"]);
     let status = vm.ctl_json(&["status"]).unwrap();
     assert_eq!(status["state"], "running", "the VM runs on after a live snapshot: {status}");

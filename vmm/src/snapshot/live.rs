@@ -220,11 +220,17 @@ pub fn create(machine: &Machine, history: &SnapshotHistory, dir: &Path) -> Resul
     let features = features_for(machine)?;
     let uffd = Uffd::open(features, Features(0)).map_err(LiveError::from)?;
     let views = super::zone_views(&machine.ram, &machine.config.zones);
-    for view in &views {
-        uffd.register(view.host_addr as u64, view.size_bytes, RegisterMode { wp: true, ..Default::default() })
-            .map_err(LiveError::from)?;
-    }
-    let result = super::prepare_dir(dir).and_then(|()| copy_live(machine, &uffd, &views, dir, started));
+    let registered = views.iter().try_for_each(|view| {
+        let mode = RegisterMode { wp: true, ..Default::default() };
+        uffd.register(view.host_addr as u64, view.size_bytes, mode).map(|_| ()).map_err(LiveError::from)
+    });
+    // The directory is ours to remove on failure only once prepare_dir made it ours.
+    let mut prepared = false;
+    let result = registered.map_err(SnapshotError::from).and_then(|()| super::prepare_dir(dir)).and_then(|()| {
+        prepared = true;
+        copy_live(machine, &uffd, &views, dir, started)
+    });
+    // Every zone, registered or not (unregistering a range never registered is a no-op).
     for view in &views {
         // Unregistering clears what protection is left and wakes any writer still waiting.
         let _ = uffd.write_protect(view.host_addr as u64, view.size_bytes, false, false);
@@ -236,7 +242,9 @@ pub fn create(machine: &Machine, history: &SnapshotHistory, dir: &Path) -> Resul
             Ok(summary)
         }
         Err(e) => {
-            let _ = std::fs::remove_dir_all(dir);
+            if prepared {
+                let _ = std::fs::remove_dir_all(dir);
+            }
             Err(e)
         }
     }
