@@ -96,7 +96,15 @@ impl LifecycleControl for VmTarget {
 
     fn snapshot(&self, request: &SnapshotRequest) -> Result<serde_json::Value, String> {
         let was_running = self.machine.run_state() == RunState::Running;
-        let result = snapshot::create(&self.machine, &self.history, Path::new(&request.dir), request.diff);
+        let dir = Path::new(&request.dir);
+        let result = match (request.live, request.diff) {
+            (true, true) => Err(snapshot::SnapshotError::Directory {
+                path: dir.to_path_buf(),
+                reason: "a live snapshot is a full one; ask for --live or --diff, not both".into(),
+            }),
+            (true, false) => snapshot::live::create(&self.machine, &self.history, dir),
+            (false, _) => snapshot::create(&self.machine, &self.history, dir, request.diff),
+        };
         // Whatever happened, the VM goes on as asked (on an error: as before, unharmed).
         let then = if result.is_ok() { request.then } else { AfterSnapshot::AsBefore };
         match then {

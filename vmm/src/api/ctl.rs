@@ -114,6 +114,11 @@ pub enum SnapshotCommand {
         /// chain by naming the last diff).
         #[arg(long)]
         diff: bool,
+        /// Pause only to save the vCPU and device state and write-protect guest RAM, then
+        /// copy the pages out while the VM runs (userfaultfd write-protect); the snapshot
+        /// is the guest at that pause, an ordinary full snapshot.
+        #[arg(long, conflicts_with = "diff")]
+        live: bool,
         /// Run the VM afterwards even if it was paused before.
         #[arg(long, conflicts_with = "stop")]
         resume: bool,
@@ -193,7 +198,7 @@ pub fn execute(args: &CtlArgs) -> Result<String, ClientError> {
         CtlCommand::Paging(PagingCommand::Check) => ("paging.check", Value::Null),
         CtlCommand::Pause => ("pause", Value::Null),
         CtlCommand::Resume => ("resume", Value::Null),
-        CtlCommand::Snapshot(SnapshotCommand::Create { dir, diff, resume, stop }) => {
+        CtlCommand::Snapshot(SnapshotCommand::Create { dir, diff, live, resume, stop }) => {
             // The server resolves paths against its own working directory: send an
             // absolute one.
             let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
@@ -204,7 +209,7 @@ pub fn execute(args: &CtlArgs) -> Result<String, ClientError> {
             } else {
                 "as_before"
             };
-            ("snapshot.create", serde_json::json!({ "dir": dir, "diff": diff, "then": then }))
+            ("snapshot.create", serde_json::json!({ "dir": dir, "diff": diff, "live": live, "then": then }))
         }
         CtlCommand::Migrate(migrate) => match migrate.action {
             Some(MigrateAction::Status) => ("migrate.status", Value::Null),
@@ -257,6 +262,15 @@ pub fn execute(args: &CtlArgs) -> Result<String, ClientError> {
         CtlCommand::Pause => format!("paused in {} µs", result["pause_ns"].as_u64().unwrap_or(0) / 1000),
         CtlCommand::Resume => "running".to_string(),
         CtlCommand::Migrate(_) => describe_migration(&result),
+        CtlCommand::Snapshot(SnapshotCommand::Create { .. }) if result["guest_pause_ns"].is_u64() => format!(
+            "live snapshot {} ({}): {} MiB of memory in {} ms while the VM ran (paused {} µs, {} writes waited for their page's copy)",
+            result["dir"].as_str().unwrap_or("?"),
+            result["kind"].as_str().unwrap_or("?"),
+            result["memory_bytes"].as_u64().unwrap_or(0) >> 20,
+            result["total_ms"].as_f64().unwrap_or(0.0).round(),
+            result["guest_pause_ns"].as_u64().unwrap_or(0) / 1000,
+            result["write_faults"].as_u64().unwrap_or(0),
+        ),
         CtlCommand::Snapshot(SnapshotCommand::Create { .. }) => format!(
             "snapshot {} ({}): {} MiB of memory in {} ms (paused {} µs)",
             result["dir"].as_str().unwrap_or("?"),

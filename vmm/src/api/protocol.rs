@@ -216,6 +216,10 @@ pub struct SnapshotRequest {
     /// Only the pages written since the previous snapshot of this VM (a diff on top of it).
     #[serde(default)]
     pub diff: bool,
+    /// Live: pause only to save the state and write-protect guest RAM, and copy the pages
+    /// out while the VM runs (a full snapshot of the guest at the pause).
+    #[serde(default)]
+    pub live: bool,
     /// What the VM does afterwards.
     #[serde(default)]
     pub then: AfterSnapshot,
@@ -276,7 +280,7 @@ impl Command {
                 ErrorBody::new(
                     ErrorKind::BadArgs,
                     format!(
-                        "snapshot.create needs \"args\": {{\"dir\": \"PATH\", \"diff\": false, \"then\": \"as_before\"|\"resume\"|\"stop\"}}: {e}"
+                        "snapshot.create needs \"args\": {{\"dir\": \"PATH\", \"diff\": false, \"live\": false, \"then\": \"as_before\"|\"resume\"|\"stop\"}}: {e}"
                     ),
                 )
             }),
@@ -540,12 +544,24 @@ mod tests {
         let parsed = Command::parse("snapshot.create", &serde_json::json!({"dir": "/s", "diff": true, "then": "stop"}));
         assert_eq!(
             parsed,
-            Ok(Command::SnapshotCreate(SnapshotRequest { dir: "/s".into(), diff: true, then: AfterSnapshot::Stop }))
+            Ok(Command::SnapshotCreate(SnapshotRequest {
+                dir: "/s".into(),
+                diff: true,
+                live: false,
+                then: AfterSnapshot::Stop
+            }))
         );
+        let live = Command::parse("snapshot.create", &serde_json::json!({"dir": "/s", "live": true})).unwrap();
+        assert!(matches!(live, Command::SnapshotCreate(SnapshotRequest { live: true, diff: false, .. })), "{live:?}");
         let defaults = Command::parse("snapshot.create", &serde_json::json!({"dir": "/s"})).unwrap();
         assert_eq!(
             defaults,
-            Command::SnapshotCreate(SnapshotRequest { dir: "/s".into(), diff: false, then: AfterSnapshot::AsBefore })
+            Command::SnapshotCreate(SnapshotRequest {
+                dir: "/s".into(),
+                diff: false,
+                live: false,
+                then: AfterSnapshot::AsBefore
+            })
         );
         for bad in [Value::Null, serde_json::json!({"dir": 3}), serde_json::json!({"dir": "/s", "then": "later"})] {
             assert_eq!(Command::parse("snapshot.create", &bad).unwrap_err().kind, ErrorKind::BadArgs, "{bad}");

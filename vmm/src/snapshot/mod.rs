@@ -36,6 +36,7 @@ pub mod cli;
 pub mod format;
 pub mod image;
 pub mod lazy;
+pub mod live;
 pub mod map;
 pub mod page_server;
 pub mod prefetch;
@@ -90,6 +91,9 @@ pub enum SnapshotError {
     /// A diff was asked for with no snapshot before it.
     #[error("a diff snapshot needs an earlier snapshot of this VM in this process to build on; take a full one first (snapshot create DIR without --diff)")]
     NoParent,
+    /// A live snapshot failed.
+    #[error(transparent)]
+    Live(#[from] live::LiveError),
     /// A chain of diffs is broken.
     #[error("{path}: {reason}")]
     Chain {
@@ -187,6 +191,14 @@ pub struct SnapshotSummary {
     pub pause_ns: u64,
     /// Whole snapshot, ms (pause, state, images, sync).
     pub total_ms: f64,
+    /// A live snapshot: how long the vCPUs were stopped, ns (stopping them, saving the
+    /// state, write-protecting guest RAM, resetting the dirty log, resuming).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_pause_ns: Option<u64>,
+    /// A live snapshot: the guest's (or the VMM's) writes that waited for their page to
+    /// be copied first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub write_faults: Option<u64>,
 }
 
 /// The snapshot history of one running VM: its last snapshot (a diff's parent).
@@ -240,6 +252,8 @@ pub fn create(
                 state_bytes,
                 pause_ns: pause.as_nanos() as u64,
                 total_ms: started.elapsed().as_secs_f64() * 1e3,
+                guest_pause_ns: None,
+                write_faults: None,
             })
         }
         Err(e) => {
@@ -336,23 +350,35 @@ fn write_snapshot_taking(
     }
     drop(vm);
     drop(quiet);
+    let state_bytes = write_state_file(machine, dir, &images, state, parent)?;
+    Ok((images, state_bytes))
+}
+
+/// Writes the state file of a snapshot whose images are in `dir` (last, and by rename: a
+/// directory with a state file is complete, as far as the VMM's own failures go; nothing
+/// is fsynced, see image.rs). Returns its size.
+fn write_state_file(
+    machine: &Machine,
+    dir: &Path,
+    images: &[ZoneImage],
+    state: MachineState,
+    parent: Option<&Path>,
+) -> Result<u64, SnapshotError> {
     let file = SnapshotState {
         kind: if parent.is_some() { SnapshotKind::Diff } else { SnapshotKind::Full },
         parent: parent.map(|parent| parent_reference(dir, parent)),
         created_unix_s: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         writer: format!("faultline {}", env!("CARGO_PKG_VERSION")),
         config: machine.config.clone(),
-        images: images.clone(),
+        images: images.to_vec(),
         machine: state,
     };
     let bytes = format::encode(&file);
-    // The state file goes last and by rename: a directory with a state file is complete
-    // (as far as the VMM's own failures go; nothing is fsynced, see image.rs).
     let tmp = dir.join(format!("{}.tmp", format::STATE_FILE));
     let io = |what| move |source| SnapshotError::Io { path: dir.join(format::STATE_FILE), what, source };
     std::fs::write(&tmp, &bytes).map_err(io("write"))?;
     std::fs::rename(&tmp, dir.join(format::STATE_FILE)).map_err(io("rename"))?;
-    Ok((images, bytes.len() as u64))
+    Ok(bytes.len() as u64)
 }
 
 /// The diff's images: per zone, the pages the VMM wrote or discarded (`taken`, guest-
