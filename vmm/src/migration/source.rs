@@ -413,7 +413,7 @@ impl Sender<'_> {
 
     /// The units written since the last harvest, per zone (sorted), with the log and the
     /// VMM's write set reset: the union of both, and apart the units the VMM changed.
-    fn harvest(&mut self) -> Result<(Vec<Vec<u64>>, Vec<Vec<u64>>), MigrationError> {
+    fn harvest(&mut self) -> Result<(UnitLists, UnitLists), MigrationError> {
         let mut dirty: Vec<Vec<u64>> = vec![Vec::new(); self.zones.len()];
         let mut ours: Vec<Vec<u64>> = vec![Vec::new(); self.zones.len()];
         {
@@ -446,6 +446,9 @@ impl Sender<'_> {
         units.iter().enumerate().map(|(zone, list)| list.len() as u64 * self.zones.unit(zone)).sum()
     }
 }
+
+/// Units per zone, each list sorted.
+type UnitLists = Vec<Vec<u64>>;
 
 /// Per zone, the sorted union of two sorted lists.
 fn union(a: Vec<Vec<u64>>, b: Vec<Vec<u64>>) -> Vec<Vec<u64>> {
