@@ -3,6 +3,7 @@
 //! (`generations`), and checks on the destination that no write was lost or went stale.
 //! Links are cut and streams corrupted at seeded random points by a relay in this test:
 //! the destination refuses and starts nothing, the source runs on and migrates again.
+//! A VM whose balloon inflates while it migrates deflates on the destination and verifies.
 
 mod common;
 

@@ -11,8 +11,9 @@
 //! - [`metrics`]: QEMU's figures.
 //!
 //! The dirty log is KVM's (manual-protect mode, harvested and cleared per slot). The
-//! VMM's own writes to guest RAM are not in it: the balloon writes and discards, so a VM
-//! with a balloon is refused until the balloon's pages join a VMM dirty set.
+//! VMM's own writes to guest RAM are not in it (the balloon writes and discards): each
+//! harvest unites it with the smmu's set of those writes, and discarded pages go as
+//! zero markers (docs/migration.md, "The balloon").
 
 pub mod destination;
 pub mod handshake;
