@@ -3,6 +3,7 @@
 //! (`generations`), and checks on the destination that no write was lost or went stale.
 //! Links are cut and streams corrupted at seeded random points by a relay in this test:
 //! the destination refuses and starts nothing, the source runs on and migrates again.
+//! A VM whose balloon inflates while it migrates deflates on the destination and verifies.
 
 mod common;
 
@@ -465,16 +466,64 @@ fn mismatched_handshakes_and_unmigratable_vms_are_refused_clearly() {
     let source = source.wait();
     assert_eq!(source.code, 0, "{}", source.stderr);
     assert_eq!(source.report["migration"]["status"], "failed", "{}", source.stdout);
+}
 
-    // A VM with a balloon is refused up front, saying why.
-    let balloon = Source::start(
-        &scratch.0,
-        "balloon",
-        &["-m", "size=64M", "--steps", "fill,balloon", "--balloon", "--duration-ms", "3000"],
-    );
-    let (code, _, stderr) = balloon.ctl(&["migrate", "unix:/nonexistent.sock"]);
-    assert_eq!(code, 1);
-    assert!(stderr.contains("virtio-balloon") && stderr.contains("without --balloon"), "{stderr}");
-    balloon.assert_running("a refused balloon migration");
-    let _ = balloon.wait();
+#[test]
+fn a_vm_migrated_mid_inflation_finishes_its_balloon_changes_on_the_destination() {
+    if !root_and_kvm("live migration tests") {
+        return;
+    }
+    let _one = exclusive();
+    let scratch = ScratchDir::new("migrate-balloon");
+    let uri = format!("unix:{}", scratch.0.join("in.sock").display());
+    // Two changes steered by hand: inflate to 192M (the migration starts while the guest
+    // gives pages, so the VMM discards and writes used rings during the rounds), then,
+    // on the destination, back to 0 (the guest checks the pages it gets back are zero).
+    let args =
+        ["--vcpus", "2", "-m", "size=256M", "--balloon", "--balloon-changes", "2", "--steps", "fill,balloon,verify"];
+    let source = Source::start(&scratch.0, "src", &args);
+    let (code, _, stderr) = source.ctl(&["balloon", "set", "192M"]);
+    assert_eq!(code, 0, "{stderr}");
+    let started = Instant::now();
+    let actual = loop {
+        let (code, info, stderr) = source.ctl(&["balloon", "get"]);
+        assert_eq!(code, 0, "{stderr}");
+        let actual = info["actual_pages"].as_u64().unwrap();
+        if actual > 0 {
+            break actual;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the balloon never started inflating: {info}");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let dest_socket = scratch.0.join("dest-api.sock");
+    let dest = faultline()
+        .args(["restore", "--json", "--timeout", "180", "--incoming", &uri, "--api-socket"])
+        .arg(&dest_socket)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn faultline restore --incoming");
+    while !listening(&uri) {
+        assert!(started.elapsed() < Duration::from_secs(90), "the destination never listened on {uri}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (code, result, stderr) = source.migrate(&uri);
+    assert_eq!(code, 0, "{stderr} {result}");
+    let source = source.wait();
+    assert_eq!(source.report["exit"]["kind"], "migrated", "{}\n{}", source.stdout, source.stderr);
+    let before = source.report["guest"]["balloon_changes"].as_array().map_or(0, Vec::len);
+    eprintln!("migrated with the balloon at {actual}+ pages, {before} of 2 changes done on the source");
+    let deflate = faultline().args(["ctl", "-s"]).arg(&dest_socket).args(["balloon", "set", "0"]).output().unwrap();
+    assert!(deflate.status.success(), "{}", String::from_utf8_lossy(&deflate.stderr));
+    let dest = outcome(dest.wait_with_output().unwrap());
+    dest.assert_success().assert_verified(1);
+    let changes = dest.report["guest"]["balloon_changes"].as_array().expect("balloon changes");
+    let got: Vec<u64> = changes.iter().map(|c| c["actual_pages"].as_u64().unwrap()).collect();
+    assert_eq!(got, [192u64 << 8, 0], "{}", dest.stdout);
+    for change in changes {
+        assert_eq!((change["kept_ok"].as_bool(), change["zero_ok"].as_bool()), (Some(true), Some(true)), "{change}");
+        assert_eq!(change["mismatches"], 0, "{change}");
+    }
+    assert_eq!(dest.report["balloon"]["device"]["device_errors"], 0, "{}", dest.stdout);
+    assert_eq!(dest.report["migration"]["status"], "completed", "{}", dest.stdout);
 }

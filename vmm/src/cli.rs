@@ -60,6 +60,9 @@ pub enum BenchCommand {
     /// Pause latency, snapshot time and size against touched memory (full and diff), and
     /// eager restore time, against QEMU microvm saving and restoring the same ELF.
     Snapshot(crate::experiments::snapshot_bench::SnapshotBenchArgs),
+    /// Pre-copy live migration (total time, downtime, bytes, rounds) against QEMU microvm
+    /// migrating the same ELF, per transport x dirty rate x downtime limit.
+    Migrate(crate::experiments::migrate_bench::MigrateBenchArgs),
     /// Restore modes against guest size: first instruction, warm point, faults
     /// (docs/lazy-restore.md).
     Restore(crate::experiments::restore_bench::RestoreBenchArgs),

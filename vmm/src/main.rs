@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use faultline::cli::{BenchCommand, Cli, Command, RunArgs};
-use faultline::experiments::{boot_bench, fault_bench, restore_bench, snapshot_bench};
+use faultline::experiments::{boot_bench, fault_bench, migrate_bench, restore_bench, snapshot_bench};
 use faultline::snapshot::{self, cli::RestoreArgs, cli::SnapshotCommand};
 use faultline::vmm::{self, RunOptions};
 
@@ -46,6 +46,14 @@ fn main() -> ExitCode {
         },
         Command::Bench(BenchCommand::Faults(args)) => bench_faults(&args),
         Command::Bench(BenchCommand::Snapshot(args)) => match snapshot_bench::run(&args) {
+            Ok(report) if args.json => print_json(&report),
+            Ok(report) => {
+                print!("{}", report.table());
+                ExitCode::SUCCESS
+            }
+            Err(err) => fail(&err),
+        },
+        Command::Bench(BenchCommand::Migrate(args)) => match migrate_bench::run(&args) {
             Ok(report) if args.json => print_json(&report),
             Ok(report) => {
                 print!("{}", report.table());

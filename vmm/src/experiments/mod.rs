@@ -1,5 +1,5 @@
 //! Experiments that drive the VMM and report figures: the benchmarks (boot, faults,
-//! snapshot), the chaos driver and the balloon watcher.
+//! snapshot, migrate), the chaos driver and the balloon watcher.
 
 pub mod balloon_watch;
 pub mod boot_bench;
@@ -7,5 +7,6 @@ pub mod chaos;
 pub mod child_timing;
 pub mod fault_bench;
 pub mod host_changes;
+pub mod migrate_bench;
 pub mod restore_bench;
 pub mod snapshot_bench;

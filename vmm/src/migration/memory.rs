@@ -101,8 +101,10 @@ impl Zones {
     /// Encodes units `first..first + count` of `zone` into `frame` (cleared first);
     /// returns what it held. The range must lie inside the zone and be at most
     /// [`max_batch`] long. The guest may run meanwhile: a page it writes during the copy
-    /// is in the dirty log and sent again.
-    pub fn encode(&self, zone: usize, first: u64, count: u64, frame: &mut Vec<u8>) -> PageCounts {
+    /// is in the dirty log and sent again. Units in `absent` (sorted) go as zero markers
+    /// without being read: pages discarded behind the guest (reading would bring them
+    /// back, or fault into the fault engine).
+    pub fn encode(&self, zone: usize, first: u64, count: u64, absent: &[u64], frame: &mut Vec<u8>) -> PageCounts {
         let unit = self.units[zone];
         let view = &self.views[zone];
         assert!(count > 0 && count <= max_batch(unit) && (first + count) * unit <= view.size_bytes);
@@ -116,6 +118,11 @@ impl Zones {
         frame.resize(map_at + count.div_ceil(8) as usize, 0);
         let mut counts = PageCounts::default();
         for i in 0..count {
+            if absent.binary_search(&(first + i)).is_ok() {
+                frame[map_at + (i / 8) as usize] |= 1 << (i % 8);
+                counts.zero += 1;
+                continue;
+            }
             let at = frame.len();
             let offset = ((first + i) * unit) as usize;
             // SAFETY: [offset, offset + unit) lies inside the zone's live mapping (asserted

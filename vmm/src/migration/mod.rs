@@ -11,8 +11,9 @@
 //! - [`metrics`]: QEMU's figures.
 //!
 //! The dirty log is KVM's (manual-protect mode, harvested and cleared per slot). The
-//! VMM's own writes to guest RAM are not in it: the balloon writes and discards, so a VM
-//! with a balloon is refused until the balloon's pages join a VMM dirty set.
+//! VMM's own writes to guest RAM are not in it (the balloon writes and discards): each
+//! harvest unites it with the smmu's set of those writes, and discarded pages go as
+//! zero markers (docs/migration.md, "The balloon").
 
 pub mod destination;
 pub mod handshake;
@@ -239,11 +240,6 @@ impl ControllerState {
 /// Refuses, with what to do, a VM this migration cannot move faithfully.
 fn check_migratable(machine: &Machine, dirty_log_ours: bool) -> Result<(), MigrationError> {
     let unsupported = |reason: &str| Err(MigrationError::Unsupported(reason.to_string()));
-    if machine.devices.balloon.is_some() {
-        return unsupported(
-            "it has a virtio-balloon, which writes and discards guest RAM behind KVM's dirty log; run without --balloon to migrate",
-        );
-    }
     if machine.config.zones.iter().any(|z| z.backend == crate::config::Backend::File) {
         return unsupported(
             "a file zone would be shared by both ends on one host (and is not carried to another); use anon, memfd or hugetlb zones",

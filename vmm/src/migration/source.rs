@@ -135,6 +135,8 @@ struct Sender<'a> {
     deadline: Option<(Instant, f64)>,
     buffer: Vec<u8>,
     counts: PageCounts,
+    /// Per zone, the units being sent that the VMM discarded (sorted): zero markers.
+    absent: Vec<Vec<u64>>,
     /// When the memory transfer began, and the stream bytes written before it: the
     /// bandwidth is what went since, over wall time (reading guest RAM, harvesting and
     /// the link all count, as they will in the stop-and-copy).
@@ -176,6 +178,7 @@ fn precopy(
             deadline: request.timeout_ms.map(|t| (Instant::now() + Duration::from_millis(t), t as f64 / 1e3)),
             buffer: Vec::with_capacity(super::memory::BATCH_HEADER + 128 + (4 << 20)),
             counts: PageCounts::default(),
+            absent: Vec::new(),
             active_since: (Instant::now(), 0),
         };
         let result = sender.run(request);
@@ -205,13 +208,15 @@ impl Sender<'_> {
         });
 
         // From here on every guest write is logged; a fresh log starts clean, and one
-        // left on by an earlier migration is reset.
+        // left on by an earlier migration is reset. So is the set of the VMM's own writes
+        // (the balloon's): round 0 sends every page that exists, whoever wrote it.
         {
             let mut vm = self.machine.vm();
             vm.enable_dirty_log()?;
             for slot in 0..self.machine.ram.regions().len() {
                 vm.take_dirty_pages(slot)?;
             }
+            self.machine.paging.discarder().vmm_writes().take();
         }
         let max_rounds = u64::from(request.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS));
         self.active_since = (Instant::now(), self.writer.bytes_written());
@@ -221,11 +226,11 @@ impl Sender<'_> {
             .map_err(|e| MigrationError::Memory(format!("cannot bring in the pages of the lazy restore: {e}")))?;
         let existing = self.zones.existing_units()?;
         let mut round_started = Instant::now();
-        self.send_all(&existing)?;
+        self.send_all(&existing, &[])?;
         self.end_round(0)?;
         let mut round = 0u64;
-        let (dirty, converged) = loop {
-            let dirty = self.harvest()?;
+        let (dirty, ours, converged) = loop {
+            let (dirty, ours) = self.harvest()?;
             let elapsed = round_started.elapsed().as_secs_f64().max(1e-6);
             round_started = Instant::now();
             let bytes = self.bytes_of(&dirty);
@@ -238,13 +243,13 @@ impl Sender<'_> {
                 m.dirty_pages_rate = pages as f64 / elapsed;
             });
             if expected_ms <= request.downtime_ms as f64 {
-                break (dirty, true);
+                break (dirty, ours, true);
             }
             if round >= max_rounds {
-                break (dirty, false);
+                break (dirty, ours, false);
             }
             round += 1;
-            self.send_all(&dirty)?;
+            self.send_all(&dirty, &ours)?;
             self.end_round(round)?;
         };
 
@@ -258,25 +263,22 @@ impl Sender<'_> {
             m.precopy_bytes = precopy_bytes;
         });
         self.machine.pause()?;
-        let last = self.harvest()?;
-        let merged: Vec<Vec<u64>> = dirty
-            .into_iter()
-            .zip(last)
-            .map(|(mut a, b)| {
-                a.extend(b);
-                a.sort_unstable();
-                a.dedup();
-                a
-            })
-            .collect();
-        self.send_all(&merged)?;
-        let state = self.machine.save_state()?;
+        // Device threads stay still from here to the Ack: nothing writes guest RAM behind
+        // the last harvest (the balloon's notifier would, serving a kick). On failure the
+        // guard goes before the VM resumes.
+        let quiet = self.machine.quiesce();
+        let (last, last_ours) = self.harvest()?;
+        let merged = union(dirty, last);
+        let ours = union(ours, last_ours);
+        self.send_all(&merged, &ours)?;
+        let state = self.machine.save_state_quiesced(&quiet)?;
         let state = serde_json::to_vec(&state).expect("machine states serialize");
         self.writer.write(FrameType::State, &[&state])?;
         self.writer.write(FrameType::Complete, &[])?;
         let downtime_bytes = self.writer.bytes_written() - precopy_bytes;
         self.answer(FrameType::Ack, "restoring the VM")?;
         let downtime = ms(paused_at.elapsed());
+        drop(quiet);
         self.progress.update(|m| {
             m.downtime = downtime;
             m.downtime_bytes = downtime_bytes;
@@ -322,8 +324,19 @@ impl Sender<'_> {
         }
     }
 
-    /// Sends the listed units of every zone, in contiguous runs.
-    fn send_all(&mut self, units: &[Vec<u64>]) -> Result<(), MigrationError> {
+    /// Sends the listed units of every zone, in contiguous runs. Of those the VMM changed
+    /// (`ours`, sorted per zone), the ones that no longer exist (discarded: the balloon)
+    /// go as zero markers without being read, so the destination clears them and the
+    /// source does not bring them back; a page discarded or refilled after this query is
+    /// in the next harvest.
+    fn send_all(&mut self, units: &[Vec<u64>], ours: &[Vec<u64>]) -> Result<(), MigrationError> {
+        self.absent = vec![Vec::new(); self.zones.len()];
+        if ours.iter().any(|list| !list.is_empty()) {
+            let existing = self.zones.existing_units()?;
+            for (zone, list) in ours.iter().enumerate() {
+                self.absent[zone] = list.iter().copied().filter(|u| existing[zone].binary_search(u).is_err()).collect();
+            }
+        }
         for (zone, list) in units.iter().enumerate() {
             let batch = max_batch(self.zones.unit(zone));
             let mut at = 0;
@@ -343,7 +356,7 @@ impl Sender<'_> {
 
     fn send_range(&mut self, zone: usize, first: u64, count: u64) -> Result<(), MigrationError> {
         self.check()?;
-        let counts = self.zones.encode(zone, first, count, &mut self.buffer);
+        let counts = self.zones.encode(zone, first, count, &self.absent[zone], &mut self.buffer);
         let write = self.writer.write(FrameType::Pages, &[&self.buffer]);
         if write.is_err() && self.progress.cancelled.load(Ordering::SeqCst) {
             return Err(MigrationError::Cancelled);
@@ -398,29 +411,56 @@ impl Sender<'_> {
         Ok(())
     }
 
-    /// The units written since the last harvest, per zone (sorted), with the log reset.
-    fn harvest(&mut self) -> Result<Vec<Vec<u64>>, MigrationError> {
+    /// The units written since the last harvest, per zone (sorted), with the log and the
+    /// VMM's write set reset: the union of both, and apart the units the VMM changed.
+    fn harvest(&mut self) -> Result<(UnitLists, UnitLists), MigrationError> {
         let mut dirty: Vec<Vec<u64>> = vec![Vec::new(); self.zones.len()];
+        let mut ours: Vec<Vec<u64>> = vec![Vec::new(); self.zones.len()];
         {
             let vm = self.machine.vm();
-            for (slot, region) in self.machine.ram.regions().iter().enumerate() {
+            let regions = self.machine.ram.regions();
+            for (slot, region) in regions.iter().enumerate() {
                 let unit = self.zones.unit(region.zone);
                 for page in vm.take_dirty_pages(slot)? {
                     dirty[region.zone].push((region.fd_offset + page * 4096) / unit);
                 }
             }
+            for gpa in self.machine.paging.discarder().vmm_writes().take() {
+                let Some(region) = regions.iter().find(|r| gpa >= r.gpa && gpa - r.gpa < r.size_bytes) else {
+                    continue;
+                };
+                let unit = (region.fd_offset + gpa - region.gpa) / self.zones.unit(region.zone);
+                ours[region.zone].push(unit);
+                dirty[region.zone].push(unit);
+            }
         }
-        for list in &mut dirty {
+        for list in dirty.iter_mut().chain(ours.iter_mut()) {
             list.sort_unstable();
             list.dedup();
         }
         self.progress.update(|m| m.dirty_sync_count += 1);
-        Ok(dirty)
+        Ok((dirty, ours))
     }
 
     fn bytes_of(&self, units: &[Vec<u64>]) -> u64 {
         units.iter().enumerate().map(|(zone, list)| list.len() as u64 * self.zones.unit(zone)).sum()
     }
+}
+
+/// Units per zone, each list sorted.
+type UnitLists = Vec<Vec<u64>>;
+
+/// Per zone, the sorted union of two sorted lists.
+fn union(a: Vec<Vec<u64>>, b: Vec<Vec<u64>>) -> Vec<Vec<u64>> {
+    a.into_iter()
+        .zip(b)
+        .map(|(mut a, b)| {
+            a.extend(b);
+            a.sort_unstable();
+            a.dedup();
+            a
+        })
+        .collect()
 }
 
 /// A destination frame other than the one due: its `Refuse` message, or the surprise.

@@ -15,7 +15,7 @@ fn zones() -> Vec<ZoneConfig> {
     vec![ZoneConfig::new(8 << 20, Backend::Anon), ZoneConfig::new(4 << 20, Backend::Memfd)]
 }
 
-/// Source RAM with some pages written (and some written, then zeroed), and the stream
+/// Source RAM with some pages written (and some written, then zeroed or discarded), and the stream
 /// that carries it: two rounds, state, completion. Returns (ram, stream, frame offsets).
 fn source_stream() -> (GuestRam, Vec<u8>, Vec<usize>) {
     let ram = GuestRam::new(&zones()).unwrap();
@@ -40,7 +40,7 @@ fn source_stream() -> (GuestRam, Vec<u8>, Vec<usize>) {
         let mut first = 0;
         while first < source.unit_count(zone) {
             let count = 200.min(source.unit_count(zone) - first);
-            source.encode(zone, first, count, &mut buffer);
+            source.encode(zone, first, count, &[], &mut buffer);
             send(&mut writer, FrameType::Pages, &buffer, &mut offsets);
             first += count;
         }
@@ -49,8 +49,15 @@ fn source_stream() -> (GuestRam, Vec<u8>, Vec<usize>) {
     // Round 1: page 7 of zone 0 became zero.
     // SAFETY: inside zone 0's mapping.
     unsafe { views[0].host_addr.add(7 * 4096).cast::<u64>().write(0) };
-    source.encode(0, 5, 4, &mut buffer);
+    source.encode(0, 5, 4, &[], &mut buffer);
     send(&mut writer, FrameType::Pages, &buffer, &mut offsets);
+    // Page 14 of zone 0 (sent with data in round 0) was discarded by the VMM: it goes as a
+    // zero marker without being read (its bytes are still there when encoded), and the
+    // destination clears it.
+    source.encode(0, 13, 3, &[14], &mut buffer);
+    send(&mut writer, FrameType::Pages, &buffer, &mut offsets);
+    // SAFETY: inside zone 0's mapping.
+    unsafe { std::ptr::write_bytes(views[0].host_addr.add(14 * 4096), 0, 4096) };
     send(&mut writer, FrameType::RoundEnd, &1u32.to_le_bytes(), &mut offsets);
     send(&mut writer, FrameType::State, b"{\"vcpus\":[]}", &mut offsets);
     send(&mut writer, FrameType::Complete, b"", &mut offsets);

@@ -1,0 +1,536 @@
+//! `faultline bench migrate`: pre-copy live migration between two processes on this
+//! host, Faultline beside QEMU microvm migrating the same built-in guest ELF in the same
+//! run, per cell (transport x guest dirty rate x downtime limit), reported as ratios.
+//!
+//! Both VMMs run the guest with `fill,dirty`: it writes the pattern over the touched
+//! size, then rewrites pages at the cell's rate until the migration moves it (rate 0:
+//! `fill,idle`).
+//! Faultline: `faultline restore --incoming URI` at the destination, the control
+//! socket's `migrate` at the source, the figures from the source's run report (its
+//! `migration` section, QEMU's names). QEMU: `-incoming URI` at the destination,
+//! `migrate-set-parameters` (downtime-limit, max-bandwidth raised to 100 GiB/s, as
+//! Faultline's is unlimited) and `migrate` over QMP at the source, the figures from the
+//! last `query-migrate` (total-time, downtime, ram.transferred, ram.dirty-sync-count).
+//! Each VMM's figures come from its own clock.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::boot_bench::QEMU_MICROVM_ARGS;
+use crate::api::ControlClient;
+use crate::config::{Backend, VmConfig, ZoneConfig};
+
+/// Options of `faultline bench migrate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MigrateBenchArgs {
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub memory_mib: u64,
+    /// MiB the guest fills before it migrates (the rest is never touched).
+    #[arg(long, default_value_t = 512)]
+    pub touched_mib: u64,
+    /// Guest dirty rates in pages/s while it migrates, comma-separated (0: none).
+    #[arg(long, value_delimiter = ',', default_value = "0,10000")]
+    pub rates: Vec<u64>,
+    /// Downtime limits in ms, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "300,10")]
+    pub downtime_ms: Vec<u64>,
+    /// Transports, comma-separated: tcp (127.0.0.1, a free port) and/or unix.
+    #[arg(long, value_delimiter = ',', default_value = "tcp")]
+    pub transports: Vec<String>,
+    /// Rounds per cell, Faultline and QEMU alternating; the mean is reported.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+    /// Where sockets and the guest image go (a fresh directory is made inside).
+    #[arg(long, default_value = "/dev/shm")]
+    pub dir: PathBuf,
+    /// QEMU binary to compare against ("none" to skip).
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Errors of the migration benchmark.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateBenchError {
+    /// An option cannot be measured.
+    #[error("--{option}: {reason}")]
+    Option {
+        /// The option.
+        option: &'static str,
+        /// Why, and what to give instead.
+        reason: String,
+    },
+    /// A child process could not be started, talked to, or did not migrate.
+    #[error("{what}: {reason}")]
+    Step {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        reason: String,
+    },
+}
+
+fn step(what: impl Into<String>) -> impl FnOnce(String) -> MigrateBenchError {
+    let what = what.into();
+    move |reason| MigrateBenchError::Step { what, reason }
+}
+
+/// One migration's figures, as the source VMM reports them.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Migration {
+    /// Start to end, ms.
+    pub total_ms: f64,
+    /// The source's downtime, ms (Faultline: vCPUs paused until the destination's Ack;
+    /// QEMU: its `downtime`).
+    pub downtime_ms: f64,
+    /// Bytes sent (Faultline: stream bytes with headers; QEMU: `ram.transferred`).
+    pub bytes: u64,
+    /// Dirty-log harvests (`dirty-sync-count`).
+    pub syncs: u64,
+}
+
+impl Migration {
+    fn mean(all: &[Migration]) -> Migration {
+        let n = all.len().max(1) as f64;
+        Migration {
+            total_ms: all.iter().map(|m| m.total_ms).sum::<f64>() / n,
+            downtime_ms: all.iter().map(|m| m.downtime_ms).sum::<f64>() / n,
+            bytes: (all.iter().map(|m| m.bytes as f64).sum::<f64>() / n) as u64,
+            syncs: (all.iter().map(|m| m.syncs as f64).sum::<f64>() / n).round() as u64,
+        }
+    }
+}
+
+/// One cell: both VMMs under the same conditions.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cell {
+    /// `tcp` or `unix`.
+    pub transport: String,
+    /// Guest dirty rate, pages/s.
+    pub rate: u64,
+    /// Downtime limit asked of both, ms.
+    pub downtime_limit_ms: u64,
+    /// Faultline, mean over the rounds.
+    pub faultline: Migration,
+    /// Whether every Faultline round met the limit (else the round limit forced the stop).
+    pub faultline_converged: bool,
+    /// Faultline, each round.
+    pub faultline_rounds: Vec<Migration>,
+    /// QEMU, mean over the rounds.
+    pub qemu: Option<Migration>,
+    /// QEMU, each round.
+    pub qemu_rounds: Vec<Migration>,
+}
+
+/// The whole benchmark.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateBenchReport {
+    /// Guest RAM, MiB.
+    pub memory_mib: u64,
+    /// MiB filled.
+    pub touched_mib: u64,
+    /// Rounds per cell and VMM.
+    pub rounds: usize,
+    /// The cells.
+    pub cells: Vec<Cell>,
+    /// Why QEMU was not measured, if it was not.
+    pub qemu_note: Option<String>,
+}
+
+/// Runs the benchmark.
+pub fn run(args: &MigrateBenchArgs) -> Result<MigrateBenchReport, MigrateBenchError> {
+    if args.touched_mib == 0 || args.touched_mib > args.memory_mib.saturating_sub(16) {
+        return Err(MigrateBenchError::Option {
+            option: "touched-mib",
+            reason: format!(
+                "{} MiB does not fit a {} MiB guest; give 1 to {} (the guest keeps 16 MiB for itself)",
+                args.touched_mib,
+                args.memory_mib,
+                args.memory_mib.saturating_sub(16)
+            ),
+        });
+    }
+    if let Some(bad) = args.transports.iter().find(|t| *t != "tcp" && *t != "unix") {
+        return Err(MigrateBenchError::Option {
+            option: "transports",
+            reason: format!("unknown transport {bad:?}; give tcp, unix or tcp,unix"),
+        });
+    }
+    let work = args.dir.join(format!("faultline-bench-migrate-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| step(format!("create {}", work.display()))(e.to_string()))?;
+    let with_qemu =
+        args.qemu != "none" && Command::new(&args.qemu).arg("--version").output().is_ok_and(|o| o.status.success());
+    let image = work.join("guest.elf");
+    std::fs::write(&image, crate::BUILTIN_GUEST_ELF).map_err(|e| step("write the guest image")(e.to_string()))?;
+    let result = (|| {
+        let mut cells = Vec::new();
+        let mut serial = 0usize;
+        for transport in &args.transports {
+            for &rate in &args.rates {
+                for &limit in &args.downtime_ms {
+                    let mut ours = Vec::new();
+                    let mut converged = true;
+                    let mut theirs = Vec::new();
+                    for _ in 0..args.rounds.max(1) {
+                        serial += 1;
+                        let address = uri(transport, &work, &format!("fl-{serial}"))?;
+                        let (figures, met) = faultline_migration(args, &work, serial, rate, limit, &address)?;
+                        ours.push(figures);
+                        converged &= met;
+                        if with_qemu {
+                            // QEMU spells both addresses the same way.
+                            let address = uri(transport, &work, &format!("qemu-{serial}"))?;
+                            theirs.push(qemu_migration(args, &work, &image, serial, rate, limit, &address)?);
+                        }
+                    }
+                    cells.push(Cell {
+                        transport: transport.clone(),
+                        rate,
+                        downtime_limit_ms: limit,
+                        faultline: Migration::mean(&ours),
+                        faultline_converged: converged,
+                        faultline_rounds: ours,
+                        qemu: with_qemu.then(|| Migration::mean(&theirs)),
+                        qemu_rounds: theirs,
+                    });
+                }
+            }
+        }
+        Ok(MigrateBenchReport {
+            memory_mib: args.memory_mib,
+            touched_mib: args.touched_mib,
+            rounds: args.rounds.max(1),
+            cells,
+            qemu_note: (!with_qemu).then(|| format!("{} not found or not runnable: QEMU not measured", args.qemu)),
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+/// A free loopback TCP port (bound and released: the destination binds it next).
+fn free_port() -> Result<u16, MigrateBenchError> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| step("find a free TCP port on 127.0.0.1")(e.to_string()))
+}
+
+/// The address for a transport (QEMU and Faultline spell them alike).
+fn uri(transport: &str, work: &Path, name: &str) -> Result<String, MigrateBenchError> {
+    Ok(match transport {
+        "unix" => format!("unix:{}", work.join(format!("{name}.sock")).display()),
+        _ => format!("tcp:127.0.0.1:{}", free_port()?),
+    })
+}
+
+/// True once something listens at `uri` (without connecting: both destinations take
+/// only one connection).
+fn listening(uri: &str) -> bool {
+    if let Some(path) = uri.strip_prefix("unix:") {
+        return Path::new(path).exists();
+    }
+    let port = uri.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).unwrap_or(0);
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() > 3 && fields[1].ends_with(&format!(":{port:04X}")) && fields[3] == "0A"
+    })
+}
+
+fn wait_listening(uri: &str, who: &str, child: &mut Child) -> Result<(), MigrateBenchError> {
+    let started = Instant::now();
+    while !listening(uri) {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(step(format!("{who} -incoming {uri}"))(format!("exited with {status} before listening")));
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            return Err(step(format!("{who} -incoming {uri}"))("not listening after 30 s".into()));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// A child with its stdout on a pipe, killed when dropped.
+struct Proc {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Proc {
+    fn spawn(mut command: Command, what: &str) -> Result<Proc, MigrateBenchError> {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| step(format!("start {what}"))(e.to_string()))?;
+        let stdout = BufReader::new(child.stdout.take().expect("piped"));
+        Ok(Proc { child, stdout })
+    }
+
+    /// Reads stdout until a line starts with `prefix` (the guest's report lines).
+    fn wait_for(&mut self, prefix: &str, what: &str) -> Result<(), MigrateBenchError> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match self.stdout.read_line(&mut line) {
+                Ok(0) | Err(_) => return Err(step(what.to_string())(format!("the console closed before '{prefix}'"))),
+                Ok(_) if line.starts_with(prefix) => return Ok(()),
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn connect(socket: &Path) -> Result<ControlClient, MigrateBenchError> {
+    let started = Instant::now();
+    loop {
+        match ControlClient::connect(socket, Some(Duration::from_secs(120))) {
+            Ok(client) => return Ok(client),
+            Err(e) if started.elapsed() > Duration::from_secs(30) => {
+                return Err(step("connect to faultline")(e.to_string()))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+/// The guest's workload, for either VMM: fill, then dirty at `rate` (0: idle) for
+/// longer than any migration takes.
+fn guest_config(args: &MigrateBenchArgs, rate: u64) -> VmConfig {
+    let mut config = VmConfig {
+        vcpus: 1,
+        zones: vec![ZoneConfig::new(args.memory_mib << 20, Backend::Anon)],
+        ..VmConfig::default()
+    };
+    let second = if rate == 0 { "idle" } else { "dirty" };
+    config.workload.steps = vec!["fill".into(), second.into()];
+    config.workload.size_bytes = Some(args.touched_mib << 20);
+    config.workload.rate_pages_per_s = rate.max(1);
+    config.workload.duration_ms = 600_000;
+    config
+}
+
+/// One Faultline migration: source `run`, destination `restore --incoming`, `migrate`
+/// once the fill is done; the figures from the source's report. Also returns whether
+/// it converged under the limit.
+fn faultline_migration(
+    args: &MigrateBenchArgs,
+    work: &Path,
+    serial: usize,
+    rate: u64,
+    limit: u64,
+    uri: &str,
+) -> Result<(Migration, bool), MigrateBenchError> {
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("faultline"));
+    let socket = work.join(format!("src-{serial}.sock"));
+    let config = guest_config(args, rate);
+    let mut command = Command::new(&exe);
+    command.args(["run", "--console", "--json", "--vcpus", "1", "--timeout", "600"]);
+    command.args(["-m", &format!("size={}M", args.memory_mib), "--steps", &config.workload.steps.join(",")]);
+    command.args(["--rate", &config.workload.rate_pages_per_s.to_string()]);
+    command.args(["--duration-ms", &config.workload.duration_ms.to_string()]);
+    command.args(["--size", &config.workload.size_bytes.unwrap_or(0).to_string()]);
+    command.arg("--api-socket").arg(&socket);
+    let mut source = Proc::spawn(command, "faultline run")?;
+    source.wait_for("FL result", "faultline: fill")?;
+    let mut destination_command = Command::new(&exe);
+    destination_command.args(["restore", "--timeout", "600", "--incoming", uri]);
+    let mut destination = Proc::spawn(destination_command, "faultline restore --incoming")?;
+    wait_listening(uri, "faultline restore", &mut destination.child)?;
+    let mut client = connect(&socket)?;
+    client
+        .call("migrate", json!({ "uri": uri, "downtime_ms": limit }))
+        .map_err(|e| step(format!("faultline migrate {uri}"))(e.to_string()))?;
+    // The source ends its VM on the destination's Ack and prints its report.
+    let mut rest = String::new();
+    let _ = source.stdout.read_to_string(&mut rest);
+    let _ = source.child.wait();
+    let json_start = rest.find("\n{").map(|i| i + 1).or_else(|| rest.starts_with('{').then_some(0));
+    let report: Value = json_start
+        .and_then(|i| serde_json::from_str(&rest[i..]).ok())
+        .ok_or_else(|| step("faultline run")(format!("no JSON report after the migration: {rest}")))?;
+    let m = &report["migration"];
+    if m["status"] != "completed" {
+        return Err(step(format!("faultline migrate {uri}"))(format!("did not complete: {m}")));
+    }
+    drop(destination);
+    let figures = Migration {
+        total_ms: m["total-time"].as_f64().unwrap_or(0.0),
+        downtime_ms: m["downtime"].as_f64().unwrap_or(0.0),
+        bytes: m["transferred"].as_u64().unwrap_or(0),
+        syncs: m["dirty-sync-count"].as_u64().unwrap_or(0),
+    };
+    Ok((figures, m["converged"] == true))
+}
+
+fn qemu_command(args: &MigrateBenchArgs, image: &Path, qmp: &Path, rate: u64) -> Command {
+    let mut command = Command::new(&args.qemu);
+    command.args(QEMU_MICROVM_ARGS);
+    command.args(["-smp", "1", "-m", &format!("{}M", args.memory_mib)]);
+    command.arg("-kernel").arg(image);
+    command.args(["-append", &guest_config(args, rate).guest_cmdline(None)]);
+    command.arg("-qmp").arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    command
+}
+
+/// One QEMU migration under the same conditions.
+fn qemu_migration(
+    args: &MigrateBenchArgs,
+    work: &Path,
+    image: &Path,
+    serial: usize,
+    rate: u64,
+    limit: u64,
+    uri: &str,
+) -> Result<Migration, MigrateBenchError> {
+    let qmp_path = work.join(format!("qmp-src-{serial}.sock"));
+    let mut source = Proc::spawn(qemu_command(args, image, &qmp_path, rate), "qemu")?;
+    source.wait_for("FL result", "qemu: fill")?;
+    let dest_qmp = work.join(format!("qmp-dst-{serial}.sock"));
+    let mut command = qemu_command(args, image, &dest_qmp, rate);
+    command.args(["-incoming", uri]);
+    let mut destination = Proc::spawn(command, "qemu -incoming")?;
+    wait_listening(uri, "qemu", &mut destination.child)?;
+    let mut qmp = Qmp::connect(&qmp_path)?;
+    qmp.execute("migrate-set-parameters", json!({ "downtime-limit": limit, "max-bandwidth": 100u64 << 30 }))?;
+    qmp.execute("migrate", json!({ "uri": uri }))?;
+    let started = Instant::now();
+    let status = loop {
+        let status = qmp.execute("query-migrate", Value::Null)?;
+        match status["status"].as_str() {
+            Some("completed") => break status,
+            Some("failed") | Some("cancelled") => return Err(step(format!("qemu migrate {uri}"))(status.to_string())),
+            _ if started.elapsed() > Duration::from_secs(300) => {
+                return Err(step(format!("qemu migrate {uri}"))(format!("not completed after 300 s: {status}")))
+            }
+            _ => std::thread::sleep(Duration::from_millis(2)),
+        }
+    };
+    drop(destination);
+    drop(source);
+    Ok(Migration {
+        total_ms: status["total-time"].as_f64().unwrap_or(0.0),
+        downtime_ms: status["downtime"].as_f64().unwrap_or(0.0),
+        bytes: status["ram"]["transferred"].as_u64().unwrap_or(0),
+        syncs: status["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
+    })
+}
+
+/// A minimal QMP client (the same protocol as the snapshot bench's): capabilities
+/// negotiation, then one command at a time, events skipped.
+struct Qmp {
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Result<Qmp, MigrateBenchError> {
+        let started = Instant::now();
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(stream) => break stream,
+                Err(e) if started.elapsed() > Duration::from_secs(30) => {
+                    return Err(step("connect to QMP")(e.to_string()))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        };
+        let reader = BufReader::new(stream.try_clone().map_err(|e| step("QMP")(e.to_string()))?);
+        let mut qmp = Qmp { stream, reader };
+        qmp.read_reply()?; // the greeting
+        qmp.execute("qmp_capabilities", Value::Null)?;
+        Ok(qmp)
+    }
+
+    fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, MigrateBenchError> {
+        let request = if arguments.is_null() {
+            json!({ "execute": command })
+        } else {
+            json!({ "execute": command, "arguments": arguments })
+        };
+        writeln!(self.stream, "{request}").map_err(|e| step(format!("QMP {command}"))(e.to_string()))?;
+        let reply = self.read_reply()?;
+        if let Some(error) = reply.get("error") {
+            return Err(step(format!("QMP {command}"))(error.to_string()));
+        }
+        Ok(reply.get("return").cloned().unwrap_or(Value::Null))
+    }
+
+    fn read_reply(&mut self) -> Result<Value, MigrateBenchError> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let read = self.reader.read_line(&mut line).map_err(|e| step("QMP read")(e.to_string()))?;
+            if read == 0 {
+                return Err(step("QMP read")("QEMU closed the connection".into()));
+            }
+            let value: Value = serde_json::from_str(&line).map_err(|e| step("QMP read")(e.to_string()))?;
+            if value.get("event").is_none() {
+                return Ok(value);
+            }
+        }
+    }
+}
+
+impl MigrateBenchReport {
+    /// The report as a table, with Faultline/QEMU ratios (below 1: Faultline faster or
+    /// smaller).
+    pub fn table(&self) -> String {
+        let ratio = |ours: f64, theirs: Option<f64>| {
+            theirs.filter(|t| *t > 0.0).map_or_else(|| "-".to_string(), |t| format!("{:.2}x", ours / t))
+        };
+        let opt = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
+        let mut out = format!(
+            "pre-copy live migration, 1 vCPU, {} MiB guest, {} MiB filled, mean of {} round(s) each, faultline | qemu\n",
+            self.memory_mib, self.touched_mib, self.rounds
+        );
+        out += "link  rate/s  limit ms | total ms  down ms  MiB sent  syncs | qemu total  down  MiB sent  syncs | total ratio  down ratio  bytes ratio\n";
+        for c in &self.cells {
+            let (f, q) = (&c.faultline, c.qemu.as_ref());
+            out += &format!(
+                "{:<4}  {:>6}  {:>8} | {:>8.1}  {:>7.1}  {:>8.1}  {:>3}{} | {:>10}  {:>4}  {:>8}  {:>5} | {:>11}  {:>10}  {:>11}\n",
+                c.transport,
+                c.rate,
+                c.downtime_limit_ms,
+                f.total_ms,
+                f.downtime_ms,
+                f.bytes as f64 / 1048576.0,
+                f.syncs,
+                if c.faultline_converged { "  " } else { " !" },
+                opt(q.map(|q| q.total_ms), 1),
+                opt(q.map(|q| q.downtime_ms), 0),
+                opt(q.map(|q| q.bytes as f64 / 1048576.0), 1),
+                q.map_or("-".into(), |q| q.syncs.to_string()),
+                ratio(f.total_ms, q.map(|q| q.total_ms)),
+                ratio(f.downtime_ms, q.map(|q| q.downtime_ms)),
+                ratio(f.bytes as f64, q.map(|q| q.bytes as f64)),
+            );
+        }
+        if self.cells.iter().any(|c| !c.faultline_converged) {
+            out += "!: faultline did not meet the limit in every round (the round limit forced the stop)\n";
+        }
+        if let Some(note) = &self.qemu_note {
+            out += &format!("note: {note}\n");
+        }
+        out
+    }
+}
