@@ -13,8 +13,7 @@
 //! last `query-migrate` (total-time, downtime, ram.transferred, ram.dirty-sync-count).
 //! Each VMM's figures come from its own clock.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,6 +22,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::boot_bench::QEMU_MICROVM_ARGS;
+use super::qmp::{Qmp, QmpError};
 use crate::api::ControlClient;
 use crate::config::{Backend, VmConfig, ZoneConfig};
 
@@ -61,6 +61,9 @@ pub struct MigrateBenchArgs {
 /// Errors of the migration benchmark.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateBenchError {
+    /// Talking to QEMU's QMP socket failed.
+    #[error("QEMU: {0}")]
+    Qmp(#[from] QmpError),
     /// An option cannot be measured.
     #[error("--{option}: {reason}")]
     Option {
@@ -433,62 +436,6 @@ fn qemu_migration(
         bytes: status["ram"]["transferred"].as_u64().unwrap_or(0),
         syncs: status["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
     })
-}
-
-/// A minimal QMP client (the same protocol as the snapshot bench's): capabilities
-/// negotiation, then one command at a time, events skipped.
-struct Qmp {
-    stream: UnixStream,
-    reader: BufReader<UnixStream>,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Result<Qmp, MigrateBenchError> {
-        let started = Instant::now();
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(stream) => break stream,
-                Err(e) if started.elapsed() > Duration::from_secs(30) => {
-                    return Err(step("connect to QMP")(e.to_string()))
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(2)),
-            }
-        };
-        let reader = BufReader::new(stream.try_clone().map_err(|e| step("QMP")(e.to_string()))?);
-        let mut qmp = Qmp { stream, reader };
-        qmp.read_reply()?; // the greeting
-        qmp.execute("qmp_capabilities", Value::Null)?;
-        Ok(qmp)
-    }
-
-    fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, MigrateBenchError> {
-        let request = if arguments.is_null() {
-            json!({ "execute": command })
-        } else {
-            json!({ "execute": command, "arguments": arguments })
-        };
-        writeln!(self.stream, "{request}").map_err(|e| step(format!("QMP {command}"))(e.to_string()))?;
-        let reply = self.read_reply()?;
-        if let Some(error) = reply.get("error") {
-            return Err(step(format!("QMP {command}"))(error.to_string()));
-        }
-        Ok(reply.get("return").cloned().unwrap_or(Value::Null))
-    }
-
-    fn read_reply(&mut self) -> Result<Value, MigrateBenchError> {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            let read = self.reader.read_line(&mut line).map_err(|e| step("QMP read")(e.to_string()))?;
-            if read == 0 {
-                return Err(step("QMP read")("QEMU closed the connection".into()));
-            }
-            let value: Value = serde_json::from_str(&line).map_err(|e| step("QMP read")(e.to_string()))?;
-            if value.get("event").is_none() {
-                return Ok(value);
-            }
-        }
-    }
 }
 
 impl MigrateBenchReport {

@@ -8,5 +8,6 @@ pub mod child_timing;
 pub mod fault_bench;
 pub mod host_changes;
 pub mod migrate_bench;
+pub mod qmp;
 pub mod restore_bench;
 pub mod snapshot_bench;

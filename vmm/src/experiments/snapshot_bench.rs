@@ -10,8 +10,7 @@
 //! restored VM's report (process start to running); QEMU's from this process around its
 //! QMP commands and its process start.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,6 +19,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::boot_bench::QEMU_MICROVM_ARGS;
+use super::qmp::{Qmp, QmpError};
 use crate::api::ControlClient;
 use crate::config::{Backend, VmConfig, ZoneConfig};
 
@@ -58,6 +58,9 @@ pub struct SnapshotBenchArgs {
 /// Errors of the snapshot benchmark.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotBenchError {
+    /// Talking to QEMU's QMP socket failed.
+    #[error("QEMU: {0}")]
+    Qmp(#[from] QmpError),
     /// A child process could not be started or talked to.
     #[error("{what}: {reason}")]
     Step {
@@ -445,64 +448,6 @@ fn qemu_save_restore(
     let restore_ms = started.elapsed().as_secs_f64() * 1e3;
     let _ = std::fs::remove_file(&file);
     Ok((save_ms, file_bytes, restore_ms))
-}
-
-/// A minimal QMP client: capabilities negotiation, then one command at a time (events
-/// in between are skipped). Written here because no maintained Rust QMP crate is on
-/// crates.io with a synchronous API; the protocol is JSON lines.
-struct Qmp {
-    stream: UnixStream,
-    reader: BufReader<UnixStream>,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Result<Qmp, SnapshotBenchError> {
-        let started = Instant::now();
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(stream) => break stream,
-                Err(e) if started.elapsed() > Duration::from_secs(30) => {
-                    return Err(step("connect to QMP")(e.to_string()))
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(2)),
-            }
-        };
-        let reader = BufReader::new(stream.try_clone().map_err(|e| step("QMP")(e.to_string()))?);
-        let mut qmp = Qmp { stream, reader };
-        qmp.read_reply()?; // the greeting
-        qmp.execute("qmp_capabilities", Value::Null)?;
-        Ok(qmp)
-    }
-
-    fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, SnapshotBenchError> {
-        let request = if arguments.is_null() {
-            json!({ "execute": command })
-        } else {
-            json!({ "execute": command, "arguments": arguments })
-        };
-        writeln!(self.stream, "{request}").map_err(|e| step(format!("QMP {command}"))(e.to_string()))?;
-        let reply = self.read_reply()?;
-        if let Some(error) = reply.get("error") {
-            return Err(step(format!("QMP {command}"))(error.to_string()));
-        }
-        Ok(reply.get("return").cloned().unwrap_or(Value::Null))
-    }
-
-    /// The next line that is not an event.
-    fn read_reply(&mut self) -> Result<Value, SnapshotBenchError> {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            let read = self.reader.read_line(&mut line).map_err(|e| step("QMP read")(e.to_string()))?;
-            if read == 0 {
-                return Err(step("QMP read")("QEMU closed the connection".into()));
-            }
-            let value: Value = serde_json::from_str(&line).map_err(|e| step("QMP read")(e.to_string()))?;
-            if value.get("event").is_none() {
-                return Ok(value);
-            }
-        }
-    }
 }
 
 impl SnapshotBenchReport {
