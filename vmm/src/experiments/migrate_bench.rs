@@ -13,15 +13,16 @@
 //! last `query-migrate` (total-time, downtime, ram.transferred, ram.dirty-sync-count).
 //! Each VMM's figures come from its own clock.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::boot_bench::QEMU_MICROVM_ARGS;
+use super::console_child::{ConsoleChild, ConsoleError};
 use super::qmp::{Qmp, QmpError};
 use crate::api::ControlClient;
 use crate::config::{Backend, VmConfig, ZoneConfig};
@@ -61,6 +62,9 @@ pub struct MigrateBenchArgs {
 /// Errors of the migration benchmark.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateBenchError {
+    /// A child VMM could not be started, or its console closed early.
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
     /// Talking to QEMU's QMP socket failed.
     #[error("QEMU: {0}")]
     Qmp(#[from] QmpError),
@@ -80,6 +84,12 @@ pub enum MigrateBenchError {
         /// Why it failed.
         reason: String,
     },
+}
+
+/// A child VMM with its console on a pipe and no stdin.
+fn spawn(mut command: Command, what: &str) -> Result<ConsoleChild, ConsoleError> {
+    command.stdin(Stdio::null());
+    ConsoleChild::spawn(command, what)
 }
 
 fn step(what: impl Into<String>) -> impl FnOnce(String) -> MigrateBenchError {
@@ -264,45 +274,6 @@ fn wait_listening(uri: &str, who: &str, child: &mut Child) -> Result<(), Migrate
     Ok(())
 }
 
-/// A child with its stdout on a pipe, killed when dropped.
-struct Proc {
-    child: Child,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Proc {
-    fn spawn(mut command: Command, what: &str) -> Result<Proc, MigrateBenchError> {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| step(format!("start {what}"))(e.to_string()))?;
-        let stdout = BufReader::new(child.stdout.take().expect("piped"));
-        Ok(Proc { child, stdout })
-    }
-
-    /// Reads stdout until a line starts with `prefix` (the guest's report lines).
-    fn wait_for(&mut self, prefix: &str, what: &str) -> Result<(), MigrateBenchError> {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match self.stdout.read_line(&mut line) {
-                Ok(0) | Err(_) => return Err(step(what.to_string())(format!("the console closed before '{prefix}'"))),
-                Ok(_) if line.starts_with(prefix) => return Ok(()),
-                Ok(_) => {}
-            }
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn connect(socket: &Path) -> Result<ControlClient, MigrateBenchError> {
     let started = Instant::now();
     loop {
@@ -353,11 +324,11 @@ fn faultline_migration(
     command.args(["--duration-ms", &config.workload.duration_ms.to_string()]);
     command.args(["--size", &config.workload.size_bytes.unwrap_or(0).to_string()]);
     command.arg("--api-socket").arg(&socket);
-    let mut source = Proc::spawn(command, "faultline run")?;
+    let mut source = spawn(command, "faultline run")?;
     source.wait_for("FL result", "faultline: fill")?;
     let mut destination_command = Command::new(&exe);
     destination_command.args(["restore", "--timeout", "600", "--incoming", uri]);
-    let mut destination = Proc::spawn(destination_command, "faultline restore --incoming")?;
+    let mut destination = spawn(destination_command, "faultline restore --incoming")?;
     wait_listening(uri, "faultline restore", &mut destination.child)?;
     let mut client = connect(&socket)?;
     client
@@ -365,7 +336,7 @@ fn faultline_migration(
         .map_err(|e| step(format!("faultline migrate {uri}"))(e.to_string()))?;
     // The source ends its VM on the destination's Ack and prints its report.
     let mut rest = String::new();
-    let _ = source.stdout.read_to_string(&mut rest);
+    let _ = source.console.read_to_string(&mut rest);
     let _ = source.child.wait();
     let json_start = rest.find("\n{").map(|i| i + 1).or_else(|| rest.starts_with('{').then_some(0));
     let report: Value = json_start
@@ -406,12 +377,12 @@ fn qemu_migration(
     uri: &str,
 ) -> Result<Migration, MigrateBenchError> {
     let qmp_path = work.join(format!("qmp-src-{serial}.sock"));
-    let mut source = Proc::spawn(qemu_command(args, image, &qmp_path, rate), "qemu")?;
+    let mut source = spawn(qemu_command(args, image, &qmp_path, rate), "qemu")?;
     source.wait_for("FL result", "qemu: fill")?;
     let dest_qmp = work.join(format!("qmp-dst-{serial}.sock"));
     let mut command = qemu_command(args, image, &dest_qmp, rate);
     command.args(["-incoming", uri]);
-    let mut destination = Proc::spawn(command, "qemu -incoming")?;
+    let mut destination = spawn(command, "qemu -incoming")?;
     wait_listening(uri, "qemu", &mut destination.child)?;
     let mut qmp = Qmp::connect(&qmp_path)?;
     qmp.execute("migrate-set-parameters", json!({ "downtime-limit": limit, "max-bandwidth": 100u64 << 30 }))?;

@@ -5,6 +5,7 @@ pub mod balloon_watch;
 pub mod boot_bench;
 pub mod chaos;
 pub mod child_timing;
+pub mod console_child;
 pub mod fault_bench;
 pub mod host_changes;
 pub mod migrate_bench;

@@ -10,15 +10,15 @@
 //! restored VM's report (process start to running); QEMU's from this process around its
 //! QMP commands and its process start.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::boot_bench::QEMU_MICROVM_ARGS;
+use super::console_child::{ConsoleChild, ConsoleError};
 use super::qmp::{Qmp, QmpError};
 use crate::api::ControlClient;
 use crate::config::{Backend, VmConfig, ZoneConfig};
@@ -58,6 +58,9 @@ pub struct SnapshotBenchArgs {
 /// Errors of the snapshot benchmark.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotBenchError {
+    /// A child VMM could not be started, or its console closed early.
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
     /// Talking to QEMU's QMP socket failed.
     #[error("QEMU: {0}")]
     Qmp(#[from] QmpError),
@@ -208,44 +211,6 @@ fn workload_config(args: &SnapshotBenchArgs, vcpus: u32, touched_mib: u64) -> Vm
     config
 }
 
-/// A VM (either VMM) with its console on a pipe, waiting for the guest's fill result.
-struct Guest {
-    child: Child,
-    console: BufReader<ChildStdout>,
-}
-
-impl Guest {
-    fn spawn(mut command: Command, what: &str) -> Result<Guest, SnapshotBenchError> {
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| step(format!("start {what}"))(e.to_string()))?;
-        let console = BufReader::new(child.stdout.take().expect("piped"));
-        Ok(Guest { child, console })
-    }
-
-    /// Reads the console until a line starts with `prefix` (the guest's report lines).
-    fn wait_for(&mut self, prefix: &str, what: &str) -> Result<(), SnapshotBenchError> {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match self.console.read_line(&mut line) {
-                Ok(0) | Err(_) => return Err(step(what.to_string())(format!("the console closed before '{prefix}'"))),
-                Ok(_) if line.starts_with(prefix) => return Ok(()),
-                Ok(_) => {}
-            }
-        }
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn faultline_run(config: &VmConfig, socket: &Path) -> Command {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("faultline"));
     let mut command = Command::new(exe);
@@ -299,7 +264,7 @@ fn pause_row(
 ) -> Result<PauseFigures, SnapshotBenchError> {
     let config = workload_config(args, vcpus, 64);
     let socket = work.join(format!("pause-{vcpus}.sock"));
-    let mut guest = Guest::spawn(faultline_run(&config, &socket), "faultline")?;
+    let mut guest = ConsoleChild::spawn(faultline_run(&config, &socket), "faultline")?;
     guest.wait_for("FL result", "faultline: fill")?;
     let mut client = connect(&socket)?;
     let mut ours = Vec::new();
@@ -312,7 +277,7 @@ fn pause_row(
     drop(guest);
     let qemu_stop_median_us = if with_qemu {
         let qmp_path = work.join(format!("qmp-pause-{vcpus}.sock"));
-        let mut guest = Guest::spawn(qemu_run(args, &config, image, &qmp_path), "qemu")?;
+        let mut guest = ConsoleChild::spawn(qemu_run(args, &config, image, &qmp_path), "qemu")?;
         guest.wait_for("FL result", "qemu: fill")?;
         let mut qmp = Qmp::connect(&qmp_path)?;
         let mut theirs = Vec::new();
@@ -350,7 +315,7 @@ fn size_row(
     let full_dir = work.join(format!("full-{touched_mib}"));
     let live_dir = work.join(format!("live-{touched_mib}"));
     let diff_dir = work.join(format!("diff-{touched_mib}"));
-    let mut guest = Guest::spawn(faultline_run(&config, &socket), "faultline")?;
+    let mut guest = ConsoleChild::spawn(faultline_run(&config, &socket), "faultline")?;
     guest.wait_for("FL result", "faultline: fill")?;
     let mut client = connect(&socket)?;
     let live = call(&mut client, "snapshot.create", json!({ "dir": live_dir, "live": true }))?;
@@ -404,7 +369,7 @@ fn qemu_save_restore(
 ) -> Result<(f64, u64, f64), SnapshotBenchError> {
     let file = work.join("qemu.migration");
     let qmp_path = work.join("qmp-save.sock");
-    let mut guest = Guest::spawn(qemu_run(args, config, image, &qmp_path), "qemu")?;
+    let mut guest = ConsoleChild::spawn(qemu_run(args, config, image, &qmp_path), "qemu")?;
     guest.wait_for("FL result", "qemu: fill")?;
     let mut qmp = Qmp::connect(&qmp_path)?;
     // Let migration use the disk's speed, not QEMU's default 32 MiB/s cap.
@@ -427,7 +392,7 @@ fn qemu_save_restore(
     let mut command = qemu_run(args, config, image, &qmp_path);
     command.arg("-incoming").arg(format!("exec:cat {}", file.display()));
     let started = Instant::now();
-    let _guest = Guest::spawn(command, "qemu -incoming")?;
+    let _guest = ConsoleChild::spawn(command, "qemu -incoming")?;
     let mut qmp = Qmp::connect(&qmp_path)?;
     loop {
         let status = qmp.execute("query-status", Value::Null)?;
