@@ -106,6 +106,20 @@ impl ChainSource {
         Ok(PageData::Filled)
     }
 
+    /// The parts of zone `zone` that this chain carries inside the window of `len` bytes
+    /// at `offset` (a memory region's share of the zone), rounded out to `page_bytes`:
+    /// `(from, to)` zone offsets.
+    pub fn carried_within(&self, zone: usize, offset: u64, len: u64, page_bytes: u64) -> Vec<(u64, u64)> {
+        self.carried_ranges(zone)
+            .into_iter()
+            .filter_map(|(start, carried)| {
+                let from = start.max(offset);
+                let to = (start + carried).min(offset + len);
+                (from < to).then(|| (from / page_bytes * page_bytes, to.div_ceil(page_bytes) * page_bytes))
+            })
+            .collect()
+    }
+
     /// The byte ranges of zone `zone` some image of the chain carries, sorted and merged
     /// (what a background prefetch has to install; the rest is zero).
     pub fn carried_ranges(&self, zone: usize) -> Vec<(u64, u64)> {

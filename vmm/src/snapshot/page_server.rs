@@ -342,15 +342,8 @@ impl Server {
         let mut todo = VecDeque::new();
         if prefetch == Prefetch::Background {
             for (index, r) in regions.iter().enumerate() {
-                for (start, len) in source.carried_ranges(r.zone) {
-                    // The carried range's part inside this region, rounded out to pages.
-                    let from = start.max(r.zone_offset);
-                    let to = (start + len).min(r.zone_offset + r.size);
-                    if from < to {
-                        let from = from / r.page * r.page;
-                        let to = to.div_ceil(r.page) * r.page;
-                        todo.push_back((index, r.host + (from - r.zone_offset), r.host + (to - r.zone_offset)));
-                    }
+                for (from, to) in source.carried_within(r.zone, r.zone_offset, r.size, r.page) {
+                    todo.push_back((index, r.host + (from - r.zone_offset), r.host + (to - r.zone_offset)));
                 }
             }
         }

@@ -34,14 +34,8 @@ pub struct Prefetcher {
 pub fn carried_host_ranges(source: &ChainSource, regions: &[RamRegion]) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     for r in regions {
-        for (start, len) in source.carried_ranges(r.zone) {
-            let from = start.max(r.fd_offset);
-            let to = (start + len).min(r.fd_offset + r.size_bytes);
-            if from < to {
-                let from = from / r.page_bytes * r.page_bytes;
-                let to = to.div_ceil(r.page_bytes) * r.page_bytes;
-                out.push((r.host_addr + (from - r.fd_offset), to - from));
-            }
+        for (from, to) in source.carried_within(r.zone, r.fd_offset, r.size_bytes, r.page_bytes) {
+            out.push((r.host_addr + (from - r.fd_offset), to - from));
         }
     }
     out
