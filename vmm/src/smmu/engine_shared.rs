@@ -116,6 +116,8 @@ pub(super) struct Shared {
     pub(super) failure: Mutex<Option<FaultEngineError>>,
     pub(super) counters: Counters,
     pub(super) histograms: Vec<Mutex<Vec<Histogram<u64>>>>,
+    /// Latency of the faults a source answered later (recorded by the completion path).
+    pub(super) pending_latency: Mutex<Histogram<u64>>,
 }
 
 /// Host ranges that our own discards are about to `MADV_DONTNEED`, so that handlers
@@ -206,6 +208,13 @@ pub(super) fn run_guarded(shared: &Shared, idx: usize, body: impl FnOnce() -> Re
         }
     };
     tracing::error!("fault handler {idx} died: {err}");
+    fail(shared, err);
+}
+
+/// Stops the engine for `err`: records it, releases every thread waiting on the engine,
+/// tells the owner and stops the handlers. Used by a dying handler and by a source that
+/// cannot complete a page it answered "later" for.
+pub(super) fn fail(shared: &Shared, err: FaultEngineError) {
     // Recorded before the callback runs, so whoever the callback wakes finds the reason.
     let message = err.to_string();
     shared.failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(err);

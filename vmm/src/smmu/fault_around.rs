@@ -67,6 +67,9 @@ impl FaultAround {
                 match s.source.read_page(range.gpa + i * PAGE_4K, page) {
                     Ok(PageData::Zero) => page.fill(0),
                     Ok(PageData::Filled) => all_zero = false,
+                    // `read_page` never answers later; a source that breaks that rule
+                    // gets no fault-around.
+                    Ok(PageData::Pending) => return Ok(0),
                     // The page's own fault will meet (and report) the error.
                     Err(_) => return Ok(0),
                 }

@@ -34,6 +34,7 @@ use super::engine_tuning::{EngineTuning, HandlerKind};
 use super::fault_stats::{new_histograms, Counters};
 pub use super::fault_stats::{EngineStats, FaultKind, LatencySummary};
 use super::invalidation::{Invalidation, InvalidationSubscriber, SubscriptionId};
+use super::page_installer::PageInstaller;
 use super::page_source::PageSource;
 use super::page_state::PageStateTable;
 use super::uffd::{Features, RangeIoctls, RegisterMode, Uffd, UffdError};
@@ -187,6 +188,7 @@ impl FaultEngine {
             failure: Mutex::new(None),
             counters: Counters::default(),
             histograms: (0..n).map(|_| Mutex::new(new_histograms())).collect(),
+            pending_latency: Mutex::new(new_histograms().swap_remove(0)),
         });
         let all = GuestRange::new(0, u64::MAX);
         let subscription = inv.subscribe(all, Arc::new(EndWaker { wake_fds: wake_fds.clone() }));
@@ -213,6 +215,12 @@ impl FaultEngine {
     /// The userfaultfd (for write-protect and discard operations).
     pub fn uffd(&self) -> &Arc<Uffd> {
         &self.shared.uffd
+    }
+
+    /// The completion path for a source that answers "later": hand it to the source
+    /// (see [`super::page_source`]) after the engine started.
+    pub fn installer(&self) -> PageInstaller {
+        PageInstaller::new(self.shared.clone())
     }
 
     /// What a [`super::discard::Discarder`] needs from this engine.
@@ -267,6 +275,10 @@ impl FaultEngine {
             external_removes: c.external_removes.load(Ordering::Relaxed),
             fault_around_pages: c.fault_around_pages.load(Ordering::Relaxed),
             lost_refilled: c.lost_refilled.load(Ordering::Relaxed),
+            pending: c.pending.load(Ordering::Relaxed),
+            completed: c.completed.load(Ordering::Relaxed),
+            completions_dropped: c.completions_dropped.load(Ordering::Relaxed),
+            pending_latency_ns: self.shared.pending_latency.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }
     }
 

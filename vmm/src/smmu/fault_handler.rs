@@ -19,7 +19,7 @@ use rustix::event::{epoll, poll, PollFd, PollFlags, Timespec};
 use super::engine_shared::{on_other_event, record_latency, FaultEngineError, Shared};
 use super::fault_around::FaultAround;
 use super::fault_stats::FaultKind;
-use super::page_source::PageData;
+use super::page_source::{PageData, PageRequest};
 use super::page_state::PageState;
 use super::uffd::{Event, FillOutcome};
 use super::{GuestRange, PAGE_2M};
@@ -221,10 +221,25 @@ impl<'a> Handler<'a> {
             let data = if f.kind != FaultKind::Missing || state.contains(PageState::DISCARDED) {
                 PageData::Zero
             } else {
+                let req = PageRequest {
+                    gpa,
+                    hva: f.hva,
+                    region: f.region,
+                    seq,
+                    write: f.write,
+                    read_at: f.read_at,
+                    background: false,
+                };
                 s.source
-                    .read_page(gpa, &mut self.buf[..page as usize])
+                    .request_page(req, &mut self.buf[..page as usize])
                     .map_err(|source| FaultEngineError::Source { gpa, source })?
             };
+            if data == PageData::Pending {
+                // The source completes it through the installer (which runs steps 3-4
+                // with this `seq`); the faulting thread stays blocked until then.
+                s.counters.pending.fetch_add(1, Ordering::Relaxed);
+                return Ok(None);
+            }
             let lock = s.inv.lock(range);
             if lock.read_retry(seq) {
                 s.counters.retries.fetch_add(1, Ordering::Relaxed);

@@ -64,6 +64,16 @@ pub struct EngineStats {
     /// MISSING faults on pages the table held populated: their contents were lost behind
     /// the VMM's back (e.g. another process punched a hole) and the fill put zeros there.
     pub lost_refilled: u64,
+    /// MISSING faults the source answered "later" ([`super::page_source::PageData::Pending`]).
+    pub pending: u64,
+    /// Pages installed by [`super::page_installer::PageInstaller::complete`] (faults
+    /// answered later and background pushes).
+    pub completed: u64,
+    /// Completions dropped because the page was invalidated since its request (the waiter
+    /// was woken to fault again) or discarded before it.
+    pub completions_dropped: u64,
+    /// Latency of the faults answered later (fault read → installed by the completion).
+    pub pending_latency_ns: Histogram<u64>,
 }
 
 impl EngineStats {
@@ -113,4 +123,7 @@ pub(crate) struct Counters {
     pub(crate) external_removes: AtomicU64,
     pub(crate) fault_around_pages: AtomicU64,
     pub(crate) lost_refilled: AtomicU64,
+    pub(crate) pending: AtomicU64,
+    pub(crate) completed: AtomicU64,
+    pub(crate) completions_dropped: AtomicU64,
 }

@@ -7,7 +7,9 @@
 //! - [`page_state`]: the per-page state table (populated, write-protected, dirty, discarded).
 //! - [`invalidation`]: `invalidate_range_start/end`, the sequence count and the retry
 //!   protocol (`read_begin` / `read_retry`), and invalidation subscribers.
-//! - [`page_source`]: where the contents of a missing page come from (zero, file, ...).
+//! - [`page_source`]: where the contents of a missing page come from (zero, file, ...),
+//!   synchronously or "later"; [`page_installer`]: the completion path of a "later" page
+//!   (and of background pushes), under the same retry protocol.
 //! - [`fault_engine`]: handler threads that resolve userfaultfd faults under the protocol;
 //!   [`fault_stats`]: their latency histograms and counters; [`engine_tuning`]: the
 //!   engine's measurable options (and the textbook reference handler that benchmarks
@@ -33,6 +35,7 @@ mod fault_stats;
 pub mod host_pages;
 pub mod invalidation;
 mod minimal_handler;
+pub mod page_installer;
 pub mod page_source;
 pub mod page_state;
 mod reference_handler;

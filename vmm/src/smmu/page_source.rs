@@ -1,14 +1,27 @@
 //! Where the contents of a missing page come from.
 //!
-//! The fault engine calls [`PageSource::read_page`] with no locks held (step 2 of the
-//! retry protocol), so a source may be slow: disk today, a remote peer tomorrow. A future
-//! post-copy migration source will implement this trait by requesting the page from the
-//! migration peer over the network (and may prefetch around it); nothing in the engine
-//! needs to change for that, except that a remote source should answer `Zero` for pages
-//! the peer reports as never written.
+//! The fault engine calls [`PageSource::request_page`] with no locks held (step 2 of the
+//! retry protocol), so a source may be slow: disk today, a remote peer tomorrow.
+//!
+//! # Answering "later"
+//! A source that cannot answer at once (a remote peer, a slow device) returns
+//! [`PageData::Pending`] from `request_page`: it has taken the [`PageRequest`] and will hand
+//! the page to [`super::page_installer::PageInstaller::complete`] with that same request
+//! when the data arrives. The handler thread goes on serving other faults meanwhile; the
+//! faulting thread stays blocked in the kernel until the completion installs (and wakes)
+//! its page. The request carries the sequence snapshot the handler took with
+//! `try_read_begin` *before* asking, and the completion runs `lock` + `read_retry` before
+//! its UFFDIO_COPY, so a discard between the request and the data's arrival is never
+//! undone (the completion drops the data and wakes the waiter, which faults again and
+//! finds the page discarded). Sources that answer synchronously (files, zeros) implement
+//! only [`PageSource::read_page`]; the default `request_page` calls it, so their fault
+//! path costs exactly what it did before.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::time::Instant;
+
+use super::invalidation::ReadSeq;
 
 /// Errors from page sources.
 #[derive(Debug, thiserror::Error)]
@@ -42,13 +55,62 @@ pub enum PageData {
     Zero,
     /// `buf` holds the page's contents.
     Filled,
+    /// Only from [`PageSource::request_page`]: the source took the request and will
+    /// complete it through a [`super::page_installer::PageInstaller`]; `buf` is unused.
+    Pending,
+}
+
+/// One page asked of a source by a fault (or by a background pusher): the page, where it
+/// is mapped, and the retry-protocol snapshot taken before the request. Passed back
+/// unchanged to [`super::page_installer::PageInstaller::complete`].
+#[derive(Debug, Clone, Copy)]
+pub struct PageRequest {
+    pub(super) gpa: u64,
+    pub(super) hva: u64,
+    pub(super) region: usize,
+    pub(super) seq: ReadSeq,
+    pub(super) write: bool,
+    /// When the fault was read (latency is measured from here to the install).
+    pub(super) read_at: Instant,
+    /// A background push, not a fault: no thread waits for it.
+    pub(super) background: bool,
+}
+
+impl PageRequest {
+    /// Guest-physical address of the page (its first byte).
+    pub fn gpa(&self) -> u64 {
+        self.gpa
+    }
+
+    /// Whether a guest thread is blocked on this page (false for background pushes).
+    pub fn is_fault(&self) -> bool {
+        !self.background
+    }
+
+    /// Whether the fault was a write.
+    pub fn is_write(&self) -> bool {
+        self.write
+    }
+
+    /// When the fault was read by the handler (or the push began).
+    pub fn started(&self) -> Instant {
+        self.read_at
+    }
 }
 
 /// A provider of page contents for MISSING faults.
 pub trait PageSource: Send + Sync {
     /// Fills `buf` (one page: 4 KiB, or 2 MiB for hugetlb) with the contents of the page
     /// at guest-physical address `gpa`, or says it is all zeros.
+    /// Never returns [`PageData::Pending`].
     fn read_page(&self, gpa: u64, buf: &mut [u8]) -> Result<PageData, PageSourceError>;
+
+    /// What the fault engine calls for a MISSING fault: like [`PageSource::read_page`],
+    /// or [`PageData::Pending`] when the source will complete `req` later (see the module
+    /// docs). The default answers synchronously with `read_page`.
+    fn request_page(&self, req: PageRequest, buf: &mut [u8]) -> Result<PageData, PageSourceError> {
+        self.read_page(req.gpa, buf)
+    }
 }
 
 /// Every page is zero.

@@ -6,6 +6,7 @@ mod access;
 mod coherence;
 mod host_swap;
 mod hugetlb;
+mod pending;
 mod stress;
 mod tuning;
 
