@@ -221,7 +221,8 @@ fn fifty_seeded_link_cuts_leave_the_source_running_and_it_migrates_on() {
     const EVERY: usize = 10;
     // A rough stream length for 64 MiB (round 0 of the filled region): cuts fall over it.
     const STREAM: u64 = 56 << 20;
-    let mut source = Vm::run(&pair, End::A, &scratch.0, "vm-0", &workload("size=64M", 10000, 90000));
+    // The step (45 s) must outlast the 50 cuts and 5 moves (about 25 s here).
+    let mut source = Vm::run(&pair, End::A, &scratch.0, "vm-0", &workload("size=64M", 10000, 45000));
     let mut rng = 0x4c49_4e4bu64;
     let mut moves = 0;
     let started = Instant::now();
