@@ -240,7 +240,11 @@ fn fifty_seeded_link_cuts_leave_the_source_running_and_it_migrates_on() {
         assert_eq!(code, 1, "cut {attempt} at {at}: the migration should have failed: {result} {stderr}");
         assert_eq!(result["status"], "failed", "cut {attempt} at {at}: {result}");
         let dest = dest.wait();
-        assert_eq!(dest.code, 2, "cut {attempt} at {at}: the destination must refuse: {}\n{}", dest.stdout, dest.stderr);
+        assert_eq!(
+            dest.code, 2,
+            "cut {attempt} at {at}: the destination must refuse: {}\n{}",
+            dest.stdout, dest.stderr
+        );
         assert!(dest.report.is_null(), "cut {attempt} at {at}: the destination ran a VM: {}", dest.stdout);
         source.assert_running(&format!("cut {attempt} at {at}"));
         if (attempt + 1) % EVERY == 0 {

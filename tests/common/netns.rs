@@ -165,7 +165,9 @@ impl NetnsPair {
             Shaping::Htb { mbit } => {
                 tc(&["qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "10"]);
                 let rate = format!("{mbit}mbit");
-                tc(&["class", "add", "dev", dev, "parent", "1:", "classid", "1:10", "htb", "rate", &rate, "ceil", &rate]);
+                tc(&[
+                    "class", "add", "dev", dev, "parent", "1:", "classid", "1:10", "htb", "rate", &rate, "ceil", &rate,
+                ]);
             }
         }
     }
