@@ -23,6 +23,21 @@ pub mod virtio;
 /// The 16550 UART the guest reports on (COM1).
 pub const SERIAL_PORT: u16 = 0x3f8;
 
+/// The paravirtual console of the built-in guest (Faultline only; QEMU has nothing
+/// here). A 32-bit read returns [`PV_CONSOLE_MAGIC`] when the device is there (all ones
+/// or zero otherwise: the guest then writes to the UART). A 32-bit write names the guest
+/// physical address of a buffer: a little-endian `u32` length, then that many bytes
+/// (at most [`PV_CONSOLE_MAX`]), which the VMM takes as if they had been written to the
+/// UART one by one: one VM exit per buffer instead of one per byte.
+pub const PV_CONSOLE_PORT: u16 = 0xfc0;
+/// Ports the paravirtual console claims.
+pub const PV_CONSOLE_PORTS: u16 = 4;
+/// What a read of [`PV_CONSOLE_PORT`] returns when the paravirtual console is there
+/// ("FLPC").
+pub const PV_CONSOLE_MAGIC: u32 = 0x4350_4c46;
+/// Most bytes in one paravirtual console buffer.
+pub const PV_CONSOLE_MAX: usize = 4096;
+
 /// The debug-exit port (QEMU's `isa-debug-exit`, iobase 0xf4, iosize 4). The guest
 /// writes its [`ExitStatus`] as one byte. QEMU exits with `(status << 1) | 1`;
 /// Faultline reports the status as written.

@@ -1,15 +1,22 @@
-//! Report lines on the COM1 UART: plain polling writes from ring 3 (IOPL=3).
+//! Report lines on the COM1 UART: plain polling writes from ring 3 (IOPL=3), or on
+//! Faultline's paravirtual console when the VMM has one.
 //!
 //! Every line is written under one lock so lines from different CPUs never interleave.
 //! Each port access is a VM exit (tens of µs under nested KVM), so the UART's 16-byte
 //! FIFO is enabled and the line status is polled once per 16 bytes, not once per byte.
+//! Under Faultline the guest finds the paravirtual console at start ([`init`]: one read
+//! of [`PV_CONSOLE_PORT`]) and then collects what it writes under the lock in a buffer
+//! that it hands to the VMM with one port write (when the lock is released or the buffer
+//! is full): one exit per line instead of one per byte. QEMU has no such device, so the
+//! same ELF writes to the UART there.
 
 use core::arch::asm;
+use core::cell::UnsafeCell;
 use core::fmt::{self, Write};
 use core::hint::spin_loop;
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-use faultline_abi::{REPORT_PREFIX, SERIAL_PORT};
+use faultline_abi::{PV_CONSOLE_MAGIC, PV_CONSOLE_MAX, PV_CONSOLE_PORT, REPORT_PREFIX, SERIAL_PORT};
 
 /// Line status register offset; bit 5 = transmit holding register (FIFO) empty.
 const LSR_OFFSET: u16 = 5;
@@ -28,9 +35,78 @@ static LOCK: AtomicBool = AtomicBool::new(false);
 /// Bytes that may still be written before the line status must be checked again.
 static TX_CREDIT: AtomicU32 = AtomicU32::new(0);
 
-/// Enables the UART's FIFOs. Called once by the BSP before the first line.
+/// Whether the VMM's paravirtual console is there (set once by [`init`]).
+static PV: AtomicBool = AtomicBool::new(false);
+
+/// The paravirtual console's buffer, laid out as the VMM reads it: the length, then the
+/// bytes.
+#[repr(C, align(8))]
+struct PvBuffer {
+    len: u32,
+    bytes: [u8; PV_CONSOLE_MAX],
+}
+
+struct PvCell(UnsafeCell<PvBuffer>);
+
+// SAFETY: the buffer is only touched through a `Serial` whose `pv` is set, and only a CPU
+// that acquired LOCK (not one that stole it) gets such a `Serial`: one CPU at a time.
+unsafe impl Sync for PvCell {}
+
+static PV_BUFFER: PvCell = PvCell(UnsafeCell::new(PvBuffer { len: 0, bytes: [0; PV_CONSOLE_MAX] }));
+
+/// Finds the paravirtual console, or else enables the UART's FIFOs. Called once by the
+/// BSP before the first line.
 pub fn init() {
-    outb(SERIAL_PORT + FCR_OFFSET, FCR_ENABLE_AND_CLEAR);
+    // Identity-mapped: the buffer's address is its guest physical address, which must fit
+    // the 32-bit port write.
+    let buffer_gpa = PV_BUFFER.0.get() as u64;
+    if inl(PV_CONSOLE_PORT) == PV_CONSOLE_MAGIC && buffer_gpa <= u32::MAX as u64 {
+        PV.store(true, Ordering::Relaxed);
+    } else {
+        outb(SERIAL_PORT + FCR_OFFSET, FCR_ENABLE_AND_CLEAR);
+    }
+}
+
+/// Reads four bytes from an I/O port.
+fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: as for `outb`.
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags)) }
+    value
+}
+
+/// Hands the paravirtual console's buffer to the VMM and empties it; the caller's
+/// `Serial` has `pv` set.
+fn pv_flush() {
+    let buffer = PV_BUFFER.0.get();
+    // SAFETY: only the `Serial` with `pv` set (one CPU, see `PvCell`) calls this.
+    if unsafe { (*buffer).len } == 0 {
+        return;
+    }
+    // SAFETY: as above; the port write has no `nomem`, so the compiler has stored the
+    // bytes before it, and the VMM has read them when it returns.
+    unsafe {
+        asm!("out dx, eax", in("dx") PV_CONSOLE_PORT, in("eax") buffer as u32, options(nostack, preserves_flags));
+        (*buffer).len = 0;
+    }
+}
+
+/// Appends to the paravirtual console's buffer, flushing it when full; the caller's
+/// `Serial` has `pv` set.
+fn pv_write(mut text: &[u8]) {
+    let buffer = PV_BUFFER.0.get();
+    while !text.is_empty() {
+        // SAFETY: as for `pv_flush`.
+        let buf = unsafe { &mut *buffer };
+        let at = buf.len as usize;
+        let n = text.len().min(PV_CONSOLE_MAX - at);
+        buf.bytes[at..at + n].copy_from_slice(&text[..n]);
+        buf.len += n as u32;
+        text = &text[n..];
+        if buf.len as usize == PV_CONSOLE_MAX {
+            pv_flush();
+        }
+    }
 }
 
 /// Writes one byte to an I/O port.
@@ -64,40 +140,53 @@ fn write_byte(byte: u8) {
     TX_CREDIT.store(credit - 1, Ordering::Relaxed);
 }
 
-/// Exclusive access to the UART for one or more whole lines; unlocks when dropped.
-pub struct Serial(());
+/// Exclusive access to the console for one or more whole lines; unlocks (and hands the
+/// lines to the paravirtual console) when dropped.
+pub struct Serial {
+    /// Writes go to the paravirtual console's buffer (it is there and the lock was
+    /// acquired, not stolen); else to the UART, byte by byte.
+    pv: bool,
+}
 
 impl Serial {
-    /// Waits for the UART lock.
+    /// Waits for the console lock.
     pub fn lock() -> Serial {
         while LOCK.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
             spin_loop();
         }
-        Serial(())
+        Serial { pv: PV.load(Ordering::Relaxed) }
     }
 
     /// Waits a bounded time for the lock, then takes it anyway: for last words (panic,
-    /// exception), which must come out even if the holder died mid-line.
+    /// exception), which must come out even if the holder died mid-line. A stolen lock
+    /// writes to the UART (the holder may still be filling the paravirtual buffer).
     pub fn lock_or_steal() -> Serial {
         for _ in 0..MAX_LOCK_SPINS {
             if LOCK.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok() {
-                return Serial(());
+                return Serial { pv: PV.load(Ordering::Relaxed) };
             }
             spin_loop();
         }
-        Serial(())
+        Serial { pv: false }
     }
 }
 
 impl Drop for Serial {
     fn drop(&mut self) {
+        if self.pv {
+            pv_flush();
+        }
         LOCK.store(false, Ordering::Release);
     }
 }
 
 impl Write for Serial {
     fn write_str(&mut self, text: &str) -> fmt::Result {
-        text.bytes().for_each(write_byte);
+        if self.pv {
+            pv_write(text.as_bytes());
+        } else {
+            text.bytes().for_each(write_byte);
+        }
         Ok(())
     }
 }

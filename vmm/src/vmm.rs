@@ -12,6 +12,7 @@ use crate::api::{ApiError, ControlServer};
 use crate::boot::{self, BootError};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORTS};
+use crate::devices::pv_console::PvConsole;
 use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_IRQ, SERIAL_PORTS};
 use crate::devices::step_control::{StepControl, STEP_CONTROL_PORTS};
 use crate::devices::virtio::balloon::{BalloonConfig, BalloonHandle};
@@ -496,7 +497,7 @@ fn build_vcpus_and_devices(
     let step_stop = Arc::new(AtomicBool::new(false));
     let mut mmio = MmioBus::new();
     let (balloon, balloon_transport, notifier) = attach_balloon(config, ram, vm, paging, &mut mmio)?;
-    let (pio, serial, step_control) = build_bus(vm, config.console, collector.clone(), step_stop.clone())?;
+    let (pio, serial, step_control) = build_bus(vm, ram, config.console, collector.clone(), step_stop.clone())?;
     Ok(VcpusAndDevices {
         vcpus,
         collector,
@@ -570,9 +571,11 @@ fn chaos_panicked() -> ChaosReport {
 /// The port devices of [`build_bus`]: the bus, and the stateful devices on it.
 type PortDevices = (PioBus, Arc<Mutex<SerialDevice>>, Arc<Mutex<StepControl>>);
 
-/// The port-I/O devices: COM1 (IRQ 4 via irqfd), the debug-exit and step-control ports.
+/// The port-I/O devices: COM1 (IRQ 4 via irqfd), the built-in guest's paravirtual
+/// console (same sink as COM1), the debug-exit and step-control ports.
 fn build_bus(
     vm: &Vm,
+    ram: &GuestRam,
     echo: bool,
     collector: Arc<Mutex<GuestReportCollector>>,
     step_stop: Arc<AtomicBool>,
@@ -580,10 +583,13 @@ fn build_bus(
     let interrupt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
         .map_err(|source| VmmError::EventFd { what: "the serial interrupt", source })?;
     vm.register_irqfd(&interrupt, COM1_IRQ)?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(interrupt, ConsoleSink::new(echo, collector))));
+    let sink = ConsoleSink::new(echo, collector);
+    let pv_console = Arc::new(Mutex::new(PvConsole::new(ram.memory().clone(), sink.clone())));
+    let serial = Arc::new(Mutex::new(SerialDevice::new(interrupt, sink)));
     let step_control = Arc::new(Mutex::new(StepControl::new(step_stop)));
     let mut bus = PioBus::new();
     bus.insert(abi::SERIAL_PORT, SERIAL_PORTS, serial.clone())?;
+    bus.insert(abi::PV_CONSOLE_PORT, abi::PV_CONSOLE_PORTS, pv_console)?;
     bus.insert(abi::DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, Arc::new(Mutex::new(DebugExit)))?;
     bus.insert(abi::STEP_CONTROL_PORT, STEP_CONTROL_PORTS, step_control.clone())?;
     Ok((bus, serial, step_control))

@@ -4,6 +4,7 @@
 
 pub mod debug_exit;
 pub mod mmio;
+pub mod pv_console;
 pub mod serial;
 pub mod step_control;
 pub mod virtio;

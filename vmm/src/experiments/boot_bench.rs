@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use super::child_timing::{time_child, ChildTiming, ChildTimingError, Spread};
 
-/// Options of `faultline bench boot`.
+/// Process start → guest ready, Faultline vs QEMU (microvm) booting the same ELF: the
+/// options of `faultline bench boot`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BootBenchArgs {
     /// Timed runs of each VMM (after one warm-up run each).
