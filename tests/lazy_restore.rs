@@ -497,7 +497,12 @@ fn a_changed_or_truncated_image_stops_the_restore_with_the_file_and_offset() {
     let out = restore(&base, &["--memory-restore", &socket_mode(&socket), "--page-server-timeout", "30"]);
     let served = server.wait_with_output().unwrap();
     let said = format!("{}{}", String::from_utf8_lossy(&served.stdout), String::from_utf8_lossy(&served.stderr));
-    assert!(!served.status.success() && names_it(&said), "page server: {said}\nrestore: {}\n{}", out.stdout, out.stderr);
+    assert!(
+        !served.status.success() && names_it(&said),
+        "page server: {said}\nrestore: {}\n{}",
+        out.stdout,
+        out.stderr
+    );
     assert_eq!(out.report["exit"]["kind"], "fault-engine-failed", "page server restore: {}", out.stdout);
 
     file.set_len(image.size_bytes - 4096).unwrap();

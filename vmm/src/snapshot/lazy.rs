@@ -136,8 +136,11 @@ impl ChainSource {
         for (dir, state) in &chain.links {
             for image in &state.images {
                 let path = dir.join(&image.file);
-                let file =
-                    File::open(&path).map_err(|source| SnapshotError::Io { path: path.clone(), what: "open", source })?;
+                let file = File::open(&path).map_err(|source| SnapshotError::Io {
+                    path: path.clone(),
+                    what: "open",
+                    source,
+                })?;
                 zones[image.zone].push(LinkImage::new(file, path, image));
             }
         }
