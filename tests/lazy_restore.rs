@@ -448,3 +448,68 @@ fn a_full_snapshot_of_a_lazily_restored_vm_carries_the_pages_it_never_touched() 
         restore(&again, &[]).assert_success().assert_verified(WORKLOAD_PAGES);
     }
 }
+
+/// A memory image changed after the snapshot (one byte flipped in a chunk in the middle of
+/// what it carries) stops every restore mode that checks chunks with the image's name and
+/// the chunk's offset before the guest gets a byte of that chunk: the eager restore, a
+/// `uffd-missing` restore (the VM ends as a failed fault engine) and our page server
+/// (which ends; the VM then ends with its page-fault handler gone). A truncated image is
+/// refused before the VM starts. (`map` lets the kernel map the file and cannot check
+/// per fault: docs/lazy-restore.md says so.)
+#[test]
+fn a_changed_or_truncated_image_stops_the_restore_with_the_file_and_offset() {
+    use std::os::unix::fs::FileExt;
+    if !root_and_kvm("lazy restore tests (userfaultfd)") {
+        return;
+    }
+    let scratch = ScratchDir::new("lazy-corrupt");
+    let base = snapshot_mid_workload(&scratch.0, false);
+    let chain = faultline::snapshot::Chain::read(&base).expect("a readable snapshot");
+    let image = chain.top().images[0].clone();
+    // The carried byte halfway through the carried bytes.
+    let mut left = image.carried_bytes() / 2;
+    let offset = image
+        .ranges
+        .iter()
+        .find_map(|&(start, len)| if left < len { Some(start + left) } else { (left -= len, None).1 })
+        .unwrap();
+    let chunk = offset / image.chunk_bytes * image.chunk_bytes;
+    let path = base.join(&image.file);
+    let file = std::fs::File::options().read(true).write(true).open(&path).unwrap();
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, offset).unwrap();
+    file.write_all_at(&[byte[0] ^ 0x5a], offset).unwrap();
+    let names_it = |text: &str| text.contains("zone-0.img") && text.contains(&format!("chunk at offset {chunk:#x}"));
+
+    let out = restore(&base, &[]);
+    assert_ne!(out.code, 0, "eager: {}", out.stdout);
+    assert!(names_it(&out.stderr) || names_it(&out.stdout), "eager: {}\n{}", out.stdout, out.stderr);
+
+    let out = restore(&base, &["--memory-restore", "uffd-missing"]);
+    assert_eq!(out.report["exit"]["kind"], "fault-engine-failed", "uffd-missing: {}\n{}", out.stdout, out.stderr);
+    let reason = out.report["exit"]["reason"].as_str().unwrap();
+    assert!(names_it(reason), "uffd-missing: {reason}");
+
+    let socket = scratch.0.join("ps.sock");
+    let server = page_server(&socket, &base, &[]);
+    // A generous watchdog: the server (a debug build under test) checks each chunk on
+    // its first read; the VM is to end because the server ended, not because it was slow.
+    let out = restore(&base, &["--memory-restore", &socket_mode(&socket), "--page-server-timeout", "30"]);
+    let served = server.wait_with_output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&served.stdout), String::from_utf8_lossy(&served.stderr));
+    assert!(
+        !served.status.success() && names_it(&said),
+        "page server: {said}\nrestore: {}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    assert_eq!(out.report["exit"]["kind"], "fault-engine-failed", "page server restore: {}", out.stdout);
+
+    file.set_len(image.size_bytes - 4096).unwrap();
+    for args in [&[][..], &["--memory-restore", "uffd-missing"][..]] {
+        let out = restore(&base, args);
+        assert_ne!(out.code, 0, "{args:?}: {}", out.stdout);
+        let text = format!("{}{}", out.stdout, out.stderr);
+        assert!(text.contains("zone-0.img") && text.contains("but its zone is"), "{args:?}: {text}");
+    }
+}

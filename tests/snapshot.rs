@@ -227,10 +227,11 @@ fn broken_snapshots_are_clear_errors_and_nothing_starts() {
         (copy("header", &|b, _| b[20] ^= 1), "header is corrupted"),
         (
             copy("version", &|b, _| {
-                b[8..12].copy_from_slice(&2u32.to_le_bytes());
+                // Version 1 (images without chunk checksums) and any other are refused.
+                b[8..12].copy_from_slice(&1u32.to_le_bytes());
                 fix_header(b);
             }),
-            "format version 2",
+            "format version 1, this faultline reads version 2",
         ),
         (
             copy("arch", &|b, _| {
@@ -256,7 +257,7 @@ fn broken_snapshots_are_clear_errors_and_nothing_starts() {
                 image.read_exact_at(&mut byte, 8 << 20).unwrap();
                 image.write_all_at(&[byte[0] ^ 0xff], 8 << 20).unwrap();
             }),
-            "memory image is corrupted",
+            "memory image was changed after the snapshot: the 2097152 byte chunk at offset",
         ),
         (scratch.0.join("missing"), "state.fls"),
     ];

@@ -218,10 +218,14 @@ pub(super) fn fail(shared: &Shared, err: FaultEngineError) {
     // Recorded before the callback runs, so whoever the callback wakes finds the reason.
     let message = err.to_string();
     shared.failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(err);
-    release_after_failure(shared);
+    // The owner ends the VM (and kicks its vCPUs) before the waiting threads are
+    // released: a vCPU woken by the unregistration would otherwise map a zero page where
+    // its page failed and run on it (a lazy restore from a corrupted image triple-faulted
+    // that way before the VM was ended).
     if let Some(cb) = &shared.config.on_failure {
         cb(&message);
     }
+    release_after_failure(shared);
     signal(&shared.failure_fd);
     signal(&shared.shutdown_fd); // stop the other handlers too
 }

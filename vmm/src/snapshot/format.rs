@@ -7,7 +7,7 @@
 //! | bytes | field |
 //! |---|---|
 //! | 0..8 | magic `FLSNAPv\0` |
-//! | 8..12 | format version (u32 LE), [`FORMAT_VERSION`] |
+//! | 8..12 | format version (u32 LE), [`FORMAT_VERSION`] (2: images carry a checksum per 2 MiB chunk) |
 //! | 12..16 | architecture (u32 LE, the ELF machine number: 62 = x86-64) |
 //! | 16..24 | payload length in bytes (u64 LE) |
 //! | 24..28 | CRC-32 (IEEE, `crc32fast`) of the payload |
@@ -33,7 +33,7 @@ pub const STATE_FILE: &str = "state.fls";
 /// The first bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"FLSNAPv\0";
 /// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The architecture tag of this build (ELF `EM_X86_64`).
 pub const ARCH_X86_64: u32 = 62;
 /// Bytes of the fixed header.
@@ -151,6 +151,11 @@ pub struct ZoneImage {
     pub ranges: Vec<(u64, u64)>,
     /// CRC-32 of the carried bytes, range after range.
     pub crc32: u32,
+    /// The checksum unit of `chunk_crc32` (2 MiB, or the page size if larger).
+    pub chunk_bytes: u64,
+    /// Per chunk of the zone, the CRC-32 of the carried bytes inside it (0 if none);
+    /// see `snapshot::chunks`. Format version 2 on.
+    pub chunk_crc32: Vec<u32>,
 }
 
 impl ZoneImage {
@@ -266,6 +271,16 @@ fn validate(path: &Path, state: &SnapshotState) -> Result<(), FormatError> {
         }
         if image.page_bytes == 0 || !image.page_bytes.is_power_of_two() || image.file.contains('/') {
             return Err(bad(format!("image {index}: bad page size or file name")));
+        }
+        let chunks_ok = image.chunk_bytes >= image.page_bytes
+            && image.chunk_bytes.is_power_of_two()
+            && image.chunk_crc32.len() as u64 == image.size_bytes.div_ceil(image.chunk_bytes);
+        if !chunks_ok {
+            return Err(bad(format!(
+                "image {index}: the chunk checksum table ({} entries of {} bytes) does not cover the zone",
+                image.chunk_crc32.len(),
+                image.chunk_bytes
+            )));
         }
         let mut end = 0;
         for &(offset, len) in &image.ranges {

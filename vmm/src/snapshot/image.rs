@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::Backend;
 
+use super::chunks::{ChunkError, ChunkSums};
 use super::format::ZoneImage;
 
 /// pagemap entry bits: page present in RAM, page swapped out.
@@ -55,6 +56,9 @@ pub enum ImageError {
         /// Stored.
         expected: u32,
     },
+    /// A chunk of the image does not match its checksum.
+    #[error(transparent)]
+    Chunk(#[from] ChunkError),
 }
 
 /// A zone's host mapping, as the image code sees it.
@@ -193,8 +197,10 @@ pub fn write_image(
     });
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     let mut crc = crc32fast::Hasher::new();
+    let mut chunks = ChunkSums::new(view.size_bytes, view.page_bytes);
     for piece in pieces {
         let piece = piece?;
+        chunks.combine(&piece.chunks);
         for (offset, len) in piece.ranges {
             match ranges.last_mut() {
                 Some(last) if last.0 + last.1 == offset => last.1 += len,
@@ -203,6 +209,7 @@ pub fn write_image(
         }
         crc.combine(&piece.crc);
     }
+    let (chunk_bytes, chunk_crc32) = chunks.finish();
     // No fsync: a snapshot survives the VMM, not a host crash (as with Firecracker and
     // QEMU's migrate-to-file); `sync` the directory if it must.
     Ok(ZoneImage {
@@ -212,6 +219,8 @@ pub fn write_image(
         page_bytes: view.page_bytes,
         ranges,
         crc32: crc.finalize(),
+        chunk_bytes,
+        chunk_crc32,
     })
 }
 
@@ -220,10 +229,11 @@ const MAX_WRITERS: usize = 4;
 /// Below this many pages a second writer is not worth its start.
 const PAGES_PER_WORKER_MIN: usize = 4096;
 
-/// What one writer produced: the ranges it carried and their checksum.
+/// What one writer produced: the ranges it carried and their checksums.
 struct Piece {
     ranges: Vec<(u64, u64)>,
     crc: crc32fast::Hasher,
+    chunks: ChunkSums,
 }
 
 /// Writes `pages` (sorted) of `view` into `file`; see [`write_image`].
@@ -239,6 +249,7 @@ fn write_pages(
     let zeros = vec![0u8; if existing.is_some() { page } else { 0 }];
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     let mut crc = crc32fast::Hasher::new();
+    let mut chunks = ChunkSums::new(view.size_bytes, view.page_bytes);
     // The run of contiguous non-zero pages waiting to be written: (zone offset, length).
     let mut run: Option<(u64, usize)> = None;
     for &index in pages {
@@ -258,6 +269,7 @@ fn write_pages(
             continue;
         }
         crc.update(bytes);
+        chunks.add(offset, bytes);
         match ranges.last_mut() {
             Some(last) if last.0 + last.1 == offset => last.1 += view.page_bytes,
             _ => ranges.push((offset, view.page_bytes)),
@@ -279,7 +291,7 @@ fn write_pages(
     if let Some((start, len)) = run {
         write_from_guest(file, path, view, start, len)?;
     }
-    Ok(Piece { ranges, crc })
+    Ok(Piece { ranges, crc, chunks })
 }
 
 /// Writes `len` bytes of the zone at `offset` into the image at the same offset.
@@ -329,13 +341,14 @@ pub fn load_image(dir: &Path, image: &ZoneImage, view: &ZoneView) -> Result<u64,
     }
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_WRITERS);
     let per_worker = pieces.len().div_ceil(workers).max(1);
-    let hashers: Vec<Result<crc32fast::Hasher, ImageError>> = std::thread::scope(|scope| {
+    let hashers: Vec<Result<(crc32fast::Hasher, ChunkSums), ImageError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = pieces
             .chunks(per_worker)
             .map(|group| {
                 let (file, path) = (&file, &path);
                 scope.spawn(move || {
                     let mut crc = crc32fast::Hasher::new();
+                    let mut chunks = ChunkSums::new(view.size_bytes, view.page_bytes);
                     for &(offset, len) in group {
                         // SAFETY: [offset, offset + len) lies inside the zone's live mapping
                         // (the state file's ranges were validated against the zone size), the
@@ -346,17 +359,23 @@ pub fn load_image(dir: &Path, image: &ZoneImage, view: &ZoneView) -> Result<u64,
                             unsafe { std::slice::from_raw_parts_mut(view.host_addr.add(offset as usize), len) };
                         file.read_exact_at(target, offset).map_err(|e| io_error(path, "read", e))?;
                         crc.update(target);
+                        chunks.add(offset, target);
                     }
-                    Ok(crc)
+                    Ok((crc, chunks))
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().expect("image reader panicked")).collect()
     });
     let mut crc = crc32fast::Hasher::new();
+    let mut chunks = ChunkSums::new(view.size_bytes, view.page_bytes);
     for hasher in hashers {
-        crc.combine(&hasher?);
+        let (piece_crc, piece_chunks) = hasher?;
+        crc.combine(&piece_crc);
+        chunks.combine(&piece_chunks);
     }
+    // The first bad chunk names where the image was changed; the whole-image sum after it.
+    chunks.first_mismatch(&path, image)?;
     let found = crc.finalize();
     if found != image.crc32 {
         return Err(ImageError::BadChecksum { path, found, expected: image.crc32 });

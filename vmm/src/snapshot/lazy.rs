@@ -4,13 +4,17 @@
 //!
 //! A page's contents come from the topmost snapshot of the chain whose image carries it
 //! (a diff over its parent), else it is zero. Lookups are a binary search per chain link
-//! over the image's sorted ranges. Image checksums cover whole images, so a lazy restore
-//! checks the state file, the chain and every image's size up front but cannot check the
-//! image bytes it never reads: `faultline snapshot inspect` does, without restoring.
+//! over the image's sorted ranges. The state file, the chain and every image's size are
+//! checked up front; the image bytes are checked chunk by chunk (`snapshot::chunks`): the
+//! first read of any page of a 2 MiB chunk reads and checks the whole chunk's carried
+//! bytes, the verdict is kept, and a chunk that does not match its checksum fails the
+//! read (and so the fault, which ends the VM with the file and the chunk's offset)
+//! before any of its bytes reach the guest.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::memory::RamRegion;
 use crate::smmu::page_source::{PageData, PageSource, PageSourceError};
@@ -20,10 +24,71 @@ use super::{Chain, SnapshotError};
 /// One snapshot's image of one zone, open.
 struct LinkImage {
     file: File,
+    path: PathBuf,
     ranges: Vec<(u64, u64)>,
+    chunk_bytes: u64,
+    chunk_crc32: Vec<u32>,
+    /// Per chunk: [`UNCHECKED`], [`GOOD`] or [`BAD`].
+    verdicts: Vec<AtomicU8>,
 }
 
+/// A chunk's verdict: not read yet, matches its checksum, does not.
+const UNCHECKED: u8 = 0;
+const GOOD: u8 = 1;
+const BAD: u8 = 2;
+
 impl LinkImage {
+    fn new(file: File, path: PathBuf, image: &crate::snapshot::format::ZoneImage) -> Self {
+        let verdicts = image.chunk_crc32.iter().map(|_| AtomicU8::new(UNCHECKED)).collect();
+        LinkImage {
+            file,
+            path,
+            ranges: image.ranges.clone(),
+            chunk_bytes: image.chunk_bytes,
+            chunk_crc32: image.chunk_crc32.clone(),
+            verdicts,
+        }
+    }
+
+    /// Checks (once) every chunk that `from..to` touches. Two threads may check the same
+    /// chunk at once; both reach the same verdict.
+    fn check(&self, from: u64, to: u64) -> Result<(), String> {
+        for chunk in from / self.chunk_bytes..to.div_ceil(self.chunk_bytes) {
+            let verdict = &self.verdicts[chunk as usize];
+            match verdict.load(Ordering::Acquire) {
+                GOOD => continue,
+                BAD => {}
+                _ => {
+                    let expected = self.chunk_crc32[chunk as usize];
+                    match super::chunks::verify_chunk(
+                        &self.file,
+                        &self.path,
+                        &self.ranges,
+                        self.chunk_bytes,
+                        expected,
+                        chunk,
+                    ) {
+                        Ok(()) => {
+                            verdict.store(GOOD, Ordering::Release);
+                            continue;
+                        }
+                        Err(e) => {
+                            verdict.store(BAD, Ordering::Release);
+                            tracing::error!("lazy restore: {e}");
+                            return Err(e.to_string());
+                        }
+                    }
+                }
+            }
+            return Err(format!(
+                "{}: the chunk at offset {:#x} does not match its checksum (the image was changed after the snapshot); restore from an intact copy",
+                self.path.display(),
+                chunk * self.chunk_bytes
+            ));
+        }
+        Ok(())
+    }
+
     /// The end of the carried range that holds `offset`, if one does.
     fn carried_until(&self, offset: u64) -> Option<u64> {
         let index = self.ranges.partition_point(|&(start, _)| start <= offset);
@@ -71,8 +136,12 @@ impl ChainSource {
         for (dir, state) in &chain.links {
             for image in &state.images {
                 let path = dir.join(&image.file);
-                let file = File::open(&path).map_err(|source| SnapshotError::Io { path, what: "open", source })?;
-                zones[image.zone].push(LinkImage { file, ranges: image.ranges.clone() });
+                let file = File::open(&path).map_err(|source| SnapshotError::Io {
+                    path: path.clone(),
+                    what: "open",
+                    source,
+                })?;
+                zones[image.zone].push(LinkImage::new(file, path, image));
             }
         }
         Ok(ChainSource { zones, slots: std::sync::OnceLock::new() })
@@ -160,6 +229,7 @@ impl ChainSource {
             let slice = |from: u64, to: u64| (from - offset) as usize..(to - offset) as usize;
             match found {
                 Some((depth, until)) => {
+                    links[depth].check(at, until).map_err(|reason| PageSourceError::Failed { gpa: at, reason })?;
                     let range = slice(at, until);
                     links[depth].file.read_exact_at(&mut buf[range.clone()], at).map_err(|source| {
                         tracing::debug!("lazy restore read failed in {}", path_hint.display());
@@ -185,7 +255,11 @@ impl PageSource for ChainSource {
             return Err(PageSourceError::Failed { gpa, reason: "not guest RAM of the restored VM".into() });
         };
         let offset = slot.zone_offset + (gpa - slot.gpa);
-        let any = self.fill(slot.zone, offset, buf, Path::new("snapshot image"))?;
+        let any = self.fill(slot.zone, offset, buf, Path::new("snapshot image")).map_err(|e| match e {
+            // `fill` knows zone offsets; the engine reports guest-physical addresses.
+            PageSourceError::Failed { reason, .. } => PageSourceError::Failed { gpa, reason },
+            other => other,
+        })?;
         if !any || super::image::is_zero(buf) {
             return Ok(PageData::Zero);
         }
@@ -204,7 +278,24 @@ mod tests {
         for &(page, byte) in pages {
             file.write_all_at(&[byte; 4096], page * 4096).unwrap();
         }
-        LinkImage { file, ranges }
+        let mut image = crate::snapshot::format::ZoneImage {
+            zone: 0,
+            file: String::new(),
+            size_bytes: 64 << 10,
+            page_bytes: 4096,
+            ranges,
+            crc32: 0,
+            chunk_bytes: crate::snapshot::chunks::CHUNK_BYTES,
+            chunk_crc32: vec![0],
+        };
+        let mut sums = crate::snapshot::chunks::ChunkSums::new(64 << 10, 4096);
+        for &(start, len) in &image.ranges {
+            let mut bytes = vec![0u8; len as usize];
+            file.read_exact_at(&mut bytes, start).unwrap();
+            sums.add(start, &bytes);
+        }
+        image.chunk_crc32 = sums.finish().1;
+        LinkImage::new(file, PathBuf::from("test.img"), &image)
     }
 
     #[test]
@@ -239,5 +330,20 @@ mod tests {
         let firsts: Vec<u8> = big.chunks(4096).map(|c| c[0]).collect();
         assert_eq!(firsts, [0xb0, 0xd1, 0, 0xb3]);
         assert!(source.read_page(0x9_0000, &mut page).is_err(), "outside guest RAM");
+    }
+
+    #[test]
+    fn a_changed_byte_fails_every_read_of_its_chunk_with_the_file_and_offset() {
+        let base = image(&[(0, 0xb0), (1, 0xb1)], vec![(0, 2 << 12)]);
+        base.file.write_all_at(&[0xee], 4096 + 17).unwrap();
+        let source = ChainSource { zones: vec![vec![base]], slots: std::sync::OnceLock::new() };
+        let mut page = vec![0u8; 4096];
+        for _ in 0..2 {
+            // Page 0 itself is intact: its chunk is not, so it is refused too (and again).
+            let err = source.read_zone(0, 0, &mut page).unwrap_err().to_string();
+            assert!(err.contains("test.img") && err.contains("offset 0x0"), "{err}");
+        }
+        // A page no image carries is zero without reading a chunk.
+        assert_eq!(source.read_zone(0, 8 << 12, &mut page).unwrap(), PageData::Zero);
     }
 }

@@ -45,9 +45,10 @@ use crate::config::{Backend, PagingMode};
 use crate::machine::{Machine, RunState};
 use crate::smmu::uffd::{msg_buffer, Event, Features, RegisterMode, Uffd, UffdError};
 
+use super::chunks::ChunkSums;
 use super::format::{self, SnapshotKind, ZoneImage};
 use super::image::{self, ZoneView};
-use super::{SnapshotError, SnapshotHistory, SnapshotSummary};
+use super::{PauseBreakdown, SnapshotError, SnapshotHistory, SnapshotSummary};
 
 /// Pages copied per step of the background pass (then unprotected in one call).
 const CHUNK_BYTES: u64 = 2 << 20;
@@ -168,15 +169,18 @@ impl ZoneCopy {
         let pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         let mut crc = crc32fast::Hasher::new();
+        let mut chunks = ChunkSums::new(self.view.size_bytes, self.view.page_bytes);
         for (index, page) in pages.iter().enumerate() {
             let Page::Data(sum) = *page else { continue };
             let offset = index as u64 * self.view.page_bytes;
             crc.combine(&crc32fast::Hasher::new_with_initial_len(sum, self.view.page_bytes));
+            chunks.add_crc(offset, sum, self.view.page_bytes);
             match ranges.last_mut() {
                 Some(last) if last.0 + last.1 == offset => last.1 += self.view.page_bytes,
                 _ => ranges.push((offset, self.view.page_bytes)),
             }
         }
+        let (chunk_bytes, chunk_crc32) = chunks.finish();
         ZoneImage {
             zone: self.view.zone,
             file: format::image_file_name(self.view.zone),
@@ -184,6 +188,8 @@ impl ZoneCopy {
             page_bytes: self.view.page_bytes,
             ranges,
             crc32: crc.finalize(),
+            chunk_bytes,
+            chunk_crc32,
         }
     }
 
@@ -272,28 +278,43 @@ fn copy_live(
         })
         .collect::<Result<Vec<_>, LiveError>>()?;
 
-    let was_running = machine.run_state() == RunState::Running;
-    let pause_started = Instant::now();
-    let stopping = machine.pause()?;
-    let quiet = machine.quiesce();
-    let in_pause = (|| -> Result<_, SnapshotError> {
-        let state = machine.save_state_quiesced(&quiet)?;
-        // Every page is protected and pending; which exist is asked after the resume.
-        for zone in &zones {
-            uffd.write_protect(zone.view.host_addr as u64, zone.view.size_bytes, true, false)
-                .map_err(LiveError::from)?;
-        }
-        // As after a full snapshot: the dirty log starts clean at the pause, and so does
-        // the VMM's own write set, so the next diff holds exactly what follows.
+    // As after a full snapshot, the dirty log and the VMM's own write set start clean,
+    // here just before the pause rather than in it (a pass over every slot's bitmap):
+    // a later diff carries what was written after the pause, plus the few pages written
+    // between this reset and the pause, again (harmless: a diff may carry a page twice).
+    let mut breakdown = PauseBreakdown::default();
+    let reset = Instant::now();
+    {
         let mut vm = machine.vm();
         vm.enable_dirty_log()?;
         for slot in 0..machine.ram.regions().len() {
             vm.take_dirty_pages(slot)?;
         }
         machine.paging.discarder().vmm_writes().take();
+    }
+    breakdown.dirty_log_reset_before_ns = reset.elapsed().as_nanos() as u64;
+
+    let was_running = machine.run_state() == RunState::Running;
+    let pause_started = Instant::now();
+    let stopping = machine.pause()?;
+    let quiet = machine.quiesce();
+    breakdown.stop_ns = pause_started.elapsed().as_nanos() as u64;
+    let in_pause = (|| -> Result<_, SnapshotError> {
+        let at = Instant::now();
+        let state = machine.save_state_quiesced(&quiet)?;
+        breakdown.save_state_ns = at.elapsed().as_nanos() as u64;
+        // Every page is protected and pending; which exist is asked after the resume.
+        let at = Instant::now();
+        for zone in &zones {
+            uffd.write_protect(zone.view.host_addr as u64, zone.view.size_bytes, true, false)
+                .map_err(LiveError::from)?;
+        }
+        breakdown.write_protect_ns = at.elapsed().as_nanos() as u64;
         Ok(state)
     })();
+    let at = Instant::now();
     let resumed = if was_running { machine.resume().map_err(SnapshotError::from) } else { Ok(()) };
+    breakdown.resume_ns = at.elapsed().as_nanos() as u64;
     let pause = pause_started.elapsed();
     let state = in_pause?;
     resumed?;
@@ -322,6 +343,7 @@ fn copy_live(
         guest_pause_ns: Some(pause.as_nanos() as u64),
         total_ms: started.elapsed().as_secs_f64() * 1e3,
         write_faults: Some(write_faults),
+        pause_breakdown: Some(breakdown),
     })
 }
 
