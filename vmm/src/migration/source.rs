@@ -76,8 +76,18 @@ impl Progress {
         self.metrics.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn update(&self, change: impl FnOnce(&mut MigrationMetrics)) {
+    pub(super) fn update(&self, change: impl FnOnce(&mut MigrationMetrics)) {
         change(&mut self.lock());
+    }
+
+    /// Keeps a handle on the link, for [`Progress::cancel`] to shut it down.
+    pub(super) fn set_link(&self, link: Link) {
+        *self.link.lock().unwrap_or_else(|e| e.into_inner()) = Some(link);
+    }
+
+    /// Whether `migrate cancel` asked to stop.
+    pub(super) fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
     }
 }
 
@@ -89,7 +99,10 @@ fn ms(duration: Duration) -> f64 {
 /// ([`VmExit::Migrated`]); on failure it runs on as before.
 pub fn migrate(machine: &Machine, uri: MigrationUri, request: &MigrateRequest, progress: &Progress) {
     let was_running = machine.run_state() == RunState::Running;
-    let result = precopy(machine, &uri, request, progress);
+    let result = match uri.is_local() {
+        true => super::local::migrate(machine, &uri, progress),
+        false => precopy(machine, &uri, request, progress),
+    };
     if let Some(link) = progress.link.lock().unwrap_or_else(|e| e.into_inner()).take() {
         link.shutdown();
     }
