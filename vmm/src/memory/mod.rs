@@ -90,12 +90,14 @@ impl GuestRam {
     /// Checks the zones against the host's limits, maps each zone once, and lays them out
     /// in guest physical memory.
     pub fn new(zones: &[ZoneConfig]) -> Result<Self, Error> {
+        check_host_limits(zones)?;
         Self::build(zones, |index, zone, earlier| backend::map_zone(index, zone, earlier))
     }
 
     /// As [`GuestRam::new`], but each zone maps the fd in `fds` (same order), which
     /// another faultline made for the same zones and handed over (`fd-local:` migration):
-    /// the memory is shared, nothing is copied.
+    /// the memory is shared, nothing is copied, and the host's limits (the huge page pool
+    /// above all, whose pages the zones already hold) are not checked again.
     pub fn adopting(zones: &[ZoneConfig], fds: Vec<std::os::fd::OwnedFd>) -> Result<Self, Error> {
         if fds.len() != zones.len() {
             return Err(Error::Regions(format!("{} fds handed over for {} zones", fds.len(), zones.len())));
@@ -108,7 +110,6 @@ impl GuestRam {
         zones: &[ZoneConfig],
         mut map: impl FnMut(usize, &ZoneConfig, &[ZoneMapping]) -> Result<ZoneMapping, backend::BackendError>,
     ) -> Result<Self, Error> {
-        check_host_limits(zones)?;
         let extents: Vec<_> = zones
             .iter()
             .map(|z| layout::ZoneExtent { size_bytes: z.size_bytes, align_bytes: z.page_bytes() })

@@ -51,7 +51,7 @@ pub fn check_shareable(zones: &[ZoneConfig]) -> Result<(), MigrationError> {
     if let Some((index, _)) = zones.iter().enumerate().find(|(_, z)| z.backend == Backend::Anon) {
         return Err(MigrationError::Unsupported(format!(
             "fd-local: hands the zones' memory over and zone {index} is anon (private memory cannot be shared); \
-             start the VM with memfd, hugetlb or file zones (--memory-backend memfd), or migrate over unix:PATH, which copies the pages"
+             start the VM with memfd, hugetlb or file zones (e.g. -m size=512M,backend=memfd), or migrate over unix:PATH, which copies the pages"
         )));
     }
     if zones.len() > MAX_ZONES {
