@@ -93,10 +93,11 @@ fn destination(uri: &str) -> Child {
 
 /// Fill, then `generations` at 10k pages/s for `ms` milliseconds, on `memory` zones.
 fn workload(vcpus: &str, memory: &[&str], ms: &str) -> Vec<String> {
-    let mut args: Vec<String> = ["--vcpus", vcpus, "--steps", "fill,generations", "--rate", "10000", "--duration-ms", ms]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut args: Vec<String> =
+        ["--vcpus", vcpus, "--steps", "fill,generations", "--rate", "10000", "--duration-ms", ms]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
     for zone in memory {
         args.extend(["-m".to_string(), zone.to_string()]);
     }
@@ -147,7 +148,8 @@ fn memfd_guests_on_1_and_2_vcpus_move_without_a_copy_and_lose_no_write() {
     let scratch = ScratchDir::new("migrate-local-memfd");
     for vcpus in ["1", "2"] {
         let uri = format!("fd-local:{}", scratch.0.join(format!("in-{vcpus}.sock")).display());
-        let source = Source::start(&scratch.0, &format!("src-{vcpus}"), &workload(vcpus, &["size=64M,backend=memfd"], "4000"));
+        let source =
+            Source::start(&scratch.0, &format!("src-{vcpus}"), &workload(vcpus, &["size=64M,backend=memfd"], "4000"));
         let dest = destination(&uri);
         let (code, result, stderr) = source.migrate(&uri);
         assert_eq!(code, 0, "{vcpus} vCPUs: {stderr} {result}");

@@ -227,8 +227,10 @@ impl Vmm {
         if let Some(console) = console {
             config.console = console;
         }
-        let built =
-            config.validate().map_err(VmmError::from).and_then(|()| build_machine_on(&config, options, Start::Restore, zone_fds));
+        let built = config
+            .validate()
+            .map_err(VmmError::from)
+            .and_then(|()| build_machine_on(&config, options, Start::Restore, zone_fds));
         let (machine, host) = match built {
             Ok(built) => built,
             Err(e) => return Err(incoming.refuse(MigrationError::Unsupported(e.to_string())).into()),

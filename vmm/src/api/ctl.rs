@@ -316,7 +316,8 @@ fn wait_for_migration(client: &mut ControlClient, mut status: Value) -> Result<V
             // end cannot tell which any more; both ends' run reports can.
             // An fd-local: migration copies no memory and may end before the first poll.
             Err(e @ (ClientError::Io(_) | ClientError::Closed))
-                if status["status"] != "setup" || status["uri"].as_str().is_some_and(|u| u.starts_with("fd-local:")) =>
+                if status["status"] != "setup"
+                    || status["uri"].as_str().is_some_and(|u| u.starts_with("fd-local:")) =>
             {
                 if terminal {
                     eprintln!();

@@ -91,7 +91,7 @@ impl GuestRam {
     /// in guest physical memory.
     pub fn new(zones: &[ZoneConfig]) -> Result<Self, Error> {
         check_host_limits(zones)?;
-        Self::build(zones, |index, zone, earlier| backend::map_zone(index, zone, earlier))
+        Self::build(zones, backend::map_zone)
     }
 
     /// As [`GuestRam::new`], but each zone maps the fd in `fds` (same order), which

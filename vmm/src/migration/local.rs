@@ -28,8 +28,8 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use rustix::net::{
-    recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
-    SendAncillaryMessage, SendFlags,
+    recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage,
+    SendFlags,
 };
 
 use super::handshake::{self, Summary};
@@ -90,10 +90,13 @@ pub fn receive_fds(socket: &UnixStream, zones: &[ZoneConfig]) -> Result<Vec<Owne
             fds.extend(received);
         }
     }
-    let malformed =
-        |reason: String| MigrationError::Malformed { what: "the fd-local handover".into(), reason };
+    let malformed = |reason: String| MigrationError::Malformed { what: "the fd-local handover".into(), reason };
     if got.bytes != count.len() || got.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
-        return Err(malformed(format!("{} bytes, control data truncated: {}", got.bytes, got.flags.contains(rustix::net::ReturnFlags::CTRUNC))));
+        return Err(malformed(format!(
+            "{} bytes, control data truncated: {}",
+            got.bytes,
+            got.flags.contains(rustix::net::ReturnFlags::CTRUNC)
+        )));
     }
     let declared = u32::from_le_bytes(count) as usize;
     if declared != fds.len() || fds.len() != zones.len() {
@@ -108,7 +111,12 @@ pub fn receive_fds(socket: &UnixStream, zones: &[ZoneConfig]) -> Result<Vec<Owne
 
 /// The `fd-local:` source: hands the zones over, pauses, sends the state, and ends
 /// here once the destination restored it (module docs for the order).
-pub fn migrate(machine: &Machine, uri: &MigrationUri, progress: &Progress) -> Result<(), MigrationError> {
+pub fn migrate(
+    machine: &Machine,
+    uri: &MigrationUri,
+    _request: &crate::api::protocol::MigrateRequest,
+    progress: &Progress,
+) -> Result<(), MigrationError> {
     check_shareable(&machine.config.zones)?;
     let setup_started = Instant::now();
     let link = uri.connect()?;
@@ -124,9 +132,8 @@ pub fn migrate(machine: &Machine, uri: &MigrationUri, progress: &Progress) -> Re
             None => Ok(()),
         },
     };
-    let answer = |reader: &mut FrameReader<Link>, wanted: FrameType, what: &'static str| {
-        answer(reader, wanted, what, progress)
-    };
+    let answer =
+        |reader: &mut FrameReader<Link>, wanted: FrameType, what: &'static str| answer(reader, wanted, what, progress);
     step(progress)?;
     writer.write(FrameType::Hello, &[&handshake::encode(&Summary::of(&machine.config))])?;
     let welcome = answer(&mut reader, FrameType::Welcome, "handshaking")?;

@@ -177,7 +177,10 @@ impl Migrations {
             let (machine, progress, request) = (machine.clone(), progress.clone(), request.clone());
             std::thread::Builder::new()
                 .name("migrate-source".into())
-                .spawn(move || source::migrate(&machine, uri, &request, &progress))
+                .spawn(move || {
+                    let transfer: source::Transfer = if uri.is_local() { local::migrate } else { source::precopy };
+                    source::migrate(&machine, uri, &request, &progress, transfer)
+                })
                 .map_err(|e| MigrationError::Unsupported(format!("cannot start the migration thread: {e}")))?
         };
         let first = progress.metrics();
