@@ -223,12 +223,15 @@ impl Vmm {
     /// stream is an error and nothing runs (the source is told and runs on).
     pub fn incoming(uri: &str, console: Option<bool>, options: &RunOptions) -> Result<Self, VmmError> {
         let mut incoming = Incoming::accept(uri)?;
+        let zone_fds = incoming.take_zone_fds();
         let mut config = incoming.config().clone();
         if let Some(console) = console {
             config.console = console;
         }
-        let built =
-            config.validate().map_err(VmmError::from).and_then(|()| build_machine(&config, options, Start::Restore));
+        let built = config
+            .validate()
+            .map_err(VmmError::from)
+            .and_then(|()| build_machine_on(&config, options, Start::Restore, zone_fds));
         let (machine, host) = match built {
             Ok(built) => built,
             Err(e) => return Err(incoming.refuse(MigrationError::Unsupported(e.to_string())).into()),
@@ -404,13 +407,27 @@ enum Start {
 
 /// Builds every part of the VM of a validated `config`; vCPU threads wait paused.
 fn build_machine(config: &VmConfig, options: &RunOptions, start: Start) -> Result<(Machine, HostSide), VmmError> {
+    build_machine_on(config, options, start, None)
+}
+
+/// As [`build_machine`]; `zone_fds`: an `fd-local:` migration's handed-over zones,
+/// mapped instead of fresh memory.
+fn build_machine_on(
+    config: &VmConfig,
+    options: &RunOptions,
+    start: Start,
+    zone_fds: Option<Vec<std::os::fd::OwnedFd>>,
+) -> Result<(Machine, HostSide), VmmError> {
     let kvm = Kvm::open()?;
     if config.vcpus as usize > kvm.max_vcpus() {
         return Err(VmmError::TooManyVcpus { vcpus: config.vcpus, max: kvm.max_vcpus() });
     }
     // Host changes set the host up before guest RAM exists (a memory cgroup must hold it).
     let mut host = HostSide::start(config)?;
-    let ram = Arc::new(GuestRam::new(&config.zones)?);
+    let ram = Arc::new(match zone_fds {
+        Some(fds) => GuestRam::adopting(&config.zones, fds)?,
+        None => GuestRam::new(&config.zones)?,
+    });
     let control = Arc::new(VmControl::new()?);
     // Paging starts before anything touches guest RAM, so the state table sees the
     // kernel loader's (or the restore's) writes too.

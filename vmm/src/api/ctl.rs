@@ -314,7 +314,11 @@ fn wait_for_migration(client: &mut ControlClient, mut status: Value) -> Result<V
             // The source VM ends (and its control socket closes) when the destination
             // has acknowledged it, or when the guest or a signal ended it meanwhile: this
             // end cannot tell which any more; both ends' run reports can.
-            Err(e @ (ClientError::Io(_) | ClientError::Closed)) if status["status"] != "setup" => {
+            // An fd-local: migration copies no memory and may end before the first poll.
+            Err(e @ (ClientError::Io(_) | ClientError::Closed))
+                if status["status"] != "setup"
+                    || status["uri"].as_str().is_some_and(|u| u.starts_with("fd-local:")) =>
+            {
                 if terminal {
                     eprintln!();
                 }

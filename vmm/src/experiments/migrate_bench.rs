@@ -42,7 +42,8 @@ pub struct MigrateBenchArgs {
     /// Downtime limits in ms, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "300,10")]
     pub downtime_ms: Vec<u64>,
-    /// Transports, comma-separated: tcp (127.0.0.1, a free port) and/or unix.
+    /// Transports, comma-separated: tcp (127.0.0.1, a free port), unix, and/or fd-local
+    /// (a memfd guest whose RAM is handed over, not copied; QEMU is not run for it).
     #[arg(long, value_delimiter = ',', default_value = "tcp")]
     pub transports: Vec<String>,
     /// Rounds per cell, Faultline and QEMU alternating; the mean is reported.
@@ -172,10 +173,10 @@ pub fn run(args: &MigrateBenchArgs) -> Result<MigrateBenchReport, MigrateBenchEr
             ),
         });
     }
-    if let Some(bad) = args.transports.iter().find(|t| *t != "tcp" && *t != "unix") {
+    if let Some(bad) = args.transports.iter().find(|t| !matches!(t.as_str(), "tcp" | "unix" | "fd-local")) {
         return Err(MigrateBenchError::Option {
             option: "transports",
-            reason: format!("unknown transport {bad:?}; give tcp, unix or tcp,unix"),
+            reason: format!("unknown transport {bad:?}; give tcp, unix, fd-local or a list of them"),
         });
     }
     let work = args.dir.join(format!("faultline-bench-migrate-{}", std::process::id()));
@@ -199,7 +200,7 @@ pub fn run(args: &MigrateBenchArgs) -> Result<MigrateBenchReport, MigrateBenchEr
                         let (figures, met) = faultline_migration(args, &work, serial, rate, limit, &address)?;
                         ours.push(figures);
                         converged &= met;
-                        if with_qemu {
+                        if with_qemu && transport != "fd-local" {
                             // QEMU spells both addresses the same way.
                             let address = uri(transport, &work, &format!("qemu-{serial}"))?;
                             theirs.push(qemu_migration(args, &work, &image, serial, rate, limit, &address)?);
@@ -212,7 +213,7 @@ pub fn run(args: &MigrateBenchArgs) -> Result<MigrateBenchReport, MigrateBenchEr
                         faultline: Migration::mean(&ours),
                         faultline_converged: converged,
                         faultline_rounds: ours,
-                        qemu: with_qemu.then(|| Migration::mean(&theirs)),
+                        qemu: (with_qemu && !theirs.is_empty()).then(|| Migration::mean(&theirs)),
                         qemu_rounds: theirs,
                     });
                 }
@@ -242,6 +243,7 @@ fn free_port() -> Result<u16, MigrateBenchError> {
 fn uri(transport: &str, work: &Path, name: &str) -> Result<String, MigrateBenchError> {
     Ok(match transport {
         "unix" => format!("unix:{}", work.join(format!("{name}.sock")).display()),
+        "fd-local" => format!("fd-local:{}", work.join(format!("{name}.sock")).display()),
         _ => format!("tcp:127.0.0.1:{}", free_port()?),
     })
 }
@@ -249,7 +251,7 @@ fn uri(transport: &str, work: &Path, name: &str) -> Result<String, MigrateBenchE
 /// True once something listens at `uri` (without connecting: both destinations take
 /// only one connection).
 fn listening(uri: &str) -> bool {
-    if let Some(path) = uri.strip_prefix("unix:") {
+    if let Some(path) = uri.strip_prefix("unix:").or_else(|| uri.strip_prefix("fd-local:")) {
         return Path::new(path).exists();
     }
     let port = uri.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).unwrap_or(0);
@@ -319,7 +321,9 @@ fn faultline_migration(
     let config = guest_config(args, rate);
     let mut command = Command::new(&exe);
     command.args(["run", "--console", "--json", "--vcpus", "1", "--timeout", "600"]);
-    command.args(["-m", &format!("size={}M", args.memory_mib), "--steps", &config.workload.steps.join(",")]);
+    // fd-local: hands shared memory over; anon RAM cannot be.
+    let backend = if uri.starts_with("fd-local:") { ",backend=memfd" } else { "" };
+    command.args(["-m", &format!("size={}M{backend}", args.memory_mib), "--steps", &config.workload.steps.join(",")]);
     command.args(["--rate", &config.workload.rate_pages_per_s.to_string()]);
     command.args(["--duration-ms", &config.workload.duration_ms.to_string()]);
     command.args(["--size", &config.workload.size_bytes.unwrap_or(0).to_string()]);

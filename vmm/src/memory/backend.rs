@@ -216,6 +216,11 @@ impl ZoneMapping {
     pub fn fd(&self) -> Option<RawFd> {
         self.fd.as_ref().map(AsRawFd::as_raw_fd)
     }
+
+    /// The backing fd, borrowed (to hand it to another process).
+    pub fn borrowed_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.fd.as_ref().map(std::os::fd::AsFd::as_fd)
+    }
 }
 
 impl Drop for ZoneMapping {
@@ -252,6 +257,52 @@ pub fn map_zone(index: usize, zone: &ZoneConfig, earlier: &[ZoneMapping]) -> Res
             (Some(fd), libc::MAP_SHARED | libc::MAP_NORESERVE)
         }
     };
+    map_with(index, zone, fd, flags, file_identity)
+}
+
+/// Maps zone `index` onto `fd`, the backing memory another faultline made for the same
+/// zone and handed over (`fd-local:` migration): `MAP_SHARED` from offset 0, so both
+/// processes see the same pages. The fd must be at least as long as the zone.
+pub fn adopt_zone(index: usize, zone: &ZoneConfig, fd: OwnedFd) -> Result<ZoneMapping, BackendError> {
+    let flags = match zone.backend {
+        Backend::Anon => {
+            return Err(BackendError::Mmap {
+                zone: index,
+                size_bytes: zone.size_bytes,
+                backend: zone.backend.name().to_string(),
+                source: io::Error::new(io::ErrorKind::InvalidInput, "private anonymous memory cannot be handed over"),
+            })
+        }
+        Backend::Hugetlb => libc::MAP_SHARED,
+        Backend::Memfd | Backend::File => libc::MAP_SHARED | libc::MAP_NORESERVE,
+    };
+    let file_bytes = rustix::fs::fstat(&fd)
+        .map_err(|e| BackendError::Resize {
+            zone: index,
+            what: "the handed-over fd (fstat)".into(),
+            size_bytes: zone.size_bytes,
+            source: io::Error::from(e),
+        })?
+        .st_size as u64;
+    if file_bytes < zone.size_bytes {
+        return Err(BackendError::Resize {
+            zone: index,
+            what: format!("the handed-over fd, which holds only {file_bytes} bytes"),
+            size_bytes: zone.size_bytes,
+            source: io::Error::new(io::ErrorKind::InvalidInput, "shorter than the zone"),
+        });
+    }
+    map_with(index, zone, Some(fd), flags, None)
+}
+
+fn map_with(
+    index: usize,
+    zone: &ZoneConfig,
+    fd: Option<OwnedFd>,
+    flags: i32,
+    file_identity: Option<(u64, u64)>,
+) -> Result<ZoneMapping, BackendError> {
+    let size = zone.size_bytes;
     let raw_fd = fd.as_ref().map_or(-1, AsRawFd::as_raw_fd);
     let prot = libc::PROT_READ | libc::PROT_WRITE;
     let addr = if zone.thp && zone.backend == Backend::Anon {

@@ -91,6 +91,25 @@ impl GuestRam {
     /// in guest physical memory.
     pub fn new(zones: &[ZoneConfig]) -> Result<Self, Error> {
         check_host_limits(zones)?;
+        Self::build(zones, backend::map_zone)
+    }
+
+    /// As [`GuestRam::new`], but each zone maps the fd in `fds` (same order), which
+    /// another faultline made for the same zones and handed over (`fd-local:` migration):
+    /// the memory is shared, nothing is copied, and the host's limits (the huge page pool
+    /// above all, whose pages the zones already hold) are not checked again.
+    pub fn adopting(zones: &[ZoneConfig], fds: Vec<std::os::fd::OwnedFd>) -> Result<Self, Error> {
+        if fds.len() != zones.len() {
+            return Err(Error::Regions(format!("{} fds handed over for {} zones", fds.len(), zones.len())));
+        }
+        let mut fds = fds.into_iter();
+        Self::build(zones, |index, zone, _| backend::adopt_zone(index, zone, fds.next().expect("counted")))
+    }
+
+    fn build(
+        zones: &[ZoneConfig],
+        mut map: impl FnMut(usize, &ZoneConfig, &[ZoneMapping]) -> Result<ZoneMapping, backend::BackendError>,
+    ) -> Result<Self, Error> {
         let extents: Vec<_> = zones
             .iter()
             .map(|z| layout::ZoneExtent { size_bytes: z.size_bytes, align_bytes: z.page_bytes() })
@@ -98,7 +117,7 @@ impl GuestRam {
         let slots = layout::plan(&extents)?;
         let mut mappings = Vec::with_capacity(zones.len());
         for (index, zone) in zones.iter().enumerate() {
-            let mapping = backend::map_zone(index, zone, &mappings)?;
+            let mapping = map(index, zone, &mappings)?;
             mappings.push(mapping);
         }
 

@@ -33,6 +33,8 @@ pub struct Incoming {
     metrics: MigrationMetrics,
     started: Instant,
     stop_and_copy_began: Option<Instant>,
+    /// `fd-local:`: the zones' fds handed over (until the VMM takes them).
+    local: Option<Vec<std::os::fd::OwnedFd>>,
 }
 
 impl Incoming {
@@ -54,9 +56,26 @@ impl Incoming {
             status: MigrationStatus::Setup,
             ..MigrationMetrics::default()
         };
-        let mut incoming =
-            Incoming { link, reader, writer, config: VmConfig::default(), metrics, started, stop_and_copy_began: None };
-        match incoming.handshake() {
+        let mut incoming = Incoming {
+            link,
+            reader,
+            writer,
+            config: VmConfig::default(),
+            metrics,
+            started,
+            stop_and_copy_began: None,
+            local: None,
+        };
+        let local = uri.is_local();
+        let handshake = incoming.handshake(local).and_then(|config| match local {
+            true => {
+                let socket = incoming.link.unix().expect("fd-local: links are Unix sockets");
+                incoming.local = Some(super::local::receive_fds(socket, &config.zones)?);
+                Ok(config)
+            }
+            false => Ok(config),
+        });
+        match handshake {
             Ok(config) => {
                 incoming.config = config;
                 incoming.metrics.setup_time = ms(started.elapsed());
@@ -67,7 +86,7 @@ impl Incoming {
         }
     }
 
-    fn handshake(&mut self) -> Result<VmConfig, MigrationError> {
+    fn handshake(&mut self, local: bool) -> Result<VmConfig, MigrationError> {
         let hello = self.expect(FrameType::Hello)?;
         let summary: handshake::Summary = handshake::decode("source", &hello.payload)?;
         self.writer
@@ -82,10 +101,16 @@ impl Incoming {
                 reason: "it disagrees with the handshake's summary (vCPUs or zone sizes)".into(),
             });
         }
-        if config.zones.iter().any(|z| z.backend == crate::config::Backend::File) {
+        if !local && config.zones.iter().any(|z| z.backend == crate::config::Backend::File) {
             return Err(MigrationError::Unsupported("file zones are not migrated".into()));
         }
         Ok(config)
+    }
+
+    /// `fd-local:`: the zones' fds the source handed over, in zone order, for the VMM to
+    /// map instead of making fresh memory (taken once).
+    pub fn take_zone_fds(&mut self) -> Option<Vec<std::os::fd::OwnedFd>> {
+        self.local.take()
     }
 
     /// The VM's configuration, as the source sent it.
@@ -96,6 +121,10 @@ impl Incoming {
     /// Receives guest memory into `machine`'s fresh RAM (its vCPUs not started) and
     /// returns the machine state, once the source said it is complete.
     pub fn receive(&mut self, machine: &Machine) -> Result<MachineState, MigrationError> {
+        if self.is_local() {
+            // fd-local: the machine is built on the shared zones; the source may stop now.
+            self.writer.write(FrameType::Welcome, &[&handshake::encode(&serde_json::json!({ "ready": true }))])?;
+        }
         let mut applier = Applier::new(Zones::new(&machine.ram, &machine.config.zones));
         let received = receive_memory(&mut self.reader, &mut applier)?;
         let state = serde_json::from_slice::<MachineState>(&received.state)
@@ -116,6 +145,15 @@ impl Incoming {
     /// Tells the source the VM runs here now; returns this end's figures.
     pub fn acknowledge(mut self) -> Result<MigrationMetrics, MigrationError> {
         self.writer.write(FrameType::Ack, &[])?;
+        if self.is_local() {
+            // The memory is shared: no vCPU may run here before the source has let go of
+            // it (its own Ack back); without it the source may resume (docs/migration.md).
+            expect(&mut self.reader, FrameType::Ack).map_err(|e| {
+                MigrationError::Unsupported(format!(
+                    "the source did not release the VM ({e}); it runs on there, nothing was started here"
+                ))
+            })?;
+        }
         self.link.shutdown_write();
         if let Some(began) = self.stop_and_copy_began {
             self.metrics.downtime = ms(began.elapsed());
@@ -148,6 +186,10 @@ impl Incoming {
             }
         }
         error
+    }
+
+    fn is_local(&self) -> bool {
+        self.metrics.uri.starts_with("fd-local:")
     }
 
     fn expect(&mut self, wanted: FrameType) -> Result<Frame, MigrationError> {

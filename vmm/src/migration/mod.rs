@@ -3,7 +3,8 @@
 //!
 //! - [`stream`]: numbered, checksummed frames; [`handshake`]: magic, version, arch;
 //!   [`memory`]: page ranges with zero markers, read from and written into guest RAM;
-//!   [`transport`]: `unix:PATH` and `tcp:HOST:PORT`;
+//!   [`transport`]: `unix:PATH`, `tcp:HOST:PORT` and `fd-local:PATH`; [`local`]: the
+//!   `fd-local:` handover of the zones' fds (no memory copied);
 //! - [`source`]: the pre-copy sender (on its own thread; [`Migrations`] starts, polls
 //!   and cancels it for the control socket);
 //! - [`destination`]: `faultline restore --incoming URI` receives, checks every frame
@@ -17,6 +18,7 @@
 
 pub mod destination;
 pub mod handshake;
+pub mod local;
 pub mod memory;
 pub mod metrics;
 pub mod source;
@@ -168,14 +170,17 @@ impl Migrations {
         if state.running.is_some() {
             return Err(MigrationError::Busy);
         }
-        check_migratable(machine, state.dirty_log_ours)?;
+        check_migratable(machine, state.dirty_log_ours, &uri)?;
         state.dirty_log_ours = true;
         let progress = Arc::new(Progress::new(&uri, machine, request));
         let thread = {
             let (machine, progress, request) = (machine.clone(), progress.clone(), request.clone());
             std::thread::Builder::new()
                 .name("migrate-source".into())
-                .spawn(move || source::migrate(&machine, uri, &request, &progress))
+                .spawn(move || {
+                    let transfer: source::Transfer = if uri.is_local() { local::migrate } else { source::precopy };
+                    source::migrate(&machine, uri, &request, &progress, transfer)
+                })
                 .map_err(|e| MigrationError::Unsupported(format!("cannot start the migration thread: {e}")))?
         };
         let first = progress.metrics();
@@ -238,9 +243,15 @@ impl ControllerState {
 }
 
 /// Refuses, with what to do, a VM this migration cannot move faithfully.
-fn check_migratable(machine: &Machine, dirty_log_ours: bool) -> Result<(), MigrationError> {
+fn check_migratable(
+    machine: &Machine,
+    dirty_log_ours: bool,
+    uri: &transport::MigrationUri,
+) -> Result<(), MigrationError> {
     let unsupported = |reason: &str| Err(MigrationError::Unsupported(reason.to_string()));
-    if machine.config.zones.iter().any(|z| z.backend == crate::config::Backend::File) {
+    if uri.is_local() {
+        local::check_shareable(&machine.config.zones)?;
+    } else if machine.config.zones.iter().any(|z| z.backend == crate::config::Backend::File) {
         return unsupported(
             "a file zone would be shared by both ends on one host (and is not carried to another); use anon, memfd or hugetlb zones",
         );

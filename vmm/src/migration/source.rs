@@ -76,8 +76,18 @@ impl Progress {
         self.metrics.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn update(&self, change: impl FnOnce(&mut MigrationMetrics)) {
+    pub(super) fn update(&self, change: impl FnOnce(&mut MigrationMetrics)) {
         change(&mut self.lock());
+    }
+
+    /// Keeps a handle on the link, for [`Progress::cancel`] to shut it down.
+    pub(super) fn set_link(&self, link: Link) {
+        *self.link.lock().unwrap_or_else(|e| e.into_inner()) = Some(link);
+    }
+
+    /// Whether `migrate cancel` asked to stop.
+    pub(super) fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
     }
 }
 
@@ -87,9 +97,16 @@ fn ms(duration: Duration) -> f64 {
 
 /// Migrates `machine` to `uri` and records the outcome: on success the VM ends here
 /// ([`VmExit::Migrated`]); on failure it runs on as before.
-pub fn migrate(machine: &Machine, uri: MigrationUri, request: &MigrateRequest, progress: &Progress) {
+pub fn migrate(
+    machine: &Machine,
+    uri: MigrationUri,
+    request: &MigrateRequest,
+    progress: &Progress,
+    transfer: Transfer,
+) {
     let was_running = machine.run_state() == RunState::Running;
-    let result = precopy(machine, &uri, request, progress);
+    // fd-local: hands the zones over instead (`super::local`, chosen by the caller).
+    let result = transfer(machine, &uri, request, progress);
     if let Some(link) = progress.link.lock().unwrap_or_else(|e| e.into_inner()).take() {
         link.shutdown();
     }
@@ -143,7 +160,11 @@ struct Sender<'a> {
     active_since: (Instant, u64),
 }
 
-fn precopy(
+/// How the VM moves: [`precopy`] or `fd-local:`'s handover.
+pub type Transfer = fn(&Machine, &MigrationUri, &MigrateRequest, &Progress) -> Result<(), MigrationError>;
+
+/// The pre-copy transfer.
+pub fn precopy(
     machine: &Machine,
     uri: &MigrationUri,
     request: &MigrateRequest,

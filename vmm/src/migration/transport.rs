@@ -1,5 +1,7 @@
-//! Where a migration goes: `unix:PATH` or `tcp:HOST:PORT` (std sockets), connected by the
-//! source and listened on by the destination.
+//! Where a migration goes: `unix:PATH`, `tcp:HOST:PORT` or `fd-local:PATH` (std
+//! sockets), connected by the source and listened on by the destination. `fd-local:` is a
+//! Unix socket too; over it the guest-RAM zones are handed over by `SCM_RIGHTS`
+//! (`super::local`).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
@@ -19,6 +21,8 @@ pub enum MigrationUri {
     Unix(PathBuf),
     /// A TCP host and port.
     Tcp(String),
+    /// A Unix socket path on this host, over which the zones' fds are handed over.
+    FdLocal(PathBuf),
 }
 
 impl MigrationUri {
@@ -38,17 +42,27 @@ impl MigrationUri {
             }
             return Ok(MigrationUri::Tcp(address.to_string()));
         }
-        if text.starts_with("fd-local:") {
-            return Err(bad("fd-local: (zones handed over by SCM_RIGHTS) is not implemented yet; use unix:PATH"));
+        if let Some(path) = text.strip_prefix("fd-local:") {
+            if path.is_empty() {
+                return Err(bad("fd-local: needs a socket path, e.g. fd-local:/tmp/migrate.sock"));
+            }
+            return Ok(MigrationUri::FdLocal(PathBuf::from(path)));
         }
-        Err(bad("use unix:PATH or tcp:HOST:PORT"))
+        Err(bad("use unix:PATH, tcp:HOST:PORT or fd-local:PATH"))
+    }
+
+    /// Whether this is `fd-local:` (memory handed over, not copied).
+    pub fn is_local(&self) -> bool {
+        matches!(self, MigrationUri::FdLocal(_))
     }
 
     /// Connects to a listening destination.
     pub fn connect(&self) -> Result<Link, MigrationError> {
         let failed = |source| MigrationError::Connect { uri: self.to_string(), source };
         match self {
-            MigrationUri::Unix(path) => UnixStream::connect(path).map(Link::Unix).map_err(failed),
+            MigrationUri::Unix(path) | MigrationUri::FdLocal(path) => {
+                UnixStream::connect(path).map(Link::Unix).map_err(failed)
+            }
             MigrationUri::Tcp(address) => {
                 let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "the host name resolves to nothing");
                 for addr in address.to_socket_addrs().map_err(failed)? {
@@ -69,7 +83,7 @@ impl MigrationUri {
     pub fn listen(&self) -> Result<Listener, MigrationError> {
         let failed = |source| MigrationError::Listen { uri: self.to_string(), source };
         match self {
-            MigrationUri::Unix(path) => {
+            MigrationUri::Unix(path) | MigrationUri::FdLocal(path) => {
                 UnixListener::bind(path).map(|l| Listener::Unix(l, path.clone())).map_err(failed)
             }
             MigrationUri::Tcp(address) => TcpListener::bind(address).map(Listener::Tcp).map_err(failed),
@@ -82,6 +96,7 @@ impl std::fmt::Display for MigrationUri {
         match self {
             MigrationUri::Unix(path) => write!(f, "unix:{}", path.display()),
             MigrationUri::Tcp(address) => write!(f, "tcp:{address}"),
+            MigrationUri::FdLocal(path) => write!(f, "fd-local:{}", path.display()),
         }
     }
 }
@@ -152,6 +167,14 @@ impl Link {
         };
     }
 
+    /// The Unix socket under the link (fd passing needs it), if it is one.
+    pub fn unix(&self) -> Option<&UnixStream> {
+        match self {
+            Link::Unix(s) => Some(s),
+            Link::Tcp(_) => None,
+        }
+    }
+
     /// Read and write timeouts (None: wait for ever).
     pub fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) {
         let _ = match self {
@@ -191,7 +214,9 @@ mod tests {
     fn uris_parse_or_say_what_to_write() {
         assert_eq!(MigrationUri::parse("unix:/tmp/m.sock").unwrap(), MigrationUri::Unix("/tmp/m.sock".into()));
         assert_eq!(MigrationUri::parse("tcp:127.0.0.1:4444").unwrap(), MigrationUri::Tcp("127.0.0.1:4444".into()));
-        for bad in ["unix:", "tcp:host", "tcp:host:99999", "ftp:x", "fd-local:/x", ""] {
+        assert_eq!(MigrationUri::parse("fd-local:/tmp/m.sock").unwrap(), MigrationUri::FdLocal("/tmp/m.sock".into()));
+        assert_eq!(MigrationUri::parse("fd-local:/tmp/m.sock").unwrap().to_string(), "fd-local:/tmp/m.sock");
+        for bad in ["unix:", "tcp:host", "tcp:host:99999", "ftp:x", "fd-local:", ""] {
             let err = MigrationUri::parse(bad).unwrap_err().to_string();
             assert!(err.contains(bad), "{err}");
         }
