@@ -61,6 +61,11 @@ impl PageState {
 const BITS_PER_PAGE: u64 = 4;
 const PAGES_PER_WORD: u64 = 64 / BITS_PER_PAGE;
 
+/// `bits` repeated in every page's slot of a word.
+const fn spread(bits: PageState) -> u64 {
+    (bits.0 as u64 & 0xf) * 0x1111_1111_1111_1111
+}
+
 #[derive(Debug)]
 struct RegionTable {
     gpa: u64,
@@ -161,19 +166,44 @@ impl PageStateTable {
 
     /// Number of pages (granules) that have all of `bits`.
     pub fn count(&self, bits: PageState) -> u64 {
+        if bits.0.count_ones() == 1 {
+            // One bit: a popcount per word (16 pages) instead of a test per page. The
+            // table is scanned under a pause (snapshot, migration), so this matters.
+            let mask = spread(bits);
+            return self
+                .regions
+                .iter()
+                .flat_map(|r| r.words.iter())
+                .map(|w| (w.load(Ordering::Acquire) & mask).count_ones() as u64)
+                .sum();
+        }
         self.pages().filter(|(_, _, s)| s.contains(bits)).count() as u64
     }
 
     /// Maximal guest ranges whose pages all have every bit of `bits` (e.g. dirty ranges).
     pub fn ranges_with(&self, bits: PageState) -> Vec<GuestRange> {
         let mut out: Vec<GuestRange> = Vec::new();
-        for (gpa, granule, s) in self.pages() {
-            if !s.contains(bits) {
-                continue;
-            }
-            match out.last_mut() {
-                Some(last) if last.end() == gpa => last.len += granule,
-                _ => out.push(GuestRange::new(gpa, granule)),
+        let any_of = spread(bits);
+        for r in &self.regions {
+            for (w, word) in r.words.iter().enumerate() {
+                let word = word.load(Ordering::Acquire);
+                // A word with none of the bits holds no page with all of them: skip its
+                // 16 pages at once (most words, when discards are few).
+                if word & any_of == 0 {
+                    continue;
+                }
+                let first = w as u64 * PAGES_PER_WORD;
+                for p in first..(first + PAGES_PER_WORD).min(r.pages()) {
+                    let s = PageState(((word >> ((p % PAGES_PER_WORD) * BITS_PER_PAGE)) & 0xf) as u8);
+                    if !s.contains(bits) {
+                        continue;
+                    }
+                    let gpa = r.gpa + p * r.granule;
+                    match out.last_mut() {
+                        Some(last) if last.end() == gpa => last.len += r.granule,
+                        _ => out.push(GuestRange::new(gpa, r.granule)),
+                    }
+                }
             }
         }
         out
