@@ -462,7 +462,7 @@ fn mismatched_handshakes_and_unmigratable_vms_are_refused_clearly() {
     source.assert_running("connecting to nobody");
     let (code, _, stderr) = source.ctl(&["migrate", "ftp:somewhere"]);
     assert_eq!(code, 1);
-    assert!(stderr.contains("unix:PATH or tcp:HOST:PORT"), "{stderr}");
+    assert!(stderr.contains("unix:PATH, tcp:HOST:PORT or fd-local:PATH"), "{stderr}");
     let source = source.wait();
     assert_eq!(source.code, 0, "{}", source.stderr);
     assert_eq!(source.report["migration"]["status"], "failed", "{}", source.stdout);

@@ -252,7 +252,13 @@ fn uri(transport: &str, work: &Path, name: &str) -> Result<String, MigrateBenchE
 /// only one connection).
 fn listening(uri: &str) -> bool {
     if let Some(path) = uri.strip_prefix("unix:").or_else(|| uri.strip_prefix("fd-local:")) {
-        return Path::new(path).exists();
+        // The socket file appears at bind(), a moment before listen(): a connect in
+        // between is refused. /proc/net/unix shows the listening flag (__SO_ACCEPTCON).
+        let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+        return table.lines().skip(1).any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() > 7 && fields[7] == path && fields[3] == "00010000"
+        });
     }
     let port = uri.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).unwrap_or(0);
     let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
