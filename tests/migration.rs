@@ -9,16 +9,16 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::migrating::{destination, listening, Source};
 use common::{faultline, outcome, root_and_kvm, RunOutcome, ScratchDir};
 use faultline::migration::handshake;
 use faultline::migration::stream::{FrameReader, FrameType, FrameWriter};
 use faultline_abi::splitmix64;
-use serde_json::Value;
 
 /// One migration test at a time: each runs two VMs whose vCPUs spin, and the source must
 /// converge before its step ends; on a small CI machine parallel tests starve each other.
@@ -26,89 +26,6 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn exclusive() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A `faultline run` in the background with a control socket.
-struct Source {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Source {
-    /// Starts `faultline run --json --api-socket DIR/NAME.sock ARGS` and waits until the
-    /// guest is ready.
-    fn start(dir: &Path, name: &str, args: &[&str]) -> Source {
-        let socket = dir.join(format!("{name}.sock"));
-        let child = faultline()
-            .args(["run", "--json", "--timeout", "180", "--api-socket"])
-            .arg(&socket)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn faultline run");
-        let source = Source { child, socket };
-        let started = Instant::now();
-        while source.ctl(&["status"]).1["guest_ready"] != true {
-            assert!(started.elapsed() < Duration::from_secs(60), "the guest never became ready");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        source
-    }
-
-    /// `faultline ctl --json -s SOCKET ARGS`: exit code, JSON printed, stderr.
-    fn ctl(&self, args: &[&str]) -> (i32, Value, String) {
-        let output = faultline().args(["ctl", "--json", "-s"]).arg(&self.socket).args(args).output().unwrap();
-        let json = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
-        (output.status.code().unwrap_or(-1), json, String::from_utf8_lossy(&output.stderr).to_string())
-    }
-
-    /// `ctl migrate URI --wait`.
-    fn migrate(&self, uri: &str) -> (i32, Value, String) {
-        self.ctl(&["migrate", uri, "--wait"])
-    }
-
-    /// The VM runs (a failed migration must leave it so).
-    fn assert_running(&self, after: &str) {
-        let (code, status, stderr) = self.ctl(&["status"]);
-        assert_eq!(code, 0, "after {after}: the source does not answer: {stderr}");
-        assert_eq!(status["state"], "running", "after {after}: {status}");
-        assert!(status["exit"].is_null(), "after {after}: {status}");
-    }
-
-    fn wait(self) -> RunOutcome {
-        outcome(self.child.wait_with_output().unwrap())
-    }
-}
-
-/// `faultline restore --incoming URI --json` in the background, listening once it returns.
-fn destination(uri: &str) -> Child {
-    let child = faultline()
-        .args(["restore", "--json", "--timeout", "180", "--incoming", uri])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn faultline restore --incoming");
-    let started = Instant::now();
-    while !listening(uri) {
-        assert!(started.elapsed() < Duration::from_secs(30), "the destination never listened on {uri}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child
-}
-
-/// True once something listens at `uri` (without connecting: the destination takes
-/// only one connection).
-fn listening(uri: &str) -> bool {
-    if let Some(path) = uri.strip_prefix("unix:") {
-        return Path::new(path).exists();
-    }
-    let port: u16 = uri.rsplit(':').next().unwrap().parse().unwrap();
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-    table.lines().skip(1).any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        fields.len() > 3 && fields[1].ends_with(&format!(":{port:04X}")) && fields[3] == "0A"
-    })
 }
 
 /// A free loopback TCP port.

@@ -8,11 +8,10 @@
 mod common;
 
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
-use common::{faultline, outcome, root_and_kvm, RunOutcome, ScratchDir};
+use common::migrating::{destination, Source};
+use common::{outcome, root_and_kvm, RunOutcome, ScratchDir};
 use faultline::config::VmConfig;
 use faultline::migration::handshake;
 use faultline::migration::local::receive_fds;
@@ -24,71 +23,6 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn exclusive() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A `faultline run` in the background with a control socket, the guest ready.
-struct Source {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Source {
-    fn start(dir: &Path, name: &str, args: &[String]) -> Source {
-        let socket = dir.join(format!("{name}.sock"));
-        let child = faultline()
-            .args(["run", "--json", "--timeout", "180", "--api-socket"])
-            .arg(&socket)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn faultline run");
-        let source = Source { child, socket };
-        let started = Instant::now();
-        while source.ctl(&["status"]).1["guest_ready"] != true {
-            assert!(started.elapsed() < Duration::from_secs(60), "the guest never became ready");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        source
-    }
-
-    fn ctl(&self, args: &[&str]) -> (i32, Value, String) {
-        let output = faultline().args(["ctl", "--json", "-s"]).arg(&self.socket).args(args).output().unwrap();
-        let json = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
-        (output.status.code().unwrap_or(-1), json, String::from_utf8_lossy(&output.stderr).to_string())
-    }
-
-    fn migrate(&self, uri: &str) -> (i32, Value, String) {
-        self.ctl(&["migrate", uri, "--wait"])
-    }
-
-    fn assert_running(&self, after: &str) {
-        let (code, status, stderr) = self.ctl(&["status"]);
-        assert_eq!(code, 0, "after {after}: the source does not answer: {stderr}");
-        assert_eq!(status["state"], "running", "after {after}: {status}");
-        assert!(status["exit"].is_null(), "after {after}: {status}");
-    }
-
-    fn wait(self) -> RunOutcome {
-        outcome(self.child.wait_with_output().unwrap())
-    }
-}
-
-/// `faultline restore --incoming URI --json` in the background, listening once it returns.
-fn destination(uri: &str) -> Child {
-    let path = uri.strip_prefix("fd-local:").unwrap().to_string();
-    let child = faultline()
-        .args(["restore", "--json", "--timeout", "180", "--incoming", uri])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn faultline restore --incoming");
-    let started = Instant::now();
-    while !Path::new(&path).exists() {
-        assert!(started.elapsed() < Duration::from_secs(30), "the destination never listened on {uri}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child
 }
 
 /// Fill, then `generations` at 10k pages/s for `ms` milliseconds, on `memory` zones.

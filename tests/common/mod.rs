@@ -2,6 +2,7 @@
 //! /dev/kvm, read its JSON report, and manage host resources (hugepages) honestly.
 #![allow(dead_code)]
 
+pub mod migrating;
 pub mod netns;
 pub mod relay;
 pub mod running;
