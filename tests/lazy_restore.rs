@@ -18,7 +18,8 @@ use serde_json::Value;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// The workload snapshotted in its middle: fill, dirty for a while, verify everything.
-const WORKLOAD: [&str; 6] = ["--steps", "fill,dirty,verify", "--duration-ms", "1500", "--rate", "20000"];
+/// Long enough that a restored VM still runs when the test reaches it on a loaded host.
+const WORKLOAD: [&str; 6] = ["--steps", "fill,dirty,verify", "--duration-ms", "2500", "--rate", "20000"];
 
 /// Pages the 64 MiB guest's workload region holds (RAM from 8 MiB up).
 const WORKLOAD_PAGES: u64 = 56 * 256;
@@ -431,8 +432,13 @@ fn a_full_snapshot_of_a_lazily_restored_vm_carries_the_pages_it_never_touched() 
         return;
     }
     let scratch = ScratchDir::new("lazy-resnapshot");
-    let base = snapshot_mid_workload(&scratch.0, false);
     for mode in ["uffd-missing", "map"] {
+        // A snapshot of its own per mode, restored at once: the guest's clock runs on
+        // with the host's across a restore, so a base restored seconds later would find
+        // its workload's time already spent.
+        let dir = scratch.0.join(mode);
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = snapshot_mid_workload(&dir, false);
         let vm =
             common::running::Running::restore(&scratch.0, &format!("{mode}.sock"), &base, &["--memory-restore", mode]);
         let again = scratch.0.join(format!("again-{mode}"));
