@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use common::migrating::{assert_generations_whole, assert_migrated};
 use common::netns::{listening_in, End, NetnsPair, Shaping};
 use common::relay::{LinkFaults, Relay};
 use common::{faultline, outcome, root_and_kvm, RunOutcome, ScratchDir};
@@ -119,32 +120,9 @@ fn workload(memory: &str, rate: u32, ms: u32) -> Vec<String> {
         .collect()
 }
 
-/// The source migrated and exited; its migration metrics.
-fn assert_migrated(source: &RunOutcome) -> Value {
-    assert_eq!(source.report["exit"]["kind"], "migrated", "{}\n{}", source.stdout, source.stderr);
-    assert_eq!(source.code, 0, "a migrated source succeeded: {}", source.stderr);
-    assert_eq!(source.report["migration"]["status"], "completed", "{}", source.stdout);
-    let results = source.report["guest"]["results"].as_array().unwrap();
-    assert!(
-        results.iter().all(|r| r["step"] != "generations"),
-        "the step ended before the migration, so it proves nothing: {}",
-        source.stdout
-    );
-    source.report["migration"].clone()
-}
-
 /// The last destination ran the rest of the step and found every page at its generation.
 fn assert_arrived_whole(destination: &RunOutcome) {
-    destination.assert_success();
-    let generations = destination.report["guest"]["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["step"] == "generations")
-        .cloned()
-        .unwrap_or_else(|| panic!("no generations result: {}", destination.stdout));
-    assert_eq!(generations["bad_pages"], 0, "{generations}");
-    destination.assert_verified(generations["pages"].as_u64().unwrap());
+    assert_generations_whole(destination);
     assert_eq!(destination.report["migration"]["status"], "completed", "{}", destination.stdout);
 }
 

@@ -10,7 +10,7 @@ mod common;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 
-use common::migrating::{destination, Source};
+use common::migrating::{assert_generations_whole, assert_migrated, destination, Source};
 use common::{outcome, root_and_kvm, RunOutcome, ScratchDir};
 use faultline::config::VmConfig;
 use faultline::migration::handshake;
@@ -52,19 +52,8 @@ fn generations(run: &RunOutcome) -> Value {
 /// The destination ran the rest of the step, found every page at its generation, and
 /// no page travelled in the stream.
 fn assert_arrived_whole(destination: &RunOutcome, source: &RunOutcome) {
-    assert_eq!(source.report["exit"]["kind"], "migrated", "{}\n{}", source.stdout, source.stderr);
-    assert_eq!(source.code, 0, "a migrated source succeeded: {}", source.stderr);
-    assert_eq!(source.report["migration"]["status"], "completed", "{}", source.stdout);
-    let results = source.report["guest"]["results"].as_array().unwrap();
-    assert!(
-        results.iter().all(|r| r["step"] != "generations"),
-        "the step ended before the migration, so it proves nothing: {}",
-        source.stdout
-    );
-    destination.assert_success();
-    let generations = generations(destination);
-    assert_eq!(generations["bad_pages"], 0, "{generations}");
-    destination.assert_verified(generations["pages"].as_u64().unwrap());
+    assert_migrated(source);
+    assert_generations_whole(destination);
     let m = &destination.report["migration"];
     assert_eq!(m["status"], "completed", "{m}");
     assert_eq!(m["normal"], 0, "fd-local sends no page: {m}");

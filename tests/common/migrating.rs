@@ -102,3 +102,34 @@ pub fn listening(uri: &str) -> bool {
         fields.len() > 3 && fields[1].ends_with(&format!(":{port:04X}")) && fields[3] == "0A"
     })
 }
+
+/// The source migrated and exited while its `generations` step still ran (a step that
+/// ended before the migration proves nothing); its migration metrics.
+pub fn assert_migrated(source: &RunOutcome) -> Value {
+    assert_eq!(source.report["exit"]["kind"], "migrated", "{}\n{}", source.stdout, source.stderr);
+    assert_eq!(source.code, 0, "a migrated source succeeded: {}", source.stderr);
+    assert_eq!(source.report["migration"]["status"], "completed", "{}", source.stdout);
+    let results = source.report["guest"]["results"].as_array().unwrap();
+    assert!(
+        results.iter().all(|r| r["step"] != "generations"),
+        "the step ended before the migration, so it proves nothing: {}",
+        source.stdout
+    );
+    source.report["migration"].clone()
+}
+
+/// The destination succeeded, its `generations` step found no page at a wrong
+/// generation, and it verified every page the step covers; that step's result.
+pub fn assert_generations_whole(destination: &RunOutcome) -> Value {
+    destination.assert_success();
+    let generations = destination.report["guest"]["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["step"] == "generations")
+        .cloned()
+        .unwrap_or_else(|| panic!("no generations result: {}\n{}", destination.stdout, destination.stderr));
+    assert_eq!(generations["bad_pages"], 0, "{generations}");
+    destination.assert_verified(generations["pages"].as_u64().unwrap());
+    generations
+}
