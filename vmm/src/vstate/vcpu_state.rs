@@ -3,7 +3,10 @@
 //! Saved: general and special registers, FPU/SSE/AVX state (xsave), XCRs, every MSR KVM
 //! lists that it can read back, the local APIC, the multiprocessing state, pending
 //! events, debug registers and the TSC frequency. The guest's TSC travels as the
-//! IA32_TSC MSR, so it continues from the value it had when saved and never goes back.
+//! IA32_TSC MSR: on an ordinary KVM host it continues from the value it had when saved.
+//! Some hosts do not apply a written TSC at all (this project's nested test host, whose
+//! guests always read the host's TSC): the restore reads the TSC back and warns how far
+//! the guest's clock jumped, since guest timings that span the restore include the gap.
 //! Restore order follows what KVM needs: CPUID is set when the vCPU is built; the LAPIC
 //! before the MSRs (TSC deadline) and the events last.
 
@@ -15,6 +18,9 @@ use serde::{Deserialize, Serialize};
 
 use super::vcpu::{Vcpu, VcpuError};
 use crate::persist::Persist;
+
+/// IA32_TSC, the guest's time-stamp counter.
+const MSR_IA32_TSC: u32 = 0x10;
 
 /// KVM_GET_MSRS / KVM_SET_MSRS take at most this many entries at a time.
 const MSR_BATCH: usize = 255;
@@ -114,6 +120,7 @@ impl Persist for Vcpu {
         fd.set_debug_regs(&state.debugregs).map_err(configure("KVM_SET_DEBUGREGS"))?;
         fd.set_lapic(&state.lapic).map_err(configure("KVM_SET_LAPIC"))?;
         self.write_msrs(&state.msrs)?;
+        self.warn_if_tsc_jumped(state)?;
         fd.set_vcpu_events(&state.events).map_err(configure("KVM_SET_VCPU_EVENTS"))
     }
 }
@@ -133,6 +140,44 @@ impl Vcpu {
             });
         }
         Ok(())
+    }
+
+    /// Reads the TSC back after a restore and warns (once, for vCPU 0) when it is far
+    /// from the saved value: the host ignored the write, so the guest's clock ran on
+    /// with the host's while the VM was saved.
+    fn warn_if_tsc_jumped(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        let Some(&(_, saved)) = state.msrs.iter().find(|(index, _)| *index == MSR_IA32_TSC) else {
+            return Ok(());
+        };
+        if self.id() != 0 || state.tsc_khz == 0 {
+            return Ok(());
+        }
+        let now = self.read_msr(MSR_IA32_TSC)?;
+        let jump_ms = (now as i128 - saved as i128) / state.tsc_khz as i128;
+        // A restore itself takes milliseconds; a second is well beyond that.
+        if jump_ms.abs() > 1000 {
+            tracing::warn!(
+                "this host did not apply the saved TSC: the guest's clock is {jump_ms} ms {} the value it was saved with; guest timings that span the restore include that gap",
+                if jump_ms > 0 { "ahead of" } else { "behind" }
+            );
+        }
+        Ok(())
+    }
+
+    /// Reads one MSR.
+    fn read_msr(&self, index: u32) -> Result<u64, VcpuError> {
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }])
+            .map_err(|_| VcpuError::MsrList(self.id()))?;
+        let id = self.id();
+        let count = self.fd().get_msrs(&mut msrs).map_err(|source| VcpuError::Configure {
+            id,
+            what: "KVM_GET_MSRS",
+            source,
+        })?;
+        if count != 1 {
+            return Err(VcpuError::StateMismatch { id, reason: format!("KVM cannot read MSR {index:#x}") });
+        }
+        Ok(msrs.as_slice()[0].data)
     }
 
     /// Reads every MSR of the VM's save list that KVM can read for this vCPU.
