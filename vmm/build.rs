@@ -77,4 +77,28 @@ fn main() {
         }
     };
     println!("cargo:rustc-env=FAULTLINE_GUEST_ELF={}", embedded.display());
+    order_release_code(&manifest_dir);
+}
+
+/// Release binaries are linked by gold with the code a run executes placed together
+/// (`link/section-order.txt`, made by `scripts/trace-functions.py`; see
+/// docs/bench-boot.md). The kernel maps a binary's code 64 KiB around each page fault, so
+/// code spread over the whole `.text` costs RSS for code that never runs. GNU ld 2.40
+/// has no section ordering; gold has. Without gold the link is the default one, with a
+/// warning.
+fn order_release_code(manifest_dir: &std::path::Path) {
+    let order = manifest_dir.join("link/section-order.txt");
+    println!("cargo:rerun-if-changed={}", order.display());
+    if env::var("PROFILE").as_deref() != Ok("release") {
+        return;
+    }
+    let gold = Command::new("ld.gold").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !gold {
+        println!(
+            "cargo:warning=ld.gold not found: the release binary is linked without its code ordering (a larger RSS)"
+        );
+        return;
+    }
+    println!("cargo:rustc-link-arg-bins=-fuse-ld=gold");
+    println!("cargo:rustc-link-arg-bins=-Wl,--section-ordering-file={}", order.display());
 }
