@@ -82,6 +82,24 @@ impl GuestHistogram {
         }
         self.max
     }
+
+    /// The histogram as a CDF in microseconds: (the upper edge of each non-empty bucket,
+    /// clamped to the largest sample; the fraction of samples at or below it).
+    /// Empty when there are no samples or the TSC frequency is unknown.
+    pub fn cdf_us(&self, tsc_khz: u64) -> Vec<(f64, f64)> {
+        if self.count == 0 || tsc_khz == 0 {
+            return Vec::new();
+        }
+        let mut seen = 0;
+        self.buckets
+            .iter()
+            .map(|&(bucket, count)| {
+                seen += count;
+                let cycles = abi::histogram_bucket_high(bucket).min(self.max);
+                (cycles as f64 * 1e3 / tsc_khz as f64, seen as f64 / self.count as f64)
+            })
+            .collect()
+    }
 }
 
 /// A guest `result` line.

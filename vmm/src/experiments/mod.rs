@@ -9,6 +9,7 @@ pub mod console_child;
 pub mod fault_bench;
 pub mod host_changes;
 pub mod migrate_bench;
+pub mod plot;
 pub mod qmp;
 pub mod restore_bench;
 pub mod snapshot_bench;

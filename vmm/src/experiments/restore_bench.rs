@@ -1,13 +1,15 @@
 //! `faultline bench restore`: how each restore mode's start and warm-up grow with guest
 //! size, for sparse guests (a fixed touched part in 1 GiB and 16 GiB of RAM by default).
 //!
-//! Per size, a guest runs `fill,idle,verify` over the touched part and is snapshotted
-//! (`--stop`) as soon as its fill reports; each mode then restores that snapshot in a new
-//! process, and the restored guest verifies every page it filled. Figures per mode:
-//! restore start → the first guest instruction (the run report's boot timeline), the
-//! verify step's wall time inside the guest (its "warm" point: every touched page brought
-//! back, with the fault stalls it took), the whole run, and the fault engine's MISSING or
-//! MINOR faults with their p50/p99 latency. `uffd-socket` restores against a `faultline
+//! Per size, a guest runs `fill,idle,touch,verify` over the touched part and is
+//! snapshotted (`--stop`) as soon as its fill reports; each mode then restores that
+//! snapshot in a new process. The restored guest reads every page it filled once in a
+//! random order (`touch`, timing each read with its TSC: the stalls the guest saw), then
+//! verifies every page. Figures per mode: restore start → the first guest instruction (the
+//! run report's boot timeline), the touch step's wall time inside the guest (its "warm"
+//! point: every touched page brought back), the whole run, the fault engine's MISSING or
+//! MINOR faults with their p50/p99 latency, and the guest's stall distribution (a CDF;
+//! `--plots DIR` draws it and the warm times as SVG). `uffd-socket` restores against a `faultline
 //! page-server` child; `uffd-minor` restores into a memfd zone, whose page cache is filled
 //! for the whole zone up front (so it is skipped for zones larger than half of this
 //! host's available memory). Figures, not thresholds: read them with docs/lazy-restore.md.
@@ -20,7 +22,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::plot::{self, Labels, Series};
 use crate::api::ControlClient;
+use crate::guest_report::GuestHistogram;
 
 /// Options of `faultline bench restore`.
 #[derive(Debug, Clone, clap::Args)]
@@ -49,6 +53,11 @@ pub struct RestoreBenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also draw `restore-warm.svg` (time to warm by mode and size) and
+    /// `restore-stalls.svg` (CDF of the stalls the guest saw, largest size) into this
+    /// directory.
+    #[arg(long)]
+    pub plots: Option<PathBuf>,
 }
 
 /// Errors of the restore benchmark.
@@ -62,6 +71,9 @@ pub enum RestoreBenchError {
         /// Why it failed.
         reason: String,
     },
+    /// A plot could not be written.
+    #[error("bench restore: {0}")]
+    Plot(#[from] super::plot::PlotError),
 }
 
 fn step(what: impl Into<String>) -> impl FnOnce(String) -> RestoreBenchError {
@@ -78,7 +90,7 @@ pub struct RestoreRow {
     pub mode: String,
     /// Restore start → first guest instruction, ms.
     pub first_instruction_ms: f64,
-    /// The guest's verify step over the touched part (its warm point), wall ms.
+    /// The guest's touch step over the touched part (its warm point), wall ms.
     pub warm_ms: f64,
     /// The whole restored run, ms.
     pub total_ms: f64,
@@ -92,6 +104,9 @@ pub struct RestoreRow {
     pub fault_p99_us: f64,
     /// Faults the page server served (uffd-socket).
     pub page_server_faults: u64,
+    /// The stalls the guest saw in its touch step: (µs, fraction of touches at or
+    /// below), from its TSC histogram.
+    pub stall_cdf_us: Vec<(f64, f64)>,
 }
 
 /// What `bench restore` measured.
@@ -113,7 +128,11 @@ pub fn run(args: &RestoreBenchArgs) -> Result<RestoreBenchReport, RestoreBenchEr
     std::fs::create_dir_all(&work).map_err(|e| step(format!("create {}", work.display()))(e.to_string()))?;
     let result = run_in(args, &work);
     let _ = std::fs::remove_dir_all(&work);
-    result
+    let report = result?;
+    if let Some(dir) = &args.plots {
+        report.plot(dir)?;
+    }
+    Ok(report)
 }
 
 fn run_in(args: &RestoreBenchArgs, work: &Path) -> Result<RestoreBenchReport, RestoreBenchError> {
@@ -144,7 +163,8 @@ fn take_snapshot(args: &RestoreBenchArgs, work: &Path, memory_mib: u64) -> Resul
     let mut child = Command::new(exe())
         .args(["run", "--console", "--timeout", "600", "--vcpus", &args.vcpus.to_string()])
         .args(["-m", &format!("size={memory_mib}M"), "--size", &(args.touched_mib << 20).to_string()])
-        .args(["--steps", "fill,idle,verify", "--duration-ms", "200", "--api-socket"])
+        .args(["--steps", "fill,idle,touch,verify", "--duration-ms", "200", "--pattern", "random", "--access", "read"])
+        .arg("--api-socket")
         .arg(&socket)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -243,7 +263,11 @@ fn restore_row(work: &Path, snapshot: &Path, memory_mib: u64, mode: &str) -> Res
         )));
     }
     let ms = |v: &Value| v.as_u64().unwrap_or(0) as f64 / 1e6;
-    let verify = report["guest"]["results"].as_array().and_then(|r| r.iter().rev().find(|x| x["step"] == "verify"));
+    let touch = report["guest"]["results"].as_array().and_then(|r| r.iter().rev().find(|x| x["step"] == "touch"));
+    let tsc_khz = report["guest"]["ready"]["tsc_khz"].as_u64().unwrap_or(0);
+    let stall_cdf_us = touch
+        .and_then(|t| serde_json::from_value::<GuestHistogram>(t["latency_cycles"].clone()).ok())
+        .map_or_else(Vec::new, |h| h.cdf_us(tsc_khz));
     let latency = report["faults"]["latency"].as_array().cloned().unwrap_or_default();
     let faults: u64 = latency.iter().map(|l| l["count"].as_u64().unwrap_or(0)).sum();
     let first = latency.first();
@@ -251,13 +275,14 @@ fn restore_row(work: &Path, snapshot: &Path, memory_mib: u64, mode: &str) -> Res
         memory_mib,
         mode: mode.to_string(),
         first_instruction_ms: ms(&report["boot"]["first_instruction_ns"]),
-        warm_ms: verify.map_or(0.0, |v| ms(&v["host_wall_ns"])),
+        warm_ms: touch.map_or(0.0, |v| ms(&v["host_wall_ns"])),
         total_ms: ms(&report["total_ns"]),
         restored_bytes: report["restored_bytes"].as_u64().unwrap_or(0),
         faults,
         fault_p50_us: first.map_or(0.0, |l| l["p50_ns"].as_f64().unwrap_or(0.0) / 1e3),
         fault_p99_us: first.map_or(0.0, |l| l["p99_ns"].as_f64().unwrap_or(0.0) / 1e3),
         page_server_faults: served["faults"].as_u64().unwrap_or(0),
+        stall_cdf_us,
     })
 }
 
@@ -271,6 +296,46 @@ fn available_memory_bytes() -> u64 {
 }
 
 impl RestoreBenchReport {
+    /// Draws the warm times (bars: one group per mode, one bar per size) and the stall
+    /// CDFs of the largest size into `dir`.
+    pub fn plot(&self, dir: &Path) -> Result<(), RestoreBenchError> {
+        std::fs::create_dir_all(dir).map_err(|e| step(format!("create {}", dir.display()))(e.to_string()))?;
+        let mut modes: Vec<String> = Vec::new();
+        let mut sizes: Vec<u64> = Vec::new();
+        for r in &self.rows {
+            if !modes.contains(&r.mode) {
+                modes.push(r.mode.clone());
+            }
+            if !sizes.contains(&r.memory_mib) {
+                sizes.push(r.memory_mib);
+            }
+        }
+        let index = |mode: &str| modes.iter().position(|m| m == mode).unwrap_or(0) as f64;
+        let warm: Vec<Series> = sizes
+            .iter()
+            .map(|&size| {
+                let points = self.rows.iter().filter(|r| r.memory_mib == size).map(|r| (index(&r.mode), r.warm_ms));
+                Series::new(format!("{size} MiB"), points.collect())
+            })
+            .collect();
+        let title = format!("Time to warm ({} MiB touched, {} vCPUs)", self.touched_mib, self.vcpus);
+        plot::bars(&dir.join("restore-warm.svg"), Labels { title: &title, x: "restore mode", y: "ms" }, &modes, &warm)?;
+        let largest = sizes.iter().copied().max().unwrap_or(0);
+        let stalls: Vec<Series> = self
+            .rows
+            .iter()
+            .filter(|r| r.memory_mib == largest && !r.stall_cdf_us.is_empty())
+            .map(|r| Series::new(r.mode.clone(), r.stall_cdf_us.clone()))
+            .collect();
+        let title = format!("Stalls the guest saw touching its pages after restore ({largest} MiB)");
+        plot::cdf_curves(
+            &dir.join("restore-stalls.svg"),
+            Labels { title: &title, x: "µs per touch", y: "fraction of touches" },
+            &stalls,
+        )?;
+        Ok(())
+    }
+
     /// The table for people: one line per size and mode, then the largest size's start
     /// and warm-up as ratios to the smallest's.
     pub fn table(&self) -> String {
