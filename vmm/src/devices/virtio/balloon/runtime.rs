@@ -12,6 +12,7 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::discard_worker::DiscardWorker;
 use super::pages::{runs, BalloonPages, PageError};
 use super::state::{add, BalloonEvent, DeviceState};
 use super::stats::{self, STAT_ENTRY_BYTES};
@@ -52,6 +53,8 @@ pub(super) struct Runtime {
     pub pending: PendingInflate,
     /// The statistics buffer a restored device holds, until activation takes it.
     pub restored_stats_head: Option<u16>,
+    /// The second thread of large discards.
+    pub worker: DiscardWorker,
 }
 
 /// Pages put in the balloon whose host memory is not freed yet.
@@ -242,17 +245,18 @@ impl Runtime {
     /// pages whole once all their 4 KiB pages are in, the rest of a huge page zeroed.
     fn flush_inflated(&mut self, handle: &DeviceState) {
         let pending = std::mem::take(&mut self.pending);
-        let (near, far) = split_halves(runs(pending.small));
-        if far.is_empty() {
-            near.into_iter().for_each(|range| _ = self.discard(handle, range));
+        let small = runs(pending.small);
+        if small.iter().map(|r| r.len).sum::<u64>() < PARALLEL_DISCARD_BYTES {
+            small.into_iter().for_each(|range| _ = self.discard(handle, range));
         } else {
             // Two host threads zap page tables at once (disjoint ranges: the invalidation
             // layer and the kernel both allow it); the kernel's zap is most of the cost.
-            let this = &*self;
-            std::thread::scope(|scope| {
-                scope.spawn(|| far.into_iter().for_each(|range| _ = this.discard(handle, range)));
-                near.into_iter().for_each(|range| _ = this.discard(handle, range));
-            });
+            let outcome = self.worker.discard(&self.discarder, small);
+            add(&handle.counters.bytes_discarded, outcome.freed);
+            for e in outcome.errors {
+                add(&handle.counters.discard_errors, 1);
+                tracing::warn!("balloon: {e}");
+            }
         }
         for (page, gpas) in pending.huge.into_values() {
             if self.pages.huge_page_full(page) {
@@ -354,33 +358,8 @@ impl Runtime {
     }
 }
 
-/// Below this many bytes of discards, one thread does them all.
+/// Below this many bytes of 4 KiB discards, one thread does them all.
 const PARALLEL_DISCARD_BYTES: u64 = 16 << 20;
-
-/// Cuts sorted runs into two halves of (about) equal bytes, splitting a run at a page if
-/// need be; the second is empty when there is too little to share.
-fn split_halves(runs: Vec<GuestRange>) -> (Vec<GuestRange>, Vec<GuestRange>) {
-    let total: u64 = runs.iter().map(|r| r.len).sum();
-    if total < PARALLEL_DISCARD_BYTES {
-        return (runs, Vec::new());
-    }
-    let half = total / 2 / PAGE_4K * PAGE_4K;
-    let (mut near, mut far, mut taken) = (Vec::new(), Vec::new(), 0);
-    for run in runs {
-        if taken >= half {
-            far.push(run);
-        } else if taken + run.len <= half {
-            taken += run.len;
-            near.push(run);
-        } else {
-            let cut = half - taken;
-            near.push(GuestRange::new(run.gpa, cut));
-            far.push(GuestRange::new(run.gpa + cut, run.len - cut));
-            taken = half;
-        }
-    }
-    (near, far)
-}
 
 /// The heads the driver made available since the last pass; refuses an avail index that
 /// ran ahead by more than the queue size and a head posted twice in one batch.
