@@ -90,10 +90,10 @@ pub struct EngineTuning {
     pub batch: Option<usize>,
     /// Install with DONTWAKE and wake every resolved range once, after the whole batch.
     pub dont_wake: bool,
-    /// Fill zero pages with UFFDIO_COPY from a buffer that is kept zeroed: no memset
-    /// before each COPY, and read faults (and fault-around after a read) get a private
-    /// writable page instead of UFFDIO_ZEROPAGE's shared zero page, so a later write does
-    /// not fault again. (Write faults get COPY in any case.)
+    /// Fill every zero page with UFFDIO_COPY from the handler's never-written zero buffer:
+    /// read faults (and fault-around after a read) get a private writable page instead of
+    /// UFFDIO_ZEROPAGE's shared zero page, so a later write does not fault again. (Write
+    /// faults get a COPY from that buffer in any case.)
     pub zero_pool: bool,
     /// On a MISSING or MINOR 4 KiB fault, also install up to this many following pages
     /// that the state table says are not populated (0: off).

@@ -54,7 +54,8 @@ struct Handler<'a> {
     s: &'a Shared,
     idx: usize,
     buf: Vec<u8>,
-    /// `zeropool`: a buffer that is never written, so always zero.
+    /// A buffer that is never written, so always zero: zero fills COPY from it (no memset
+    /// of a page per fault; untouched, it costs no memory until the kernel reads it).
     zeros: Vec<u8>,
     deferred: VecDeque<Fault>,
     /// `dontwake`: ranges filled without waking, woken once per batch.
@@ -65,7 +66,7 @@ struct Handler<'a> {
 impl<'a> Handler<'a> {
     fn new(s: &'a Shared, idx: usize) -> Self {
         let max_page = s.regions.iter().map(|r| r.page_bytes).max().unwrap_or(4096) as usize;
-        let zeros = if s.tuning.zero_pool { vec![0u8; max_page] } else { Vec::new() };
+        let zeros = vec![0u8; max_page];
         Self {
             s,
             idx,
@@ -264,16 +265,8 @@ impl<'a> Handler<'a> {
                 (FaultKind::Missing, PageData::Zero) if ioctls.zeropage() && !wp && !f.write => {
                     s.uffd.zeropage(f.hva, page, dw)
                 }
-                (FaultKind::Minor, _) if minor_discarded => {
-                    self.buf[..page as usize].fill(0);
-                    s.uffd.copy(f.hva, &self.buf[..page as usize], wp, dw)
-                }
-                (FaultKind::Missing, data) => {
-                    if data == PageData::Zero {
-                        self.buf[..page as usize].fill(0);
-                    }
-                    s.uffd.copy(f.hva, &self.buf[..page as usize], wp, dw)
-                }
+                _ if zero_fill => s.uffd.copy(f.hva, &self.zeros[..page as usize], wp, dw),
+                (FaultKind::Missing, _) => s.uffd.copy(f.hva, &self.buf[..page as usize], wp, dw),
                 (FaultKind::Minor, _) => s.uffd.continue_(f.hva, page, wp, dw),
                 (FaultKind::WriteProtect, _) => match s.uffd.write_protect(f.hva, page, false, dw) {
                     Ok(()) => Ok(FillOutcome::Filled),

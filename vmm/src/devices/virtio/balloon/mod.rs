@@ -25,6 +25,7 @@
 //! ```
 
 mod control;
+mod discard_worker;
 mod handle;
 mod pages;
 mod runtime;
@@ -164,8 +165,15 @@ impl Balloon {
             features |= (on as u64) << bit;
         }
         let pages = pages::BalloonPages::new(&regions);
-        let runtime =
-            Runtime { discarder, regions, pages, active: None, pending: Default::default(), restored_stats_head: None };
+        let runtime = Runtime {
+            discarder,
+            regions,
+            pages,
+            active: None,
+            pending: Default::default(),
+            restored_stats_head: None,
+            worker: Default::default(),
+        };
         let handle = Arc::new(BalloonHandle::new(runtime, interrupt, &config.schedule, config.initial_target_pages));
         (Self { features, queue_size: config.queue_size, handle: handle.clone() }, handle)
     }

@@ -65,6 +65,11 @@ impl BalloonPages {
         self.regions.iter_mut().find_map(|r| r.index(gpa).map(|i| (r, i))).ok_or(PageError::NotRam(gpa))
     }
 
+    /// Whether any region has huge pages (else [`Self::huge_page_of`] is always `None`).
+    pub fn has_huge_regions(&self) -> bool {
+        self.regions.iter().any(RegionBits::huge)
+    }
+
     /// The huge page containing `gpa`, if `gpa` is in a hugetlb region.
     pub fn huge_page_of(&self, gpa: u64) -> Option<GuestRange> {
         let r = self.regions.iter().find(|r| r.huge() && r.index(gpa).is_some())?;

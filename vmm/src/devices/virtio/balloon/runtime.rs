@@ -12,6 +12,7 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::discard_worker::DiscardWorker;
 use super::pages::{runs, BalloonPages, PageError};
 use super::state::{add, BalloonEvent, DeviceState};
 use super::stats::{self, STAT_ENTRY_BYTES};
@@ -52,6 +53,8 @@ pub(super) struct Runtime {
     pub pending: PendingInflate,
     /// The statistics buffer a restored device holds, until activation takes it.
     pub restored_stats_head: Option<u16>,
+    /// The second thread of large discards.
+    pub worker: DiscardWorker,
 }
 
 /// Pages put in the balloon whose host memory is not freed yet.
@@ -217,22 +220,29 @@ impl Runtime {
         if self.pages.count() == 0 {
             handle.notify(BalloonEvent::InflatingFromEmpty);
         }
+        // Counted locally and added once: an atomic add per page was a share of the cost.
+        let (mut inflated, mut redundant) = (0, 0);
+        let any_huge = self.pages.has_huge_regions();
         for pfn in pfns {
             let gpa = (pfn as u64) << 12;
             match self.pages.insert(gpa) {
                 Err(PageError::NotRam(_)) => handle.invalid_pfn(pfn as u64),
-                Ok(false) => add(&handle.counters.redundant_pfns, 1),
+                Ok(false) => redundant += 1,
                 Ok(true) => {
-                    add(&handle.counters.inflated, 1);
-                    if let Some(page) = self.pages.huge_page_of(gpa) {
-                        self.pending.huge.entry(page.gpa).or_insert_with(|| (page, Vec::new())).1.push(gpa);
-                    } else {
-                        self.pending.small.push(gpa);
+                    inflated += 1;
+                    let huge = if any_huge { self.pages.huge_page_of(gpa) } else { None };
+                    match huge {
+                        Some(page) => {
+                            self.pending.huge.entry(page.gpa).or_insert_with(|| (page, Vec::new())).1.push(gpa)
+                        }
+                        None => self.pending.small.push(gpa),
                     }
                     self.pending.pages += 1;
                 }
             }
         }
+        add(&handle.counters.inflated, inflated);
+        add(&handle.counters.redundant_pfns, redundant);
         if self.pending.pages >= FLUSH_PAGES {
             self.flush_inflated(handle);
         }
@@ -242,17 +252,18 @@ impl Runtime {
     /// pages whole once all their 4 KiB pages are in, the rest of a huge page zeroed.
     fn flush_inflated(&mut self, handle: &DeviceState) {
         let pending = std::mem::take(&mut self.pending);
-        let (near, far) = split_halves(runs(pending.small));
-        if far.is_empty() {
-            near.into_iter().for_each(|range| _ = self.discard(handle, range));
+        let small = runs(pending.small);
+        if small.iter().map(|r| r.len).sum::<u64>() < PARALLEL_DISCARD_BYTES {
+            small.into_iter().for_each(|range| _ = self.discard(handle, range));
         } else {
             // Two host threads zap page tables at once (disjoint ranges: the invalidation
             // layer and the kernel both allow it); the kernel's zap is most of the cost.
-            let this = &*self;
-            std::thread::scope(|scope| {
-                scope.spawn(|| far.into_iter().for_each(|range| _ = this.discard(handle, range)));
-                near.into_iter().for_each(|range| _ = this.discard(handle, range));
-            });
+            let outcome = self.worker.discard(&self.discarder, small);
+            add(&handle.counters.bytes_discarded, outcome.freed);
+            for e in outcome.errors {
+                add(&handle.counters.discard_errors, 1);
+                tracing::warn!("balloon: {e}");
+            }
         }
         for (page, gpas) in pending.huge.into_values() {
             if self.pages.huge_page_full(page) {
@@ -354,33 +365,8 @@ impl Runtime {
     }
 }
 
-/// Below this many bytes of discards, one thread does them all.
+/// Below this many bytes of 4 KiB discards, one thread does them all.
 const PARALLEL_DISCARD_BYTES: u64 = 16 << 20;
-
-/// Cuts sorted runs into two halves of (about) equal bytes, splitting a run at a page if
-/// need be; the second is empty when there is too little to share.
-fn split_halves(runs: Vec<GuestRange>) -> (Vec<GuestRange>, Vec<GuestRange>) {
-    let total: u64 = runs.iter().map(|r| r.len).sum();
-    if total < PARALLEL_DISCARD_BYTES {
-        return (runs, Vec::new());
-    }
-    let half = total / 2 / PAGE_4K * PAGE_4K;
-    let (mut near, mut far, mut taken) = (Vec::new(), Vec::new(), 0);
-    for run in runs {
-        if taken >= half {
-            far.push(run);
-        } else if taken + run.len <= half {
-            taken += run.len;
-            near.push(run);
-        } else {
-            let cut = half - taken;
-            near.push(GuestRange::new(run.gpa, cut));
-            far.push(GuestRange::new(run.gpa + cut, run.len - cut));
-            taken = half;
-        }
-    }
-    (near, far)
-}
 
 /// The heads the driver made available since the last pass; refuses an avail index that
 /// ran ahead by more than the queue size and a head posted twice in one batch.
