@@ -40,9 +40,26 @@ fn workload(vcpus: &str, memory: &str, ms: &str) -> Vec<String> {
         .collect()
 }
 
+/// A source whose guest has filled its memory (the process holds 40 MiB of its 64), so
+/// the post-copy has pages to move and the guest writes them across the switch.
 fn start_source(dir: &Path, name: &str, vcpus: &str, memory: &str, ms: &str) -> Source {
     let args = workload(vcpus, memory, ms);
-    Source::start(dir, name, &args.iter().map(String::as_str).collect::<Vec<_>>())
+    let source = Source::start(dir, name, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let started = Instant::now();
+    let status = format!("/proc/{}/status", source.child.id());
+    loop {
+        let text = std::fs::read_to_string(&status).unwrap_or_default();
+        let rss_kib: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        if rss_kib >= 40 << 10 {
+            return source;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the guest never filled its memory: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Waits for a child process at most `limit`, killing it after that (a hang fails).
