@@ -13,7 +13,7 @@ use super::memory::{Applier, PageCounts, Zones};
 use super::metrics::{MigrationMetrics, MigrationStatus};
 use super::stream::{Frame, FrameReader, FrameType, FrameWriter};
 
-use super::transport::{Link, MigrationUri};
+use super::transport::{Link, Listener, MigrationUri};
 use super::MigrationError;
 use crate::config::VmConfig;
 use crate::machine::{Machine, MachineState};
@@ -85,7 +85,7 @@ impl Incoming {
         });
         let handshake = handshake.and_then(|config| {
             if incoming.summary.as_ref().is_some_and(|s| s.is_postcopy() && s.preempt) {
-                incoming.preempt = Some(super::postcopy_destination::accept_preempt(&listener)?);
+                incoming.preempt = Some(accept_preempt(&listener)?);
             }
             Ok(config)
         });
@@ -219,6 +219,23 @@ impl Incoming {
     fn expect(&mut self, wanted: FrameType) -> Result<Frame, MigrationError> {
         expect(&mut self.reader, wanted)
     }
+}
+
+/// How long the destination waits for the source's second connection.
+const PREEMPT_ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Takes the source's preempt channel (its second connection, post-copy) and checks its
+/// greeting; the reader goes on numbering after it.
+fn accept_preempt(listener: &Listener) -> Result<(Link, FrameReader<Link>), MigrationError> {
+    let link = listener.accept_within(PREEMPT_ACCEPT_TIMEOUT)?;
+    link.set_timeouts(Some(PREEMPT_ACCEPT_TIMEOUT), None);
+    let mut reader = FrameReader::new(link.try_clone().map_err(|source| MigrationError::Accept { source })?);
+    let hello = expect(&mut reader, FrameType::Hello)?;
+    let _: handshake::Summary = handshake::decode("source", &hello.payload)?;
+    // Idle while the guest faults on nothing: a silent source shows as an unanswered
+    // request instead (`postcopy_destination::REQUEST_TIMEOUT`).
+    link.set_timeouts(None, Some(IDLE_TIMEOUT));
+    Ok((link, reader))
 }
 
 /// What the memory part of the stream brought.

@@ -26,7 +26,7 @@ use super::destination::{expect, Incoming};
 use super::memory::{PageBatch, Zones};
 use super::metrics::{MigrationMetrics, MigrationStatus};
 use super::stream::{FrameReader, FrameType, FrameWriter, StreamError};
-use super::transport::{Link, Listener};
+use super::transport::Link;
 use super::MigrationError;
 use crate::config::ZoneConfig;
 use crate::machine::{Machine, MachineState};
@@ -36,21 +36,8 @@ use crate::smmu::page_source::{PageData, PageRequest, PageSource, PageSourceErro
 
 /// A page request unanswered this long ends the migration (and the VM).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the destination waits for the source's second connection.
-const PREEMPT_ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Buckets of the latency histogram (powers of two of microseconds).
 const BUCKETS: usize = 40;
-
-/// Takes the source's preempt channel (its second connection) and checks its greeting.
-pub fn accept_preempt(listener: &Listener) -> Result<(Link, FrameReader<Link>), MigrationError> {
-    let link = listener.accept_within(PREEMPT_ACCEPT_TIMEOUT)?;
-    link.set_timeouts(Some(PREEMPT_ACCEPT_TIMEOUT), None);
-    let mut reader = FrameReader::new(link.try_clone().map_err(|source| MigrationError::Accept { source })?);
-    let hello = expect(&mut reader, FrameType::Hello)?;
-    let _: super::handshake::Summary = super::handshake::decode("source", &hello.payload)?;
-    link.set_timeouts(None, Some(REQUEST_TIMEOUT));
-    Ok((link, reader))
-}
 
 /// Where each zone's units are in guest-physical memory.
 #[derive(Debug, Clone)]
@@ -310,7 +297,11 @@ impl Incoming {
     /// Post-copy: reads the source's page table (one `Present` frame per zone) and the
     /// machine state, and points `source` at them. Guest RAM of `machine` is registered
     /// MISSING with `source` as its page source.
-    pub fn receive_postcopy(&mut self, machine: &Machine, source: &RemoteSource) -> Result<MachineState, MigrationError> {
+    pub fn receive_postcopy(
+        &mut self,
+        machine: &Machine,
+        source: &RemoteSource,
+    ) -> Result<MachineState, MigrationError> {
         let began = Instant::now();
         let zones = Zones::new(&machine.ram, &machine.config.zones);
         let mut present = Vec::with_capacity(zones.len());
@@ -376,10 +367,9 @@ impl Incoming {
             None => (main_writer.clone(), None),
         };
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(name.into())
-                .spawn(f)
-                .map_err(|source| MigrationError::Stream(StreamError::Io { what: "starting a post-copy thread", source }))
+            std::thread::Builder::new().name(name.into()).spawn(f).map_err(|source| {
+                MigrationError::Stream(StreamError::Io { what: "starting a post-copy thread", source })
+            })
         };
         {
             let shared = shared.clone();
@@ -389,10 +379,8 @@ impl Incoming {
         let zone_configs = machine.config.zones.clone();
         if let Some(reader) = preempt_reader {
             let (shared, ram, zone_configs) = (shared.clone(), ram.clone(), zone_configs.clone());
-            threads.push(spawn(
-                "fl-pc-preempt",
-                Box::new(move || receive(&shared, reader, None, &ram, &zone_configs)),
-            )?);
+            threads
+                .push(spawn("fl-pc-preempt", Box::new(move || receive(&shared, reader, None, &ram, &zone_configs)))?);
         }
         let (complete_in, complete) = mpsc::channel();
         let main_reader = std::mem::replace(&mut self.reader, FrameReader::new(clone(&self.link)?));
@@ -461,7 +449,9 @@ impl PostcopyChannel {
             std::thread::Builder::new()
                 .name("fl-postcopy".into())
                 .spawn(move || drive(&shared, &source, &complete, &main_writer, &links, metrics, started, report))
-                .map_err(|source| MigrationError::Stream(StreamError::Io { what: "starting a post-copy thread", source }))?
+                .map_err(|source| {
+                    MigrationError::Stream(StreamError::Io { what: "starting a post-copy thread", source })
+                })?
         };
         threads.push(driver);
         Ok(PostcopyRun { shared, source, links, threads })
@@ -493,7 +483,10 @@ fn drive(
                 return Err("the VM ended before every page arrived".into());
             }
             if Instant::now() >= until {
-                return Err(format!("page requests still unanswered {} s after the source finished", REQUEST_TIMEOUT.as_secs()));
+                return Err(format!(
+                    "page requests still unanswered {} s after the source finished",
+                    REQUEST_TIMEOUT.as_secs()
+                ));
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -551,14 +544,16 @@ fn send_requests(shared: &Shared, requests: Receiver<PageRequest>, writer: &Mute
                 };
                 let first = {
                     let mut waiting = shared.waiting();
-                    let entry = waiting.entry(key).or_insert_with(|| Waiting { since: Instant::now(), requests: Vec::new() });
+                    let entry =
+                        waiting.entry(key).or_insert_with(|| Waiting { since: Instant::now(), requests: Vec::new() });
                     entry.requests.push(req);
                     entry.requests.len() == 1
                 };
                 if first {
                     shared.requests.fetch_add(1, Ordering::Relaxed);
                     let payload = super::postcopy_source::encode_request(key.0, key.1);
-                    let sent = writer.lock().unwrap_or_else(|e| e.into_inner()).write(FrameType::PageRequest, &[&payload]);
+                    let sent =
+                        writer.lock().unwrap_or_else(|e| e.into_inner()).write(FrameType::PageRequest, &[&payload]);
                     if let Err(e) = sent {
                         shared.fail(req.gpa(), format!("sending a page request: {e}"));
                         return;
@@ -640,7 +635,7 @@ fn decode_present(payload: &[u8], zone: usize, units: u64) -> Result<Vec<u64>, M
     if map.len() as u64 != units.div_ceil(8) {
         return Err(bad(format!("{} bytes of page map for {units} pages", map.len())));
     }
-    if units % 8 != 0 && map[map.len() - 1] >> (units % 8) != 0 {
+    if !units.is_multiple_of(8) && map[map.len() - 1] >> (units % 8) != 0 {
         return Err(bad("its map marks pages past the zone's end".into()));
     }
     let mut words = vec![0u64; units.div_ceil(64) as usize];

@@ -198,7 +198,9 @@ pub fn hybrid(
     _request: &MigrateRequest,
     _progress: &Progress,
 ) -> Result<(), MigrationError> {
-    Err(MigrationError::Unsupported("--mode hybrid is not implemented yet; use --mode precopy or --mode postcopy".into()))
+    Err(MigrationError::Unsupported(
+        "--mode hybrid is not implemented yet; use --mode precopy or --mode postcopy".into(),
+    ))
 }
 
 /// The connections of one post-copy, handshaken.
@@ -421,7 +423,11 @@ impl Session {
             let event = match events.recv_timeout(ANSWER_TIMEOUT) {
                 Ok(event) => event,
                 Err(RecvTimeoutError::Timeout) => {
-                    return Err(MigrationError::NoAnswer { peer: "destination", seconds: ANSWER_TIMEOUT.as_secs(), what })
+                    return Err(MigrationError::NoAnswer {
+                        peer: "destination",
+                        seconds: ANSWER_TIMEOUT.as_secs(),
+                        what,
+                    })
                 }
                 Err(RecvTimeoutError::Disconnected) => return Err(StreamError::Closed.into()),
             };
