@@ -247,6 +247,7 @@ fn a_link_cut_after_the_switch_ends_the_destination_clearly_and_the_source_keeps
     // The destination's VM ends with the reason.
     let dest = wait_bounded(dest, Duration::from_secs(90), "the destination after the cut");
     assert_ne!(dest.code, 0, "{}", dest.stdout);
+    assert_eq!(dest.report["exit"]["kind"], "fault-engine-failed", "{}", dest.stdout);
     let text = format!("{}{}", dest.stdout, dest.stderr);
     assert!(text.contains("post-copy migration failed") && text.contains("source keeps the VM"), "{text}");
     // The source says what happened and keeps the VM paused, memory and state intact.
