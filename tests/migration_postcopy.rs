@@ -234,7 +234,20 @@ fn a_link_cut_after_the_switch_ends_the_destination_clearly_and_the_source_keeps
     }
     let _one = exclusive();
     let scratch = ScratchDir::new("migrate-postcopy-cut");
-    let source = start_source(&scratch.0, "src", "1", "size=64M", "6000");
+    let source = start_source(&scratch.0, "src", "1", "size=64M", "8000");
+    // Cut before the switch-over (inside the configuration): the source resumes, the
+    // destination never ran.
+    let early = scratch.0.join("early.sock");
+    let dest = destination(&format!("unix:{}", early.display()));
+    let relayed_early = scratch.0.join("relay-early.sock");
+    let relay = cutting_relay(relayed_early.clone(), early, 1000);
+    let (code, result, _) =
+        source.ctl(&["migrate", &format!("unix:{}", relayed_early.display()), "--mode", "postcopy", "--wait"]);
+    assert_ne!(code, 0, "the migration cannot complete over a cut link: {result}");
+    assert!(relay.join().unwrap(), "the relay never cut the link");
+    let dest = wait_bounded(dest, Duration::from_secs(60), "the destination after an early cut");
+    assert_eq!(dest.code, 2, "the destination refused and started nothing: {}", dest.stderr);
+    source.assert_running("a cut before the switch-over");
     let target = scratch.0.join("in.sock");
     let dest = destination(&format!("unix:{}", target.display()));
     let relayed = scratch.0.join("relay.sock");
