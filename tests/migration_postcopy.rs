@@ -235,6 +235,10 @@ fn a_link_cut_after_the_switch_ends_the_destination_clearly_and_the_source_keeps
     let _one = exclusive();
     let scratch = ScratchDir::new("migrate-postcopy-cut");
     let source = start_source(&scratch.0, "src", "1", "size=64M", "8000");
+    // Hybrid is not built: refused up front, nothing sent.
+    let (code, _, stderr) = source.ctl(&["migrate", "unix:/nonexistent.sock", "--mode", "hybrid"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("hybrid is not built yet"), "{stderr}");
     // Cut before the switch-over (inside the configuration): the source resumes, the
     // destination never ran.
     let early = scratch.0.join("early.sock");

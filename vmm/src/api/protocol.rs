@@ -223,7 +223,8 @@ pub enum MigrateMode {
     /// destination, which asks for pages as the guest faults on them while the rest
     /// follows in the background.
     Postcopy,
-    /// Pre-copy rounds first (`--postcopy-after-rounds`), then post-copy for the rest.
+    /// Pre-copy rounds first (`--postcopy-after-rounds`), then post-copy for the rest
+    /// (not built yet: refused up front).
     Hybrid,
 }
 

@@ -261,6 +261,9 @@ fn check_migratable(
     mode: MigrateMode,
 ) -> Result<(), MigrationError> {
     let unsupported = |reason: &str| Err(MigrationError::Unsupported(reason.to_string()));
+    if mode == MigrateMode::Hybrid {
+        return unsupported("--mode hybrid is not built yet; use --mode precopy or --mode postcopy");
+    }
     if uri.is_local() && machine_request_is_postcopy(mode) {
         return unsupported("fd-local: hands the memory over at once; post-copy and hybrid are for unix: and tcp:");
     }
