@@ -269,10 +269,12 @@ impl Session {
         let paused_at = Instant::now();
         progress.update(|m| m.status = MigrationStatus::Device);
         machine.pause()?;
+        let paused = paused_at.elapsed();
         // Nothing writes guest RAM from here to the end: every page read is final.
         let quiet = machine.quiesce();
         let zones = Zones::new(&machine.ram, &machine.config.zones);
         let existing = zones.existing_units()?;
+        let scanned = paused_at.elapsed();
         for (zone, units) in existing.iter().enumerate() {
             let payload = encode_present(zone, zones.unit_count(zone), units);
             if payload.len() > MAX_PAYLOAD as usize {
@@ -286,6 +288,12 @@ impl Session {
         let state = machine.save_state_quiesced(&quiet)?;
         let state = serde_json::to_vec(&state).expect("machine states serialize");
         self.write(FrameType::State, &[&state])?;
+        tracing::debug!(
+            "post-copy switch-over: paused after {:.1} ms, page table after {:.1} ms, state sent after {:.1} ms",
+            ms(paused),
+            ms(scanned),
+            ms(paused_at.elapsed())
+        );
         let switch_bytes = self.main_bytes();
         let sent = Sent::new(&existing, &zones);
         let existing_bytes: u64 = existing.iter().enumerate().map(|(z, u)| u.len() as u64 * zones.unit(z)).sum();
@@ -355,6 +363,7 @@ impl Session {
         progress.commit();
         self.write(FrameType::Ack, &[])?;
         let downtime = ms(paused_at.elapsed());
+        tracing::debug!("post-copy switch-over: the destination took the VM after {downtime:.1} ms");
         progress.update(|m| {
             m.downtime = downtime;
             m.status = MigrationStatus::PostcopyActive;
