@@ -227,6 +227,11 @@ impl GuestPaging {
         GuestAccess::new(self.regions.clone(), self.table.clone(), self.inv.clone())
     }
 
+    /// Installs pages a source delivers later (post-copy), if the fault engine runs.
+    pub fn installer(&self) -> Option<crate::smmu::page_installer::PageInstaller> {
+        self.engine.as_ref().map(|e| e.installer())
+    }
+
     /// Guest RAM as the smmu sees it.
     pub fn regions(&self) -> &Arc<Regions> {
         &self.regions

@@ -10,7 +10,7 @@ use faultline_abi as abi;
 
 use crate::api::{ApiError, ControlServer};
 use crate::boot::{self, BootError};
-use crate::config::{ConfigError, VmConfig};
+use crate::config::{ConfigError, PagingMode, VmConfig};
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORTS};
 use crate::devices::pv_console::PvConsole;
 use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_IRQ, SERIAL_PORTS};
@@ -28,6 +28,7 @@ use crate::host::HostError;
 use crate::machine::{Machine, MachineDevices, MachineParts};
 use crate::memory::{self, GuestRam};
 use crate::migration::destination::Incoming;
+use crate::migration::postcopy_destination::{PostcopyRun, RemoteSource};
 use crate::migration::{MigrationError, Migrations};
 use crate::paging::{EngineFailureHook, GuestPaging, PagingError};
 use crate::report::{HostMemory, RunReport};
@@ -205,6 +206,8 @@ pub struct Vmm {
     // `--record-working-set`: the recording page source and the snapshot to write beside.
     working_set: Option<(Arc<Recorder>, std::path::PathBuf)>,
     migrations: Arc<Migrations>,
+    // A post-copy migration bringing this VM's memory in while it runs.
+    postcopy: Option<PostcopyRun>,
     // Host changes' setup and the KVM trace: dropped after the machine (restores the host).
     host: HostSide,
 }
@@ -228,22 +231,67 @@ impl Vmm {
         if let Some(console) = console {
             config.console = console;
         }
+        let postcopy = incoming.is_postcopy().then(RemoteSource::new);
+        let mut options = options.clone();
+        if let Some((source, _)) = &postcopy {
+            // Post-copy: the VM runs before its memory came; every page it touches first
+            // is a MISSING fault served from the source.
+            for zone in &mut config.zones {
+                zone.paging = PagingMode::UffdMissing;
+            }
+            options.page_source = Some(source.clone());
+        }
         let built = config
             .validate()
             .map_err(VmmError::from)
-            .and_then(|()| build_machine_on(&config, options, Start::Restore, zone_fds));
+            .and_then(|()| build_machine_on(&config, &options, Start::Restore, zone_fds));
         let (machine, host) = match built {
             Ok(built) => built,
             Err(e) => return Err(incoming.refuse(MigrationError::Unsupported(e.to_string())).into()),
         };
+        if let Some((source, requests)) = postcopy {
+            return Vmm::incoming_postcopy(incoming, machine, host, &options, source, requests);
+        }
         let restored = incoming.receive(&machine).and_then(|state| Ok(machine.restore_state(state)?));
         if let Err(e) = restored {
             return Err(incoming.refuse(e).into());
         }
         let metrics = incoming.acknowledge()?;
         let loaded = metrics.normal_bytes;
-        let vmm = Vmm::assemble(machine, options, Some(loaded), host);
+        let vmm = Vmm::assemble(machine, &options, Some(loaded), host);
         vmm.migrations.record_incoming(metrics);
+        Ok(vmm)
+    }
+
+    /// The rest of [`Vmm::incoming`] for post-copy: the page table and the state, the
+    /// page channel started before the state is restored (restoring may touch guest
+    /// RAM), the handover; the pages come while the VM runs.
+    fn incoming_postcopy(
+        mut incoming: Incoming,
+        machine: Machine,
+        host: HostSide,
+        options: &RunOptions,
+        source: Arc<RemoteSource>,
+        requests: std::sync::mpsc::Receiver<crate::smmu::page_source::PageRequest>,
+    ) -> Result<Self, VmmError> {
+        let Some(installer) = machine.paging.installer() else {
+            let e = MigrationError::Unsupported("post-copy needs the fault engine, which did not start".into());
+            return Err(incoming.refuse(e).into());
+        };
+        let channel = incoming
+            .receive_postcopy(&machine, &source)
+            .and_then(|state| Ok((state, incoming.start_postcopy(&machine, &source, requests, installer)?)));
+        let (state, channel) = match channel {
+            Ok(received) => received,
+            Err(e) => return Err(incoming.refuse(e).into()),
+        };
+        if let Err(e) = machine.restore_state(state) {
+            return Err(incoming.refuse(e.into()).into());
+        }
+        let mut vmm = Vmm::assemble(machine, options, Some(0), host);
+        let migrations = vmm.migrations.clone();
+        let run = channel.hand_over(incoming, Box::new(move |metrics| migrations.record_incoming(metrics)))?;
+        vmm.postcopy = Some(run);
         Ok(vmm)
     }
 
@@ -259,6 +307,7 @@ impl Vmm {
             pager: None,
             prefetch: None,
             working_set: None,
+            postcopy: None,
         }
     }
 
@@ -280,6 +329,7 @@ impl Vmm {
             prefetch,
             working_set,
             migrations,
+            mut postcopy,
             host: mut host_side,
         } = self;
         if let Some((recorder, _)) = &working_set {
@@ -331,6 +381,10 @@ impl Vmm {
             }
             machine.control.end(VmExit::Stopped { reason: "the vCPUs returned".into() });
             machine.stop_vcpus();
+            // A post-copy still bringing pages in stops (the source keeps the VM).
+            if let Some(postcopy) = postcopy.take() {
+                postcopy.finish();
+            }
             // A migration still running is cancelled (the VM ended); its thread holds the machine.
             let migration = migrations.finish();
             let chaos = chaos.map(|h| h.join().unwrap_or_else(|_| chaos_panicked()));

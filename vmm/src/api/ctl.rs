@@ -78,6 +78,13 @@ pub struct MigrateArgs {
     /// Pre-copy rounds after the first before the stop-and-copy is forced.
     #[arg(long, value_name = "N")]
     pub max_rounds: Option<u32>,
+    /// Post-copy and hybrid: page requests on a second connection (the preempt channel;
+    /// `false`: on the main connection, behind the background pages).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub postcopy_preempt: bool,
+    /// Hybrid: pre-copy rounds after the first before switching to post-copy (default 1).
+    #[arg(long, value_name = "K")]
+    pub postcopy_after_rounds: Option<u32>,
     /// Wait until it ends, with a progress line on stderr; exit 1 if it failed or was
     /// cancelled (status `source-ended`: the source VM ended, its socket closed, before
     /// the last poll saw the outcome).
@@ -223,6 +230,8 @@ pub fn execute(args: &CtlArgs) -> Result<String, ClientError> {
                     "bandwidth_bytes_per_s": migrate.bandwidth,
                     "timeout_ms": migrate.migrate_timeout.map(|t| t.as_millis() as u64),
                     "max_rounds": migrate.max_rounds,
+                    "postcopy_preempt": migrate.postcopy_preempt,
+                    "postcopy_after_rounds": migrate.postcopy_after_rounds,
                 }),
             ),
         },
@@ -348,6 +357,14 @@ fn describe_migration(m: &Value) -> String {
         m["dirty-sync-count"].as_u64().unwrap_or(0),
         m["mbps"].as_f64().unwrap_or(0.0),
     );
+    if m["postcopy-requests"].as_u64().is_some_and(|n| n > 0) || m["postcopy-bytes"].as_u64().is_some_and(|n| n > 0) {
+        text.push_str(&format!(
+            ", post-copy {} ({} page requests, blocktime {:.1} ms)",
+            format_bytes(m["postcopy-bytes"].as_u64().unwrap_or(0)),
+            m["postcopy-requests"].as_u64().unwrap_or(0),
+            m["postcopy-blocktime"].as_f64().unwrap_or(0.0),
+        ));
+    }
     if let Some(error) = m["error"].as_str() {
         text.push_str(&format!(": {error}"));
     }

@@ -177,7 +177,7 @@ pub enum Command {
 pub struct MigrateRequest {
     /// Where the destination listens: `unix:PATH` or `tcp:HOST:PORT`.
     pub uri: String,
-    /// How: only `precopy` so far.
+    /// How: `precopy`, `postcopy` or `hybrid`.
     #[serde(default)]
     pub mode: MigrateMode,
     /// Stop-and-copy once the estimated downtime is under this, ms (default 300).
@@ -192,6 +192,20 @@ pub struct MigrateRequest {
     /// Pre-copy rounds after the first before the stop-and-copy is forced (default 30).
     #[serde(default)]
     pub max_rounds: Option<u32>,
+    /// Post-copy: the destination's page requests and their answers travel on a second
+    /// connection (the preempt channel), so an urgent page never waits behind the
+    /// background stream (default true; false: on the main connection).
+    #[serde(default = "default_true")]
+    pub postcopy_preempt: bool,
+    /// Hybrid: pre-copy rounds after round 0 before switching to post-copy (default 1;
+    /// it switches earlier if the downtime estimate is under the limit, and at the latest
+    /// at `max_rounds`).
+    #[serde(default)]
+    pub postcopy_after_rounds: Option<u32>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_downtime_ms() -> u64 {
@@ -205,6 +219,13 @@ pub enum MigrateMode {
     /// Copy memory while the guest runs, in rounds of dirty pages, then stop and copy the rest.
     #[default]
     Precopy,
+    /// Stop at once, send the state and the table of existing pages, run on the
+    /// destination, which asks for pages as the guest faults on them while the rest
+    /// follows in the background.
+    Postcopy,
+    /// Pre-copy rounds first (`--postcopy-after-rounds`), then post-copy for the rest
+    /// (not built yet: refused up front).
+    Hybrid,
 }
 
 /// The arguments of `snapshot.create`.
@@ -272,7 +293,7 @@ impl Command {
                 ErrorBody::new(
                     ErrorKind::BadArgs,
                     format!(
-                        "migrate needs \"args\": {{\"uri\": \"unix:PATH\"|\"tcp:HOST:PORT\", \"mode\": \"precopy\", \"downtime_ms\": 300, \"bandwidth_bytes_per_s\": N, \"timeout_ms\": N, \"max_rounds\": N}}: {e}"
+                        "migrate needs \"args\": {{\"uri\": \"unix:PATH\"|\"tcp:HOST:PORT\", \"mode\": \"precopy\"|\"postcopy\"|\"hybrid\", \"downtime_ms\": 300, \"bandwidth_bytes_per_s\": N, \"timeout_ms\": N, \"max_rounds\": N, \"postcopy_preempt\": true, \"postcopy_after_rounds\": N}}: {e}"
                     ),
                 )
             }),

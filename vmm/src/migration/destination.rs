@@ -13,28 +13,34 @@ use super::memory::{Applier, PageCounts, Zones};
 use super::metrics::{MigrationMetrics, MigrationStatus};
 use super::stream::{Frame, FrameReader, FrameType, FrameWriter};
 
-use super::transport::{Link, MigrationUri};
+use super::transport::{Link, Listener, MigrationUri};
 use super::MigrationError;
 use crate::config::VmConfig;
 use crate::machine::{Machine, MachineState};
 
 /// A source silent this long is given up on.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// After a refusal, how long the destination reads on so its message is not lost to a
 /// connection reset.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A source connected, handshaken, and its VM's configuration received.
 pub struct Incoming {
-    link: Link,
-    reader: FrameReader<Link>,
-    writer: FrameWriter<Link>,
+    pub(super) link: Link,
+    pub(super) reader: FrameReader<Link>,
+    pub(super) writer: FrameWriter<Link>,
     config: VmConfig,
-    metrics: MigrationMetrics,
-    started: Instant,
+    pub(super) metrics: MigrationMetrics,
+    pub(super) started: Instant,
     stop_and_copy_began: Option<Instant>,
     /// `fd-local:`: the zones' fds handed over (until the VMM takes them).
     local: Option<Vec<std::os::fd::OwnedFd>>,
+    /// What the source said in its handshake.
+    pub(super) summary: Option<handshake::Summary>,
+    /// Post-copy with the preempt channel: the second connection.
+    pub(super) preempt: Option<(Link, FrameReader<Link>)>,
+    /// Post-copy: when the page table began to arrive (the source had paused).
+    pub(super) postcopy_began: Option<Instant>,
 }
 
 impl Incoming {
@@ -44,7 +50,6 @@ impl Incoming {
         let uri = MigrationUri::parse(uri)?;
         let listener = uri.listen()?;
         let link = listener.accept()?;
-        drop(listener);
         let started = Instant::now();
         link.set_timeouts(Some(IDLE_TIMEOUT), Some(IDLE_TIMEOUT));
         let clone = |link: &Link| link.try_clone().map_err(|e| MigrationError::Accept { source: e });
@@ -65,6 +70,9 @@ impl Incoming {
             started,
             stop_and_copy_began: None,
             local: None,
+            summary: None,
+            preempt: None,
+            postcopy_began: None,
         };
         let local = uri.is_local();
         let handshake = incoming.handshake(local).and_then(|config| match local {
@@ -75,6 +83,13 @@ impl Incoming {
             }
             false => Ok(config),
         });
+        let handshake = handshake.and_then(|config| {
+            if incoming.summary.as_ref().is_some_and(|s| s.is_postcopy() && s.preempt) {
+                incoming.preempt = Some(accept_preempt(&listener)?);
+            }
+            Ok(config)
+        });
+        drop(listener);
         match handshake {
             Ok(config) => {
                 incoming.config = config;
@@ -89,6 +104,10 @@ impl Incoming {
     fn handshake(&mut self, local: bool) -> Result<VmConfig, MigrationError> {
         let hello = self.expect(FrameType::Hello)?;
         let summary: handshake::Summary = handshake::decode("source", &hello.payload)?;
+        if summary.is_postcopy() && local {
+            return Err(MigrationError::Unsupported("post-copy over fd-local: (the memory is shared already)".into()));
+        }
+        self.summary = Some(summary.clone());
         self.writer
             .write(FrameType::Welcome, &[&handshake::encode(&serde_json::json!({ "writer": handshake::writer() }))])?;
         let frame = self.expect(FrameType::Config)?;
@@ -188,6 +207,11 @@ impl Incoming {
         error
     }
 
+    /// Whether the source migrates by post-copy (the VM runs here before its memory came).
+    pub fn is_postcopy(&self) -> bool {
+        self.summary.as_ref().is_some_and(|s| s.is_postcopy())
+    }
+
     fn is_local(&self) -> bool {
         self.metrics.uri.starts_with("fd-local:")
     }
@@ -195,6 +219,23 @@ impl Incoming {
     fn expect(&mut self, wanted: FrameType) -> Result<Frame, MigrationError> {
         expect(&mut self.reader, wanted)
     }
+}
+
+/// How long the destination waits for the source's second connection.
+const PREEMPT_ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Takes the source's preempt channel (its second connection, post-copy) and checks its
+/// greeting; the reader goes on numbering after it.
+fn accept_preempt(listener: &Listener) -> Result<(Link, FrameReader<Link>), MigrationError> {
+    let link = listener.accept_within(PREEMPT_ACCEPT_TIMEOUT)?;
+    link.set_timeouts(Some(PREEMPT_ACCEPT_TIMEOUT), None);
+    let mut reader = FrameReader::new(link.try_clone().map_err(|source| MigrationError::Accept { source })?);
+    let hello = expect(&mut reader, FrameType::Hello)?;
+    let _: handshake::Summary = handshake::decode("source", &hello.payload)?;
+    // Idle while the guest faults on nothing: a silent source shows as an unanswered
+    // request instead (`postcopy_destination::REQUEST_TIMEOUT`).
+    link.set_timeouts(None, Some(IDLE_TIMEOUT));
+    Ok((link, reader))
 }
 
 /// What the memory part of the stream brought.

@@ -10,8 +10,8 @@ use crate::config::VmConfig;
 
 /// The first bytes of a `Hello` and a `Welcome` payload.
 pub const MAGIC: &[u8; 8] = b"FLMIGRAT";
-/// This stream's version.
-pub const VERSION: u32 = 1;
+/// This stream's version (2: post-copy's frames and the summary's mode).
+pub const VERSION: u32 = 2;
 /// The architecture: the ELF machine number of x86-64.
 pub const ARCH_X86_64: u32 = 62;
 
@@ -26,6 +26,12 @@ pub struct Summary {
     pub memory_bytes: u64,
     /// Per zone: size, backend name and transfer unit.
     pub zones: Vec<ZoneSummary>,
+    /// How the VM moves: `precopy` (or `fd-local`'s handover), `postcopy`, `hybrid`.
+    #[serde(default)]
+    pub mode: String,
+    /// Post-copy: a second connection (the preempt channel) carries page requests.
+    #[serde(default)]
+    pub preempt: bool,
 }
 
 /// One zone in the summary.
@@ -55,7 +61,14 @@ impl Summary {
                     unit_bytes: super::memory::unit_bytes(z),
                 })
                 .collect(),
+            mode: "precopy".into(),
+            preempt: false,
         }
+    }
+
+    /// Whether the destination runs the VM before all its memory arrived.
+    pub fn is_postcopy(&self) -> bool {
+        matches!(self.mode.as_str(), "postcopy" | "hybrid")
     }
 }
 
@@ -111,7 +124,7 @@ mod tests {
         let good = encode(&serde_json::json!({"writer": "x"}));
         assert!(decode::<serde_json::Value>("source", &good).is_ok());
         let err = decode::<serde_json::Value>("source", &encode_with(9, ARCH_X86_64, &0)).unwrap_err().to_string();
-        assert!(err.contains("version 9") && err.contains("speaks 1"), "{err}");
+        assert!(err.contains("version 9") && err.contains(&format!("speaks {VERSION}")), "{err}");
         let err = decode::<serde_json::Value>("destination", &encode_with(VERSION, 183, &0)).unwrap_err().to_string();
         assert!(err.contains("architecture 183"), "{err}");
         let err = decode::<serde_json::Value>("source", b"GET / HTTP/1.1\r\n\r\n").unwrap_err().to_string();

@@ -146,6 +146,86 @@ impl Zones {
     }
 }
 
+/// A `Pages` payload checked against the zones: which units it holds, which are zero,
+/// and the bytes of the others in order.
+pub struct PageBatch<'a> {
+    /// The zone.
+    pub zone: usize,
+    /// Its first unit.
+    pub first: u64,
+    /// Units in it.
+    pub count: u64,
+    /// The zone's unit, bytes.
+    pub unit: u64,
+    map: &'a [u8],
+    data: &'a [u8],
+}
+
+impl<'a> PageBatch<'a> {
+    /// Checks `payload` (zone, unit size, range inside the zone, zero map, data length).
+    pub fn parse(zones: &Zones, payload: &'a [u8]) -> Result<Self, MigrationError> {
+        let bad = |reason: String| MigrationError::Malformed { what: "a Pages frame".into(), reason };
+        if payload.len() < BATCH_HEADER {
+            return Err(bad(format!("{} bytes, shorter than its {BATCH_HEADER}-byte header", payload.len())));
+        }
+        let u32_at = |at: usize| u32::from_le_bytes(payload[at..at + 4].try_into().expect("4 bytes"));
+        let zone = u32_at(0) as usize;
+        let shift = u32_at(4);
+        let first = u64::from_le_bytes(payload[8..16].try_into().expect("8 bytes"));
+        let count = u64::from(u32_at(16));
+        if u32_at(20) != 0 {
+            return Err(bad("its reserved word is not zero".into()));
+        }
+        if zone >= zones.len() {
+            return Err(bad(format!("zone {zone}, but the VM has {} zones", zones.len())));
+        }
+        let unit = zones.unit(zone);
+        if shift != unit.trailing_zeros() {
+            return Err(bad(format!("zone {zone}: pages of 2^{shift} bytes, but the zone moves in {unit}-byte pages")));
+        }
+        if count == 0 || count > max_batch(unit) {
+            return Err(bad(format!("{count} pages (1 to {} allowed)", max_batch(unit))));
+        }
+        let units = zones.unit_count(zone);
+        if first.checked_add(count).is_none_or(|end| end > units) {
+            return Err(bad(format!("zone {zone}: pages {first}..+{count} are outside its {units} pages")));
+        }
+        let map = &payload[BATCH_HEADER..];
+        let map_len = count.div_ceil(8) as usize;
+        if map.len() < map_len {
+            return Err(bad("it ends inside its zero map".into()));
+        }
+        let (map, data) = map.split_at(map_len);
+        if count % 8 != 0 && map[map_len - 1] >> (count % 8) != 0 {
+            return Err(bad("its zero map marks pages past its count".into()));
+        }
+        let batch = PageBatch { zone, first, count, unit, map, data };
+        let normal = (0..count).filter(|&i| !batch.is_zero(i)).count() as u64;
+        if data.len() as u64 != normal * unit {
+            return Err(bad(format!("{} data bytes for {normal} non-zero {unit}-byte pages", data.len())));
+        }
+        Ok(batch)
+    }
+
+    /// Whether unit `first + i` is all zeros.
+    pub fn is_zero(&self, i: u64) -> bool {
+        self.map[(i / 8) as usize] & (1 << (i % 8)) != 0
+    }
+
+    /// Each unit in order: its index in the zone and its bytes (`None`: zero).
+    pub fn units(&self) -> impl Iterator<Item = (u64, Option<&'a [u8]>)> + '_ {
+        let mut at = 0usize;
+        (0..self.count).map(move |i| {
+            if self.is_zero(i) {
+                return (self.first + i, None);
+            }
+            let page = &self.data[at..at + self.unit as usize];
+            at += self.unit as usize;
+            (self.first + i, Some(page))
+        })
+    }
+}
+
 /// Writes `Pages` frames into fresh guest RAM on the destination, checking each first.
 pub struct Applier {
     zones: Zones,
@@ -162,46 +242,10 @@ impl Applier {
 
     /// Checks a `Pages` payload against the zones and writes it into guest RAM.
     pub fn apply(&mut self, payload: &[u8]) -> Result<PageCounts, MigrationError> {
-        let bad = |reason: String| MigrationError::Malformed { what: "a Pages frame".into(), reason };
-        if payload.len() < BATCH_HEADER {
-            return Err(bad(format!("{} bytes, shorter than its {BATCH_HEADER}-byte header", payload.len())));
-        }
-        let u32_at = |at: usize| u32::from_le_bytes(payload[at..at + 4].try_into().expect("4 bytes"));
-        let zone = u32_at(0) as usize;
-        let shift = u32_at(4);
-        let first = u64::from_le_bytes(payload[8..16].try_into().expect("8 bytes"));
-        let count = u64::from(u32_at(16));
-        if u32_at(20) != 0 {
-            return Err(bad("its reserved word is not zero".into()));
-        }
-        if zone >= self.zones.len() {
-            return Err(bad(format!("zone {zone}, but the VM has {} zones", self.zones.len())));
-        }
-        let unit = self.zones.unit(zone);
-        if shift != unit.trailing_zeros() {
-            return Err(bad(format!("zone {zone}: pages of 2^{shift} bytes, but the zone moves in {unit}-byte pages")));
-        }
-        if count == 0 || count > max_batch(unit) {
-            return Err(bad(format!("{count} pages (1 to {} allowed)", max_batch(unit))));
-        }
-        let units = self.zones.unit_count(zone);
-        if first.checked_add(count).is_none_or(|end| end > units) {
-            return Err(bad(format!("zone {zone}: pages {first}..+{count} are outside its {units} pages")));
-        }
-        let map = &payload[BATCH_HEADER..];
-        let map_len = count.div_ceil(8) as usize;
-        if map.len() < map_len {
-            return Err(bad("it ends inside its zero map".into()));
-        }
-        let (map, data) = map.split_at(map_len);
-        let is_zero = |i: u64| map[(i / 8) as usize] & (1 << (i % 8)) != 0;
-        if count % 8 != 0 && map[map_len - 1] >> (count % 8) != 0 {
-            return Err(bad("its zero map marks pages past its count".into()));
-        }
-        let normal = (0..count).filter(|&i| !is_zero(i)).count() as u64;
-        if data.len() as u64 != normal * unit {
-            return Err(bad(format!("{} data bytes for {normal} non-zero {unit}-byte pages", data.len())));
-        }
+        let batch = PageBatch::parse(&self.zones, payload)?;
+        let (zone, first, count, unit) = (batch.zone, batch.first, batch.count, batch.unit);
+        let is_zero = |i: u64| batch.is_zero(i);
+        let data = batch.data;
         let view = self.zones.views[zone];
         let written = &mut self.written[zone];
         let mut at = 0usize;

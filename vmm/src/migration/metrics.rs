@@ -14,6 +14,8 @@ pub enum MigrationStatus {
     Active,
     /// Stop-and-copy: the vCPUs are paused, the last pages and the state go.
     Device,
+    /// Post-copy: the destination runs the VM and asks for the pages it still lacks.
+    PostcopyActive,
     /// The destination runs the VM; this end is done.
     Completed,
     /// It failed; the source runs on (see `error`).
@@ -78,4 +80,34 @@ pub struct MigrationMetrics {
     pub converged: bool,
     /// The transfer unit (4096, or 2 MiB where a hugetlb zone moves).
     pub page_size: u64,
+    /// `precopy`, `postcopy` or `hybrid`.
+    #[serde(default)]
+    pub mode: String,
+    /// Post-copy: stream bytes after the switch-over (background pages and answers to
+    /// page requests, both connections).
+    #[serde(default)]
+    pub postcopy_bytes: u64,
+    /// Post-copy: pages the destination asked for (each page once, however many
+    /// faults waited for it).
+    #[serde(default)]
+    pub postcopy_requests: u64,
+    /// Post-copy, destination: the preempt channel (a second connection) carried the
+    /// requests and their answers.
+    #[serde(default)]
+    pub postcopy_preempt: bool,
+    /// Post-copy, destination: the time guest faults waited for pages from the source,
+    /// summed over every fault (ms). Per vCPU is not split (see docs/migration.md).
+    #[serde(default)]
+    pub postcopy_blocktime: f64,
+    /// Post-copy, destination: faults that waited for the source.
+    #[serde(default)]
+    pub postcopy_faults: u64,
+    /// Post-copy, destination: how long those faults waited (fault read to page
+    /// installed), as counts per power-of-two bucket of microseconds: `[upper_us, count]`.
+    #[serde(default)]
+    pub postcopy_latency_us: Vec<(u64, u64)>,
+    /// Post-copy, destination: pages of the source's table that were neither installed
+    /// nor discarded when the source said it had sent everything (0 on success).
+    #[serde(default)]
+    pub postcopy_missing: u64,
 }

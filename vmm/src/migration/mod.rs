@@ -21,6 +21,8 @@ pub mod handshake;
 pub mod local;
 pub mod memory;
 pub mod metrics;
+pub mod postcopy_destination;
+pub mod postcopy_source;
 pub mod source;
 pub mod stream;
 pub mod transport;
@@ -32,7 +34,7 @@ pub use metrics::{MigrationMetrics, MigrationStatus};
 pub use source::Progress;
 pub use stream::StreamError;
 
-use crate::api::protocol::MigrateRequest;
+use crate::api::protocol::{MigrateMode, MigrateRequest};
 use crate::machine::{Machine, MachineError, RunState};
 
 /// Errors of a migration, on either end.
@@ -170,7 +172,7 @@ impl Migrations {
         if state.running.is_some() {
             return Err(MigrationError::Busy);
         }
-        check_migratable(machine, state.dirty_log_ours, &uri)?;
+        check_migratable(machine, state.dirty_log_ours, &uri, request.mode)?;
         state.dirty_log_ours = true;
         let progress = Arc::new(Progress::new(&uri, machine, request));
         let thread = {
@@ -178,7 +180,12 @@ impl Migrations {
             std::thread::Builder::new()
                 .name("migrate-source".into())
                 .spawn(move || {
-                    let transfer: source::Transfer = if uri.is_local() { local::migrate } else { source::precopy };
+                    let transfer: source::Transfer = match (uri.is_local(), request.mode) {
+                        (true, _) => local::migrate,
+                        (false, MigrateMode::Precopy) => source::precopy,
+                        (false, MigrateMode::Postcopy) => postcopy_source::postcopy,
+                        (false, MigrateMode::Hybrid) => postcopy_source::hybrid,
+                    };
                     source::migrate(&machine, uri, &request, &progress, transfer)
                 })
                 .map_err(|e| MigrationError::Unsupported(format!("cannot start the migration thread: {e}")))?
@@ -242,13 +249,24 @@ impl ControllerState {
     }
 }
 
+fn machine_request_is_postcopy(mode: MigrateMode) -> bool {
+    mode != MigrateMode::Precopy
+}
+
 /// Refuses, with what to do, a VM this migration cannot move faithfully.
 fn check_migratable(
     machine: &Machine,
     dirty_log_ours: bool,
     uri: &transport::MigrationUri,
+    mode: MigrateMode,
 ) -> Result<(), MigrationError> {
     let unsupported = |reason: &str| Err(MigrationError::Unsupported(reason.to_string()));
+    if mode == MigrateMode::Hybrid {
+        return unsupported("--mode hybrid is not built yet; use --mode precopy or --mode postcopy");
+    }
+    if uri.is_local() && machine_request_is_postcopy(mode) {
+        return unsupported("fd-local: hands the memory over at once; post-copy and hybrid are for unix: and tcp:");
+    }
     if uri.is_local() {
         local::check_shareable(&machine.config.zones)?;
     } else if machine.config.zones.iter().any(|z| z.backend == crate::config::Backend::File) {

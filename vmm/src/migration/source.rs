@@ -32,6 +32,8 @@ pub const DEFAULT_MAX_ROUNDS: u32 = 30;
 pub struct Progress {
     metrics: Mutex<MigrationMetrics>,
     cancelled: AtomicBool,
+    /// Post-copy: the destination runs the VM; this end must never resume it.
+    committed: AtomicBool,
     link: Mutex<Option<Link>>,
     started: Instant,
 }
@@ -49,6 +51,7 @@ impl Progress {
         Progress {
             metrics: Mutex::new(metrics),
             cancelled: AtomicBool::new(false),
+            committed: AtomicBool::new(false),
             link: Mutex::new(None),
             started: Instant::now(),
         }
@@ -66,6 +69,11 @@ impl Progress {
 
     /// Asks the migration to stop (and unblocks it).
     pub fn cancel(&self) {
+        if self.is_committed() {
+            // Post-copy after the switch-over: the guest runs on the destination and
+            // needs this end's pages; there is nothing to go back to.
+            return;
+        }
         self.cancelled.store(true, Ordering::SeqCst);
         if let Some(link) = self.link.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             link.shutdown();
@@ -83,6 +91,21 @@ impl Progress {
     /// Keeps a handle on the link, for [`Progress::cancel`] to shut it down.
     pub(super) fn set_link(&self, link: Link) {
         *self.link.lock().unwrap_or_else(|e| e.into_inner()) = Some(link);
+    }
+
+    /// Post-copy: the destination has the VM's state and runs it from now on.
+    pub(super) fn commit(&self) {
+        self.committed.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the switch-over of a post-copy happened.
+    pub(super) fn is_committed(&self) -> bool {
+        self.committed.load(Ordering::SeqCst)
+    }
+
+    /// When the migration started.
+    pub(super) fn started(&self) -> Instant {
+        self.started
     }
 
     /// Whether `migrate cancel` asked to stop.
@@ -120,6 +143,19 @@ pub fn migrate(
                 m.remaining = 0;
             });
             machine.control.end(VmExit::Migrated { to: uri.to_string(), downtime_us });
+        }
+        Err(error) if progress.is_committed() => {
+            // Post-copy broke after the switch-over: the destination ran the guest, so
+            // resuming here would fork it. The VM stays paused with all its memory and
+            // state (docs/migration.md, "When post-copy fails").
+            tracing::warn!("post-copy migration to {uri} failed after the switch-over: {error}");
+            progress.update(|m| {
+                m.status = MigrationStatus::Failed;
+                m.error = Some(format!(
+                    "{error}; the switch-over had happened: the VM stays paused here with all its memory and state (the destination's copy is lost); `faultline ctl resume` runs it on from the switch-over"
+                ));
+                m.total_time = total_time;
+            });
         }
         Err(error) => {
             // The source only read guest memory: resuming is all it takes to go on.

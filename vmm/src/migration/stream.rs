@@ -105,6 +105,11 @@ pub enum FrameType {
     Ack = 8,
     /// Either way: the migration is off; the payload says why (UTF-8).
     Refuse = 9,
+    /// Post-copy, destination -> source: send this page now (zone u32, unit u64).
+    PageRequest = 10,
+    /// Post-copy, source -> destination: which units of one zone exist on the source
+    /// (zone u32, units u64, then one bit per unit); the rest are zero.
+    Present = 11,
 }
 
 impl FrameType {
@@ -120,6 +125,8 @@ impl FrameType {
             7 => Complete,
             8 => Ack,
             9 => Refuse,
+            10 => PageRequest,
+            11 => Present,
             _ => return None,
         })
     }

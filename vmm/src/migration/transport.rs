@@ -126,6 +126,42 @@ impl Listener {
     }
 }
 
+impl Listener {
+    /// Waits at most `timeout` for another connection.
+    pub fn accept_within(&self, timeout: Duration) -> Result<Link, MigrationError> {
+        let failed = |source| MigrationError::Accept { source };
+        let nonblocking = |on: bool| match self {
+            Listener::Unix(l, _) => l.set_nonblocking(on),
+            Listener::Tcp(l) => l.set_nonblocking(on),
+        };
+        nonblocking(true).map_err(failed)?;
+        let until = std::time::Instant::now() + timeout;
+        let result = loop {
+            match self.accept() {
+                Ok(link) => break Ok(link),
+                Err(MigrationError::Accept { source }) if source.kind() == std::io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() >= until {
+                        break Err(failed(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no second connection within {} s", timeout.as_secs()),
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        let _ = nonblocking(false);
+        let link = result?;
+        let blocking = match &link {
+            Link::Unix(s) => s.set_nonblocking(false),
+            Link::Tcp(s) => s.set_nonblocking(false),
+        };
+        blocking.map_err(failed)?;
+        Ok(link)
+    }
+}
+
 impl Drop for Listener {
     fn drop(&mut self) {
         if let Listener::Unix(_, path) = self {

@@ -1,0 +1,281 @@
+//! Post-copy live migration on the real /dev/kvm between two `faultline` processes: the
+//! source pauses and sends only the page table and the state, the destination runs at
+//! once under userfaultfd MISSING and asks for each page its guest touches first (on the
+//! preempt channel, a second connection, or on the main one), while the source pushes
+//! the rest. The guest rewrites its pages generation after generation at 10k pages/s
+//! (`generations`) across the switch and checks on the destination that no write was
+//! lost or went stale. A link cut after the switch ends the destination's VM with a
+//! clear error, and the source keeps the VM paused with everything, able to run on.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::migrating::{assert_generations_whole, assert_migrated, destination, Source};
+use common::{outcome, root_and_kvm, RunOutcome, ScratchDir};
+
+/// One migration test at a time: each runs two VMs whose vCPUs spin.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A free loopback TCP port.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The guest workload: fill, then `generations` at 10k pages/s for `ms` milliseconds.
+fn workload(vcpus: &str, memory: &str, ms: &str) -> Vec<String> {
+    ["--vcpus", vcpus, "-m", memory, "--steps", "fill,generations", "--rate", "10000", "--duration-ms", ms]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// A source whose guest has filled its memory (the process holds 40 MiB of its 64), so
+/// the post-copy has pages to move and the guest writes them across the switch.
+fn start_source(dir: &Path, name: &str, vcpus: &str, memory: &str, ms: &str) -> Source {
+    start_filled(dir, name, &workload(vcpus, memory, ms), 40 << 10)
+}
+
+/// A source started with `args`, once its process holds `rss_kib` (anon and shmem; not
+/// hugetlb, which VmRSS does not count).
+fn start_filled(dir: &Path, name: &str, args: &[String], rss_kib_wanted: u64) -> Source {
+    let source = Source::start(dir, name, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let started = Instant::now();
+    let status = format!("/proc/{}/status", source.child.id());
+    loop {
+        let text = std::fs::read_to_string(&status).unwrap_or_default();
+        let rss_kib: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        if rss_kib >= rss_kib_wanted {
+            return source;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the guest never filled its memory: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits for a child process at most `limit`, killing it after that (a hang fails).
+fn wait_bounded(mut child: std::process::Child, limit: Duration, what: &str) -> RunOutcome {
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            panic!("{what} did not end within {} s", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    outcome(child.wait_with_output().unwrap())
+}
+
+/// Both ends after a post-copy that completed: the source migrated mid-step, the
+/// destination found every generation, and both counted the same page requests.
+fn assert_postcopy_whole(dest: &RunOutcome, source: &RunOutcome, preempt: bool) -> (f64, u64) {
+    let sm = assert_migrated(source);
+    assert_generations_whole(dest);
+    let dm = &dest.report["migration"];
+    assert_eq!(dm["role"], "destination", "{dm}");
+    assert_eq!(dm["status"], "completed", "{dm}");
+    assert_eq!(dm["mode"], "postcopy", "{dm}");
+    assert_eq!(sm["mode"], "postcopy", "{sm}");
+    assert_eq!(dm["postcopy-preempt"], preempt, "{dm}");
+    assert_eq!(dm["postcopy-missing"], 0, "every page of the source's table is in: {dm}");
+    // The guest kept writing its pages on the destination: it faulted on some it had
+    // not got yet, and each became one request the source answered.
+    let requests = dm["postcopy-requests"].as_u64().unwrap();
+    assert!(requests > 0, "{dm}");
+    assert_eq!(sm["postcopy-requests"], requests, "both ends count the same requests: {sm}");
+    // (A fault whose page was invalidated while it came faults again: one more request.)
+    assert!(dm["postcopy-faults"].as_u64().unwrap() > 0, "{dm}");
+    let histogram: u64 = dm["postcopy-latency-us"].as_array().unwrap().iter().map(|b| b[1].as_u64().unwrap()).sum();
+    assert_eq!(histogram, dm["postcopy-faults"].as_u64().unwrap(), "{dm}");
+    assert!(sm["postcopy-bytes"].as_u64().unwrap() > 0 && sm["downtime"].as_f64().unwrap() > 0.0, "{sm}");
+    // The downtime carried no memory: only the page table and the state.
+    assert!(sm["downtime-bytes"].as_u64().unwrap() < sm["postcopy-bytes"].as_u64().unwrap(), "{sm}");
+    (dm["postcopy-blocktime"].as_f64().unwrap(), requests)
+}
+
+#[test]
+fn postcopy_over_unix_and_tcp_on_1_and_2_vcpus_anon_and_memfd_loses_no_write() {
+    if !root_and_kvm("post-copy migration tests") {
+        return;
+    }
+    let _one = exclusive();
+    let scratch = ScratchDir::new("migrate-postcopy");
+    let cases = [
+        ("1", "unix", "size=64M", true),
+        ("2", "tcp", "size=64M,backend=memfd", true),
+        ("2", "unix", "size=64M,backend=memfd", false),
+        ("1", "tcp", "size=64M", false),
+    ];
+    for (vcpus, transport, memory, preempt) in cases {
+        let name = format!("{vcpus}-{transport}-{}", if preempt { "preempt" } else { "main" });
+        let uri = match transport {
+            "unix" => format!("unix:{}", scratch.0.join(format!("in-{name}.sock")).display()),
+            _ => format!("tcp:127.0.0.1:{}", free_port()),
+        };
+        let source = start_source(&scratch.0, &format!("src-{name}"), vcpus, memory, "4000");
+        let dest = destination(&uri);
+        let preempt_arg = if preempt { "true" } else { "false" };
+        let (code, result, stderr) =
+            source.ctl(&["migrate", &uri, "--mode", "postcopy", "--postcopy-preempt", preempt_arg, "--wait"]);
+        assert_eq!(code, 0, "{name}: {stderr} {result}");
+        let source = wait_bounded(source.child, Duration::from_secs(120), "the source");
+        let dest = wait_bounded(dest, Duration::from_secs(120), "the destination");
+        let backend = if memory.contains("memfd") { "memfd" } else { "anon" };
+        assert_eq!(dest.report["backends"], serde_json::json!([backend]), "{}", dest.stdout);
+        let (blocktime, requests) = assert_postcopy_whole(&dest, &source, preempt);
+        let m = &source.report["migration"];
+        eprintln!(
+            "{name} ({backend}): downtime {:.1} ms, total {:.0} ms, {requests} requests, blocktime {blocktime:.1} ms, {} MiB",
+            m["downtime"].as_f64().unwrap(),
+            m["total-time"].as_f64().unwrap(),
+            m["transferred"].as_u64().unwrap() >> 20
+        );
+    }
+}
+
+#[test]
+fn a_vm_with_a_hugetlb_zone_moves_by_postcopy_in_2_mib_pages() {
+    if !root_and_kvm("post-copy migration tests") {
+        return;
+    }
+    let _one = exclusive();
+    // 16 huge pages at each end.
+    let Some(_pool) = common::HugepagePool::reserve(32) else { return };
+    let scratch = ScratchDir::new("migrate-postcopy-hugetlb");
+    let uri = format!("unix:{}", scratch.0.join("in.sock").display());
+    let mut args = workload("2", "size=16M", "4000");
+    args.extend(["-m".to_string(), "size=32M,backend=hugetlb".to_string()]);
+    let source = start_filled(&scratch.0, "src", &args, 12 << 10);
+    let dest = destination(&uri);
+    let (code, result, stderr) = source.ctl(&["migrate", &uri, "--mode", "postcopy", "--wait"]);
+    assert_eq!(code, 0, "{stderr} {result}");
+    let source = wait_bounded(source.child, Duration::from_secs(120), "the source");
+    let dest = wait_bounded(dest, Duration::from_secs(120), "the destination");
+    assert_eq!(dest.report["backends"], serde_json::json!(["anon", "hugetlb"]));
+    assert_postcopy_whole(&dest, &source, true);
+    assert_eq!(source.report["migration"]["page-size"], 2 << 20);
+}
+
+/// Forwards each connection made to `listen` to `target` (the main one first, then
+/// the preempt channel); once `cut_at` bytes went forward on the first, every
+/// connection is cut both ways. Returns whether the cut happened.
+fn cutting_relay(listen: PathBuf, target: PathBuf, cut_at: u64) -> JoinHandle<bool> {
+    let listener = UnixListener::bind(&listen).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let cut = Arc::new(AtomicBool::new(false));
+        let forwarded = Arc::new(AtomicU64::new(0));
+        let mut streams: Vec<UnixStream> = Vec::new();
+        let mut pumps = Vec::new();
+        let started = Instant::now();
+        while !cut.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(60) {
+            match listener.accept() {
+                Ok((from, _)) => {
+                    from.set_nonblocking(false).unwrap();
+                    let Ok(to) = UnixStream::connect(&target) else { break };
+                    let first = streams.is_empty();
+                    streams.push(from.try_clone().unwrap());
+                    streams.push(to.try_clone().unwrap());
+                    for (mut a, mut b, count) in
+                        [(from.try_clone().unwrap(), to.try_clone().unwrap(), first), (to, from, false)]
+                    {
+                        let (cut, forwarded) = (cut.clone(), forwarded.clone());
+                        pumps.push(std::thread::spawn(move || {
+                            let mut buf = vec![0u8; 64 << 10];
+                            loop {
+                                let n = match a.read(&mut buf) {
+                                    Ok(0) | Err(_) => break,
+                                    Ok(n) => n,
+                                };
+                                if b.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                                if count && forwarded.fetch_add(n as u64, Ordering::SeqCst) + n as u64 >= cut_at {
+                                    cut.store(true, Ordering::SeqCst);
+                                    break;
+                                }
+                            }
+                            let _ = b.shutdown(std::net::Shutdown::Write);
+                        }));
+                    }
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+        let was_cut = cut.load(Ordering::SeqCst);
+        for s in &streams {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        for p in pumps {
+            let _ = p.join();
+        }
+        was_cut
+    })
+}
+
+#[test]
+fn a_link_cut_after_the_switch_ends_the_destination_clearly_and_the_source_keeps_the_vm() {
+    if !root_and_kvm("post-copy migration tests") {
+        return;
+    }
+    let _one = exclusive();
+    let scratch = ScratchDir::new("migrate-postcopy-cut");
+    let source = start_source(&scratch.0, "src", "1", "size=64M", "8000");
+    // Hybrid is not built: refused up front, nothing sent.
+    let (code, _, stderr) = source.ctl(&["migrate", "unix:/nonexistent.sock", "--mode", "hybrid"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("hybrid is not built yet"), "{stderr}");
+    // Cut before the switch-over (inside the configuration): the source resumes, the
+    // destination never ran.
+    let early = scratch.0.join("early.sock");
+    let dest = destination(&format!("unix:{}", early.display()));
+    let relayed_early = scratch.0.join("relay-early.sock");
+    let relay = cutting_relay(relayed_early.clone(), early, 1000);
+    let (code, result, _) =
+        source.ctl(&["migrate", &format!("unix:{}", relayed_early.display()), "--mode", "postcopy", "--wait"]);
+    assert_ne!(code, 0, "the migration cannot complete over a cut link: {result}");
+    assert!(relay.join().unwrap(), "the relay never cut the link");
+    let dest = wait_bounded(dest, Duration::from_secs(60), "the destination after an early cut");
+    assert_eq!(dest.code, 2, "the destination refused and started nothing: {}", dest.stderr);
+    source.assert_running("a cut before the switch-over");
+    let target = scratch.0.join("in.sock");
+    let dest = destination(&format!("unix:{}", target.display()));
+    let relayed = scratch.0.join("relay.sock");
+    // The page table and state are ~20 KiB; 4 MiB in, the background push is under way.
+    let relay = cutting_relay(relayed.clone(), target, 4 << 20);
+    let (code, result, _) =
+        source.ctl(&["migrate", &format!("unix:{}", relayed.display()), "--mode", "postcopy", "--wait"]);
+    assert_ne!(code, 0, "the migration cannot complete over a cut link: {result}");
+    assert!(relay.join().unwrap(), "the relay never cut the link");
+    // The destination's VM ends with the reason.
+    let dest = wait_bounded(dest, Duration::from_secs(90), "the destination after the cut");
+    assert_ne!(dest.code, 0, "{}", dest.stdout);
+    assert_eq!(dest.report["exit"]["kind"], "fault-engine-failed", "{}", dest.stdout);
+    let text = format!("{}{}", dest.stdout, dest.stderr);
+    assert!(text.contains("post-copy migration failed") && text.contains("source keeps the VM"), "{text}");
+    // The source says what happened and keeps the VM paused, memory and state intact.
+    let (_, status, _) = source.ctl(&["migrate", "status"]);
+    assert_eq!(status["status"], "failed", "{status}");
+    let error = status["error"].as_str().unwrap();
+    assert!(error.contains("switch-over had happened") && error.contains("paused"), "{error}");
+    assert_eq!(source.ctl(&["status"]).1["state"], "paused");
+    // Resumed, it runs on from the switch-over and its pages are all there.
+    let (code, _, stderr) = source.ctl(&["resume"]);
+    assert_eq!(code, 0, "{stderr}");
+    let source = wait_bounded(source.child, Duration::from_secs(90), "the resumed source");
+    assert_generations_whole(&source);
+}
