@@ -195,7 +195,7 @@ pub fn cdf_curves(path: &Path, labels: Labels, curves: &[Series]) -> Result<(), 
             .label(s.name.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], stroke.stroke_width(2)));
     }
-    legend_and_present(chart, root, path, SeriesLabelPosition::UpperLeft)
+    legend_and_present(chart, root, path, SeriesLabelPosition::LowerRight)
 }
 
 /// The empirical CDF of `values` as (value, fraction at or below it) steps, at most

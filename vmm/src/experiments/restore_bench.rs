@@ -263,7 +263,8 @@ fn restore_row(work: &Path, snapshot: &Path, memory_mib: u64, mode: &str) -> Res
         )));
     }
     let ms = |v: &Value| v.as_u64().unwrap_or(0) as f64 / 1e6;
-    let touch = report["guest"]["results"].as_array().and_then(|r| r.iter().rev().find(|x| x["step"] == "touch"));
+    // The first touch pass after the restore: the later ones find every page in place.
+    let touch = report["guest"]["results"].as_array().and_then(|r| r.iter().find(|x| x["step"] == "touch"));
     let tsc_khz = report["guest"]["ready"]["tsc_khz"].as_u64().unwrap_or(0);
     let stall_cdf_us = touch
         .and_then(|t| serde_json::from_value::<GuestHistogram>(t["latency_cycles"].clone()).ok())
