@@ -78,6 +78,14 @@ pub struct MigrateArgs {
     /// Pre-copy rounds after the first before the stop-and-copy is forced.
     #[arg(long, value_name = "N")]
     pub max_rounds: Option<u32>,
+    /// Dirty tracking for the rounds: log or ring (ring needs a VM started with
+    /// --dirty-ring) [default: the VM's own].
+    #[arg(long, value_enum)]
+    pub dirty_tracking: Option<crate::api::protocol::DirtyTracking>,
+    /// Throttle the guest's vCPUs (20 %, then +10 % per round, at most 99 %) while the
+    /// estimated downtime stays over --downtime-ms.
+    #[arg(long)]
+    pub auto_converge: bool,
     /// Wait until it ends, with a progress line on stderr; exit 1 if it failed or was
     /// cancelled (status `source-ended`: the source VM ended, its socket closed, before
     /// the last poll saw the outcome).
@@ -223,6 +231,8 @@ pub fn execute(args: &CtlArgs) -> Result<String, ClientError> {
                     "bandwidth_bytes_per_s": migrate.bandwidth,
                     "timeout_ms": migrate.migrate_timeout.map(|t| t.as_millis() as u64),
                     "max_rounds": migrate.max_rounds,
+                    "dirty_tracking": migrate.dirty_tracking,
+                    "auto_converge": migrate.auto_converge,
                 }),
             ),
         },

@@ -78,4 +78,15 @@ pub struct MigrationMetrics {
     pub converged: bool,
     /// The transfer unit (4096, or 2 MiB where a hugetlb zone moves).
     pub page_size: u64,
+    /// The dirty tracker of the rounds: `log` or `ring` (source; empty elsewhere).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub dirty_tracking: String,
+    /// `KVM_EXIT_DIRTY_RING_FULL` exits the vCPU threads served (a ring VM, since it
+    /// was made).
+    #[serde(default)]
+    pub dirty_ring_full_exits: u64,
+    /// How much auto-converge throttles the vCPUs, percent (the last value set; 0: not
+    /// throttled).
+    #[serde(default)]
+    pub cpu_throttle_percentage: u64,
 }

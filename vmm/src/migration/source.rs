@@ -158,6 +158,8 @@ struct Sender<'a> {
     /// bandwidth is what went since, over wall time (reading guest RAM, harvesting and
     /// the link all count, as they will in the stop-and-copy).
     active_since: (Instant, u64),
+    /// The throttle when the rounds do not converge (`--auto-converge`).
+    converge: super::converge::AutoConverge,
 }
 
 /// How the VM moves: [`precopy`] or `fd-local:`'s handover.
@@ -201,6 +203,7 @@ pub fn precopy(
             counts: PageCounts::default(),
             absent: Vec::new(),
             active_since: (Instant::now(), 0),
+            converge: super::converge::AutoConverge::new(machine, request),
         };
         let result = sender.run(request);
         // Unblocks the reader thread (it ends on the error) before the scope joins it.
@@ -269,6 +272,7 @@ impl Sender<'_> {
             if round >= max_rounds {
                 break (dirty, ours, false);
             }
+            self.converge.after_harvest(expected_ms, request.downtime_ms as f64, self.progress);
             round += 1;
             self.send_all(&dirty, &ours)?;
             self.end_round(round)?;
@@ -460,6 +464,7 @@ impl Sender<'_> {
             list.dedup();
         }
         self.progress.update(|m| m.dirty_sync_count += 1);
+        super::dirty_tracker::record(self.machine, self.progress);
         Ok((dirty, ours))
     }
 

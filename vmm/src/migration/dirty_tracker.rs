@@ -1,0 +1,35 @@
+//! Which of KVM's dirty trackers drives a migration's rounds: the log or the ring
+//! (`--dirty-tracking`), checked before anything is sent, and its counters in the
+//! figures. The harvest itself is the VM's one interface (`Vm::enable_dirty_log`,
+//! `Vm::take_dirty_pages`), which goes through whichever tracker the VM was made with.
+
+use super::source::Progress;
+use super::MigrationError;
+use crate::api::protocol::{DirtyTracking, MigrateRequest};
+use crate::machine::Machine;
+
+/// Refuses a tracker the VM cannot use, saying what to do instead.
+pub(super) fn check(machine: &Machine, request: &MigrateRequest) -> Result<(), MigrationError> {
+    let has_ring = machine.vm().dirty_rings().is_some();
+    match (request.dirty_tracking, has_ring) {
+        (Some(DirtyTracking::Ring), false) => Err(MigrationError::Unsupported(
+            "--dirty-tracking ring: this VM has no dirty ring (KVM's ring must exist before the vCPUs, so it is chosen when the VM starts); start it with `faultline run --dirty-ring 4096 ...`, or migrate with --dirty-tracking log".into(),
+        )),
+        (Some(DirtyTracking::Log), true) => Err(MigrationError::Unsupported(
+            "--dirty-tracking log: this VM was started with --dirty-ring, and this host's KVM keeps no dirty log beside the ring (no KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP); migrate with --dirty-tracking ring (its default)".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Puts the tracker's name and the ring's full exits into the figures.
+pub(super) fn record(machine: &Machine, progress: &Progress) {
+    let (name, full_exits) = {
+        let vm = machine.vm();
+        (vm.dirty_tracker(), vm.dirty_rings().map_or(0, |rings| rings.counts().full_exits))
+    };
+    progress.update(|m| {
+        m.dirty_tracking = name.to_string();
+        m.dirty_ring_full_exits = full_exits;
+    });
+}
