@@ -62,6 +62,7 @@ fn precopy_by_the_dirty_ring_on_1_and_2_vcpus_loses_no_write() {
         assert_eq!(m["dirty-tracking"], "ring", "{m}");
         assert!(m["dirty-sync-count"].as_u64().unwrap() >= 2, "{m}");
         assert!(m["dirty-ring-full-exits"].as_u64().unwrap() > 0, "a {SMALL_RING}-entry ring never filled: {m}");
+        assert_eq!(m["dirty-ring-overflows"], 0, "{m}");
         assert_eq!(m["transferred"], dest.report["migration"]["transferred"], "both ends count the same stream");
         eprintln!(
             "{vcpus} vCPU(s), ring of {SMALL_RING}: {} rounds, {} full-ring exits, {:.0} ms total, downtime {:.1} ms",

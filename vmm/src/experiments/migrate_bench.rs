@@ -219,7 +219,7 @@ pub fn run(args: &MigrateBenchArgs) -> Result<MigrateBenchReport, MigrateBenchEr
                         if with_qemu && transport != "fd-local" {
                             // QEMU spells both addresses the same way.
                             let address = uri(transport, &work, &format!("qemu-{serial}"))?;
-                            theirs.push(qemu_migration(args, &work, &image, serial, rate, limit, &address, tracker)?);
+                            theirs.push(qemu_migration(args, &work, serial, rate, limit, &address, tracker)?);
                         }
                     }
                     cells.push(Cell {
@@ -421,13 +421,14 @@ fn qemu_command(args: &MigrateBenchArgs, image: &Path, qmp: &Path, rate: u64, tr
 fn qemu_migration(
     args: &MigrateBenchArgs,
     work: &Path,
-    image: &Path,
     serial: usize,
     rate: u64,
     limit: u64,
     uri: &str,
     tracker: &str,
 ) -> Result<Migration, MigrateBenchError> {
+    // `run` wrote the guest image there.
+    let image = &work.join("guest.elf");
     let qmp_path = work.join(format!("qmp-src-{serial}.sock"));
     let mut source = spawn(qemu_command(args, image, &qmp_path, rate, tracker), "qemu")?;
     source.wait_for("FL result", "qemu: fill")?;

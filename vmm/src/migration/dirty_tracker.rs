@@ -22,14 +22,29 @@ pub(super) fn check(machine: &Machine, request: &MigrateRequest) -> Result<(), M
     }
 }
 
-/// Puts the tracker's name and the ring's full exits into the figures.
-pub(super) fn record(machine: &Machine, progress: &Progress) {
-    let (name, full_exits) = {
+/// Puts the tracker's name and the ring's counters into the figures; the first call
+/// (right after the tracker was reset for round 0) notes where the ring's overflow count
+/// stood. Fails if a ring was overrun since: KVM may have overwritten entries, so the
+/// dirty pages are not known any more (the VM runs on; migrate again, with a larger
+/// `--dirty-ring`).
+pub(super) fn record(machine: &Machine, progress: &Progress) -> Result<(), MigrationError> {
+    let (name, counts) = {
         let vm = machine.vm();
-        (vm.dirty_tracker(), vm.dirty_rings().map_or(0, |rings| rings.counts().full_exits))
+        (vm.dirty_tracker(), vm.dirty_rings().map(|rings| rings.counts()).unwrap_or_default())
     };
+    let mut overrun = 0;
     progress.update(|m| {
+        let before = *m.dirty_ring_overflows_at_start.get_or_insert(counts.overflows);
         m.dirty_tracking = name.to_string();
-        m.dirty_ring_full_exits = full_exits;
+        m.dirty_ring_full_exits = counts.full_exits;
+        m.dirty_ring_overflows = counts.overflows - before;
+        overrun = m.dirty_ring_overflows;
     });
+    match overrun {
+        0 => Ok(()),
+        n => Err(MigrationError::Memory(format!(
+            "the dirty ring ({} entries per vCPU) was overrun {n} time(s) during the migration (this host's KVM pushed past it without a full-ring exit), so dirtied pages may be unknown; the VM runs on here: migrate again, or start it with a larger --dirty-ring",
+            counts.entries
+        ))),
+    }
 }

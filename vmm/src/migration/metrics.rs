@@ -85,6 +85,12 @@ pub struct MigrationMetrics {
     /// was made).
     #[serde(default)]
     pub dirty_ring_full_exits: u64,
+    /// Times a dirty ring was found overrun during the migration (it then fails).
+    #[serde(default)]
+    pub dirty_ring_overflows: u64,
+    /// The ring's overflow count when the migration's tracking began (not reported).
+    #[serde(skip)]
+    pub dirty_ring_overflows_at_start: Option<u64>,
     /// How much auto-converge throttles the vCPUs, percent (the last value set; 0: not
     /// throttled).
     #[serde(default)]

@@ -242,6 +242,7 @@ impl Sender<'_> {
             }
             self.machine.paging.discarder().vmm_writes().take();
         }
+        super::dirty_tracker::record(self.machine, self.progress)?;
         let max_rounds = u64::from(request.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS));
         self.active_since = (Instant::now(), self.writer.bytes_written());
         // A lazily restored VM holds pages it has not brought in yet: they must go too.
@@ -464,7 +465,7 @@ impl Sender<'_> {
             list.dedup();
         }
         self.progress.update(|m| m.dirty_sync_count += 1);
-        super::dirty_tracker::record(self.machine, self.progress);
+        super::dirty_tracker::record(self.machine, self.progress)?;
         Ok((dirty, ours))
     }
 

@@ -101,6 +101,31 @@ impl Drop for Ring {
     }
 }
 
+impl Ring {
+    fn flags(&self, index: u32) -> &AtomicU32 {
+        let index = (index % self.entries) as usize;
+        // SAFETY: `index < entries`, so the entry lies inside the live mapping; `flags`
+        // is a naturally aligned u32 in shared memory KVM writes concurrently, accessed
+        // only atomically here.
+        unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*self.gfns.as_ptr().add(index)).flags)) }
+    }
+
+    /// After a collection: if the entry due next is empty but a later one is filled, KVM
+    /// overran the ring; marks the empty ones collected and moves on to the filled one.
+    fn resync(&mut self) -> bool {
+        let Some(skip) =
+            (1..self.entries).find(|&i| self.flags(self.next.wrapping_add(i)).load(Ordering::Acquire) & GFN_DIRTY != 0)
+        else {
+            return false;
+        };
+        for i in 0..skip {
+            self.flags(self.next.wrapping_add(i)).store(GFN_RESET, Ordering::Release);
+        }
+        self.next = self.next.wrapping_add(skip);
+        true
+    }
+}
+
 #[derive(Default)]
 struct Collected {
     rings: Vec<Ring>,
@@ -116,6 +141,7 @@ pub struct DirtyRings {
     collected: Mutex<Collected>,
     full_exits: AtomicU64,
     harvested: AtomicU64,
+    overflows: AtomicU64,
 }
 
 /// What the rings have done so far.
@@ -127,6 +153,9 @@ pub struct DirtyRingCounts {
     pub full_exits: u64,
     /// Entries collected from all rings.
     pub harvested: u64,
+    /// Times a ring was found overrun (KVM wrote past it without a full exit): pages
+    /// dirtied then may be lost, so a harvest spanning one cannot be trusted.
+    pub overflows: u64,
 }
 
 impl DirtyRings {
@@ -160,11 +189,12 @@ impl DirtyRings {
             collected: Mutex::new(Collected::default()),
             full_exits: AtomicU64::new(0),
             harvested: AtomicU64::new(0),
+            overflows: AtomicU64::new(0),
         })
     }
 
-    /// Maps the ring of a vCPU just created (vCPUs in id order).
-    pub fn add_vcpu(&self, vcpu: &VcpuFd) -> Result<(), DirtyRingError> {
+    /// Maps the ring of a vCPU just created; returns its index (for [`DirtyRings::on_full`]).
+    pub fn add_vcpu(&self, vcpu: &VcpuFd) -> Result<usize, DirtyRingError> {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as libc::off_t;
         let bytes = (self.entries * ENTRY_BYTES) as usize;
@@ -185,8 +215,9 @@ impl DirtyRings {
             return Err(DirtyRingError::Os { what: "mapping a vCPU's ring", source: std::io::Error::last_os_error() });
         }
         let gfns = NonNull::new(addr.cast()).expect("mmap does not return null on success");
-        self.lock().rings.push(Ring { gfns, entries: self.entries, next: 0 });
-        Ok(())
+        let mut collected = self.lock();
+        collected.rings.push(Ring { gfns, entries: self.entries, next: 0 });
+        Ok(collected.rings.len() - 1)
     }
 
     /// Entries per vCPU.
@@ -200,15 +231,33 @@ impl DirtyRings {
             entries: self.entries,
             full_exits: self.full_exits.load(Ordering::Relaxed),
             harvested: self.harvested.load(Ordering::Relaxed),
+            overflows: self.overflows.load(Ordering::Relaxed),
         }
     }
 
-    /// A vCPU exited with `KVM_EXIT_DIRTY_RING_FULL`: collect every ring (waiting for a
-    /// harvest in progress) so it can enter again.
-    pub fn on_full(&self) -> Result<(), DirtyRingError> {
+    /// vCPU `ring` exited with `KVM_EXIT_DIRTY_RING_FULL`: collect every ring (waiting
+    /// for a harvest in progress) so it can enter again.
+    ///
+    /// If its ring holds filled entries but none where the next one is due, KVM pushed
+    /// past the ring without a full exit (seen on hosts whose KVM emulates a run of guest
+    /// instructions without checking its requests: kernel warning in
+    /// `kvm_dirty_ring_push`). The oldest entries were overwritten and KVM's reset index
+    /// now sits on an empty entry, so no reset could ever free the ring again and the
+    /// vCPU would exit forever. The empty entries are marked collected (KVM's reset walks
+    /// past them), collection goes on from the first filled one, and the overflow is
+    /// counted: whoever harvests across it must not trust the pages.
+    pub fn on_full(&self, ring: usize) -> Result<(), DirtyRingError> {
         self.full_exits.fetch_add(1, Ordering::Relaxed);
         let mut collected = self.lock();
-        self.collect(&mut collected)
+        self.collect(&mut collected)?;
+        if let Some(ring) = collected.rings.get_mut(ring) {
+            if ring.resync() {
+                self.overflows.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("a dirty ring was overrun by KVM: pages dirtied meanwhile may be lost");
+                self.collect(&mut collected)?;
+            }
+        }
+        Ok(())
     }
 
     /// Collects every ring, then takes (and clears) the pages of memslot `slot` collected
@@ -245,17 +294,15 @@ impl DirtyRings {
         let Collected { rings, pending } = collected;
         let mut taken = 0u64;
         for ring in rings.iter_mut() {
+            let first = ring.next;
             loop {
-                let index = (ring.next % ring.entries) as usize;
-                // SAFETY: `index < entries`, so the entry lies inside the live mapping.
-                let entry = unsafe { ring.gfns.as_ptr().add(index) };
-                // SAFETY: `flags` is a naturally aligned u32 in shared memory that KVM
-                // writes concurrently: accessed only atomically here. Acquire pairs with
-                // KVM's release of the entry (ACQ_REL protocol).
-                let flags = unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*entry).flags)) };
+                // Acquire pairs with KVM's release of the entry (ACQ_REL protocol).
+                let flags = ring.flags(ring.next);
                 if flags.load(Ordering::Acquire) & GFN_DIRTY == 0 {
                     break;
                 }
+                // SAFETY: `next % entries < entries`: inside the live mapping.
+                let entry = unsafe { ring.gfns.as_ptr().add((ring.next % ring.entries) as usize) };
                 // SAFETY: a published entry (DIRTY seen with acquire): KVM does not touch
                 // slot and offset again until the entry is reset.
                 let (slot, offset) = unsafe { ((*entry).slot, (*entry).offset) };
@@ -273,6 +320,12 @@ impl DirtyRings {
                 flags.store(GFN_RESET, Ordering::Release);
                 ring.next = ring.next.wrapping_add(1);
                 taken += 1;
+            }
+            // A whole ring filled at once: KVM went past its soft limit by the whole
+            // reserve instead of exiting, so any later push overwrote an entry.
+            if ring.next.wrapping_sub(first) >= ring.entries {
+                self.overflows.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("a dirty ring was found full (KVM did not exit at its soft limit): pages may be lost");
             }
         }
         if taken == 0 {

@@ -84,6 +84,8 @@ pub struct Vcpu {
     xsave_bytes: usize,
     /// The VM's dirty rings (this vCPU's is mapped there), if it has them.
     dirty_rings: Option<std::sync::Arc<super::dirty_ring::DirtyRings>>,
+    /// This vCPU's ring among them.
+    dirty_ring_index: usize,
 }
 
 impl Vcpu {
@@ -92,15 +94,17 @@ impl Vcpu {
     /// [`Vcpu::set_entry`].
     pub fn new(vm: &Vm, supported_cpuid: &CpuId, id: u32, count: u32) -> Result<Self, VcpuError> {
         let fd = vm.fd().create_vcpu(id as u64).map_err(|source| VcpuError::Create { id, source })?;
-        let vcpu = Vcpu {
+        let mut vcpu = Vcpu {
             id,
             fd,
             msrs_to_save: vm.msrs_to_save().clone(),
             xsave_bytes: vm.xsave_bytes(),
             dirty_rings: vm.dirty_rings().cloned(),
+            dirty_ring_index: 0,
         };
         if let Some(rings) = &vcpu.dirty_rings {
-            rings.add_vcpu(&vcpu.fd).map_err(|e| VcpuError::DirtyRing { id, reason: e.to_string() })?;
+            vcpu.dirty_ring_index =
+                rings.add_vcpu(&vcpu.fd).map_err(|e| VcpuError::DirtyRing { id, reason: e.to_string() })?;
         }
         let cpuid = super::cpuid::for_vcpu(supported_cpuid, id, count);
         vcpu.fd.set_cpuid2(&cpuid).map_err(vcpu.configure("KVM_SET_CPUID2"))?;
@@ -240,7 +244,7 @@ impl Vcpu {
             )),
             VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL) => match &self.dirty_rings {
                 // Collect every ring (KVM_RESET_DIRTY_RINGS) and enter again.
-                Some(rings) => rings.on_full().err().and_then(|e| fatal(e.to_string())),
+                Some(rings) => rings.on_full(self.dirty_ring_index).err().and_then(|e| fatal(e.to_string())),
                 None => fatal("dirty ring full on a VM without dirty rings".into()),
             },
             VcpuExit::SystemEvent(kind, data) => Some(VmExit::Stopped {
