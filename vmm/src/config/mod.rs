@@ -100,7 +100,7 @@ pub enum ConfigError {
         max: usize,
     },
     /// A dirty ring size KVM does not take.
-    #[error("dirty_ring = {entries}: must be a power of two from {DIRTY_RING_MIN_ENTRIES} to {DIRTY_RING_MAX_ENTRIES} entries per vCPU (e.g. 4096)")]
+    #[error("--dirty-ring {entries} (dirty_ring in a config file): must be a power of two from {DIRTY_RING_MIN_ENTRIES} to {DIRTY_RING_MAX_ENTRIES} entries per vCPU (e.g. 4096)")]
     BadDirtyRing {
         /// The size given.
         entries: u32,

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use super::source::Progress;
+use super::metrics::Figures;
 use crate::api::protocol::MigrateRequest;
 use crate::machine::Machine;
 use crate::vstate::vcpu_thread::THROTTLE_SLICE;
@@ -49,7 +49,7 @@ impl AutoConverge {
 
     /// After a harvest that is followed by another round: throttles (more) if the
     /// estimate is over the limit again.
-    pub(super) fn after_harvest(&mut self, expected_ms: f64, limit_ms: f64, progress: &Progress) {
+    pub(super) fn after_harvest(&mut self, expected_ms: f64, limit_ms: f64, progress: &dyn Figures) {
         if !self.enabled {
             return;
         }
@@ -68,7 +68,7 @@ impl AutoConverge {
         self.control.set_throttle(self.percent);
         self.start_ticker();
         let percent = u64::from(self.percent);
-        progress.update(|m| m.cpu_throttle_percentage = percent);
+        progress.update_figures(&mut |m| m.cpu_throttle_percentage = percent);
         tracing::debug!("auto-converge: vCPUs throttled to {percent} %");
     }
 

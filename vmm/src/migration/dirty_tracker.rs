@@ -3,7 +3,7 @@
 //! figures. The harvest itself is the VM's one interface (`Vm::enable_dirty_log`,
 //! `Vm::take_dirty_pages`), which goes through whichever tracker the VM was made with.
 
-use super::source::Progress;
+use super::metrics::Figures;
 use super::MigrationError;
 use crate::api::protocol::{DirtyTracking, MigrateRequest};
 use crate::machine::Machine;
@@ -27,13 +27,13 @@ pub(super) fn check(machine: &Machine, request: &MigrateRequest) -> Result<(), M
 /// stood. Fails if a ring was overrun since: KVM may have overwritten entries, so the
 /// dirty pages are not known any more (the VM runs on; migrate again, with a larger
 /// `--dirty-ring`).
-pub(super) fn record(machine: &Machine, progress: &Progress) -> Result<(), MigrationError> {
+pub(super) fn record(machine: &Machine, progress: &dyn Figures) -> Result<(), MigrationError> {
     let (name, counts) = {
         let vm = machine.vm();
         (vm.dirty_tracker(), vm.dirty_rings().map(|rings| rings.counts()).unwrap_or_default())
     };
     let mut overrun = 0;
-    progress.update(|m| {
+    progress.update_figures(&mut |m| {
         let before = *m.dirty_ring_overflows_at_start.get_or_insert(counts.overflows);
         m.dirty_tracking = name.to_string();
         m.dirty_ring_full_exits = counts.full_exits;

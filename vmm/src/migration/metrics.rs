@@ -96,3 +96,10 @@ pub struct MigrationMetrics {
     #[serde(default)]
     pub cpu_throttle_percentage: u64,
 }
+
+/// Where a running migration's figures are kept, for the parts that change them beside
+/// the sender (dirty tracker, auto-converge) without depending on it.
+pub trait Figures {
+    /// Changes the figures under their lock.
+    fn update_figures(&self, change: &mut dyn FnMut(&mut MigrationMetrics));
+}

@@ -91,6 +91,12 @@ impl Progress {
     }
 }
 
+impl super::metrics::Figures for Progress {
+    fn update_figures(&self, change: &mut dyn FnMut(&mut MigrationMetrics)) {
+        change(&mut self.lock());
+    }
+}
+
 fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e3
 }
