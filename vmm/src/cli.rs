@@ -140,6 +140,10 @@ pub struct RunArgs {
     /// Largest range of one host change, 4 KiB pages [default: 256].
     #[arg(long, value_name = "PAGES", requires = "host_changes")]
     pub host_change_max_pages: Option<u64>,
+    /// Give the VM KVM's dirty ring, ENTRIES per vCPU (a power of two, 256 to 65536),
+    /// instead of the dirty log: `ctl migrate --dirty-tracking ring` needs it.
+    #[arg(long, value_name = "ENTRIES")]
+    pub dirty_ring: Option<u32>,
     /// Record KVM's secondary-MMU events for this VM (tracefs; root) and follow each
     /// change into KVM: its unmap and the guest's refault.
     #[arg(long)]
@@ -271,6 +275,9 @@ impl RunArgs {
             host.max_pages = self.host_change_max_pages.unwrap_or(host.max_pages);
         }
         config.trace_kvm |= self.trace_kvm;
+        if self.dirty_ring.is_some() {
+            config.dirty_ring = self.dirty_ring;
+        }
         if self.host_noise.is_some() {
             config.host_noise = self.host_noise;
         }

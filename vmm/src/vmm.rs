@@ -488,6 +488,10 @@ fn build_machine_on(
     let paging = Arc::new(start_paging(config, options, &ram, &control, &host)?);
     host.start_trace(&ram, &paging);
     let mut vm = Vm::create(&kvm, &ram)?;
+    // The ring is the VM's before any vCPU exists.
+    if let Some(entries) = config.dirty_ring {
+        vm.enable_dirty_ring(entries)?;
+    }
     // The PIT and the memslots mostly wait in the kernel (see `Vm::create`): they are
     // made on a thread of their own while the vCPUs, the kernel and the devices are set up.
     let (memory, built) = std::thread::scope(|scope| {

@@ -85,6 +85,14 @@ pub struct MigrateArgs {
     /// Hybrid: pre-copy rounds after the first before switching to post-copy (default 1).
     #[arg(long, value_name = "K")]
     pub postcopy_after_rounds: Option<u32>,
+    /// Dirty tracking for the rounds: log or ring (ring needs a VM started with
+    /// --dirty-ring) [default: the VM's own].
+    #[arg(long, value_enum)]
+    pub dirty_tracking: Option<crate::api::protocol::DirtyTracking>,
+    /// Throttle the guest's vCPUs (20 %, then +10 % per round, at most 99 %) while the
+    /// estimated downtime stays over --downtime-ms.
+    #[arg(long)]
+    pub auto_converge: bool,
     /// Wait until it ends, with a progress line on stderr; exit 1 if it failed or was
     /// cancelled (status `source-ended`: the source VM ended, its socket closed, before
     /// the last poll saw the outcome).
@@ -232,6 +240,8 @@ pub fn execute(args: &CtlArgs) -> Result<String, ClientError> {
                     "max_rounds": migrate.max_rounds,
                     "postcopy_preempt": migrate.postcopy_preempt,
                     "postcopy_after_rounds": migrate.postcopy_after_rounds,
+                    "dirty_tracking": migrate.dirty_tracking,
+                    "auto_converge": migrate.auto_converge,
                 }),
             ),
         },

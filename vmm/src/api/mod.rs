@@ -22,7 +22,8 @@ mod tests;
 pub use client::{ClientError, ControlClient};
 pub use ctl::CtlArgs;
 pub use protocol::{
-    AfterSnapshot, BalloonInfo, BalloonStats, MigrateMode, MigrateRequest, SnapshotRequest, VmState, VmStatus,
+    AfterSnapshot, BalloonInfo, BalloonStats, DirtyTracking, MigrateMode, MigrateRequest, SnapshotRequest, VmState,
+    VmStatus,
 };
 pub use server::{ControlServer, DEFAULT_MAX_CLIENTS};
 pub use socket_file::ApiError;

@@ -202,10 +202,37 @@ pub struct MigrateRequest {
     /// at `max_rounds`).
     #[serde(default)]
     pub postcopy_after_rounds: Option<u32>,
+    /// Which dirty tracker drives the rounds (default: the VM's own, the ring on a VM
+    /// made with `--dirty-ring`, else the log).
+    #[serde(default)]
+    pub dirty_tracking: Option<DirtyTracking>,
+    /// Throttle the guest's vCPUs when the rounds do not converge (QEMU's auto-converge).
+    #[serde(default)]
+    pub auto_converge: bool,
 }
 
 fn default_true() -> bool {
     true
+}
+
+/// How pre-copy learns which pages the guest wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum DirtyTracking {
+    /// KVM's dirty log: a bitmap per memslot (`KVM_GET_DIRTY_LOG`, `KVM_CLEAR_DIRTY_LOG`).
+    Log,
+    /// KVM's dirty ring: a ring of dirtied pages per vCPU (the VM needs `--dirty-ring`).
+    Ring,
+}
+
+impl DirtyTracking {
+    /// Its name on the command line and in figures.
+    pub fn name(self) -> &'static str {
+        match self {
+            DirtyTracking::Log => "log",
+            DirtyTracking::Ring => "ring",
+        }
+    }
 }
 
 fn default_downtime_ms() -> u64 {

@@ -99,6 +99,12 @@ pub enum ConfigError {
         /// The largest supported.
         max: usize,
     },
+    /// A dirty ring size KVM does not take.
+    #[error("--dirty-ring {entries} (dirty_ring in a config file): must be a power of two from {DIRTY_RING_MIN_ENTRIES} to {DIRTY_RING_MAX_ENTRIES} entries per vCPU (e.g. 4096)")]
+    BadDirtyRing {
+        /// The size given.
+        entries: u32,
+    },
     /// A workload option is invalid.
     #[error("workload {field}: {reason}")]
     BadWorkload {
@@ -469,7 +475,16 @@ pub struct VmConfig {
     pub trace_kvm: bool,
     /// Background noise while the guest runs (`faultline bench faults --host-noise`).
     pub host_noise: Option<HostNoise>,
+    /// Track dirty pages with KVM's dirty ring, this many entries per vCPU, instead of
+    /// the dirty log (`--dirty-ring`; fixed when the VM is made).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dirty_ring: Option<u32>,
 }
+
+/// KVM's smallest dirty ring: one page of 16-byte entries.
+pub const DIRTY_RING_MIN_ENTRIES: u32 = 256;
+/// KVM's largest dirty ring (`KVM_DIRTY_RING_MAX_ENTRIES`).
+pub const DIRTY_RING_MAX_ENTRIES: u32 = 65536;
 
 /// The largest TOML config file read.
 pub const MAX_CONFIG_FILE_BYTES: u64 = 1 << 20;
@@ -492,6 +507,7 @@ impl Default for VmConfig {
             host_changes: None,
             trace_kvm: false,
             host_noise: None,
+            dirty_ring: None,
         }
     }
 }
@@ -557,6 +573,11 @@ impl VmConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.vcpus == 0 || self.vcpus as usize > MAX_VCPUS {
             return Err(ConfigError::BadVcpuCount { vcpus: self.vcpus, max: MAX_VCPUS });
+        }
+        if let Some(entries) = self.dirty_ring {
+            if !entries.is_power_of_two() || !(DIRTY_RING_MIN_ENTRIES..=DIRTY_RING_MAX_ENTRIES).contains(&entries) {
+                return Err(ConfigError::BadDirtyRing { entries });
+            }
         }
         if self.zones.is_empty() {
             return Err(ConfigError::NoZones);

@@ -172,3 +172,20 @@ fn toml_zones_default_to_anon_like_the_command_line() {
     let err = toml::from_str::<VmConfig>("[[memory]]\nsize_bytes = true\n").unwrap_err().to_string();
     assert!(err.contains("a whole number of bytes") && !err.contains("untagged"), "{err}");
 }
+
+#[test]
+fn a_dirty_ring_must_be_a_power_of_two_kvm_takes() {
+    for entries in [0, 100, 128, 1000, 1 << 17] {
+        let config = VmConfig { dirty_ring: Some(entries), ..Default::default() };
+        assert_eq!(config.validate(), Err(ConfigError::BadDirtyRing { entries }), "{entries}");
+    }
+    for entries in [DIRTY_RING_MIN_ENTRIES, 4096, DIRTY_RING_MAX_ENTRIES] {
+        let config = VmConfig { dirty_ring: Some(entries), ..Default::default() };
+        assert_eq!(config.validate(), Ok(()), "{entries}");
+    }
+    let err = ConfigError::BadDirtyRing { entries: 100 }.to_string();
+    assert!(err.contains("power of two") && err.contains("256") && err.contains("65536"), "{err}");
+    // A config without a ring says nothing about it (older readers take it unchanged).
+    let json = serde_json::to_value(VmConfig::default()).unwrap();
+    assert!(json.get("dirty_ring").is_none(), "{json}");
+}

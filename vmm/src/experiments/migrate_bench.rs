@@ -46,6 +46,14 @@ pub struct MigrateBenchArgs {
     /// (a memfd guest whose RAM is handed over, not copied; QEMU is not run for it).
     #[arg(long, value_delimiter = ',', default_value = "tcp")]
     pub transports: Vec<String>,
+    /// Dirty trackers, comma-separated: log (KVM's dirty log) and/or ring (KVM's dirty
+    /// ring, `--dirty-ring` entries per vCPU; QEMU gets `-accel kvm,dirty-ring-size=`
+    /// the same). Not for fd-local, which tracks nothing.
+    #[arg(long, value_delimiter = ',', default_value = "log")]
+    pub dirty_tracking: Vec<String>,
+    /// Entries per vCPU of the dirty ring in the ring cells.
+    #[arg(long, default_value_t = 4096)]
+    pub dirty_ring: u32,
     /// Rounds per cell, Faultline and QEMU alternating; the mean is reported.
     #[arg(long, default_value_t = 2)]
     pub rounds: usize,
@@ -129,6 +137,8 @@ impl Migration {
 pub struct Cell {
     /// `tcp` or `unix`.
     pub transport: String,
+    /// The dirty tracker: `log` or `ring` (`-` for fd-local).
+    pub dirty_tracking: String,
     /// Guest dirty rate, pages/s.
     pub rate: u64,
     /// Downtime limit asked of both, ms.
@@ -179,6 +189,12 @@ pub fn run(args: &MigrateBenchArgs) -> Result<MigrateBenchReport, MigrateBenchEr
             reason: format!("unknown transport {bad:?}; give tcp, unix, fd-local or a list of them"),
         });
     }
+    if let Some(bad) = args.dirty_tracking.iter().find(|t| !matches!(t.as_str(), "log" | "ring")) {
+        return Err(MigrateBenchError::Option {
+            option: "dirty-tracking",
+            reason: format!("unknown dirty tracker {bad:?}; give log, ring or log,ring"),
+        });
+    }
     let work = args.dir.join(format!("faultline-bench-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| step(format!("create {}", work.display()))(e.to_string()))?;
     let with_qemu =
@@ -188,7 +204,7 @@ pub fn run(args: &MigrateBenchArgs) -> Result<MigrateBenchReport, MigrateBenchEr
     let result = (|| {
         let mut cells = Vec::new();
         let mut serial = 0usize;
-        for transport in &args.transports {
+        for (transport, tracker) in &links(args) {
             for &rate in &args.rates {
                 for &limit in &args.downtime_ms {
                     let mut ours = Vec::new();
@@ -197,17 +213,18 @@ pub fn run(args: &MigrateBenchArgs) -> Result<MigrateBenchReport, MigrateBenchEr
                     for _ in 0..args.rounds.max(1) {
                         serial += 1;
                         let address = uri(transport, &work, &format!("fl-{serial}"))?;
-                        let (figures, met) = faultline_migration(args, &work, serial, rate, limit, &address)?;
+                        let (figures, met) = faultline_migration(args, &work, serial, rate, limit, &address, tracker)?;
                         ours.push(figures);
                         converged &= met;
                         if with_qemu && transport != "fd-local" {
                             // QEMU spells both addresses the same way.
                             let address = uri(transport, &work, &format!("qemu-{serial}"))?;
-                            theirs.push(qemu_migration(args, &work, &image, serial, rate, limit, &address)?);
+                            theirs.push(qemu_migration(args, &work, serial, rate, limit, &address, tracker)?);
                         }
                     }
                     cells.push(Cell {
                         transport: transport.clone(),
+                        dirty_tracking: tracker.to_string(),
                         rate,
                         downtime_limit_ms: limit,
                         faultline: Migration::mean(&ours),
@@ -229,6 +246,21 @@ pub fn run(args: &MigrateBenchArgs) -> Result<MigrateBenchReport, MigrateBenchEr
     })();
     let _ = std::fs::remove_dir_all(&work);
     result
+}
+
+/// Transport x dirty tracker (`-` for fd-local, which tracks nothing).
+fn links(args: &MigrateBenchArgs) -> Vec<(String, &'static str)> {
+    let mut links = Vec::new();
+    for transport in &args.transports {
+        if transport == "fd-local" {
+            links.push((transport.clone(), "-"));
+            continue;
+        }
+        for tracker in &args.dirty_tracking {
+            links.push((transport.clone(), if tracker == "ring" { "ring" } else { "log" }));
+        }
+    }
+    links
 }
 
 /// A free loopback TCP port (bound and released: the destination binds it next).
@@ -321,6 +353,7 @@ fn faultline_migration(
     rate: u64,
     limit: u64,
     uri: &str,
+    tracker: &str,
 ) -> Result<(Migration, bool), MigrateBenchError> {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("faultline"));
     let socket = work.join(format!("src-{serial}.sock"));
@@ -334,6 +367,9 @@ fn faultline_migration(
     command.args(["--duration-ms", &config.workload.duration_ms.to_string()]);
     command.args(["--size", &config.workload.size_bytes.unwrap_or(0).to_string()]);
     command.arg("--api-socket").arg(&socket);
+    if tracker == "ring" {
+        command.args(["--dirty-ring", &args.dirty_ring.to_string()]);
+    }
     let mut source = spawn(command, "faultline run")?;
     source.wait_for("FL result", "faultline: fill")?;
     let mut destination_command = Command::new(&exe);
@@ -342,7 +378,10 @@ fn faultline_migration(
     wait_listening(uri, "faultline restore", &mut destination.child)?;
     let mut client = connect(&socket)?;
     client
-        .call("migrate", json!({ "uri": uri, "downtime_ms": limit }))
+        .call(
+            "migrate",
+            json!({ "uri": uri, "downtime_ms": limit, "dirty_tracking": (tracker == "ring").then_some("ring") }),
+        )
         .map_err(|e| step(format!("faultline migrate {uri}"))(e.to_string()))?;
     // The source ends its VM on the destination's Ack and prints its report.
     let mut rest = String::new();
@@ -366,9 +405,11 @@ fn faultline_migration(
     Ok((figures, m["converged"] == true))
 }
 
-fn qemu_command(args: &MigrateBenchArgs, image: &Path, qmp: &Path, rate: u64) -> Command {
+fn qemu_command(args: &MigrateBenchArgs, image: &Path, qmp: &Path, rate: u64, tracker: &str) -> Command {
     let mut command = Command::new(&args.qemu);
-    command.args(QEMU_MICROVM_ARGS);
+    let ring = format!("kvm,dirty-ring-size={}", args.dirty_ring);
+    command
+        .args(QEMU_MICROVM_ARGS.iter().map(|&arg| if arg == "kvm" && tracker == "ring" { ring.as_str() } else { arg }));
     command.args(["-smp", "1", "-m", &format!("{}M", args.memory_mib)]);
     command.arg("-kernel").arg(image);
     command.args(["-append", &guest_config(args, rate).guest_cmdline(None)]);
@@ -380,17 +421,19 @@ fn qemu_command(args: &MigrateBenchArgs, image: &Path, qmp: &Path, rate: u64) ->
 fn qemu_migration(
     args: &MigrateBenchArgs,
     work: &Path,
-    image: &Path,
     serial: usize,
     rate: u64,
     limit: u64,
     uri: &str,
+    tracker: &str,
 ) -> Result<Migration, MigrateBenchError> {
+    // `run` wrote the guest image there.
+    let image = &work.join("guest.elf");
     let qmp_path = work.join(format!("qmp-src-{serial}.sock"));
-    let mut source = spawn(qemu_command(args, image, &qmp_path, rate), "qemu")?;
+    let mut source = spawn(qemu_command(args, image, &qmp_path, rate, tracker), "qemu")?;
     source.wait_for("FL result", "qemu: fill")?;
     let dest_qmp = work.join(format!("qmp-dst-{serial}.sock"));
-    let mut command = qemu_command(args, image, &dest_qmp, rate);
+    let mut command = qemu_command(args, image, &dest_qmp, rate, tracker);
     command.args(["-incoming", uri]);
     let mut destination = spawn(command, "qemu -incoming")?;
     wait_listening(uri, "qemu", &mut destination.child)?;
@@ -431,12 +474,12 @@ impl MigrateBenchReport {
             "pre-copy live migration, 1 vCPU, {} MiB guest, {} MiB filled, mean of {} round(s) each, faultline | qemu\n",
             self.memory_mib, self.touched_mib, self.rounds
         );
-        out += "link  rate/s  limit ms | total ms  down ms  MiB sent  syncs | qemu total  down  MiB sent  syncs | total ratio  down ratio  bytes ratio\n";
+        out += "link:tracker  rate/s  limit ms | total ms  down ms  MiB sent  syncs | qemu total  down  MiB sent  syncs | total ratio  down ratio  bytes ratio\n";
         for c in &self.cells {
             let (f, q) = (&c.faultline, c.qemu.as_ref());
             out += &format!(
-                "{:<4}  {:>6}  {:>8} | {:>8.1}  {:>7.1}  {:>8.1}  {:>3}{} | {:>10}  {:>4}  {:>8}  {:>5} | {:>11}  {:>10}  {:>11}\n",
-                c.transport,
+                "{:<12}  {:>6}  {:>8} | {:>8.1}  {:>7.1}  {:>8.1}  {:>3}{} | {:>10}  {:>4}  {:>8}  {:>5} | {:>11}  {:>10}  {:>11}\n",
+                format!("{}:{}", c.transport, c.dirty_tracking),
                 c.rate,
                 c.downtime_limit_ms,
                 f.total_ms,

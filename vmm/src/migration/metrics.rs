@@ -110,4 +110,28 @@ pub struct MigrationMetrics {
     /// nor discarded when the source said it had sent everything (0 on success).
     #[serde(default)]
     pub postcopy_missing: u64,
+    /// The dirty tracker of the rounds: `log` or `ring` (source; empty elsewhere).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub dirty_tracking: String,
+    /// `KVM_EXIT_DIRTY_RING_FULL` exits the vCPU threads served (a ring VM, since it
+    /// was made).
+    #[serde(default)]
+    pub dirty_ring_full_exits: u64,
+    /// Times a dirty ring was found overrun during the migration (it then fails).
+    #[serde(default)]
+    pub dirty_ring_overflows: u64,
+    /// The ring's overflow count when the migration's tracking began (not reported).
+    #[serde(skip)]
+    pub dirty_ring_overflows_at_start: Option<u64>,
+    /// How much auto-converge throttles the vCPUs, percent (the last value set; 0: not
+    /// throttled).
+    #[serde(default)]
+    pub cpu_throttle_percentage: u64,
+}
+
+/// Where a running migration's figures are kept, for the parts that change them beside
+/// the sender (dirty tracker, auto-converge) without depending on it.
+pub trait Figures {
+    /// Changes the figures under their lock.
+    fn update_figures(&self, change: &mut dyn FnMut(&mut MigrationMetrics));
 }

@@ -16,7 +16,9 @@
 //! harvest unites it with the smmu's set of those writes, and discarded pages go as
 //! zero markers (docs/migration.md, "The balloon").
 
+mod converge;
 pub mod destination;
+mod dirty_tracker;
 pub mod handshake;
 pub mod local;
 pub mod memory;
@@ -171,6 +173,9 @@ impl Migrations {
         state.reap();
         if state.running.is_some() {
             return Err(MigrationError::Busy);
+        }
+        if !uri.is_local() {
+            dirty_tracker::check(machine, request)?;
         }
         check_migratable(machine, state.dirty_log_ours, &uri, request.mode)?;
         state.dirty_log_ours = true;

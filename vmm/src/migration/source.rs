@@ -114,6 +114,12 @@ impl Progress {
     }
 }
 
+impl super::metrics::Figures for Progress {
+    fn update_figures(&self, change: &mut dyn FnMut(&mut MigrationMetrics)) {
+        change(&mut self.lock());
+    }
+}
+
 fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e3
 }
@@ -194,6 +200,8 @@ struct Sender<'a> {
     /// bandwidth is what went since, over wall time (reading guest RAM, harvesting and
     /// the link all count, as they will in the stop-and-copy).
     active_since: (Instant, u64),
+    /// The throttle when the rounds do not converge (`--auto-converge`).
+    converge: super::converge::AutoConverge,
 }
 
 /// How the VM moves: [`precopy`] or `fd-local:`'s handover.
@@ -237,6 +245,7 @@ pub fn precopy(
             counts: PageCounts::default(),
             absent: Vec::new(),
             active_since: (Instant::now(), 0),
+            converge: super::converge::AutoConverge::new(machine, request),
         };
         let result = sender.run(request);
         // Unblocks the reader thread (it ends on the error) before the scope joins it.
@@ -275,6 +284,7 @@ impl Sender<'_> {
             }
             self.machine.paging.discarder().vmm_writes().take();
         }
+        super::dirty_tracker::record(self.machine, self.progress)?;
         let max_rounds = u64::from(request.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS));
         self.active_since = (Instant::now(), self.writer.bytes_written());
         // A lazily restored VM holds pages it has not brought in yet: they must go too.
@@ -305,6 +315,7 @@ impl Sender<'_> {
             if round >= max_rounds {
                 break (dirty, ours, false);
             }
+            self.converge.after_harvest(expected_ms, request.downtime_ms as f64, self.progress);
             round += 1;
             self.send_all(&dirty, &ours)?;
             self.end_round(round)?;
@@ -496,6 +507,7 @@ impl Sender<'_> {
             list.dedup();
         }
         self.progress.update(|m| m.dirty_sync_count += 1);
+        super::dirty_tracker::record(self.machine, self.progress)?;
         Ok((dirty, ours))
     }
 

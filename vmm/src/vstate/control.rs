@@ -6,7 +6,7 @@
 //! KVM_RUN returns EINTR whether the signal lands inside KVM_RUN or just before it.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Mutex, Once, OnceLock};
 
 use kvm_bindings::kvm_run;
@@ -67,6 +67,7 @@ pub struct VmControl {
     exit_event: EventFd,
     threads: Mutex<Vec<libc::pthread_t>>,
     first_run: OnceLock<std::time::Instant>,
+    throttle_percent: AtomicU8,
 }
 
 impl VmControl {
@@ -79,6 +80,7 @@ impl VmControl {
             exit_event: EventFd::new(libc::EFD_NONBLOCK).map_err(ControlError::EventFd)?,
             threads: Mutex::new(Vec::new()),
             first_run: OnceLock::new(),
+            throttle_percent: AtomicU8::new(0),
         })
     }
 
@@ -133,6 +135,34 @@ impl VmControl {
     /// Registers the calling thread as a vCPU thread to kick when the VM ends.
     pub fn register_vcpu_thread(&self) {
         self.threads.lock().unwrap_or_else(|e| e.into_inner()).push(unsafe_pthread_self());
+    }
+
+    /// Withdraws the calling vCPU thread (it is about to end): no kick reaches it after.
+    pub fn unregister_vcpu_thread(&self) {
+        let me = unsafe_pthread_self();
+        self.threads.lock().unwrap_or_else(|e| e.into_inner()).retain(|&t| t != me);
+    }
+
+    /// Kicks every vCPU thread out of KVM_RUN once (they look at their commands and at
+    /// the throttle, then enter again).
+    pub fn kick_vcpus(&self) {
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        for &thread in threads.iter() {
+            // SAFETY: a thread stays listed until it unregisters itself just before it
+            // ends, and the list is locked here, so every id is of a live thread.
+            unsafe { libc::pthread_kill(thread, kick_signal()) };
+        }
+    }
+
+    /// Makes every vCPU sleep `percent` % of its time (0: not throttled; at most 99):
+    /// auto-converge during a migration.
+    pub fn set_throttle(&self, percent: u8) {
+        self.throttle_percent.store(percent.min(99), Ordering::Relaxed);
+    }
+
+    /// The share of time vCPUs are made to sleep, percent.
+    pub fn throttle_percent(&self) -> u8 {
+        self.throttle_percent.load(Ordering::Relaxed)
     }
 }
 

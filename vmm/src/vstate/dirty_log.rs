@@ -4,6 +4,12 @@
 //! write-protects again) exactly the pages harvested. Used by diff snapshots; pre-copy
 //! migration harvests the same way.
 //!
+//! These methods are the VM's one dirty-page tracker: start ([`Vm::enable_dirty_log`]),
+//! harvest ([`Vm::take_dirty_pages`]), stop ([`Vm::disable_dirty_log`]). On a VM made
+//! with KVM's dirty ring ([`Vm::enable_dirty_ring`], `super::dirty_ring`) they go
+//! through the ring instead, since such a VM's slots have no `KVM_GET_DIRTY_LOG`; the
+//! callers see the same pages either way.
+//!
 //! kvm-ioctls has no wrapper for `KVM_CLEAR_DIRTY_LOG`, so its ioctl is issued here.
 
 use kvm_bindings::{
@@ -37,6 +43,36 @@ impl Vm {
         if self.dirty_logging {
             return Ok(());
         }
+        if self.dirty_rings.is_none() {
+            self.enable_manual_protect()?;
+        }
+        self.set_log_flag(KVM_MEM_LOG_DIRTY_PAGES)?;
+        self.dirty_logging = true;
+        Ok(())
+    }
+
+    /// Switches dirty logging off for every memslot and drops what was not harvested.
+    pub fn disable_dirty_log(&mut self) -> Result<(), VmError> {
+        if !self.dirty_logging {
+            return Ok(());
+        }
+        self.set_log_flag(0)?;
+        if let Some(rings) = &self.dirty_rings {
+            rings.forget()?;
+        }
+        self.dirty_logging = false;
+        Ok(())
+    }
+
+    /// Which tracker this VM's dirty pages go through: `"ring"` or `"log"`.
+    pub fn dirty_tracker(&self) -> &'static str {
+        match self.dirty_rings {
+            Some(_) => "ring",
+            None => "log",
+        }
+    }
+
+    fn enable_manual_protect(&mut self) -> Result<(), VmError> {
         let cap = kvm_enable_cap {
             cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
             args: [MANUAL_PROTECT_ENABLE, 0, 0, 0],
@@ -44,9 +80,12 @@ impl Vm {
         };
         self.fd
             .enable_cap(&cap)
-            .map_err(|source| VmError::Setup { what: "KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)", source })?;
+            .map_err(|source| VmError::Setup { what: "KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)", source })
+    }
+
+    fn set_log_flag(&mut self, flags: u32) -> Result<(), VmError> {
         for index in 0..self.slots.len() {
-            let slot = kvm_userspace_memory_region { flags: KVM_MEM_LOG_DIRTY_PAGES, ..self.slots[index] };
+            let slot = kvm_userspace_memory_region { flags, ..self.slots[index] };
             // SAFETY: the same slot, addresses and host range as registered in `Vm::new`
             // (a live mapping owned by guest RAM, which outlives the VM); only the flags
             // change.
@@ -57,13 +96,17 @@ impl Vm {
             })?;
             self.slots[index] = slot;
         }
-        self.dirty_logging = true;
         Ok(())
     }
 
     /// The 4 KiB pages of memslot `slot` written since logging began or since the last
     /// harvest (page indices within the slot), and resets exactly those in the log.
+    /// On a ring VM: every ring is collected and the slot's pages collected so far are
+    /// taken.
     pub fn take_dirty_pages(&self, slot: usize) -> Result<Vec<u64>, VmError> {
+        if let Some(rings) = &self.dirty_rings {
+            return Ok(rings.take_slot(slot)?);
+        }
         let region = self.slots[slot];
         let setup = |what| move |source| VmError::Setup { what, source };
         let mut bitmap =

@@ -31,6 +31,14 @@ pub enum VcpuError {
         /// The KVM error.
         source: kvm_ioctls::Error,
     },
+    /// The vCPU's dirty ring could not be mapped.
+    #[error("cannot map the dirty ring of vCPU {id}: {reason}")]
+    DirtyRing {
+        /// The vCPU.
+        id: u32,
+        /// What failed.
+        reason: String,
+    },
     /// An MSR list could not be built.
     #[error("cannot build the MSR list of vCPU {0}")]
     MsrList(u32),
@@ -74,6 +82,10 @@ pub struct Vcpu {
     fd: VcpuFd,
     msrs_to_save: std::sync::Arc<[u32]>,
     xsave_bytes: usize,
+    /// The VM's dirty rings (this vCPU's is mapped there), if it has them.
+    dirty_rings: Option<std::sync::Arc<super::dirty_ring::DirtyRings>>,
+    /// This vCPU's ring among them.
+    dirty_ring_index: usize,
 }
 
 impl Vcpu {
@@ -82,7 +94,18 @@ impl Vcpu {
     /// [`Vcpu::set_entry`].
     pub fn new(vm: &Vm, supported_cpuid: &CpuId, id: u32, count: u32) -> Result<Self, VcpuError> {
         let fd = vm.fd().create_vcpu(id as u64).map_err(|source| VcpuError::Create { id, source })?;
-        let vcpu = Vcpu { id, fd, msrs_to_save: vm.msrs_to_save().clone(), xsave_bytes: vm.xsave_bytes() };
+        let mut vcpu = Vcpu {
+            id,
+            fd,
+            msrs_to_save: vm.msrs_to_save().clone(),
+            xsave_bytes: vm.xsave_bytes(),
+            dirty_rings: vm.dirty_rings().cloned(),
+            dirty_ring_index: 0,
+        };
+        if let Some(rings) = &vcpu.dirty_rings {
+            vcpu.dirty_ring_index =
+                rings.add_vcpu(&vcpu.fd).map_err(|e| VcpuError::DirtyRing { id, reason: e.to_string() })?;
+        }
         let cpuid = super::cpuid::for_vcpu(supported_cpuid, id, count);
         vcpu.fd.set_cpuid2(&cpuid).map_err(vcpu.configure("KVM_SET_CPUID2"))?;
         vcpu.set_msrs()?;
@@ -219,6 +242,11 @@ impl Vcpu {
             VcpuExit::FailEntry(reason, cpu) => fatal(format!(
                 "KVM could not enter the guest (hardware entry failure reason {reason:#x}, host CPU {cpu})"
             )),
+            VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL) => match &self.dirty_rings {
+                // Collect every ring (KVM_RESET_DIRTY_RINGS) and enter again.
+                Some(rings) => rings.on_full(self.dirty_ring_index).err().and_then(|e| fatal(e.to_string())),
+                None => fatal("dirty ring full on a VM without dirty rings".into()),
+            },
             VcpuExit::SystemEvent(kind, data) => Some(VmExit::Stopped {
                 reason: format!("guest requested a system event (type {kind}, data {data:x?}) on vCPU {id}"),
             }),

@@ -22,6 +22,8 @@ use crate::persist::Persist;
 
 /// How often a paused vCPU thread looks whether the VM has ended.
 const PAUSED_POLL: Duration = Duration::from_millis(20);
+/// The time slice of the throttle: a throttled vCPU runs this long, then sleeps its share.
+pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 /// How long a command may take before the fleet gives up on the vCPU.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -295,12 +297,21 @@ fn vcpu_thread(
     control.register_vcpu_thread();
     publish_kvm_run(vcpu.kvm_run_page());
     let mut running = false;
+    let mut throttle = Throttle { ran_since: Instant::now() };
     loop {
         let command = if running {
-            match inbox.try_recv() {
-                Ok(command) => Some(command),
-                Err(TryRecvError::Empty) => None,
-                Err(TryRecvError::Disconnected) => break,
+            // A throttled vCPU sleeps its share of each slice, still taking commands.
+            match throttle.sleep_due(control.throttle_percent()) {
+                Some(sleep) => match inbox.recv_timeout(sleep) {
+                    Ok(command) => Some(command),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                },
+                None => match inbox.try_recv() {
+                    Ok(command) => Some(command),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => break,
+                },
             }
         } else {
             match inbox.recv_timeout(PAUSED_POLL) {
@@ -353,6 +364,31 @@ fn vcpu_thread(
             control.end(exit);
         }
     }
+    control.unregister_vcpu_thread();
     publish_kvm_run(std::ptr::null_mut());
     vcpu.log_stop();
+}
+
+/// The duty cycle of a throttled vCPU (QEMU's cpu-throttle): after running a
+/// [`THROTTLE_SLICE`], sleep `percent / (100 - percent)` slices.
+struct Throttle {
+    ran_since: Instant,
+}
+
+impl Throttle {
+    /// How long to sleep now, if at all.
+    fn sleep_due(&mut self, percent: u8) -> Option<Duration> {
+        let now = Instant::now();
+        if percent == 0 {
+            self.ran_since = now;
+            return None;
+        }
+        if now < self.ran_since + THROTTLE_SLICE {
+            return None;
+        }
+        let percent = u32::from(percent.min(99));
+        let sleep = THROTTLE_SLICE * percent / (100 - percent);
+        self.ran_since = now + sleep;
+        Some(sleep)
+    }
 }

@@ -53,6 +53,9 @@ pub enum VmError {
         /// The KVM error.
         source: kvm_ioctls::Error,
     },
+    /// Setting up or harvesting the dirty ring failed.
+    #[error(transparent)]
+    Ring(#[from] super::dirty_ring::DirtyRingError),
 }
 
 /// A VM with its irqchip, PIT and guest RAM registered.
@@ -62,6 +65,8 @@ pub struct Vm {
     pub(super) slots: Vec<kvm_userspace_memory_region>,
     xsave_bytes: usize,
     pub(super) dirty_logging: bool,
+    /// KVM's dirty ring, when the VM was made with one ([`Vm::enable_dirty_ring`]).
+    pub(super) dirty_rings: Option<std::sync::Arc<super::dirty_ring::DirtyRings>>,
 }
 
 /// Guest RAM registered with a VM's KVM as memslots (from [`Vm::register_memory`]), to be
@@ -94,8 +99,14 @@ impl Vm {
         fd.set_identity_map_address(KVM_IDENTITY_MAP_GPA).map_err(setup("KVM_SET_IDENTITY_MAP_ADDR"))?;
         fd.create_irq_chip().map_err(setup("KVM_CREATE_IRQCHIP"))?;
         let msrs = kvm.fd().get_msr_index_list().map_err(setup("KVM_GET_MSR_INDEX_LIST"))?;
-        let mut vm =
-            Vm { fd, msrs_to_save: msrs.as_slice().into(), slots: Vec::new(), xsave_bytes: 0, dirty_logging: false };
+        let mut vm = Vm {
+            fd,
+            msrs_to_save: msrs.as_slice().into(),
+            slots: Vec::new(),
+            xsave_bytes: 0,
+            dirty_logging: false,
+            dirty_rings: None,
+        };
         // KVM_CAP_XSAVE2 gives the size of KVM's xsave buffer when it exceeds the legacy
         // 4 KiB (e.g. with AMX); 0 means the legacy size.
         let xsave2 = vm.fd.check_extension_int(kvm_ioctls::Cap::Xsave2);
@@ -105,6 +116,20 @@ impl Vm {
             return Err(VmError::TooManySlots { regions: ram.regions().len(), max });
         }
         Ok(vm)
+    }
+
+    /// Makes the VM track dirty pages with KVM's dirty ring (`entries` per vCPU) instead
+    /// of the dirty log; must come before any vCPU is created. Logging itself starts
+    /// with [`Vm::enable_dirty_log`], as for the log.
+    pub fn enable_dirty_ring(&mut self, entries: u32) -> Result<(), VmError> {
+        let rings = super::dirty_ring::DirtyRings::enable(&self.fd, entries)?;
+        self.dirty_rings = Some(std::sync::Arc::new(rings));
+        Ok(())
+    }
+
+    /// The VM's dirty rings, if it was made with them.
+    pub fn dirty_rings(&self) -> Option<&std::sync::Arc<super::dirty_ring::DirtyRings>> {
+        self.dirty_rings.as_ref()
     }
 
     /// Creates the in-kernel PIT (channel 2's speaker gate as a dummy port).
