@@ -256,6 +256,20 @@ pub fn create(machine: &Machine, history: &SnapshotHistory, dir: &Path) -> Resul
     }
 }
 
+/// Rounds of protecting again, before the pause, at most.
+const MAX_ROUNDS: u64 = 8;
+/// A round that had at most this many pages to protect again is the last before the
+/// pause (what was written during it is protected again in the pause).
+const FEW_PAGES: usize = 64;
+
+/// The write faults' bookkeeping before the pause: while it holds a set, a write fault
+/// only unprotects its page and records it (per zone, page indices), to be protected
+/// again by the next round or in the pause; once the pause took it (`None`), a write
+/// fault copies its page first.
+struct Window {
+    marks: Mutex<Option<Vec<Vec<u64>>>>,
+}
+
 /// The pause, the resume and the copy.
 fn copy_live(
     machine: &Machine,
@@ -277,13 +291,56 @@ fn copy_live(
             Ok(ZoneCopy { view: *view, file, path, pages: Mutex::new(vec![Page::Pending; view.pages() as usize]) })
         })
         .collect::<Result<Vec<_>, LiveError>>()?;
+    let window = Window { marks: Mutex::new(Some(vec![Vec::new(); zones.len()])) };
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let fault_thread = scope.spawn(|| serve_write_faults(uffd, &zones, &window, &stop));
+        let result = protect_pause_copy(machine, uffd, &zones, &window, &stop);
+        stop.store(true, Ordering::Relaxed);
+        let faults = fault_thread.join().unwrap_or_else(|_| Err(LiveError::FaultThread("it panicked".into())));
+        // The fault thread's error first: it is why the rest stopped early.
+        let write_faults = faults?;
+        let (state, stopping, pause, breakdown, quiet) = result?;
+        drop(quiet);
+        let images: Vec<ZoneImage> = zones.iter().map(ZoneCopy::finish).collect();
+        let state_bytes = super::write_state_file(machine, dir, &images, state, None)?;
+        tracing::info!(write_faults, "live snapshot {} written", dir.display());
+        Ok(SnapshotSummary {
+            dir: dir.to_path_buf(),
+            kind: SnapshotKind::Full,
+            memory_bytes: images.iter().map(ZoneImage::carried_bytes).sum(),
+            state_bytes,
+            pause_ns: stopping.as_nanos() as u64,
+            guest_pause_ns: Some(pause.as_nanos() as u64),
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            write_faults: Some(write_faults),
+            pause_breakdown: Some(breakdown),
+        })
+    })
+}
 
-    // As after a full snapshot, the dirty log and the VMM's own write set start clean,
-    // here just before the pause rather than in it (a pass over every slot's bitmap):
-    // a later diff carries what was written after the pause, plus the few pages written
-    // between this reset and the pause, again (harmless: a diff may carry a page twice).
+type Protected<'m> = (
+    crate::machine::MachineState,
+    std::time::Duration,
+    std::time::Duration,
+    PauseBreakdown,
+    crate::machine::Quiesced<'m>,
+);
+
+/// Write-protects guest RAM while the guest runs, pauses it to save its state and
+/// protect again the pages written since, resumes it and copies every page out.
+fn protect_pause_copy<'m>(
+    machine: &'m Machine,
+    uffd: &Uffd,
+    zones: &[ZoneCopy],
+    window: &Window,
+    stop: &AtomicBool,
+) -> Result<Protected<'m>, SnapshotError> {
     let mut breakdown = PauseBreakdown::default();
-    let reset = Instant::now();
+    // KVM's dirty log and the VMM's write set start clean before the first protect:
+    // from here on, every page the guest or the VMM changes is in one of them (or, once
+    // protected, faults), until the pause takes them.
+    let at = Instant::now();
     {
         let mut vm = machine.vm();
         vm.enable_dirty_log()?;
@@ -292,7 +349,27 @@ fn copy_live(
         }
         machine.paging.discarder().vmm_writes().take();
     }
-    breakdown.dirty_log_reset_before_ns = reset.elapsed().as_nanos() as u64;
+    breakdown.dirty_log_reset_before_ns = at.elapsed().as_nanos() as u64;
+
+    // The long part, while the guest runs: every zone whole.
+    let at = Instant::now();
+    for zone in zones {
+        check_stop(stop)?;
+        uffd.write_protect(zone.view.host_addr as u64, zone.view.size_bytes, true, false).map_err(LiveError::from)?;
+    }
+    breakdown.pre_protect_ns = at.elapsed().as_nanos() as u64;
+    // Rounds: what was written meanwhile is protected again, until few pages are left.
+    while breakdown.rounds < MAX_ROUNDS {
+        check_stop(stop)?;
+        let set = take_written(machine, zones, window, false)?;
+        let pages = protect_again(uffd, zones, &set)?;
+        breakdown.rounds += 1;
+        breakdown.round_pages += pages as u64;
+        if pages <= FEW_PAGES {
+            break;
+        }
+    }
+    check_stop(stop)?;
 
     let was_running = machine.run_state() == RunState::Running;
     let pause_started = Instant::now();
@@ -303,12 +380,11 @@ fn copy_live(
         let at = Instant::now();
         let state = machine.save_state_quiesced(&quiet)?;
         breakdown.save_state_ns = at.elapsed().as_nanos() as u64;
-        // Every page is protected and pending; which exist is asked after the resume.
         let at = Instant::now();
-        for zone in &zones {
-            uffd.write_protect(zone.view.host_addr as u64, zone.view.size_bytes, true, false)
-                .map_err(LiveError::from)?;
-        }
+        let set = take_written(machine, zones, window, true)?;
+        breakdown.harvest_ns = at.elapsed().as_nanos() as u64;
+        let at = Instant::now();
+        breakdown.pause_pages = protect_again(uffd, zones, &set)? as u64;
         breakdown.write_protect_ns = at.elapsed().as_nanos() as u64;
         Ok(state)
     })();
@@ -318,33 +394,82 @@ fn copy_live(
     let pause = pause_started.elapsed();
     let state = in_pause?;
     resumed?;
+    background_copy(uffd, zones, stop)?;
+    check_stop(stop)?;
+    Ok((state, stopping, pause, breakdown, quiet))
+}
 
-    let stop = AtomicBool::new(false);
-    let (copied, faults) = std::thread::scope(|scope| {
-        let fault_thread = scope.spawn(|| serve_write_faults(uffd, &zones, &stop));
-        let copied = background_copy(uffd, &zones, &stop);
-        stop.store(true, Ordering::Relaxed);
-        let faults = fault_thread.join().unwrap_or_else(|_| Err(LiveError::FaultThread("it panicked".into())));
-        (copied, faults)
-    });
-    copied?;
-    let write_faults = faults?;
-    drop(quiet);
+/// An error if the fault thread stopped (its own error is the one reported).
+fn check_stop(stop: &AtomicBool) -> Result<(), LiveError> {
+    if stop.load(Ordering::Relaxed) {
+        return Err(LiveError::FaultThread("it stopped early".into()));
+    }
+    Ok(())
+}
 
-    let images: Vec<ZoneImage> = zones.iter().map(ZoneCopy::finish).collect();
-    let state_bytes = super::write_state_file(machine, dir, &images, state, None)?;
-    tracing::info!(write_faults, "live snapshot {} written", dir.display());
-    Ok(SnapshotSummary {
-        dir: dir.to_path_buf(),
-        kind: SnapshotKind::Full,
-        memory_bytes: images.iter().map(ZoneImage::carried_bytes).sum(),
-        state_bytes,
-        pause_ns: stopping.as_nanos() as u64,
-        guest_pause_ns: Some(pause.as_nanos() as u64),
-        total_ms: started.elapsed().as_secs_f64() * 1e3,
-        write_faults: Some(write_faults),
-        pause_breakdown: Some(breakdown),
-    })
+/// The pages (per zone, sorted page indices) written since the last call: the write
+/// faults' marks, KVM's dirty log (the guest's writes) and the VMM's write set (its
+/// writes and discards), each taken and reset. With `last`, the write faults copy from
+/// now on instead of marking.
+fn take_written(
+    machine: &Machine,
+    zones: &[ZoneCopy],
+    window: &Window,
+    last: bool,
+) -> Result<Vec<Vec<u64>>, SnapshotError> {
+    let mut set = {
+        let mut marks = window.marks.lock().unwrap_or_else(|e| e.into_inner());
+        let taken = if last {
+            marks.take()
+        } else {
+            marks.as_mut().map(|m| std::mem::replace(m, vec![Vec::new(); zones.len()]))
+        };
+        taken.unwrap_or_else(|| vec![Vec::new(); zones.len()])
+    };
+    let mut add = |gpa: u64| {
+        if let Some((zone, offset)) = super::zone_offset(machine, gpa) {
+            if let Some(copy) = zones.get(zone) {
+                set[zone].push(offset / copy.view.page_bytes);
+            }
+        }
+    };
+    {
+        let vm = machine.vm();
+        for (slot, region) in machine.ram.regions().iter().enumerate() {
+            vm.take_dirty_pages(slot)?.into_iter().for_each(|page| add(region.gpa + page * 4096));
+        }
+    }
+    machine.paging.discarder().vmm_writes().take().into_iter().for_each(&mut add);
+    for pages in &mut set {
+        pages.sort_unstable();
+        pages.dedup();
+    }
+    Ok(set)
+}
+
+/// Write-protects the pages of `set` again (contiguous pages in one call); returns how
+/// many pages that was.
+fn protect_again(uffd: &Uffd, zones: &[ZoneCopy], set: &[Vec<u64>]) -> Result<usize, LiveError> {
+    let mut count = 0;
+    for (zone, pages) in zones.iter().zip(set) {
+        let page_bytes = zone.view.page_bytes;
+        let mut runs = pages.iter().peekable();
+        while let Some(&first) = runs.next() {
+            let mut end = first + 1;
+            while runs.peek().is_some_and(|&&next| next == end) {
+                runs.next();
+                end += 1;
+            }
+            uffd.write_protect(
+                zone.view.host_addr as u64 + first * page_bytes,
+                (end - first) * page_bytes,
+                true,
+                false,
+            )?;
+            count += (end - first) as usize;
+        }
+    }
+    Ok(count)
 }
 
 /// Copies every pending page, chunk by chunk, unprotecting each chunk once it is in the
@@ -371,15 +496,15 @@ fn background_copy(uffd: &Uffd, zones: &[ZoneCopy], stop: &AtomicBool) -> Result
 /// Answers write faults until `stop`: copies the faulting page if it is still pending,
 /// then unprotects it and wakes the writer. Returns how many faults it served; on an
 /// error it sets `stop` itself.
-fn serve_write_faults(uffd: &Uffd, zones: &[ZoneCopy], stop: &AtomicBool) -> Result<u64, LiveError> {
-    let result = fault_loop(uffd, zones, stop);
+fn serve_write_faults(uffd: &Uffd, zones: &[ZoneCopy], window: &Window, stop: &AtomicBool) -> Result<u64, LiveError> {
+    let result = fault_loop(uffd, zones, window, stop);
     if result.is_err() {
         stop.store(true, Ordering::Relaxed);
     }
     result
 }
 
-fn fault_loop(uffd: &Uffd, zones: &[ZoneCopy], stop: &AtomicBool) -> Result<u64, LiveError> {
+fn fault_loop(uffd: &Uffd, zones: &[ZoneCopy], window: &Window, stop: &AtomicBool) -> Result<u64, LiveError> {
     let mut buffer = msg_buffer(64);
     let mut events = Vec::new();
     let mut served = 0u64;
@@ -395,13 +520,24 @@ fn fault_loop(uffd: &Uffd, zones: &[ZoneCopy], stop: &AtomicBool) -> Result<u64,
             let Event::PageFault { address, .. } = *event else {
                 continue; // no other events were asked for
             };
-            let zone = zones
+            let position = zones
                 .iter()
-                .find(|zone| zone.contains(address))
+                .position(|zone| zone.contains(address))
                 .ok_or_else(|| LiveError::FaultThread(format!("a fault at {address:#x} outside guest RAM")))?;
+            let zone = &zones[position];
             let index = (address - zone.view.host_addr as u64) / zone.view.page_bytes;
-            zone.copy(index, index + 1, None)?;
             let start = zone.view.host_addr as u64 + index * zone.view.page_bytes;
+            {
+                // Before the pause: unprotect and record, under the lock the pause takes
+                // the records with (so none is lost between the two).
+                let mut marks = window.marks.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(marks) = marks.as_mut() {
+                    uffd.write_protect(start, zone.view.page_bytes, false, false)?;
+                    marks[position].push(index);
+                    continue;
+                }
+            }
+            zone.copy(index, index + 1, None)?;
             uffd.write_protect(start, zone.view.page_bytes, false, false)?;
             served += 1;
         }
