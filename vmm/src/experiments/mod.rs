@@ -12,3 +12,4 @@ pub mod migrate_bench;
 pub mod qmp;
 pub mod restore_bench;
 pub mod snapshot_bench;
+pub mod snapshot_live_bench;
