@@ -37,7 +37,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -52,6 +52,8 @@ use super::{PauseBreakdown, SnapshotError, SnapshotHistory, SnapshotSummary};
 
 /// Pages copied per step of the background pass (then unprotected in one call).
 const CHUNK_BYTES: u64 = 2 << 20;
+/// Threads of the background pass, at most (fewer on a host with fewer cores).
+const COPY_THREADS: usize = 2;
 /// Pages a write fault copies at once in an anonymous zone (see [`ZoneCopy::fault_block`]).
 const FAULT_BLOCK_PAGES: u64 = 64;
 /// How long the fault thread waits for a fault before it looks whether to stop.
@@ -107,82 +109,121 @@ struct ZoneCopy {
     view: ZoneView,
     file: File,
     path: PathBuf,
-    pages: Mutex<Vec<Page>>,
+    /// Pages per chunk (2 MiB, or one huge page).
+    per_chunk: u64,
+    /// Per chunk, its pages' states; the lock is held while a chunk's pages are read
+    /// and written into the image, so a write fault on one of them waits until its
+    /// bytes are in the file before it unprotects the page.
+    chunks: Vec<Mutex<Vec<Page>>>,
 }
 
 impl ZoneCopy {
-    /// Copies the pending pages among `first..end` (page indices) into the image; they
-    /// are write-protected, so they still hold what they held at the pause. With
-    /// `existing` (sorted page indices that exist in the host now), a pending page not in
-    /// it is marked a hole without being read: it did not exist at the pause either (no
-    /// page comes into existence without a write, and a write to a pending page waits
-    /// for [`ZoneCopy::copy`] in the fault thread; discards wait for the quiesced
-    /// devices), so it was zero then.
+    fn new(view: ZoneView, file: File, path: PathBuf) -> ZoneCopy {
+        let per_chunk = (CHUNK_BYTES / view.page_bytes).max(1);
+        let chunks = (0..view.pages().div_ceil(per_chunk))
+            .map(|chunk| {
+                let pages = per_chunk.min(view.pages() - chunk * per_chunk);
+                Mutex::new(vec![Page::Pending; pages as usize])
+            })
+            .collect();
+        ZoneCopy { view, file, path, per_chunk, chunks }
+    }
+
+    /// The chunk count.
+    fn chunk_count(&self) -> u64 {
+        self.chunks.len() as u64
+    }
+
+    /// Copies the pending pages among `first..end` (page indices, inside one chunk) into
+    /// the image; they are write-protected, so they still hold what they held at the
+    /// pause. With `existing` (sorted page indices that exist in the host now), a pending
+    /// page not in it is marked a hole without being read: it did not exist at the pause
+    /// either (no page comes into existence without a write, and a write to a pending
+    /// page waits for [`ZoneCopy::copy`] in the fault thread; discards wait for the
+    /// quiesced devices), so it was zero then.
     fn copy(&self, first: u64, end: u64, existing: Option<&[u64]>) -> Result<(), LiveError> {
-        let page_bytes = self.view.page_bytes as usize;
-        let mut taken: Vec<(u64, Vec<u8>)> = Vec::new();
-        {
-            let mut pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
-            for index in first..end {
-                if pages[index as usize] != Page::Pending {
-                    continue;
-                }
-                if existing.is_some_and(|e| e.binary_search(&index).is_err()) {
-                    pages[index as usize] = Page::Hole;
-                    continue;
-                }
-                // SAFETY: the page lies inside the zone's live mapping (index < pages());
-                // it is write-protected and not yet unprotected (Pending, under the lock),
-                // so nothing writes it while this shared view lives. Reading it needs no
-                // fault handler (the zone is paged by the kernel, and WP never stops
-                // reads); a page that does not exist reads as zeros.
-                let bytes = unsafe {
-                    std::slice::from_raw_parts(
-                        self.view.host_addr.add((index * self.view.page_bytes) as usize),
-                        page_bytes,
-                    )
-                };
-                if image::is_zero(bytes) {
-                    pages[index as usize] = Page::Hole;
-                } else {
-                    pages[index as usize] = Page::Data(crc32fast::hash(bytes));
-                    // Contiguous pages go to the file in one write.
-                    match taken.last_mut() {
-                        Some((start, run)) if *start + (run.len() / page_bytes) as u64 == index => {
-                            run.extend_from_slice(bytes)
-                        }
-                        _ => taken.push((index, bytes.to_vec())),
-                    }
-                }
+        let chunk = first / self.per_chunk;
+        debug_assert!(end > first && (end - 1) / self.per_chunk == chunk, "a copy stays inside one chunk");
+        let base = chunk * self.per_chunk;
+        let page_bytes = self.view.page_bytes;
+        let mut pages = self.chunks[chunk as usize].lock().unwrap_or_else(|e| e.into_inner());
+        // The run of contiguous non-zero pages waiting to be written: (first page, pages).
+        let mut run: Option<(u64, u64)> = None;
+        for index in first..end {
+            let slot = &mut pages[(index - base) as usize];
+            if *slot != Page::Pending {
+                continue;
             }
+            if existing.is_some_and(|e| e.binary_search(&index).is_err()) {
+                *slot = Page::Hole;
+                continue;
+            }
+            // SAFETY: the page lies inside the zone's live mapping (index < pages()); it
+            // is write-protected and not yet unprotected (Pending, under its chunk's
+            // lock, which whoever unprotects it takes first), so nothing writes it while
+            // this shared view lives. Reading it needs no fault handler (the zone is
+            // paged by the kernel, and WP never stops reads); a page that does not exist
+            // reads as zeros.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(self.view.host_addr.add((index * page_bytes) as usize), page_bytes as usize)
+            };
+            if image::is_zero(bytes) {
+                *slot = Page::Hole;
+                continue;
+            }
+            *slot = Page::Data(crc32fast::hash(bytes));
+            run = match run {
+                Some((start, len)) if start + len == index => Some((start, len + 1)),
+                pending => {
+                    if let Some((start, len)) = pending {
+                        self.write_run(start, len)?;
+                    }
+                    Some((index, 1))
+                }
+            };
         }
-        for (index, bytes) in taken {
-            self.file.write_all_at(&bytes, index * self.view.page_bytes).map_err(|source| LiveError::Io {
-                path: self.path.clone(),
-                what: "write a page",
-                source,
-            })?;
+        if let Some((start, len)) = run {
+            self.write_run(start, len)?;
         }
         Ok(())
     }
 
+    /// Writes `len` pages from `first` into the image straight from guest RAM; the
+    /// caller holds their chunk's lock and they are still write-protected.
+    fn write_run(&self, first: u64, len: u64) -> Result<(), LiveError> {
+        let offset = first * self.view.page_bytes;
+        // SAFETY: as in `copy`: inside the live mapping, write-protected, and nobody can
+        // unprotect them while the caller holds their chunk's lock.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(self.view.host_addr.add(offset as usize), (len * self.view.page_bytes) as usize)
+        };
+        self.file.write_all_at(bytes, offset).map_err(|source| LiveError::Io {
+            path: self.path.clone(),
+            what: "write a page",
+            source,
+        })
+    }
+
     /// The image's carried ranges and checksum, in offset order (once every page is done).
     fn finish(&self) -> ZoneImage {
-        let pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         let mut crc = crc32fast::Hasher::new();
-        let mut chunks = ChunkSums::new(self.view.size_bytes, self.view.page_bytes);
-        for (index, page) in pages.iter().enumerate() {
-            let Page::Data(sum) = *page else { continue };
-            let offset = index as u64 * self.view.page_bytes;
-            crc.combine(&crc32fast::Hasher::new_with_initial_len(sum, self.view.page_bytes));
-            chunks.add_crc(offset, sum, self.view.page_bytes);
-            match ranges.last_mut() {
-                Some(last) if last.0 + last.1 == offset => last.1 += self.view.page_bytes,
-                _ => ranges.push((offset, self.view.page_bytes)),
+        let mut sums = ChunkSums::new(self.view.size_bytes, self.view.page_bytes);
+        for (chunk, pages) in self.chunks.iter().enumerate() {
+            let pages = pages.lock().unwrap_or_else(|e| e.into_inner());
+            for (at, page) in pages.iter().enumerate() {
+                let Page::Data(sum) = *page else { continue };
+                let index = chunk as u64 * self.per_chunk + at as u64;
+                let offset = index * self.view.page_bytes;
+                crc.combine(&crc32fast::Hasher::new_with_initial_len(sum, self.view.page_bytes));
+                sums.add_crc(offset, sum, self.view.page_bytes);
+                match ranges.last_mut() {
+                    Some(last) if last.0 + last.1 == offset => last.1 += self.view.page_bytes,
+                    _ => ranges.push((offset, self.view.page_bytes)),
+                }
             }
         }
-        let (chunk_bytes, chunk_crc32) = chunks.finish();
+        let (chunk_bytes, chunk_crc32) = sums.finish();
         ZoneImage {
             zone: self.view.zone,
             file: format::image_file_name(self.view.zone),
@@ -301,7 +342,7 @@ fn copy_live(
             };
             let file = File::options().write(true).create_new(true).open(&path).map_err(io("create"))?;
             file.set_len(view.size_bytes).map_err(io("set its length"))?;
-            Ok(ZoneCopy { view: *view, file, path, pages: Mutex::new(vec![Page::Pending; view.pages() as usize]) })
+            Ok(ZoneCopy::new(*view, file, path))
         })
         .collect::<Result<Vec<_>, LiveError>>()?;
     let window = Window { marks: Mutex::new(Some(vec![Vec::new(); zones.len()])) };
@@ -486,24 +527,51 @@ fn protect_again(uffd: &Uffd, zones: &[ZoneCopy], set: &[Vec<u64>]) -> Result<us
 }
 
 /// Copies every pending page, chunk by chunk, unprotecting each chunk once it is in the
-/// image. Stops early (with the error) if the fault thread failed.
+/// image, on up to [`COPY_THREADS`] threads (the copy into the page cache is most of the
+/// cost, as for a full snapshot). Stops early if the fault thread failed.
 fn background_copy(uffd: &Uffd, zones: &[ZoneCopy], stop: &AtomicBool) -> Result<(), LiveError> {
-    for zone in zones {
-        let per_chunk = (CHUNK_BYTES / zone.view.page_bytes).max(1);
-        let existing = image::existing_pages(&zone.view).map_err(|e| LiveError::Image(Box::new(e)))?;
-        let mut first = 0;
-        while first < zone.view.pages() {
-            if stop.load(Ordering::Relaxed) {
-                return Ok(()); // the fault thread failed; its error is the one to report
+    let existing = zones
+        .iter()
+        .map(|zone| image::existing_pages(&zone.view).map_err(|e| LiveError::Image(Box::new(e))))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Chunks in zone order, handed out one at a time.
+    let work: Vec<(usize, u64)> = zones
+        .iter()
+        .enumerate()
+        .flat_map(|(zone, copy)| (0..copy.chunk_count()).map(move |chunk| (zone, chunk)))
+        .collect();
+    let next = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let worker = || -> Result<(), LiveError> {
+        loop {
+            if stop.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed) {
+                return Ok(()); // the failing thread's error is the one to report
             }
-            let end = (first + per_chunk).min(zone.view.pages());
-            zone.copy(first, end, Some(&existing))?;
-            let start = zone.view.host_addr as u64 + first * zone.view.page_bytes;
-            uffd.write_protect(start, (end - first) * zone.view.page_bytes, false, false)?;
-            first = end;
+            let Some(&(zone_index, chunk)) = work.get(next.fetch_add(1, Ordering::Relaxed) as usize) else {
+                return Ok(());
+            };
+            let zone = &zones[zone_index];
+            let first = chunk * zone.per_chunk;
+            let end = (first + zone.per_chunk).min(zone.view.pages());
+            let done = zone.copy(first, end, Some(&existing[zone_index])).and_then(|()| {
+                let start = zone.view.host_addr as u64 + first * zone.view.page_bytes;
+                Ok(uffd.write_protect(start, (end - first) * zone.view.page_bytes, false, false)?)
+            });
+            if done.is_err() {
+                failed.store(true, Ordering::Relaxed);
+                return done;
+            }
         }
-    }
-    Ok(())
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, COPY_THREADS);
+    std::thread::scope(|scope| {
+        let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(worker)).collect();
+        let mine = worker();
+        helpers
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(LiveError::FaultThread("a copy thread panicked".into()))))
+            .fold(mine, |result, other| result.and(other))
+    })
 }
 
 /// Answers write faults until `stop`: copies the faulting page if it is still pending,
