@@ -52,6 +52,8 @@ use super::{PauseBreakdown, SnapshotError, SnapshotHistory, SnapshotSummary};
 
 /// Pages copied per step of the background pass (then unprotected in one call).
 const CHUNK_BYTES: u64 = 2 << 20;
+/// The write-protect before the pause goes this much at a time.
+const PROTECT_SLICE_BYTES: u64 = 16 << 20;
 /// Threads of the background pass, at most (fewer on a host with fewer cores).
 const COPY_THREADS: usize = 2;
 /// Pages a write fault copies at once in an anonymous zone (see [`ZoneCopy::fault_block`]).
@@ -407,9 +409,20 @@ fn protect_pause_copy<'m>(
 
     // The long part, while the guest runs: every zone whole.
     let at = Instant::now();
+    // In slices, yielding between them: one call over a whole GiB keeps KVM's
+    // invalidations going back to back for its whole length, and the guest's own page
+    // faults (which KVM retries while an invalidation is in progress) made no progress
+    // until it ended.
     for zone in zones {
-        check_stop(stop)?;
-        uffd.write_protect(zone.view.host_addr as u64, zone.view.size_bytes, true, false).map_err(LiveError::from)?;
+        let slice = PROTECT_SLICE_BYTES.max(zone.view.page_bytes);
+        let mut offset = 0;
+        while offset < zone.view.size_bytes {
+            check_stop(stop)?;
+            let len = slice.min(zone.view.size_bytes - offset);
+            uffd.write_protect(zone.view.host_addr as u64 + offset, len, true, false).map_err(LiveError::from)?;
+            offset += len;
+            std::thread::yield_now();
+        }
     }
     breakdown.pre_protect_ns = at.elapsed().as_nanos() as u64;
     // Rounds: what was written meanwhile is protected again, until few pages are left.
