@@ -3,17 +3,22 @@
 //! and the image is still the guest at the instant of the pause.
 //!
 //! How: a fresh userfaultfd, opened for this snapshot only, is registered in
-//! write-protect mode over every zone before the pause (QEMU's background-snapshot does
-//! the same). In the pause the VM's state is saved, each zone is write-protected whole
-//! (`UFFDIO_WRITEPROTECT`; with `WP_UNPOPULATED` for anonymous zones, so never-touched
-//! pages are protected too; shmem and hugetlb get the kernel's PTE markers) and KVM's
-//! dirty log is reset. Then the vCPUs resume. A background pass lists the pages that
-//! exist (SEEK_DATA / pagemap, as for a full snapshot; after the resume, to keep the
+//! write-protect mode over every zone (QEMU's background-snapshot does the same). KVM's
+//! dirty log and the VMM's write set are reset, then, while the guest runs, each zone is
+//! write-protected (`UFFDIO_WRITEPROTECT`, 16 MiB at a time; with `WP_UNPOPULATED` for
+//! anonymous zones, so never-touched pages are protected too; shmem and hugetlb get the
+//! kernel's PTE markers). A write fault in this window only unprotects its page and
+//! records it; rounds protect again what was written since (the records, the dirty log,
+//! the VMM's set) until little is left. In the pause the VM's state is saved and the
+//! pages written since the last round are protected again; then the vCPUs resume. Every
+//! page is now protected and as it was at the pause. A background pass lists the pages
+//! that exist (SEEK_DATA / pagemap, as for a full snapshot; after the resume, to keep the
 //! pause short: a page only comes into existence by a write, and every write faults
 //! first) and copies them into the image in order, unprotecting each chunk once it is
 //! copied; a write (by a vCPU through KVM, or by the VMM) to a page not yet copied blocks
 //! in the kernel, and this module's fault thread copies that page first (a page that did
 //! not exist reads as zeros: a hole), then clears its protection and wakes the writer.
+//! docs/snapshots.md says which mechanism sees which writes.
 //!
 //! Why a separate userfaultfd: a zone paged by the kernel has none, and registering WP on
 //! demand for the snapshot's duration costs nothing while no snapshot runs (no fault
@@ -30,8 +35,8 @@
 //! guest's.
 //!
 //! The result is an ordinary full snapshot (same images, same state file): `faultline
-//! restore --from DIR` restores it, and KVM's dirty log is reset in the pause, so a diff
-//! on top of it carries exactly what the guest wrote after the pause.
+//! restore --from DIR` restores it, and KVM's dirty log and the VMM's set are taken in
+//! the pause, so a diff on top of it carries exactly what was written after the pause.
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};

@@ -213,8 +213,8 @@ pub struct SnapshotSummary {
 pub struct PauseBreakdown {
     /// Resetting KVM's dirty log and the VMM's write set, before the write-protect.
     pub dirty_log_reset_before_ns: u64,
-    /// Write-protecting every zone whole (one `UFFDIO_WRITEPROTECT` per zone), while
-    /// the guest runs.
+    /// Write-protecting every zone whole (16 MiB per `UFFDIO_WRITEPROTECT`), while the
+    /// guest runs.
     pub pre_protect_ns: u64,
     /// Rounds (while the guest runs) that write-protected again the pages written since
     /// the previous round.
