@@ -69,11 +69,12 @@ fn live_snapshot_round_trip(memory: &str, restore_args: &[&str], diff_on_top: bo
     assert_eq!(summary["kind"], "full", "{summary}");
     let write_faults = summary["write_faults"].as_u64().expect("a live snapshot counts its write faults");
     eprintln!(
-        "live snapshot of {memory}: guest paused {} µs (stopping the vCPUs {} µs), {} MiB in {:.1} ms, {write_faults} writes waited for their copy",
+        "live snapshot of {memory}: guest paused {} µs (stopping the vCPUs {} µs), {} MiB in {:.1} ms, {write_faults} writes waited for their copy; {}",
         summary["guest_pause_ns"].as_u64().unwrap() / 1000,
         summary["pause_ns"].as_u64().unwrap() / 1000,
         summary["memory_bytes"].as_u64().unwrap() >> 20,
         summary["total_ms"].as_f64().unwrap(),
+        summary["pause_breakdown"],
     );
     let diff_dir = scratch.0.join("diff");
     if diff_on_top {

@@ -5,7 +5,9 @@ use std::time::Instant;
 
 use clap::Parser;
 use faultline::cli::{BenchCommand, Cli, Command, RunArgs};
-use faultline::experiments::{boot_bench, fault_bench, migrate_bench, restore_bench, snapshot_bench};
+use faultline::experiments::{
+    boot_bench, fault_bench, migrate_bench, restore_bench, snapshot_bench, snapshot_live_bench,
+};
 use faultline::snapshot::{self, cli::RestoreArgs, cli::SnapshotCommand};
 use faultline::vmm::{self, RunOptions};
 
@@ -45,6 +47,14 @@ fn main() -> ExitCode {
             Err(err) => fail(&err),
         },
         Command::Bench(BenchCommand::Faults(args)) => bench_faults(&args),
+        Command::Bench(BenchCommand::Snapshot(args)) if args.live => match snapshot_live_bench::run(&args) {
+            Ok(report) if args.json => print_json(&report),
+            Ok(report) => {
+                print!("{}", report.table());
+                ExitCode::SUCCESS
+            }
+            Err(err) => fail(&err),
+        },
         Command::Bench(BenchCommand::Snapshot(args)) => match snapshot_bench::run(&args) {
             Ok(report) if args.json => print_json(&report),
             Ok(report) => {

@@ -13,3 +13,4 @@ pub mod plot;
 pub mod qmp;
 pub mod restore_bench;
 pub mod snapshot_bench;
+pub mod snapshot_live_bench;

@@ -1,6 +1,6 @@
 //! A minimal QMP client for the benchmarks that run QEMU beside Faultline: connect
 //! (retrying while QEMU starts), negotiate capabilities, then one command at a time,
-//! skipping events. Written here because no maintained Rust QMP crate with a
+//! keeping the events that arrive meanwhile for the caller. Written here because no maintained Rust QMP crate with a
 //! synchronous API is on crates.io, and the benches need a handful of commands.
 
 use std::io::{BufRead, BufReader, Write};
@@ -29,6 +29,7 @@ fn step(what: impl Into<String>) -> impl FnOnce(String) -> QmpError {
 pub struct Qmp {
     stream: UnixStream,
     reader: BufReader<UnixStream>,
+    events: Vec<Value>,
 }
 
 impl Qmp {
@@ -46,7 +47,7 @@ impl Qmp {
             }
         };
         let reader = BufReader::new(stream.try_clone().map_err(|e| step("QMP")(e.to_string()))?);
-        let mut qmp = Qmp { stream, reader };
+        let mut qmp = Qmp { stream, reader, events: Vec::new() };
         qmp.read_reply()?; // the greeting
         qmp.execute("qmp_capabilities", Value::Null)?;
         Ok(qmp)
@@ -67,7 +68,13 @@ impl Qmp {
         Ok(reply.get("return").cloned().unwrap_or(Value::Null))
     }
 
-    /// The next line that is not an event.
+    /// The events QEMU sent since the last call (each with its `timestamp`), in order,
+    /// including those read while waiting for replies.
+    pub fn take_events(&mut self) -> Vec<Value> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// The next line that is not an event (events are kept for [`Qmp::take_events`]).
     fn read_reply(&mut self) -> Result<Value, QmpError> {
         let mut line = String::new();
         loop {
@@ -80,6 +87,7 @@ impl Qmp {
             if value.get("event").is_none() {
                 return Ok(value);
             }
+            self.events.push(value);
         }
     }
 }

@@ -53,6 +53,15 @@ pub struct SnapshotBenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Instead of the above: a live snapshot by Faultline (`--live`) beside QEMU's
+    /// `background-snapshot` of the same guest (`--memory-mib`, filled whole) while it
+    /// rewrites its pages flat out; pause, total time and the guest's slowdown.
+    #[arg(long)]
+    pub live: bool,
+    /// `--live`: how long the guest rewrites its pages after its fill, ms (must outlast
+    /// QEMU's snapshot for its slowdown figure).
+    #[arg(long, default_value_t = 20_000)]
+    pub live_ms: u64,
 }
 
 /// Errors of the snapshot benchmark.
@@ -233,7 +242,8 @@ fn qemu_run(args: &SnapshotBenchArgs, config: &VmConfig, image: &Path, qmp: &Pat
     command
 }
 
-fn connect(socket: &Path) -> Result<ControlClient, SnapshotBenchError> {
+/// Connects to a Faultline child's control socket (waiting up to 30 s for it).
+pub(super) fn connect(socket: &Path) -> Result<ControlClient, SnapshotBenchError> {
     let started = Instant::now();
     loop {
         match ControlClient::connect(socket, Some(Duration::from_secs(120))) {
@@ -246,7 +256,8 @@ fn connect(socket: &Path) -> Result<ControlClient, SnapshotBenchError> {
     }
 }
 
-fn call(client: &mut ControlClient, cmd: &str, args: Value) -> Result<Value, SnapshotBenchError> {
+/// One control-socket call.
+pub(super) fn call(client: &mut ControlClient, cmd: &str, args: Value) -> Result<Value, SnapshotBenchError> {
     client.call(cmd, args).map_err(|e| step(format!("faultline ctl {cmd}"))(e.to_string()))
 }
 

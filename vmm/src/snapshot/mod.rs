@@ -206,17 +206,32 @@ pub struct SnapshotSummary {
 }
 
 /// Where a live snapshot's pause goes, ns each (the parts add up to `guest_pause_ns`
-/// but for the timer calls; `dirty_log_reset_before_ns` is outside the pause).
+/// but for the timer calls), and what ran before it while the guest ran on: the
+/// dirty-log reset, the whole-zone write-protect and the rounds that protected again
+/// what the guest wrote meanwhile.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct PauseBreakdown {
-    /// Resetting KVM's dirty log and the VMM's write set, just before the pause.
+    /// Resetting KVM's dirty log and the VMM's write set, before the write-protect.
     pub dirty_log_reset_before_ns: u64,
+    /// Write-protecting every zone whole (16 MiB per `UFFDIO_WRITEPROTECT`), while the
+    /// guest runs.
+    pub pre_protect_ns: u64,
+    /// Rounds (while the guest runs) that write-protected again the pages written since
+    /// the previous round.
+    pub rounds: u64,
+    /// Pages those rounds protected again, in all.
+    pub round_pages: u64,
     /// Stopping the vCPUs and quiescing the devices.
     pub stop_ns: u64,
     /// Saving vCPU, VM and device state (with the page-state table's scan).
     pub save_state_ns: u64,
-    /// Write-protecting every zone whole (one `UFFDIO_WRITEPROTECT` per zone).
+    /// In the pause: taking the pages written since the last round (KVM's dirty log,
+    /// the VMM's write set, the write faults).
+    pub harvest_ns: u64,
+    /// In the pause: write-protecting those pages again.
     pub write_protect_ns: u64,
+    /// How many pages that was.
+    pub pause_pages: u64,
     /// Resuming the vCPUs.
     pub resume_ns: u64,
 }
@@ -437,7 +452,7 @@ fn diff_images(
 }
 
 /// The zone and offset in it of guest-physical `gpa`, if it is guest RAM.
-fn zone_offset(machine: &Machine, gpa: u64) -> Option<(usize, u64)> {
+pub(super) fn zone_offset(machine: &Machine, gpa: u64) -> Option<(usize, u64)> {
     let region = machine.ram.regions().iter().find(|r| gpa >= r.gpa && gpa - r.gpa < r.size_bytes)?;
     Some((region.zone, region.fd_offset + (gpa - region.gpa)))
 }

@@ -111,13 +111,15 @@ impl Vm {
         let setup = |what| move |source| VmError::Setup { what, source };
         let mut bitmap =
             self.fd.get_dirty_log(slot as u32, region.memory_size as usize).map_err(setup("KVM_GET_DIRTY_LOG"))?;
-        let pages: Vec<u64> = bitmap
-            .iter()
-            .enumerate()
-            .flat_map(|(word, &bits)| {
-                (0..64).filter(move |bit| bits & (1 << bit) != 0).map(move |bit| word as u64 * 64 + bit)
-            })
-            .collect();
+        // Word by word, set bits only (the scan may run inside a pause).
+        let mut pages = Vec::new();
+        for (word, &bits) in bitmap.iter().enumerate().filter(|(_, bits)| **bits != 0) {
+            let mut bits = bits;
+            while bits != 0 {
+                pages.push(word as u64 * 64 + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
+            }
+        }
         if pages.is_empty() {
             return Ok(pages);
         }
