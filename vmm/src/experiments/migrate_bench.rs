@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 
 use super::boot_bench::QEMU_MICROVM_ARGS;
 use super::console_child::{ConsoleChild, ConsoleError};
+use super::plot::{self, Labels, Series};
 use super::qmp::{Qmp, QmpError};
 use crate::api::ControlClient;
 use crate::config::{Backend, VmConfig, ZoneConfig};
@@ -66,6 +67,10 @@ pub struct MigrateBenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also draw `migrate-downtime.svg` and `migrate-total.svg` (per cell, Faultline
+    /// beside QEMU) into this directory.
+    #[arg(long)]
+    pub plots: Option<PathBuf>,
 }
 
 /// Errors of the migration benchmark.
@@ -85,6 +90,9 @@ pub enum MigrateBenchError {
         /// Why, and what to give instead.
         reason: String,
     },
+    /// A plot could not be written.
+    #[error(transparent)]
+    Plot(#[from] super::plot::PlotError),
     /// A child process could not be started, talked to, or did not migrate.
     #[error("{what}: {reason}")]
     Step {
@@ -201,7 +209,7 @@ pub fn run(args: &MigrateBenchArgs) -> Result<MigrateBenchReport, MigrateBenchEr
         args.qemu != "none" && Command::new(&args.qemu).arg("--version").output().is_ok_and(|o| o.status.success());
     let image = work.join("guest.elf");
     std::fs::write(&image, crate::BUILTIN_GUEST_ELF).map_err(|e| step("write the guest image")(e.to_string()))?;
-    let result = (|| {
+    let result: Result<MigrateBenchReport, MigrateBenchError> = (|| {
         let mut cells = Vec::new();
         let mut serial = 0usize;
         for (transport, tracker) in &links(args) {
@@ -245,7 +253,11 @@ pub fn run(args: &MigrateBenchArgs) -> Result<MigrateBenchReport, MigrateBenchEr
         })
     })();
     let _ = std::fs::remove_dir_all(&work);
-    result
+    let report = result?;
+    if let Some(dir) = &args.plots {
+        report.plot(dir)?;
+    }
+    Ok(report)
 }
 
 /// Transport x dirty tracker (`-` for fd-local, which tracks nothing).
@@ -463,6 +475,42 @@ fn qemu_migration(
 }
 
 impl MigrateBenchReport {
+    /// Draws each cell's downtime and total time, Faultline beside QEMU, into `dir`.
+    pub fn plot(&self, dir: &Path) -> Result<(), MigrateBenchError> {
+        std::fs::create_dir_all(dir).map_err(|e| step(format!("create {}", dir.display()))(e.to_string()))?;
+        let labels: Vec<String> = self
+            .cells
+            .iter()
+            .map(|c| format!("{} {} {}k/s ≤{} ms", c.transport, c.dirty_tracking, c.rate / 1000, c.downtime_limit_ms))
+            .collect();
+        let series = |figure: fn(&Migration) -> f64| {
+            let ours = self.cells.iter().enumerate().map(|(i, c)| (i as f64, figure(&c.faultline))).collect();
+            let theirs =
+                self.cells.iter().enumerate().filter_map(|(i, c)| c.qemu.as_ref().map(|q| (i as f64, figure(q))));
+            let mut all = vec![Series::new("Faultline", ours)];
+            let theirs: Vec<(f64, f64)> = theirs.collect();
+            if !theirs.is_empty() {
+                all.push(Series::new("QEMU", theirs));
+            }
+            all
+        };
+        let what =
+            format!("{} MiB guest, {} MiB filled, mean of {} rounds", self.memory_mib, self.touched_mib, self.rounds);
+        for (file, title, figure) in [
+            ("migrate-downtime.svg", "Downtime", (|m: &Migration| m.downtime_ms) as fn(&Migration) -> f64),
+            ("migrate-total.svg", "Total time", |m: &Migration| m.total_ms),
+        ] {
+            let title = format!("{title} ({what})");
+            plot::bars(
+                &dir.join(file),
+                Labels { title: &title, x: "link, tracker, dirty rate, limit", y: "ms" },
+                &labels,
+                &series(figure),
+            )?;
+        }
+        Ok(())
+    }
+
     /// The report as a table, with Faultline/QEMU ratios (below 1: Faultline faster or
     /// smaller).
     pub fn table(&self) -> String {
