@@ -68,7 +68,8 @@ pub struct MigrateBenchArgs {
     #[arg(long)]
     pub json: bool,
     /// Also draw `migrate-downtime.svg` and `migrate-total.svg` (per cell, Faultline
-    /// beside QEMU) into this directory.
+    /// beside QEMU) and `migrate-bytes-N.svg` (cell N's bytes over time) into this
+    /// directory.
     #[arg(long)]
     pub plots: Option<PathBuf>,
 }
@@ -161,6 +162,22 @@ pub struct Cell {
     pub qemu: Option<Migration>,
     /// QEMU, each round.
     pub qemu_rounds: Vec<Migration>,
+    /// Faultline's first round: (ms since the migrate command, MiB sent so far), sampled
+    /// from `migrate.status` every few milliseconds.
+    pub faultline_progress: Progress,
+    /// QEMU's first round, the same from `query-migrate`'s `ram.transferred`.
+    pub qemu_progress: Progress,
+}
+
+/// How often the bench asks either VMM how far its migration is.
+const PROGRESS_EVERY: Duration = Duration::from_millis(5);
+
+/// A migration's progress: (ms since the migrate command, MiB sent so far), in time order.
+type Progress = Vec<(f64, f64)>;
+
+/// One sample of a migration's progress: (ms since `started`, MiB in `bytes`).
+fn progress_point(started: Instant, bytes: u64) -> (f64, f64) {
+    (started.elapsed().as_secs_f64() * 1e3, bytes as f64 / (1u64 << 20) as f64)
 }
 
 /// The whole benchmark.
@@ -218,16 +235,26 @@ pub fn run(args: &MigrateBenchArgs) -> Result<MigrateBenchReport, MigrateBenchEr
                     let mut ours = Vec::new();
                     let mut converged = true;
                     let mut theirs = Vec::new();
-                    for _ in 0..args.rounds.max(1) {
+                    let (mut our_progress, mut their_progress) = (Vec::new(), Vec::new());
+                    for round in 0..args.rounds.max(1) {
                         serial += 1;
                         let address = uri(transport, &work, &format!("fl-{serial}"))?;
-                        let (figures, met) = faultline_migration(args, &work, serial, rate, limit, &address, tracker)?;
+                        let (figures, met, progress) =
+                            faultline_migration(args, &work, serial, rate, limit, &address, tracker)?;
                         ours.push(figures);
                         converged &= met;
+                        if round == 0 {
+                            our_progress = progress;
+                        }
                         if with_qemu && transport != "fd-local" {
                             // QEMU spells both addresses the same way.
                             let address = uri(transport, &work, &format!("qemu-{serial}"))?;
-                            theirs.push(qemu_migration(args, &work, serial, rate, limit, &address, tracker)?);
+                            let (figures, progress) =
+                                qemu_migration(args, &work, serial, rate, limit, &address, tracker)?;
+                            theirs.push(figures);
+                            if round == 0 {
+                                their_progress = progress;
+                            }
                         }
                     }
                     cells.push(Cell {
@@ -240,6 +267,8 @@ pub fn run(args: &MigrateBenchArgs) -> Result<MigrateBenchReport, MigrateBenchEr
                         faultline_rounds: ours,
                         qemu: (with_qemu && !theirs.is_empty()).then(|| Migration::mean(&theirs)),
                         qemu_rounds: theirs,
+                        faultline_progress: our_progress,
+                        qemu_progress: their_progress,
                     });
                 }
             }
@@ -366,7 +395,7 @@ fn faultline_migration(
     limit: u64,
     uri: &str,
     tracker: &str,
-) -> Result<(Migration, bool), MigrateBenchError> {
+) -> Result<(Migration, bool, Progress), MigrateBenchError> {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("faultline"));
     let socket = work.join(format!("src-{serial}.sock"));
     let config = guest_config(args, rate);
@@ -389,12 +418,26 @@ fn faultline_migration(
     let mut destination = spawn(destination_command, "faultline restore --incoming")?;
     wait_listening(uri, "faultline restore", &mut destination.child)?;
     let mut client = connect(&socket)?;
+    let started = Instant::now();
     client
         .call(
             "migrate",
             json!({ "uri": uri, "downtime_ms": limit, "dirty_tracking": (tracker == "ring").then_some("ring") }),
         )
         .map_err(|e| step(format!("faultline migrate {uri}"))(e.to_string()))?;
+    // Sample the progress until the source ends (its socket closes) while this thread
+    // reads the console to the end.
+    let sampler = std::thread::spawn(move || {
+        let mut progress = vec![(0.0, 0.0)];
+        while let Ok(status) = client.call("migrate.status", Value::Null) {
+            progress.push(progress_point(started, status["transferred"].as_u64().unwrap_or(0)));
+            if status["status"] == "completed" || status["status"] == "failed" {
+                break;
+            }
+            std::thread::sleep(PROGRESS_EVERY);
+        }
+        progress
+    });
     // The source ends its VM on the destination's Ack and prints its report.
     let mut rest = String::new();
     let _ = source.console.read_to_string(&mut rest);
@@ -404,6 +447,14 @@ fn faultline_migration(
         .and_then(|i| serde_json::from_str(&rest[i..]).ok())
         .ok_or_else(|| step("faultline run")(format!("no JSON report after the migration: {rest}")))?;
     let m = &report["migration"];
+    let mut progress = sampler.join().unwrap_or_default();
+    // The report's end point: the last sample may be older than it, or later (taken after
+    // completion, when the clock here had run on).
+    progress.push((
+        m["total-time"].as_f64().unwrap_or(0.0),
+        m["transferred"].as_f64().unwrap_or(0.0) / (1u64 << 20) as f64,
+    ));
+    progress.sort_by(|a, b| a.0.total_cmp(&b.0));
     if m["status"] != "completed" {
         return Err(step(format!("faultline migrate {uri}"))(format!("did not complete: {m}")));
     }
@@ -414,7 +465,7 @@ fn faultline_migration(
         bytes: m["transferred"].as_u64().unwrap_or(0),
         syncs: m["dirty-sync-count"].as_u64().unwrap_or(0),
     };
-    Ok((figures, m["converged"] == true))
+    Ok((figures, m["converged"] == true, progress))
 }
 
 fn qemu_command(args: &MigrateBenchArgs, image: &Path, qmp: &Path, rate: u64, tracker: &str) -> Command {
@@ -438,7 +489,7 @@ fn qemu_migration(
     limit: u64,
     uri: &str,
     tracker: &str,
-) -> Result<Migration, MigrateBenchError> {
+) -> Result<(Migration, Progress), MigrateBenchError> {
     // `run` wrote the guest image there.
     let image = &work.join("guest.elf");
     let qmp_path = work.join(format!("qmp-src-{serial}.sock"));
@@ -453,25 +504,28 @@ fn qemu_migration(
     qmp.execute("migrate-set-parameters", json!({ "downtime-limit": limit, "max-bandwidth": 100u64 << 30 }))?;
     qmp.execute("migrate", json!({ "uri": uri }))?;
     let started = Instant::now();
+    let mut progress = vec![(0.0, 0.0)];
     let status = loop {
         let status = qmp.execute("query-migrate", Value::Null)?;
+        progress.push(progress_point(started, status["ram"]["transferred"].as_u64().unwrap_or(0)));
         match status["status"].as_str() {
             Some("completed") => break status,
             Some("failed") | Some("cancelled") => return Err(step(format!("qemu migrate {uri}"))(status.to_string())),
             _ if started.elapsed() > Duration::from_secs(300) => {
                 return Err(step(format!("qemu migrate {uri}"))(format!("not completed after 300 s: {status}")))
             }
-            _ => std::thread::sleep(Duration::from_millis(2)),
+            _ => std::thread::sleep(PROGRESS_EVERY),
         }
     };
     drop(destination);
     drop(source);
-    Ok(Migration {
+    let figures = Migration {
         total_ms: status["total-time"].as_f64().unwrap_or(0.0),
         downtime_ms: status["downtime"].as_f64().unwrap_or(0.0),
         bytes: status["ram"]["transferred"].as_u64().unwrap_or(0),
         syncs: status["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
-    })
+    };
+    Ok((figures, progress))
 }
 
 impl MigrateBenchReport {
@@ -506,6 +560,18 @@ impl MigrateBenchReport {
                 Labels { title: &title, x: "link, tracker, dirty rate, limit", y: "ms" },
                 &labels,
                 &series(figure),
+            )?;
+        }
+        for (i, (cell, label)) in self.cells.iter().zip(&labels).enumerate() {
+            let mut curves = vec![Series::new("Faultline", cell.faultline_progress.clone())];
+            if !cell.qemu_progress.is_empty() {
+                curves.push(Series::new("QEMU", cell.qemu_progress.clone()));
+            }
+            let title = format!("MiB sent over time, {label} ({} MiB guest, first round)", self.memory_mib);
+            plot::lines(
+                &dir.join(format!("migrate-bytes-{}.svg", i + 1)),
+                Labels { title: &title, x: "ms since the migrate command", y: "MiB sent" },
+                &curves,
             )?;
         }
         Ok(())
