@@ -82,7 +82,7 @@ fn wait_bounded(mut child: std::process::Child, limit: Duration, what: &str) -> 
 
 /// Both ends after a post-copy that completed: the source migrated mid-step, the
 /// destination found every generation, and both counted the same page requests.
-fn assert_postcopy_whole(dest: &RunOutcome, source: &RunOutcome, preempt: bool) -> (f64, u64) {
+fn assert_postcopy_whole(dest: &RunOutcome, source: &RunOutcome, preempt: bool, vcpus: usize) -> (String, u64) {
     let sm = assert_migrated(source);
     assert_generations_whole(dest);
     let dm = &dest.report["migration"];
@@ -104,7 +104,19 @@ fn assert_postcopy_whole(dest: &RunOutcome, source: &RunOutcome, preempt: bool) 
     assert!(sm["postcopy-bytes"].as_u64().unwrap() > 0 && sm["downtime"].as_f64().unwrap() > 0.0, "{sm}");
     // The downtime carried no memory: only the page table and the state.
     assert!(sm["downtime-bytes"].as_u64().unwrap() < sm["postcopy-bytes"].as_u64().unwrap(), "{sm}");
-    (dm["postcopy-blocktime"].as_f64().unwrap(), requests)
+    // Blocktime per vCPU: the faults name their threads, and vCPU threads waited (the
+    // guest's own writes faulted); no vCPU waited longer than all faults together, and
+    // the whole guest stood no longer than its least blocked vCPU.
+    let per_vcpu: Vec<f64> =
+        dm["postcopy-vcpu-blocktime"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(per_vcpu.len(), vcpus, "{dm}");
+    assert!(per_vcpu.iter().sum::<f64>() > 0.0, "vCPU threads were not told apart: {dm}");
+    let fault_wait = dm["postcopy-fault-wait"].as_f64().unwrap();
+    assert!(per_vcpu.iter().all(|&b| b <= fault_wait + 1e-6), "{dm}");
+    let all = dm["postcopy-blocktime"].as_f64().unwrap();
+    assert!(per_vcpu.iter().all(|&b| all <= b + 1e-6), "{dm}");
+    let blocktime = format!("blocktime {all:.1} ms (per vCPU {per_vcpu:.1?}, all faults {fault_wait:.1})");
+    (blocktime, requests)
 }
 
 #[test]
@@ -136,10 +148,10 @@ fn postcopy_over_unix_and_tcp_on_1_and_2_vcpus_anon_and_memfd_loses_no_write() {
         let dest = wait_bounded(dest, Duration::from_secs(120), "the destination");
         let backend = if memory.contains("memfd") { "memfd" } else { "anon" };
         assert_eq!(dest.report["backends"], serde_json::json!([backend]), "{}", dest.stdout);
-        let (blocktime, requests) = assert_postcopy_whole(&dest, &source, preempt);
+        let (blocktime, requests) = assert_postcopy_whole(&dest, &source, preempt, vcpus.parse().unwrap());
         let m = &source.report["migration"];
         eprintln!(
-            "{name} ({backend}): downtime {:.1} ms, total {:.0} ms, {requests} requests, blocktime {blocktime:.1} ms, {} MiB",
+            "{name} ({backend}): downtime {:.1} ms, total {:.0} ms, {requests} requests, {blocktime}, {} MiB",
             m["downtime"].as_f64().unwrap(),
             m["total-time"].as_f64().unwrap(),
             m["transferred"].as_u64().unwrap() >> 20
@@ -166,7 +178,7 @@ fn a_vm_with_a_hugetlb_zone_moves_by_postcopy_in_2_mib_pages() {
     let source = wait_bounded(source.child, Duration::from_secs(120), "the source");
     let dest = wait_bounded(dest, Duration::from_secs(120), "the destination");
     assert_eq!(dest.report["backends"], serde_json::json!(["anon", "hugetlb"]));
-    assert_postcopy_whole(&dest, &source, true);
+    assert_postcopy_whole(&dest, &source, true, 2);
     assert_eq!(source.report["migration"]["page-size"], 2 << 20);
 }
 

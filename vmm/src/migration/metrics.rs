@@ -95,10 +95,22 @@ pub struct MigrationMetrics {
     /// requests and their answers.
     #[serde(default)]
     pub postcopy_preempt: bool,
-    /// Post-copy, destination: the time guest faults waited for pages from the source,
-    /// summed over every fault (ms). Per vCPU is not split (see docs/migration.md).
+    /// Post-copy, destination: the time during which every vCPU waited for pages from the
+    /// source at once (ms), QEMU's `postcopy-blocktime`.
     #[serde(default)]
     pub postcopy_blocktime: f64,
+    /// Post-copy, destination: per vCPU, the time it waited for pages (ms), QEMU's
+    /// `postcopy-vcpu-blocktime`.
+    #[serde(default)]
+    pub postcopy_vcpu_blocktime: Vec<f64>,
+    /// Post-copy, destination: the waits of threads that are not vCPUs (the VMM's own
+    /// accesses to guest RAM), summed (ms).
+    #[serde(default)]
+    pub postcopy_other_blocktime: f64,
+    /// Post-copy, destination: every fault's wait for its page, summed over faults (ms;
+    /// more than the per-vCPU figures when faults of one vCPU overlap, e.g. retries).
+    #[serde(default)]
+    pub postcopy_fault_wait: f64,
     /// Post-copy, destination: faults that waited for the source.
     #[serde(default)]
     pub postcopy_faults: u64,

@@ -16,6 +16,7 @@
 //! harvest unites it with the smmu's set of those writes, and discarded pages go as
 //! zero markers (docs/migration.md, "The balloon").
 
+mod blocktime;
 mod converge;
 pub mod destination;
 mod dirty_tracker;

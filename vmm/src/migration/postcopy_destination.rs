@@ -15,6 +15,7 @@
 //! [`REQUEST_TIMEOUT`], a broken or silent link, or a malformed frame stops the fault
 //! engine with the reason, which ends the VM with that error.
 
+use super::blocktime::Blocktime;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -158,6 +159,7 @@ struct Shared {
     bytes: AtomicU64,
     faults: AtomicU64,
     blocked_ns: AtomicU64,
+    blocktime: Blocktime,
     latency: [AtomicU64; BUCKETS],
 }
 
@@ -188,8 +190,9 @@ impl Shared {
         self.installer.fail(gpa, PageSourceError::Failed { gpa, reason });
     }
 
-    fn record(&self, started: Instant) {
-        let ns = started.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+    fn record(&self, req: &PageRequest) {
+        self.blocktime.record(req.thread(), req.started());
+        let ns = req.started().elapsed().as_nanos().min(u64::MAX as u128) as u64;
         self.faults.fetch_add(1, Ordering::Relaxed);
         self.blocked_ns.fetch_add(ns, Ordering::Relaxed);
         let us = (ns / 1000).max(1);
@@ -210,7 +213,7 @@ impl Shared {
                 Some(waiting) => {
                     for req in waiting.requests {
                         match self.installer.complete(req, data).map_err(engine)? {
-                            Completion::Installed | Completion::AlreadyPresent => self.record(req.started()),
+                            Completion::Installed | Completion::AlreadyPresent => self.record(&req),
                             // The waiter was woken and faults again (a new request).
                             Completion::Retry | Completion::Discarded => {}
                         }
@@ -350,6 +353,7 @@ impl Incoming {
             bytes: AtomicU64::new(0),
             faults: AtomicU64::new(0),
             blocked_ns: AtomicU64::new(0),
+            blocktime: Blocktime::new(machine.config.vcpus as usize),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
         });
         let mut threads = Vec::new();
@@ -518,7 +522,11 @@ fn drive(
     metrics.postcopy_requests = shared.requests.load(Ordering::Relaxed);
     metrics.postcopy_bytes = shared.bytes.load(Ordering::Relaxed);
     metrics.postcopy_faults = shared.faults.load(Ordering::Relaxed);
-    metrics.postcopy_blocktime = shared.blocked_ns.load(Ordering::Relaxed) as f64 / 1e6;
+    metrics.postcopy_fault_wait = shared.blocked_ns.load(Ordering::Relaxed) as f64 / 1e6;
+    let blocktime = shared.blocktime.summary();
+    metrics.postcopy_blocktime = blocktime.all_vcpus_ms;
+    metrics.postcopy_vcpu_blocktime = blocktime.per_vcpu_ms;
+    metrics.postcopy_other_blocktime = blocktime.other_threads_ms;
     metrics.postcopy_latency_us = shared.histogram();
     metrics.postcopy_missing = shared.missing();
     metrics.transferred = metrics.downtime_bytes + metrics.postcopy_bytes;

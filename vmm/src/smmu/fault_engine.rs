@@ -100,6 +100,8 @@ fn required_features(regions: &Regions, non_coop: bool) -> (Features, Features) 
             }
         }
     }
+    // Cheap, and lets a page source tell which vCPU waits (post-copy's blocktime).
+    opt = opt.union(Features::THREAD_ID);
     if non_coop {
         req = req.union(Features::EVENT_REMOVE).union(Features::EVENT_UNMAP);
         req = req.union(Features::EVENT_REMAP);

@@ -38,6 +38,8 @@ struct Fault {
     hva: u64,
     kind: FaultKind,
     write: bool,
+    /// The faulting thread (0 if the kernel did not say).
+    thread: u32,
     read_at: Instant,
 }
 
@@ -174,7 +176,7 @@ impl<'a> Handler<'a> {
 
     fn on_event(&mut self, ev: Event, read_at: Instant) -> Result<(), FaultEngineError> {
         match ev {
-            Event::PageFault { address, write, wp, minor } => {
+            Event::PageFault { address, write, wp, minor, thread } => {
                 let (region, r) = self
                     .s
                     .regions
@@ -190,7 +192,7 @@ impl<'a> Handler<'a> {
                     FaultKind::Missing
                 };
                 let hva = address & !(r.page_bytes - 1);
-                self.resolve(Fault { region, hva, kind, write, read_at })?;
+                self.resolve(Fault { region, hva, kind, write, thread, read_at })?;
             }
             other => on_other_event(self.s, other),
         }
@@ -228,6 +230,7 @@ impl<'a> Handler<'a> {
                     region: f.region,
                     seq,
                     write: f.write,
+                    thread: f.thread,
                     read_at: f.read_at,
                     background: false,
                 };

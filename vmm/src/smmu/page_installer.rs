@@ -76,7 +76,7 @@ impl PageInstaller {
         let gpa = gpa & !(r.page_bytes - 1);
         let seq = s.inv.read_begin(GuestRange::new(gpa, r.page_bytes));
         let hva = r.host_addr + (gpa - r.guest_addr);
-        Some(PageRequest { gpa, hva, region, seq, write: false, read_at: Instant::now(), background: true })
+        Some(PageRequest { gpa, hva, region, seq, write: false, thread: 0, read_at: Instant::now(), background: true })
     }
 
     /// Whether the table holds the page of `gpa` populated or discarded already, i.e. a

@@ -70,6 +70,8 @@ pub struct PageRequest {
     pub(super) region: usize,
     pub(super) seq: ReadSeq,
     pub(super) write: bool,
+    /// The faulting thread's id (0 for background pushes, or without THREAD_ID).
+    pub(super) thread: u32,
     /// When the fault was read (latency is measured from here to the install).
     pub(super) read_at: Instant,
     /// A background push, not a fault: no thread waits for it.
@@ -90,6 +92,12 @@ impl PageRequest {
     /// Whether the fault was a write.
     pub fn is_write(&self) -> bool {
         self.write
+    }
+
+    /// The faulting thread's id, 0 if unknown (a background push, or a kernel without
+    /// `UFFD_FEATURE_THREAD_ID`).
+    pub fn thread(&self) -> u32 {
+        self.thread
     }
 
     /// When the fault was read by the handler (or the push began).

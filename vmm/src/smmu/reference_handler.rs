@@ -28,7 +28,7 @@ pub(super) fn run(s: &Shared) -> Result<(), FaultEngineError> {
     while let Some(event) = next_event(s, &mut msg, &mut events)? {
         let read_at = Instant::now();
         match event {
-            Event::PageFault { address, write, wp, minor } => {
+            Event::PageFault { address, write, wp, minor, .. } => {
                 if wp {
                     return Err(FaultEngineError::HandlerUnsupported {
                         handler: "reference",

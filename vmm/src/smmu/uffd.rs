@@ -304,6 +304,8 @@ fn decode(msg: &RawMsg) -> Result<Event> {
                 write: flags & uapi::UFFD_PAGEFAULT_FLAG_WRITE as u64 != 0,
                 wp: flags & uapi::UFFD_PAGEFAULT_FLAG_WP as u64 != 0,
                 minor: flags & uapi::UFFD_PAGEFAULT_FLAG_MINOR as u64 != 0,
+                // SAFETY: `feat` has one member, a plain integer (0 unless THREAD_ID).
+                thread: unsafe { pf.feat.ptid },
             }
         }
         uapi::UFFD_EVENT_REMOVE => {

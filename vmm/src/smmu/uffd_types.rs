@@ -51,6 +51,8 @@ impl Features {
     pub const WP_HUGETLBFS_SHMEM: Features = Features(uapi::UFFD_FEATURE_WP_HUGETLBFS_SHMEM as u64);
     /// `UFFD_FEATURE_WP_UNPOPULATED`: WP applies to not-yet-populated anon pages too.
     pub const WP_UNPOPULATED: Features = Features(uapi::UFFD_FEATURE_WP_UNPOPULATED as u64);
+    /// `UFFD_FEATURE_THREAD_ID`: page faults name the faulting thread.
+    pub const THREAD_ID: Features = Features(uapi::UFFD_FEATURE_THREAD_ID as u64);
     /// `UFFD_FEATURE_POISON`: UFFDIO_POISON.
     pub const POISON: Features = Features(uapi::UFFD_FEATURE_POISON as u64);
 
@@ -170,6 +172,8 @@ pub enum Event {
         wp: bool,
         /// A minor fault (page in the page cache, not mapped).
         minor: bool,
+        /// The faulting thread's id (`UFFD_FEATURE_THREAD_ID`; 0 without it).
+        thread: u32,
     },
     /// Pages in `[start, end)` were dropped (MADV_DONTNEED / MADV_REMOVE).
     Remove {
