@@ -96,7 +96,11 @@ fn assert_postcopy_whole(dest: &RunOutcome, source: &RunOutcome, preempt: bool, 
     // not got yet, and each became one request the source answered.
     let requests = dm["postcopy-requests"].as_u64().unwrap();
     assert!(requests > 0, "{dm}");
-    assert_eq!(sm["postcopy-requests"], requests, "both ends count the same requests: {sm}");
+    // The source counts the requests it read before it ended; one sent while the source
+    // was finishing (its page already on the way) may be in flight then: at most one per
+    // waiting thread.
+    let answered = sm["postcopy-requests"].as_u64().unwrap();
+    assert!(answered <= requests && requests - answered <= vcpus as u64 + 1, "both ends count the requests: {sm}");
     // (A fault whose page was invalidated while it came faults again: one more request.)
     assert!(dm["postcopy-faults"].as_u64().unwrap() > 0, "{dm}");
     let histogram: u64 = dm["postcopy-latency-us"].as_array().unwrap().iter().map(|b| b[1].as_u64().unwrap()).sum();
