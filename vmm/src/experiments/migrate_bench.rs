@@ -529,7 +529,8 @@ fn qemu_migration(
 }
 
 impl MigrateBenchReport {
-    /// Draws each cell's downtime and total time, Faultline beside QEMU, into `dir`.
+    /// Draws each cell's downtime and total time, Faultline beside QEMU, and each cell's
+    /// bytes sent over time, into `dir`.
     pub fn plot(&self, dir: &Path) -> Result<(), MigrateBenchError> {
         std::fs::create_dir_all(dir).map_err(|e| step(format!("create {}", dir.display()))(e.to_string()))?;
         let labels: Vec<String> = self
