@@ -117,9 +117,6 @@ impl Step<'_> {
             if tsc::now() >= next_stats && balloon.service_stats(&self.stats())? {
                 next_stats = tsc::now() + stats_interval;
             }
-            if balloon.config_changed() {
-                target = balloon.target()?.0;
-            }
             let want = u64::from(target).min(self.capacity);
             if want < u64::from(target) && !capped_noted {
                 note!("balloon: target {target} pages is more than the {} the region can give", self.capacity);
@@ -149,6 +146,14 @@ impl Step<'_> {
                 if config.balloon_changes != 0 && changes >= config.balloon_changes {
                     break;
                 }
+                continue;
+            }
+            // The target is re-read only once the last change is finished and printed: the
+            // host sees `actual == target` as soon as the inflate or deflate ends and may
+            // set the next target at once, and folding that into the change still being
+            // checked would make two host changes count as one.
+            if balloon.config_changed() {
+                target = balloon.target()?.0;
                 continue;
             }
             let now = tsc::now();
