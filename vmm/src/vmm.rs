@@ -279,7 +279,7 @@ impl Vmm {
             return Err(incoming.refuse(e).into());
         };
         let channel = incoming
-            .receive_postcopy(&machine, &source)
+            .receive_postcopy(&machine, &source, &installer)
             .and_then(|state| Ok((state, incoming.start_postcopy(&machine, &source, requests, installer)?)));
         let (state, channel) = match channel {
             Ok(received) => received,

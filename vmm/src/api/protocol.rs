@@ -250,8 +250,8 @@ pub enum MigrateMode {
     /// destination, which asks for pages as the guest faults on them while the rest
     /// follows in the background.
     Postcopy,
-    /// Pre-copy rounds first (`--postcopy-after-rounds`), then post-copy for the rest
-    /// (not built yet: refused up front).
+    /// Pre-copy rounds first (`--postcopy-after-rounds`), then post-copy for the pages
+    /// dirtied since they were sent (or, if the rounds converge, a stop-and-copy).
     Hybrid,
 }
 

@@ -261,15 +261,7 @@ pub fn receive_memory(reader: &mut FrameReader<impl Read>, applier: &mut Applier
         match frame.kind {
             FrameType::Pages => counts.add(applier.apply(&frame.payload)?),
             FrameType::RoundEnd => {
-                let number = <[u8; 4]>::try_from(&frame.payload[..]).map(u32::from_le_bytes).map_err(|_| {
-                    MigrationError::Malformed { what: "a RoundEnd frame".into(), reason: "it is not 4 bytes".into() }
-                })?;
-                if u64::from(number) != rounds {
-                    return Err(MigrationError::Malformed {
-                        what: "a RoundEnd frame".into(),
-                        reason: format!("round {number} ended where round {rounds} was due"),
-                    });
-                }
+                check_round_end(&frame, rounds)?;
                 rounds += 1;
                 last_round_end = Instant::now();
             }
@@ -285,6 +277,20 @@ pub fn receive_memory(reader: &mut FrameReader<impl Read>, applier: &mut Applier
     Ok(Received { state, counts, rounds, last_round_end })
 }
 
+/// Checks that a `RoundEnd` frame ends round `due` (the rounds are numbered from 0).
+pub(super) fn check_round_end(frame: &Frame, due: u64) -> Result<(), MigrationError> {
+    let number = <[u8; 4]>::try_from(&frame.payload[..]).map(u32::from_le_bytes).map_err(|_| {
+        MigrationError::Malformed { what: "a RoundEnd frame".into(), reason: "it is not 4 bytes".into() }
+    })?;
+    if u64::from(number) != due {
+        return Err(MigrationError::Malformed {
+            what: "a RoundEnd frame".into(),
+            reason: format!("round {number} ended where round {due} was due"),
+        });
+    }
+    Ok(())
+}
+
 /// The next frame, which must be `wanted` (a `Refuse` carries the source's reason).
 pub fn expect(reader: &mut FrameReader<impl Read>, wanted: FrameType) -> Result<Frame, MigrationError> {
     let frame = reader.read()?;
@@ -295,11 +301,11 @@ pub fn expect(reader: &mut FrameReader<impl Read>, wanted: FrameType) -> Result<
     }
 }
 
-fn refused(frame: &Frame) -> MigrationError {
+pub(super) fn refused(frame: &Frame) -> MigrationError {
     MigrationError::Refused { peer: "source", reason: String::from_utf8_lossy(&frame.payload).into_owned() }
 }
 
-fn unexpected(got: FrameType, wanted: &str) -> MigrationError {
+pub(super) fn unexpected(got: FrameType, wanted: &str) -> MigrationError {
     MigrationError::Unexpected { got: format!("{got:?}"), wanted: wanted.to_string() }
 }
 

@@ -118,6 +118,11 @@ pub struct MigrationMetrics {
     /// installed), as counts per power-of-two bucket of microseconds: `[upper_us, count]`.
     #[serde(default)]
     pub postcopy_latency_us: Vec<(u64, u64)>,
+    /// Post-copy and hybrid: pages the post-copy table listed at the switch-over (the
+    /// pages still to come: every existing page in post-copy, those dirtied since they
+    /// were sent in hybrid).
+    #[serde(default)]
+    pub postcopy_table_pages: u64,
     /// Post-copy, destination: pages of the source's table that were neither installed
     /// nor discarded when the source said it had sent everything (0 on success).
     #[serde(default)]

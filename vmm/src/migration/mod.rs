@@ -1,12 +1,13 @@
 //! Live migration: a running VM moves to another `faultline` process (same host or
-//! another) over a stream of our own (`docs/migration.md`), by pre-copy.
+//! another) over a stream of our own (`docs/migration.md`), by pre-copy, post-copy or a hybrid of both.
 //!
 //! - [`stream`]: numbered, checksummed frames; [`handshake`]: magic, version, arch;
 //!   [`memory`]: page ranges with zero markers, read from and written into guest RAM;
 //!   [`transport`]: `unix:PATH`, `tcp:HOST:PORT` and `fd-local:PATH`; [`local`]: the
 //!   `fd-local:` handover of the zones' fds (no memory copied);
 //! - [`source`]: the pre-copy sender (on its own thread; [`Migrations`] starts, polls
-//!   and cancels it for the control socket);
+//!   and cancels it for the control socket); [`postcopy_source`]: the post-copy one;
+//!   [`hybrid_source`]: pre-copy rounds, then post-copy on the same connections;
 //! - [`destination`]: `faultline restore --incoming URI` receives, checks every frame
 //!   before it applies it, and starts nothing unless the whole VM arrived;
 //! - [`metrics`]: QEMU's figures.
@@ -21,6 +22,7 @@ mod converge;
 pub mod destination;
 mod dirty_tracker;
 pub mod handshake;
+pub mod hybrid_source;
 pub mod local;
 pub mod memory;
 pub mod metrics;
@@ -190,7 +192,7 @@ impl Migrations {
                         (true, _) => local::migrate,
                         (false, MigrateMode::Precopy) => source::precopy,
                         (false, MigrateMode::Postcopy) => postcopy_source::postcopy,
-                        (false, MigrateMode::Hybrid) => postcopy_source::hybrid,
+                        (false, MigrateMode::Hybrid) => hybrid_source::hybrid,
                     };
                     source::migrate(&machine, uri, &request, &progress, transfer)
                 })
@@ -267,9 +269,6 @@ fn check_migratable(
     mode: MigrateMode,
 ) -> Result<(), MigrationError> {
     let unsupported = |reason: &str| Err(MigrationError::Unsupported(reason.to_string()));
-    if mode == MigrateMode::Hybrid {
-        return unsupported("--mode hybrid is not built yet; use --mode precopy or --mode postcopy");
-    }
     if uri.is_local() && machine_request_is_postcopy(mode) {
         return unsupported("fd-local: hands the memory over at once; post-copy and hybrid are for unix: and tcp:");
     }

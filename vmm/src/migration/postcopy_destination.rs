@@ -23,10 +23,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::destination::{expect, Incoming};
-use super::memory::{PageBatch, Zones};
+use super::destination::{check_round_end, expect, refused, unexpected, Incoming};
+use super::memory::{PageBatch, PageCounts, Zones};
 use super::metrics::{MigrationMetrics, MigrationStatus};
-use super::stream::{FrameReader, FrameType, FrameWriter, StreamError};
+use super::stream::{Frame, FrameReader, FrameType, FrameWriter, StreamError};
 use super::transport::Link;
 use super::MigrationError;
 use crate::config::ZoneConfig;
@@ -34,6 +34,7 @@ use crate::machine::{Machine, MachineState};
 use crate::memory::{GuestRam, RamRegion};
 use crate::smmu::page_installer::{Completion, PageInstaller};
 use crate::smmu::page_source::{PageData, PageRequest, PageSource, PageSourceError};
+use crate::smmu::GuestRange;
 
 /// A page request unanswered this long ends the migration (and the VM).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -300,29 +301,57 @@ impl Incoming {
     /// Post-copy: reads the source's page table (one `Present` frame per zone) and the
     /// machine state, and points `source` at them. Guest RAM of `machine` is registered
     /// MISSING with `source` as its page source.
+    ///
+    /// Hybrid: pre-copy rounds come first; their pages are written straight into guest
+    /// RAM through `installer` (no vCPU runs yet), and once the table arrived the pages
+    /// it lists that a round brought are evicted, so the guest's first touch fetches
+    /// them anew.
     pub fn receive_postcopy(
         &mut self,
         machine: &Machine,
         source: &RemoteSource,
+        installer: &PageInstaller,
     ) -> Result<MachineState, MigrationError> {
-        let began = Instant::now();
+        let mut began = Instant::now();
         let zones = Zones::new(&machine.ram, &machine.config.zones);
+        let layout = Layout::new(machine.ram.regions(), &machine.config.zones);
+        let mode = self.summary.as_ref().map_or("postcopy", |s| s.mode.as_str()).to_string();
+        let mut first = None;
+        if mode == "hybrid" {
+            let rounds = receive_rounds(&mut self.reader, &zones, &layout, installer)?;
+            let m = &mut self.metrics;
+            (m.rounds, m.dirty_sync_count) = (rounds.rounds, rounds.rounds);
+            (m.duplicate, m.normal, m.normal_bytes) =
+                (rounds.counts.zero, rounds.counts.normal, rounds.counts.normal_bytes);
+            m.precopy_bytes = self.reader.bytes_read();
+            began = rounds.last_round_end;
+            first = Some(rounds.table);
+        }
         let mut present = Vec::with_capacity(zones.len());
         for zone in 0..zones.len() {
-            let frame = expect(&mut self.reader, FrameType::Present)?;
+            let frame = match first.take() {
+                Some(frame) => frame,
+                None => expect(&mut self.reader, FrameType::Present)?,
+            };
             present.push(decode_present(&frame.payload, zone, zones.unit_count(zone))?);
+        }
+        if mode == "hybrid" {
+            evict_listed(machine, &layout, &present, installer)?;
         }
         let state = expect(&mut self.reader, FrameType::State)?;
         let state = serde_json::from_slice::<MachineState>(&state.payload)
             .map_err(|e| MigrationError::Malformed { what: "the State frame".into(), reason: e.to_string() })?;
-        let _ = source.layout.set(Layout::new(machine.ram.regions(), &machine.config.zones));
+        let table_pages = present.iter().flatten().map(|w| u64::from(w.count_ones())).sum();
+        let _ = source.layout.set(layout);
         let _ = source.present.set(present);
+        let downtime_bytes = self.reader.bytes_read() - self.metrics.precopy_bytes;
         let m = &mut self.metrics;
-        m.mode = "postcopy".into();
+        m.mode = mode;
+        m.postcopy_table_pages = table_pages;
         m.postcopy_preempt = self.preempt.is_some();
         m.total = machine.ram.size_bytes();
         m.page_size = machine.config.zones.iter().map(super::memory::unit_bytes).max().unwrap_or(4096);
-        m.downtime_bytes = self.reader.bytes_read();
+        m.downtime_bytes = downtime_bytes;
         self.stop_and_copy_began_at(began);
         Ok(state)
     }
@@ -626,6 +655,100 @@ fn receive(
             return;
         }
     }
+}
+
+/// What the pre-copy rounds of a hybrid migration brought.
+struct HybridRounds {
+    counts: PageCounts,
+    rounds: u64,
+    last_round_end: Instant,
+    /// The first `Present` frame, which ended the rounds.
+    table: Frame,
+}
+
+/// Hybrid: reads `Pages` and `RoundEnd` frames up to the first `Present` frame, writing
+/// each page into guest RAM through `installer` (every frame checked first).
+fn receive_rounds(
+    reader: &mut FrameReader<Link>,
+    zones: &Zones,
+    layout: &Layout,
+    installer: &PageInstaller,
+) -> Result<HybridRounds, MigrationError> {
+    let mut counts = PageCounts::default();
+    let (mut rounds, mut last_round_end) = (0u64, Instant::now());
+    loop {
+        let frame = reader.read()?;
+        match frame.kind {
+            FrameType::Pages => {
+                let batch = PageBatch::parse(zones, &frame.payload)?;
+                for (unit, data) in batch.units() {
+                    let gpa = layout.gpa_of(batch.zone, unit).ok_or_else(|| MigrationError::Malformed {
+                        what: "a Pages frame".into(),
+                        reason: format!("zone {} page {unit} is not mapped here", batch.zone),
+                    })?;
+                    installer
+                        .write_owned(gpa, data)
+                        .map_err(|e| MigrationError::Memory(format!("writing gpa {gpa:#x}: {e}")))?;
+                    match data {
+                        Some(_) => {
+                            (counts.normal, counts.normal_bytes) = (counts.normal + 1, counts.normal_bytes + batch.unit)
+                        }
+                        None => counts.zero += 1,
+                    }
+                }
+            }
+            FrameType::RoundEnd => {
+                check_round_end(&frame, rounds)?;
+                rounds += 1;
+                last_round_end = Instant::now();
+            }
+            FrameType::Present if rounds > 0 => {
+                return Ok(HybridRounds { counts, rounds, last_round_end, table: frame })
+            }
+            FrameType::Refuse => return Err(refused(&frame)),
+            other => return Err(unexpected(other, "Pages, RoundEnd or (after round 0) Present")),
+        }
+    }
+}
+
+/// Hybrid: evicts the units of `present` a pre-copy round brought (or a zero marker
+/// cleared), in runs, so they are missing again and fetched from the source.
+fn evict_listed(
+    machine: &Machine,
+    layout: &Layout,
+    present: &[Vec<u64>],
+    installer: &PageInstaller,
+) -> Result<(), MigrationError> {
+    let discarder = machine.paging.discarder();
+    let mut run: Option<GuestRange> = None;
+    let flush = |run: &mut Option<GuestRange>| -> Result<(), MigrationError> {
+        match run.take() {
+            Some(range) => discarder.evict(range).map(drop).map_err(|e| MigrationError::Memory(e.to_string())),
+            None => Ok(()),
+        }
+    };
+    for (zone, map) in present.iter().enumerate() {
+        for (w, &word) in map.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let unit = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                let gpa = layout.gpa_of(zone, unit).expect("decode_present checked the units");
+                if !installer.settled(gpa) {
+                    continue;
+                }
+                let len = layout.units[zone];
+                match &mut run {
+                    Some(r) if r.end() == gpa => r.len += len,
+                    _ => {
+                        flush(&mut run)?;
+                        run = Some(GuestRange::new(gpa, len));
+                    }
+                }
+            }
+        }
+    }
+    flush(&mut run)
 }
 
 /// One zone's `Present` payload: zone (u32), units (u64), one bit per unit.

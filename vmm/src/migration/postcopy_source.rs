@@ -183,28 +183,30 @@ pub fn postcopy(
     summary.mode = "postcopy".into();
     summary.preempt = request.postcopy_preempt;
     let mut session = Session::handshake(machine, uri, main, &summary, progress)?;
-    let result = session.run(machine, progress, request);
-    session.main.shutdown();
-    if let Some(preempt) = &session.preempt {
-        preempt.shutdown();
-    }
+    let result = session.run(machine, progress);
+    session.shutdown();
     result
 }
 
-/// `--mode hybrid`: not built yet; refused before anything is sent.
-pub fn hybrid(
-    _machine: &Machine,
-    _uri: &MigrationUri,
-    _request: &MigrateRequest,
-    _progress: &Progress,
-) -> Result<(), MigrationError> {
-    Err(MigrationError::Unsupported(
-        "--mode hybrid is not implemented yet; use --mode precopy or --mode postcopy".into(),
-    ))
+/// Post-copy with the preempt channel (`summary.preempt`): connects a second time and
+/// greets on it (after the main connection's handshake: the destination accepts it
+/// then).
+pub(super) fn connect_preempt(
+    uri: &MigrationUri,
+    summary: &Summary,
+) -> Result<Option<(Link, FrameWriter<Link>)>, MigrationError> {
+    if !summary.preempt {
+        return Ok(None);
+    }
+    let link = uri.connect()?;
+    link.set_timeouts(None, Some(WRITE_TIMEOUT));
+    let mut writer = FrameWriter::new(link.try_clone().map_err(io("cloning the preempt channel"))?);
+    writer.write(FrameType::Hello, &[&handshake::encode(summary)])?;
+    Ok(Some((link, writer)))
 }
 
 /// The connections of one post-copy, handshaken.
-struct Session {
+pub(super) struct Session {
     main: Link,
     writer: Mutex<FrameWriter<Link>>,
     reader: Option<FrameReader<Link>>,
@@ -231,26 +233,36 @@ impl Session {
         let _: serde_json::Value = handshake::decode("destination", &welcome.payload)?;
         let config = serde_json::to_vec(&machine.config).expect("configs serialize");
         writer.write(FrameType::Config, &[&config])?;
-        let (preempt, preempt_writer) = match summary.preempt {
-            true => {
-                let link = uri.connect()?;
-                link.set_timeouts(None, Some(WRITE_TIMEOUT));
-                let mut writer = FrameWriter::new(link.try_clone().map_err(io("cloning the preempt channel"))?);
-                writer.write(FrameType::Hello, &[&hello])?;
-                (Some(link), Some(writer))
-            }
-            false => (None, None),
-        };
+        let (preempt, preempt_writer) = connect_preempt(uri, summary)?.unzip();
         let zones = Zones::new(&machine.ram, &machine.config.zones);
         let page_size = (0..zones.len()).map(|z| zones.unit(z)).max().unwrap_or(4096);
         progress.update(|m| {
             m.setup_time = ms(setup_started.elapsed());
             m.status = MigrationStatus::Active;
             m.page_size = page_size;
-            m.mode = "postcopy".into();
+            m.mode = summary.mode.clone();
             m.postcopy_preempt = summary.preempt;
         });
         Ok(Session { main, writer: Mutex::new(writer), reader: Some(reader), preempt, preempt_writer })
+    }
+
+    /// A session on a link whose handshake and pre-copy rounds went already (hybrid):
+    /// `writer` goes on numbering the main connection's frames.
+    pub(super) fn resume(
+        writer: FrameWriter<Link>,
+        preempt: Option<(Link, FrameWriter<Link>)>,
+    ) -> Result<Self, MigrationError> {
+        let main = writer.get_ref().try_clone().map_err(io("cloning the link"))?;
+        let (preempt, preempt_writer) = preempt.unzip();
+        Ok(Session { main, writer: Mutex::new(writer), reader: None, preempt, preempt_writer })
+    }
+
+    /// Shuts every connection down (their readers end).
+    pub(super) fn shutdown(&self) {
+        self.main.shutdown();
+        if let Some(preempt) = &self.preempt {
+            preempt.shutdown();
+        }
     }
 
     fn write(&self, kind: FrameType, parts: &[&[u8]]) -> Result<(), StreamError> {
@@ -261,7 +273,7 @@ impl Session {
         self.writer.lock().unwrap_or_else(|e| e.into_inner()).bytes_written()
     }
 
-    fn run(&mut self, machine: &Machine, progress: &Progress, _request: &MigrateRequest) -> Result<(), MigrationError> {
+    fn run(&mut self, machine: &Machine, progress: &Progress) -> Result<(), MigrationError> {
         // A lazily restored VM holds pages it has not brought in yet: they must go too.
         machine
             .bring_in_lazy_memory()
@@ -269,11 +281,33 @@ impl Session {
         let paused_at = Instant::now();
         progress.update(|m| m.status = MigrationStatus::Device);
         machine.pause()?;
-        let paused = paused_at.elapsed();
         // Nothing writes guest RAM from here to the end: every page read is final.
         let quiet = machine.quiesce();
         let zones = Zones::new(&machine.ram, &machine.config.zones);
         let existing = zones.existing_units()?;
+        let mut reader = self.reader.take().expect("read once");
+        let frames = std::iter::from_fn(move || Some(reader.read()));
+        self.switch_over(machine, progress, &quiet, &existing, frames, (paused_at, 0))
+    }
+
+    /// With the VM paused and held still (`quiet`): sends the table of the units still to
+    /// come (`listed`; the rest are on the destination already, or zero) and the machine
+    /// state, hands the VM over, answers the destination's requests and pushes the listed
+    /// units until every one is in. `frames` are the main connection's frames from the
+    /// destination; `paused_at` when the VM paused, and the stream bytes sent before
+    /// (pre-copy rounds, hybrid).
+    pub(super) fn switch_over(
+        &mut self,
+        machine: &Machine,
+        progress: &Progress,
+        quiet: &crate::machine::Quiesced,
+        listed: &[Vec<u64>],
+        frames: impl Iterator<Item = Result<Frame, StreamError>> + Send,
+        (paused_at, precopy_bytes): (Instant, u64),
+    ) -> Result<(), MigrationError> {
+        let paused = paused_at.elapsed();
+        let zones = Zones::new(&machine.ram, &machine.config.zones);
+        let existing = listed;
         let scanned = paused_at.elapsed();
         for (zone, units) in existing.iter().enumerate() {
             let payload = encode_present(zone, zones.unit_count(zone), units);
@@ -285,7 +319,7 @@ impl Session {
             }
             self.write(FrameType::Present, &[&payload])?;
         }
-        let state = machine.save_state_quiesced(&quiet)?;
+        let state = machine.save_state_quiesced(quiet)?;
         let state = serde_json::to_vec(&state).expect("machine states serialize");
         self.write(FrameType::State, &[&state])?;
         tracing::debug!(
@@ -295,11 +329,13 @@ impl Session {
             ms(paused_at.elapsed())
         );
         let switch_bytes = self.main_bytes();
-        let sent = Sent::new(&existing, &zones);
+        let sent = Sent::new(existing, &zones);
         let existing_bytes: u64 = existing.iter().enumerate().map(|(z, u)| u.len() as u64 * zones.unit(z)).sum();
+        let table_pages = existing.iter().map(|u| u.len() as u64).sum();
         progress.update(|m| {
+            m.postcopy_table_pages = table_pages;
             m.remaining = existing_bytes;
-            m.downtime_bytes = switch_bytes;
+            m.downtime_bytes = switch_bytes - precopy_bytes;
         });
         // After the handover the destination may stay silent for as long as the push
         // runs: the waits below bound the silence instead.
@@ -307,14 +343,13 @@ impl Session {
         // Requests are answered from here on: restoring the state on the destination may
         // already touch guest RAM.
         let (events_in, events) = mpsc::channel();
-        let reader = self.reader.take().expect("read once");
         let preempt_bytes = AtomicU64::new(0);
         let answered = std::thread::scope(|scope| {
             {
                 let events_in = events_in.clone();
                 let zones_ref = &machine.config.zones;
                 let ram = &machine.ram;
-                scope.spawn(move || read_main(reader, events_in, Zones::new(ram, zones_ref)));
+                scope.spawn(move || read_main(frames, events_in, Zones::new(ram, zones_ref)));
             }
             if let (Some(link), Some(writer)) = (&self.preempt, self.preempt_writer.take()) {
                 let link = link.try_clone().map_err(io("cloning the preempt channel"))?;
@@ -341,7 +376,6 @@ impl Session {
             m.postcopy_bytes = postcopy_bytes;
             m.transferred = switch_bytes + postcopy_bytes;
         });
-        drop(quiet);
         answered
     }
 
@@ -486,9 +520,8 @@ impl Session {
 
 /// The main connection's reader: requests (no preempt channel) and the destination's
 /// other frames, until the link ends.
-fn read_main(mut reader: FrameReader<Link>, events: Sender<Event>, zones: Zones) {
-    loop {
-        let frame = reader.read();
+fn read_main(frames: impl Iterator<Item = Result<Frame, StreamError>>, events: Sender<Event>, zones: Zones) {
+    for frame in frames {
         let event = match frame {
             Ok(frame) if frame.kind == FrameType::PageRequest => Event::Request(decode_request(&frame.payload, &zones)),
             other => {

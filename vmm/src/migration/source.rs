@@ -184,9 +184,11 @@ pub fn migrate(
 }
 
 /// The sending side: frames out, the destination's answers in (on a reader thread).
-struct Sender<'a> {
-    writer: FrameWriter<Link>,
-    answers: Receiver<Result<Frame, StreamError>>,
+/// A hybrid migration takes the writer and the answers over for its post-copy part
+/// ([`Sender::take_link`]); the sender is not used after that.
+pub(super) struct Sender<'a> {
+    writer: Option<FrameWriter<Link>>,
+    answers: Option<Receiver<Result<Frame, StreamError>>>,
     zones: Zones,
     machine: &'a Machine,
     progress: &'a Progress,
@@ -214,6 +216,19 @@ pub fn precopy(
     request: &MigrateRequest,
     progress: &Progress,
 ) -> Result<(), MigrationError> {
+    with_sender(machine, uri, request, progress, |sender| sender.run(request))
+}
+
+/// Connects to `uri` and runs `work` with a [`Sender`] on the link, whose reader thread
+/// passes the destination's frames to it; the link is shut down before the reader is
+/// joined, whatever `work` returned.
+pub(super) fn with_sender<T>(
+    machine: &Machine,
+    uri: &MigrationUri,
+    request: &MigrateRequest,
+    progress: &Progress,
+    work: impl FnOnce(&mut Sender<'_>) -> Result<T, MigrationError>,
+) -> Result<T, MigrationError> {
     let link = uri.connect()?;
     link.set_timeouts(None, Some(WRITE_TIMEOUT));
     *progress.link.lock().unwrap_or_else(|e| e.into_inner()) = Some(link.try_clone().map_err(io("cloning the link"))?);
@@ -221,6 +236,7 @@ pub fn precopy(
         return Err(MigrationError::Cancelled);
     }
     let reader_link = link.try_clone().map_err(io("cloning the link"))?;
+    let shutdown_link = link.try_clone().map_err(io("cloning the link"))?;
     let (answers_in, answers) = mpsc::channel();
     std::thread::scope(|scope| {
         scope.spawn(move || {
@@ -234,8 +250,8 @@ pub fn precopy(
             }
         });
         let mut sender = Sender {
-            writer: FrameWriter::new(link),
-            answers,
+            writer: Some(FrameWriter::new(link)),
+            answers: Some(answers),
             zones: Zones::new(&machine.ram, &machine.config.zones),
             machine,
             progress,
@@ -247,9 +263,9 @@ pub fn precopy(
             active_since: (Instant::now(), 0),
             converge: super::converge::AutoConverge::new(machine, request),
         };
-        let result = sender.run(request);
+        let result = work(&mut sender);
         // Unblocks the reader thread (it ends on the error) before the scope joins it.
-        sender.writer.get_ref().shutdown();
+        shutdown_link.shutdown();
         result
     })
 }
@@ -258,21 +274,73 @@ fn io(what: &'static str) -> impl Fn(std::io::Error) -> MigrationError {
     move |source| MigrationError::Stream(StreamError::Io { what, source })
 }
 
+/// Where the pre-copy rounds ended.
+pub(super) struct Rounds {
+    /// Units written since the last round was sent (the last harvest), per zone.
+    pub dirty: UnitLists,
+    /// Of those, the ones the VMM changed.
+    pub ours: UnitLists,
+    /// The estimated downtime was under the limit.
+    pub converged: bool,
+    /// Rounds sent after round 0.
+    pub round: u64,
+}
+
 impl Sender<'_> {
     fn run(&mut self, request: &MigrateRequest) -> Result<(), MigrationError> {
+        self.handshake(&Summary::of(&self.machine.config))?;
+        let max_rounds = u64::from(request.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS));
+        let rounds = self.rounds(request, max_rounds)?;
+
+        // Stop-and-copy.
+        let paused_at = Instant::now();
+        let precopy_bytes = self.stop(&rounds)?;
+        // Device threads stay still from here to the Ack: nothing writes guest RAM behind
+        // the last harvest (the balloon's notifier would, serving a kick). On failure the
+        // guard goes before the VM resumes.
+        let quiet = self.machine.quiesce();
+        let (last, last_ours) = self.harvest()?;
+        let merged = union(rounds.dirty, last);
+        let ours = union(rounds.ours, last_ours);
+        self.send_all(&merged, &ours)?;
+        let state = self.machine.save_state_quiesced(&quiet)?;
+        let state = serde_json::to_vec(&state).expect("machine states serialize");
+        self.writer().write(FrameType::State, &[&state])?;
+        self.writer().write(FrameType::Complete, &[])?;
+        let downtime_bytes = self.bytes_written() - precopy_bytes;
+        self.answer(FrameType::Ack, "restoring the VM")?;
+        let downtime = ms(paused_at.elapsed());
+        drop(quiet);
+        self.progress.update(|m| {
+            m.downtime = downtime;
+            m.downtime_bytes = downtime_bytes;
+            m.transferred = precopy_bytes + downtime_bytes;
+        });
+        Ok(())
+    }
+
+    /// Says hello with `summary`, checks the welcome and sends the configuration.
+    pub(super) fn handshake(&mut self, summary: &Summary) -> Result<(), MigrationError> {
         let setup_started = Instant::now();
-        self.writer.write(FrameType::Hello, &[&handshake::encode(&Summary::of(&self.machine.config))])?;
+        self.writer().write(FrameType::Hello, &[&handshake::encode(summary)])?;
         let welcome = self.answer(FrameType::Welcome, "handshaking")?;
         let _: serde_json::Value = handshake::decode("destination", &welcome.payload)?;
         let config = serde_json::to_vec(&self.machine.config).expect("configs serialize");
-        self.writer.write(FrameType::Config, &[&config])?;
+        self.writer().write(FrameType::Config, &[&config])?;
         let page_size = (0..self.zones.len()).map(|z| self.zones.unit(z)).max().unwrap_or(4096);
         self.progress.update(|m| {
             m.setup_time = ms(setup_started.elapsed());
             m.status = MigrationStatus::Active;
             m.page_size = page_size;
         });
+        Ok(())
+    }
 
+    /// Switches dirty tracking on, sends every existing page while the guest runs
+    /// (round 0), then rounds of the pages dirtied meanwhile until the estimated downtime
+    /// is under the limit or `max_rounds` rounds went after round 0. The pages dirtied in
+    /// the last round are not sent: they are in the result.
+    pub(super) fn rounds(&mut self, request: &MigrateRequest, max_rounds: u64) -> Result<Rounds, MigrationError> {
         // From here on every guest write is logged; a fresh log starts clean, and one
         // left on by an earlier migration is reset. So is the set of the VMM's own writes
         // (the balloon's): round 0 sends every page that exists, whoever wrote it.
@@ -285,8 +353,7 @@ impl Sender<'_> {
             self.machine.paging.discarder().vmm_writes().take();
         }
         super::dirty_tracker::record(self.machine, self.progress)?;
-        let max_rounds = u64::from(request.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS));
-        self.active_since = (Instant::now(), self.writer.bytes_written());
+        self.active_since = (Instant::now(), self.bytes_written());
         // A lazily restored VM holds pages it has not brought in yet: they must go too.
         self.machine
             .bring_in_lazy_memory()
@@ -296,7 +363,7 @@ impl Sender<'_> {
         self.send_all(&existing, &[])?;
         self.end_round(0)?;
         let mut round = 0u64;
-        let (dirty, ours, converged) = loop {
+        loop {
             let (dirty, ours) = self.harvest()?;
             let elapsed = round_started.elapsed().as_secs_f64().max(1e-6);
             round_started = Instant::now();
@@ -309,55 +376,53 @@ impl Sender<'_> {
                 m.remaining = bytes;
                 m.dirty_pages_rate = pages as f64 / elapsed;
             });
-            if expected_ms <= request.downtime_ms as f64 {
-                break (dirty, ours, true);
-            }
-            if round >= max_rounds {
-                break (dirty, ours, false);
+            let converged = expected_ms <= request.downtime_ms as f64;
+            if converged || round >= max_rounds {
+                return Ok(Rounds { dirty, ours, converged, round });
             }
             self.converge.after_harvest(expected_ms, request.downtime_ms as f64, self.progress);
             round += 1;
             self.send_all(&dirty, &ours)?;
             self.end_round(round)?;
-        };
+        }
+    }
 
-        // Stop-and-copy.
-        let paused_at = Instant::now();
-        let precopy_bytes = self.writer.bytes_written();
+    /// Pauses the VM after `rounds` and records where the pre-copy stood; returns the
+    /// stream bytes sent until then.
+    pub(super) fn stop(&mut self, rounds: &Rounds) -> Result<u64, MigrationError> {
+        let precopy_bytes = self.bytes_written();
         self.progress.update(|m| {
             m.status = MigrationStatus::Device;
-            m.converged = converged;
-            m.rounds = round + 1;
+            m.converged = rounds.converged;
+            m.rounds = rounds.round + 1;
             m.precopy_bytes = precopy_bytes;
         });
         self.machine.pause()?;
-        // Device threads stay still from here to the Ack: nothing writes guest RAM behind
-        // the last harvest (the balloon's notifier would, serving a kick). On failure the
-        // guard goes before the VM resumes.
-        let quiet = self.machine.quiesce();
-        let (last, last_ours) = self.harvest()?;
-        let merged = union(dirty, last);
-        let ours = union(ours, last_ours);
-        self.send_all(&merged, &ours)?;
-        let state = self.machine.save_state_quiesced(&quiet)?;
-        let state = serde_json::to_vec(&state).expect("machine states serialize");
-        self.writer.write(FrameType::State, &[&state])?;
-        self.writer.write(FrameType::Complete, &[])?;
-        let downtime_bytes = self.writer.bytes_written() - precopy_bytes;
-        self.answer(FrameType::Ack, "restoring the VM")?;
-        let downtime = ms(paused_at.elapsed());
-        drop(quiet);
-        self.progress.update(|m| {
-            m.downtime = downtime;
-            m.downtime_bytes = downtime_bytes;
-            m.transferred = precopy_bytes + downtime_bytes;
-        });
-        Ok(())
+        Ok(precopy_bytes)
+    }
+
+    /// The stream's writer and the destination's frames, for the post-copy part of a
+    /// hybrid migration (taken once).
+    pub(super) fn take_link(&mut self) -> (FrameWriter<Link>, Receiver<Result<Frame, StreamError>>) {
+        (self.writer.take().expect("taken once"), self.answers.take().expect("taken once"))
+    }
+
+    fn answers(&self) -> &Receiver<Result<Frame, StreamError>> {
+        self.answers.as_ref().expect("the link was not taken")
+    }
+
+    fn writer(&mut self) -> &mut FrameWriter<Link> {
+        self.writer.as_mut().expect("the link was not taken")
+    }
+
+    /// Stream bytes written so far.
+    pub(super) fn bytes_written(&self) -> u64 {
+        self.writer.as_ref().map_or(0, FrameWriter::bytes_written)
     }
 
     /// Waits for the destination's next frame, which must be `wanted` (a `Refuse` says why not).
     fn answer(&mut self, wanted: FrameType, what: &'static str) -> Result<Frame, MigrationError> {
-        let frame = match self.answers.recv_timeout(ANSWER_TIMEOUT) {
+        let frame = match self.answers().recv_timeout(ANSWER_TIMEOUT) {
             Ok(frame) => frame,
             Err(RecvTimeoutError::Timeout) => {
                 return Err(MigrationError::NoAnswer { peer: "destination", seconds: ANSWER_TIMEOUT.as_secs(), what })
@@ -385,7 +450,7 @@ impl Sender<'_> {
         if let Some(exit) = self.machine.control.exit() {
             return Err(MigrationError::VmEnded(exit.describe()));
         }
-        match self.answers.try_recv() {
+        match self.answers().try_recv() {
             Ok(Ok(frame)) => Err(unexpected_answer(frame, FrameType::Ack)),
             Ok(Err(e)) => Err(e.into()),
             Err(_) => Ok(()),
@@ -397,7 +462,7 @@ impl Sender<'_> {
     /// go as zero markers without being read, so the destination clears them and the
     /// source does not bring them back; a page discarded or refilled after this query is
     /// in the next harvest.
-    fn send_all(&mut self, units: &[Vec<u64>], ours: &[Vec<u64>]) -> Result<(), MigrationError> {
+    pub(super) fn send_all(&mut self, units: &[Vec<u64>], ours: &[Vec<u64>]) -> Result<(), MigrationError> {
         self.absent = vec![Vec::new(); self.zones.len()];
         if ours.iter().any(|list| !list.is_empty()) {
             let existing = self.zones.existing_units()?;
@@ -425,20 +490,20 @@ impl Sender<'_> {
     fn send_range(&mut self, zone: usize, first: u64, count: u64) -> Result<(), MigrationError> {
         self.check()?;
         let counts = self.zones.encode(zone, first, count, &self.absent[zone], &mut self.buffer);
-        let write = self.writer.write(FrameType::Pages, &[&self.buffer]);
+        let write = self.writer.as_mut().expect("the link was not taken").write(FrameType::Pages, &[&self.buffer]);
         if write.is_err() && self.progress.cancelled.load(Ordering::SeqCst) {
             return Err(MigrationError::Cancelled);
         }
         if let Err(e) = write {
             // The destination may have said why it stopped reading.
-            return match self.answers.recv_timeout(Duration::from_millis(500)) {
+            return match self.answers().recv_timeout(Duration::from_millis(500)) {
                 Ok(Ok(frame)) => Err(unexpected_answer(frame, FrameType::Ack)),
                 _ => Err(e.into()),
             };
         }
         self.counts.add(counts);
         self.pace();
-        let (sent, elapsed) = (self.writer.bytes_written(), self.progress.started.elapsed().as_secs_f64());
+        let (sent, elapsed) = (self.bytes_written(), self.progress.started.elapsed().as_secs_f64());
         let bandwidth = self.bandwidth();
         let counts = self.counts;
         self.progress.update(|m| {
@@ -456,7 +521,7 @@ impl Sender<'_> {
     fn pace(&mut self) {
         let Some(limit) = self.bandwidth_limit else { return };
         let (since, before) = self.active_since;
-        let due = Duration::from_secs_f64((self.writer.bytes_written() - before) as f64 / limit as f64);
+        let due = Duration::from_secs_f64((self.bytes_written() - before) as f64 / limit as f64);
         let elapsed = since.elapsed();
         if due > elapsed {
             std::thread::sleep(due - elapsed);
@@ -466,7 +531,7 @@ impl Sender<'_> {
     /// Bytes per second moved since the transfer began (the pacing included).
     fn bandwidth(&self) -> f64 {
         let (since, before) = self.active_since;
-        let measured = (self.writer.bytes_written() - before) as f64 / since.elapsed().as_secs_f64().max(1e-6);
+        let measured = (self.bytes_written() - before) as f64 / since.elapsed().as_secs_f64().max(1e-6);
         match self.bandwidth_limit {
             Some(limit) => measured.min(limit as f64),
             None => measured,
@@ -475,13 +540,13 @@ impl Sender<'_> {
 
     fn end_round(&mut self, round: u64) -> Result<(), MigrationError> {
         self.check()?;
-        self.writer.write(FrameType::RoundEnd, &[&(round as u32).to_le_bytes()])?;
+        self.writer().write(FrameType::RoundEnd, &[&(round as u32).to_le_bytes()])?;
         Ok(())
     }
 
     /// The units written since the last harvest, per zone (sorted), with the log and the
     /// VMM's write set reset: the union of both, and apart the units the VMM changed.
-    fn harvest(&mut self) -> Result<(UnitLists, UnitLists), MigrationError> {
+    pub(super) fn harvest(&mut self) -> Result<(UnitLists, UnitLists), MigrationError> {
         let mut dirty: Vec<Vec<u64>> = vec![Vec::new(); self.zones.len()];
         let mut ours: Vec<Vec<u64>> = vec![Vec::new(); self.zones.len()];
         {
@@ -517,10 +582,10 @@ impl Sender<'_> {
 }
 
 /// Units per zone, each list sorted.
-type UnitLists = Vec<Vec<u64>>;
+pub(super) type UnitLists = Vec<Vec<u64>>;
 
 /// Per zone, the sorted union of two sorted lists.
-fn union(a: Vec<Vec<u64>>, b: Vec<Vec<u64>>) -> Vec<Vec<u64>> {
+pub(super) fn union(a: Vec<Vec<u64>>, b: Vec<Vec<u64>>) -> Vec<Vec<u64>> {
     a.into_iter()
         .zip(b)
         .map(|(mut a, b)| {

@@ -114,6 +114,22 @@ impl Discarder {
     /// old contents remains. 4 KiB regions need 4 KiB alignment; hugetlb regions free only
     /// the huge pages the range fully covers.
     pub fn discard(&self, range: GuestRange) -> Result<DiscardReport, DiscardError> {
+        self.give_back(range, PageStateTable::mark_discarded)
+    }
+
+    /// Frees `range` on the host as [`Discarder::discard`] does, but leaves its pages
+    /// missing instead of discarded: their next fault asks the page source again. A
+    /// hybrid migration's destination evicts the pages a pre-copy round brought that the
+    /// guest wrote again on the source before the switch, so post-copy fetches them anew.
+    pub fn evict(&self, range: GuestRange) -> Result<DiscardReport, DiscardError> {
+        self.give_back(range, PageStateTable::mark_evicted)
+    }
+
+    fn give_back(
+        &self,
+        range: GuestRange,
+        mark: fn(&PageStateTable, GuestRange),
+    ) -> Result<DiscardReport, DiscardError> {
         self.check_covered(range)?;
         let mut report = DiscardReport::default();
         for (region, part) in self.regions.split(range) {
@@ -139,7 +155,7 @@ impl Discarder {
             // Marked first: a host operation that fails half way may have freed some.
             self.writes.mark(aligned);
             self.free_host(region, aligned)?;
-            self.table.mark_discarded(aligned);
+            mark(&self.table, aligned);
             report.freed.push(aligned);
         }
         Ok(report)

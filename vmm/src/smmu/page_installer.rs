@@ -161,6 +161,74 @@ impl PageInstaller {
         Ok(done)
     }
 
+    /// Makes the page of `gpa` hold `data` (`None`: zeros), whatever its state, for an
+    /// owner that alone touches guest RAM: a destination taking pre-copy rounds before
+    /// any vCPU runs there (hybrid migration). A missing page is COPYed in and marked
+    /// populated (a missing page asked to be zero stays missing: it reads as zero, or as
+    /// the page source says, when touched); a populated one is overwritten in place, which
+    /// raises no fault. All under the page's lock, so the table and the page agree for a
+    /// coherence check. `data` must be exactly one page of the region.
+    pub fn write_owned(&self, gpa: u64, data: Option<&[u8]>) -> Result<(), FaultEngineError> {
+        let s = &self.shared;
+        let Some(r) = s.regions.iter().find(|r| gpa >= r.guest_addr && gpa - r.guest_addr < r.len) else {
+            return Err(FaultEngineError::Source {
+                gpa,
+                source: PageSourceError::Failed { gpa, reason: "not guest RAM of a registered region".into() },
+            });
+        };
+        let page = r.page_bytes;
+        let gpa = gpa & !(page - 1);
+        let hva = r.host_addr + (gpa - r.guest_addr);
+        if let Some(d) = data.filter(|d| d.len() as u64 != page) {
+            return Err(FaultEngineError::Source {
+                gpa,
+                source: PageSourceError::Failed {
+                    gpa,
+                    reason: format!("{} bytes written to a {page}-byte page", d.len()),
+                },
+            });
+        }
+        let range = GuestRange::new(gpa, page);
+        loop {
+            let lock = s.inv.lock(range);
+            let state = s.table.get(gpa);
+            if state.contains(PageState::POPULATED) {
+                // SAFETY: `hva..hva + page` is one page of the region's mapping, which the
+                // memory layer keeps mapped while the engine runs; the page is present, so
+                // the write raises no userfault, and no vCPU or device uses guest RAM
+                // while its owner writes it (this method's contract). Guest RAM is never
+                // borrowed by Rust references (the smmu invariant).
+                unsafe {
+                    match data {
+                        Some(d) => std::ptr::copy_nonoverlapping(d.as_ptr(), hva as *mut u8, page as usize),
+                        None => std::ptr::write_bytes(hva as *mut u8, 0, page as usize),
+                    }
+                }
+                return Ok(());
+            }
+            let Some(bytes) = data else { return Ok(()) };
+            let wp = state.contains(PageState::WRITE_PROTECTED);
+            s.table.update(range, PageState::POPULATED, PageState::DISCARDED);
+            match s.uffd.copy(hva, bytes, wp, false) {
+                Ok(FillOutcome::Filled) => return Ok(()),
+                Ok(FillOutcome::AlreadyFilled) => {
+                    // Present behind the table's back: overwrite it on the next turn.
+                    s.counters.eexist.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(FillOutcome::MmChanging { .. }) => {
+                    s.table.update(range, PageState::EMPTY, PageState(PageState::POPULATED.0 & !state.0));
+                    s.counters.eagain.fetch_add(1, Ordering::Relaxed);
+                    drop(lock);
+                    std::thread::yield_now();
+                }
+                Err(e) => {
+                    s.table.update(range, PageState::EMPTY, PageState(PageState::POPULATED.0 & !state.0));
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
     /// The source cannot deliver the pages it promised (its peer is gone): stops the
     /// engine with `err` as a dead handler would (the owner learns it through the
     /// failure fd and callback; threads blocked on faults are released by unregistering).

@@ -126,6 +126,13 @@ impl PageStateTable {
         self.update(range, PageState::DISCARDED, gone);
     }
 
+    /// Marks `range` evicted: missing again as it was before it was first populated (not
+    /// discarded either, so its next fault asks the page source instead of reading zeros).
+    pub fn mark_evicted(&self, range: GuestRange) {
+        let gone = PageState::POPULATED.union(PageState::DIRTY).union(PageState::WRITE_PROTECTED);
+        self.update(range, PageState::EMPTY, gone.union(PageState::DISCARDED));
+    }
+
     /// For every page touching `range`: sets the bits of `set`, then clears those of
     /// `clear` (each word in one atomic step).
     pub fn update(&self, range: GuestRange, set: PageState, clear: PageState) {

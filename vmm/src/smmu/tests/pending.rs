@@ -149,3 +149,49 @@ fn a_source_that_cannot_deliver_stops_the_engine_and_releases_the_waiter() {
     let Rig { engine, .. } = r;
     assert!(engine.shutdown().is_err());
 }
+
+/// A hybrid migration's destination: pages written by their owner (installed when
+/// missing, overwritten in place when present), then some evicted, which makes their
+/// next touch a fault that asks the source again, not a zero fill.
+fn owned_writes_then_eviction_make_pages_ask_the_source_again(map: Mapping) {
+    let (r, rx, installer) = later_rig(map, PAGE_4K);
+    let page = |i: u64| GPA + i * PAGE_4K;
+    let data = |i: u64, gen: u64| page_bytes_of(pattern(i, gen), PAGE_4K);
+    for i in 0..4 {
+        installer.write_owned(page(i), Some(&data(i, 1))).unwrap();
+    }
+    // A second round overwrites page 1 in place; a zero marker clears page 2 and leaves
+    // the missing page 5 missing.
+    installer.write_owned(page(1), Some(&data(1, 2))).unwrap();
+    installer.write_owned(page(2), None).unwrap();
+    installer.write_owned(page(5), None).unwrap();
+    assert!(rx.try_recv().is_err(), "owned writes raised faults");
+    assert_eq!(r.table.count(PageState::POPULATED), 4);
+    assert!(!installer.settled(page(5)));
+    assert!(read_words(r.map.page(1), PAGE_4K).iter().all(|&w| w == pattern(1, 2)));
+    assert!(read_words(r.map.page(2), PAGE_4K).iter().all(|&w| w == 0));
+    // Pages 1 and 2 are stale: evicted, they are missing (not discarded) again.
+    r.discarder.evict(GuestRange::new(page(1), 2 * PAGE_4K)).unwrap();
+    assert_eq!(r.table.get(page(1)), PageState::EMPTY);
+    assert!(!installer.settled(page(2)));
+    let hva = r.map.page(1);
+    let toucher = std::thread::spawn(move || read_words(hva, PAGE_4K));
+    let req = rx.recv_timeout(BOUND).expect("an evicted page did not ask the source");
+    assert_eq!(req.gpa(), page(1));
+    assert_eq!(installer.complete(req, Some(&data(1, 3))).unwrap(), Completion::Installed);
+    assert!(toucher.join().unwrap().iter().all(|&w| w == pattern(1, 3)));
+    // Pages never evicted kept their contents.
+    assert!(read_words(r.map.page(3), PAGE_4K).iter().all(|&w| w == pattern(3, 1)));
+    let report = check(&r.regions, &r.table, &r.inv).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+}
+
+#[test]
+fn anon_owned_writes_and_eviction() {
+    owned_writes_then_eviction_make_pages_ask_the_source_again(Mapping::anon(8 * PAGE_4K));
+}
+
+#[test]
+fn memfd_owned_writes_and_eviction() {
+    owned_writes_then_eviction_make_pages_ask_the_source_again(Mapping::memfd(8 * PAGE_4K, false).unwrap());
+}
