@@ -81,6 +81,23 @@ fn wait_bounded(mut child: std::process::Child, limit: Duration, what: &str) -> 
     outcome(child.wait_with_output().unwrap())
 }
 
+/// A `ctl migrate --wait` that failed panics with what the destination said too (its
+/// VM may be the one that ended the migration).
+fn migrated_or_explain(
+    name: &str,
+    (code, result, stderr): (i32, Value, String),
+    dest: std::process::Child,
+) -> std::process::Child {
+    if code != 0 {
+        let dest = wait_bounded(dest, Duration::from_secs(60), "the destination after a failed migration");
+        panic!(
+            "{name}: ctl migrate failed: {stderr} {result}\ndestination ({}): {}\n{}",
+            dest.code, dest.stdout, dest.stderr
+        );
+    }
+    dest
+}
+
 /// Both ends after a migration in `mode` that completed: the source migrated mid-step,
 /// the destination found every generation and every page of the post-copy table, both
 /// ends agree on that table's size; the metrics of both ends.
@@ -155,9 +172,9 @@ fn postcopy_over_unix_and_tcp_on_1_and_2_vcpus_anon_and_memfd_loses_no_write() {
         let source = start_source(&scratch.0, &format!("src-{name}"), vcpus, memory, "4000");
         let dest = destination(&uri);
         let preempt_arg = if preempt { "true" } else { "false" };
-        let (code, result, stderr) =
+        let migrated =
             source.ctl(&["migrate", &uri, "--mode", "postcopy", "--postcopy-preempt", preempt_arg, "--wait"]);
-        assert_eq!(code, 0, "{name}: {stderr} {result}");
+        let dest = migrated_or_explain(&name, migrated, dest);
         let source = wait_bounded(source.child, Duration::from_secs(120), "the source");
         let dest = wait_bounded(dest, Duration::from_secs(120), "the destination");
         let backend = if memory.contains("memfd") { "memfd" } else { "anon" };
@@ -207,7 +224,7 @@ fn hybrid_switches_to_postcopy_after_its_rounds_and_leaves_no_stale_page() {
         std::thread::sleep(Duration::from_millis(300));
         let dest = destination(&uri);
         let preempt_arg = if preempt { "true" } else { "false" };
-        let (code, result, stderr) = source.ctl(&[
+        let migrated = source.ctl(&[
             "migrate",
             &uri,
             "--mode",
@@ -220,7 +237,7 @@ fn hybrid_switches_to_postcopy_after_its_rounds_and_leaves_no_stale_page() {
             preempt_arg,
             "--wait",
         ]);
-        assert_eq!(code, 0, "{name}: {stderr} {result}");
+        let dest = migrated_or_explain(&name, migrated, dest);
         let source = wait_bounded(source.child, Duration::from_secs(120), "the source");
         let dest = wait_bounded(dest, Duration::from_secs(120), "the destination");
         let (dm, sm) = assert_handover_whole(&dest, &source, "hybrid", preempt);
@@ -264,8 +281,7 @@ fn a_vm_with_a_hugetlb_zone_moves_by_postcopy_in_2_mib_pages() {
     args.extend(["-m".to_string(), "size=32M,backend=hugetlb".to_string()]);
     let source = start_filled(&scratch.0, "src", &args, 12 << 10);
     let dest = destination(&uri);
-    let (code, result, stderr) = source.ctl(&["migrate", &uri, "--mode", "postcopy", "--wait"]);
-    assert_eq!(code, 0, "{stderr} {result}");
+    let dest = migrated_or_explain("hugetlb", source.ctl(&["migrate", &uri, "--mode", "postcopy", "--wait"]), dest);
     let source = wait_bounded(source.child, Duration::from_secs(120), "the source");
     let dest = wait_bounded(dest, Duration::from_secs(120), "the destination");
     assert_eq!(dest.report["backends"], serde_json::json!(["anon", "hugetlb"]));

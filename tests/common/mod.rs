@@ -14,8 +14,22 @@ use std::sync::{Mutex, MutexGuard};
 use serde_json::Value;
 
 /// The `faultline` binary built for these tests.
+///
+/// The process is killed when the test thread that started it ends: a test that panics
+/// half way does not leave a VM running that holds hugepages or sockets the next test
+/// needs.
 pub fn faultline() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_faultline"))
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_faultline"));
+    // SAFETY: the closure runs in the child between fork and exec and only makes one
+    // async-signal-safe system call (prctl).
+    unsafe {
+        command.pre_exec(|| {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            Ok(())
+        });
+    }
+    command
 }
 
 /// True when `/dev/kvm` can be used. Without it, the test is skipped with a loud message,

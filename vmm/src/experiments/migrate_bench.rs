@@ -1,6 +1,12 @@
-//! `faultline bench migrate`: pre-copy live migration between two processes on this
-//! host, Faultline beside QEMU microvm migrating the same built-in guest ELF in the same
-//! run, per cell (transport x guest dirty rate x downtime limit), reported as ratios.
+//! `faultline bench migrate`: live migration between two processes on this host,
+//! Faultline beside QEMU microvm migrating the same built-in guest ELF in the same run,
+//! per cell (transport x mode x guest dirty rate x downtime limit), reported as ratios.
+//!
+//! Modes: `precopy`; `postcopy` (QEMU: `postcopy-ram` and `postcopy-preempt` on both
+//! ends, `migrate-start-postcopy` right after `migrate`, so it switches after its first
+//! pass has begun: QEMU cannot skip pre-copy entirely); `hybrid` (Faultline: one round
+//! after round 0, its default; QEMU: `migrate-start-postcopy` once `dirty-sync-count`
+//! says round 0 ended).
 //!
 //! Both VMMs run the guest with `fill,dirty`: it writes the pattern over the touched
 //! size, then rewrites pages at the cell's rate until the migration moves it (rate 0:
@@ -52,6 +58,10 @@ pub struct MigrateBenchArgs {
     /// the same). Not for fd-local, which tracks nothing.
     #[arg(long, value_delimiter = ',', default_value = "log")]
     pub dirty_tracking: Vec<String>,
+    /// Modes, comma-separated: precopy, postcopy (with the preempt channel, both VMMs)
+    /// and/or hybrid. fd-local cells are pre-copy only.
+    #[arg(long, value_delimiter = ',', default_value = "precopy")]
+    pub modes: Vec<String>,
     /// Entries per vCPU of the dirty ring in the ring cells.
     #[arg(long, default_value_t = 4096)]
     pub dirty_ring: u32,
@@ -146,6 +156,8 @@ impl Migration {
 pub struct Cell {
     /// `tcp` or `unix`.
     pub transport: String,
+    /// `precopy`, `postcopy` or `hybrid`.
+    pub mode: String,
     /// The dirty tracker: `log` or `ring` (`-` for fd-local).
     pub dirty_tracking: String,
     /// Guest dirty rate, pages/s.
@@ -214,6 +226,12 @@ pub fn run(args: &MigrateBenchArgs) -> Result<MigrateBenchReport, MigrateBenchEr
             reason: format!("unknown transport {bad:?}; give tcp, unix, fd-local or a list of them"),
         });
     }
+    if let Some(bad) = args.modes.iter().find(|m| !matches!(m.as_str(), "precopy" | "postcopy" | "hybrid")) {
+        return Err(MigrateBenchError::Option {
+            option: "modes",
+            reason: format!("unknown mode {bad:?}; give precopy, postcopy, hybrid or a list of them"),
+        });
+    }
     if let Some(bad) = args.dirty_tracking.iter().find(|t| !matches!(t.as_str(), "log" | "ring")) {
         return Err(MigrateBenchError::Option {
             option: "dirty-tracking",
@@ -229,7 +247,7 @@ pub fn run(args: &MigrateBenchArgs) -> Result<MigrateBenchReport, MigrateBenchEr
     let result: Result<MigrateBenchReport, MigrateBenchError> = (|| {
         let mut cells = Vec::new();
         let mut serial = 0usize;
-        for (transport, tracker) in &links(args) {
+        for (transport, tracker, mode) in &links(args) {
             for &rate in &args.rates {
                 for &limit in &args.downtime_ms {
                     let mut ours = Vec::new();
@@ -239,8 +257,8 @@ pub fn run(args: &MigrateBenchArgs) -> Result<MigrateBenchReport, MigrateBenchEr
                     for round in 0..args.rounds.max(1) {
                         serial += 1;
                         let address = uri(transport, &work, &format!("fl-{serial}"))?;
-                        let (figures, met, progress) =
-                            faultline_migration(args, &work, serial, rate, limit, &address, tracker)?;
+                        let how = How { rate, limit, tracker, mode };
+                        let (figures, met, progress) = faultline_migration(args, &work, serial, &how, &address)?;
                         ours.push(figures);
                         converged &= met;
                         if round == 0 {
@@ -249,8 +267,7 @@ pub fn run(args: &MigrateBenchArgs) -> Result<MigrateBenchReport, MigrateBenchEr
                         if with_qemu && transport != "fd-local" {
                             // QEMU spells both addresses the same way.
                             let address = uri(transport, &work, &format!("qemu-{serial}"))?;
-                            let (figures, progress) =
-                                qemu_migration(args, &work, serial, rate, limit, &address, tracker)?;
+                            let (figures, progress) = qemu_migration(args, &work, serial, &how, &address)?;
                             theirs.push(figures);
                             if round == 0 {
                                 their_progress = progress;
@@ -259,6 +276,7 @@ pub fn run(args: &MigrateBenchArgs) -> Result<MigrateBenchReport, MigrateBenchEr
                     }
                     cells.push(Cell {
                         transport: transport.clone(),
+                        mode: mode.to_string(),
                         dirty_tracking: tracker.to_string(),
                         rate,
                         downtime_limit_ms: limit,
@@ -289,19 +307,34 @@ pub fn run(args: &MigrateBenchArgs) -> Result<MigrateBenchReport, MigrateBenchEr
     Ok(report)
 }
 
-/// Transport x dirty tracker (`-` for fd-local, which tracks nothing).
-fn links(args: &MigrateBenchArgs) -> Vec<(String, &'static str)> {
+/// Transport x dirty tracker (`-` for fd-local, which tracks nothing) x mode (fd-local:
+/// pre-copy only).
+fn links(args: &MigrateBenchArgs) -> Vec<(String, &'static str, &str)> {
     let mut links = Vec::new();
     for transport in &args.transports {
         if transport == "fd-local" {
-            links.push((transport.clone(), "-"));
+            links.push((transport.clone(), "-", "precopy"));
             continue;
         }
         for tracker in &args.dirty_tracking {
-            links.push((transport.clone(), if tracker == "ring" { "ring" } else { "log" }));
+            for mode in &args.modes {
+                links.push((transport.clone(), if tracker == "ring" { "ring" } else { "log" }, mode.as_str()));
+            }
         }
     }
     links
+}
+
+/// What one migration of a cell does, for either VMM.
+struct How<'a> {
+    /// Guest dirty rate, pages/s.
+    rate: u64,
+    /// Downtime limit, ms.
+    limit: u64,
+    /// `log`, `ring` or `-`.
+    tracker: &'a str,
+    /// `precopy`, `postcopy` or `hybrid`.
+    mode: &'a str,
 }
 
 /// A free loopback TCP port (bound and released: the destination binds it next).
@@ -391,11 +424,10 @@ fn faultline_migration(
     args: &MigrateBenchArgs,
     work: &Path,
     serial: usize,
-    rate: u64,
-    limit: u64,
+    how: &How<'_>,
     uri: &str,
-    tracker: &str,
 ) -> Result<(Migration, bool, Progress), MigrateBenchError> {
+    let How { rate, limit, tracker, mode } = *how;
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("faultline"));
     let socket = work.join(format!("src-{serial}.sock"));
     let config = guest_config(args, rate);
@@ -422,7 +454,12 @@ fn faultline_migration(
     client
         .call(
             "migrate",
-            json!({ "uri": uri, "downtime_ms": limit, "dirty_tracking": (tracker == "ring").then_some("ring") }),
+            json!({
+                "uri": uri,
+                "mode": mode,
+                "downtime_ms": limit,
+                "dirty_tracking": (tracker == "ring").then_some("ring"),
+            }),
         )
         .map_err(|e| step(format!("faultline migrate {uri}"))(e.to_string()))?;
     // Sample the progress until the source ends (its socket closes) while this thread
@@ -465,7 +502,8 @@ fn faultline_migration(
         bytes: m["transferred"].as_u64().unwrap_or(0),
         syncs: m["dirty-sync-count"].as_u64().unwrap_or(0),
     };
-    Ok((figures, m["converged"] == true, progress))
+    // Post-copy has no convergence to meet.
+    Ok((figures, m["converged"] == true || mode == "postcopy", progress))
 }
 
 fn qemu_command(args: &MigrateBenchArgs, image: &Path, qmp: &Path, rate: u64, tracker: &str) -> Command {
@@ -485,11 +523,10 @@ fn qemu_migration(
     args: &MigrateBenchArgs,
     work: &Path,
     serial: usize,
-    rate: u64,
-    limit: u64,
+    how: &How<'_>,
     uri: &str,
-    tracker: &str,
 ) -> Result<(Migration, Progress), MigrateBenchError> {
+    let How { rate, limit, tracker, mode } = *how;
     // `run` wrote the guest image there.
     let image = &work.join("guest.elf");
     let qmp_path = work.join(format!("qmp-src-{serial}.sock"));
@@ -501,13 +538,34 @@ fn qemu_migration(
     let mut destination = spawn(command, "qemu -incoming")?;
     wait_listening(uri, "qemu", &mut destination.child)?;
     let mut qmp = Qmp::connect(&qmp_path)?;
+    let postcopy = mode != "precopy";
+    if postcopy {
+        // Both ends need the capabilities before the migration starts.
+        let capabilities = json!({ "capabilities": [
+            { "capability": "postcopy-ram", "state": true },
+            { "capability": "postcopy-preempt", "state": true },
+        ] });
+        Qmp::connect(&dest_qmp)?.execute("migrate-set-capabilities", capabilities.clone())?;
+        qmp.execute("migrate-set-capabilities", capabilities)?;
+    }
     qmp.execute("migrate-set-parameters", json!({ "downtime-limit": limit, "max-bandwidth": 100u64 << 30 }))?;
     qmp.execute("migrate", json!({ "uri": uri }))?;
     let started = Instant::now();
+    let mut switch_asked = false;
+    if mode == "postcopy" {
+        qmp.execute("migrate-start-postcopy", Value::Null)?;
+        switch_asked = true;
+    }
     let mut progress = vec![(0.0, 0.0)];
     let status = loop {
         let status = qmp.execute("query-migrate", Value::Null)?;
         progress.push(progress_point(started, status["ram"]["transferred"].as_u64().unwrap_or(0)));
+        // Hybrid: round 0 ended when the second dirty sync happened.
+        if mode == "hybrid" && !switch_asked && status["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 {
+            // It may have completed meanwhile (converged), which refuses the switch.
+            let _ = qmp.execute("migrate-start-postcopy", Value::Null);
+            switch_asked = true;
+        }
         match status["status"].as_str() {
             Some("completed") => break status,
             Some("failed") | Some("cancelled") => return Err(step(format!("qemu migrate {uri}"))(status.to_string())),
@@ -536,7 +594,16 @@ impl MigrateBenchReport {
         let labels: Vec<String> = self
             .cells
             .iter()
-            .map(|c| format!("{} {} {}k/s ≤{} ms", c.transport, c.dirty_tracking, c.rate / 1000, c.downtime_limit_ms))
+            .map(|c| {
+                format!(
+                    "{} {} {} {}k/s ≤{} ms",
+                    c.transport,
+                    c.dirty_tracking,
+                    c.mode,
+                    c.rate / 1000,
+                    c.downtime_limit_ms
+                )
+            })
             .collect();
         let series = |figure: fn(&Migration) -> f64| {
             let ours = self.cells.iter().enumerate().map(|(i, c)| (i as f64, figure(&c.faultline))).collect();
@@ -558,7 +625,7 @@ impl MigrateBenchReport {
             let title = format!("{title} ({what})");
             plot::bars(
                 &dir.join(file),
-                Labels { title: &title, x: "link, tracker, dirty rate, limit", y: "ms" },
+                Labels { title: &title, x: "link, tracker, mode, dirty rate, limit", y: "ms" },
                 &labels,
                 &series(figure),
             )?;
@@ -586,15 +653,16 @@ impl MigrateBenchReport {
         };
         let opt = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
         let mut out = format!(
-            "pre-copy live migration, 1 vCPU, {} MiB guest, {} MiB filled, mean of {} round(s) each, faultline | qemu\n",
+            "live migration, 1 vCPU, {} MiB guest, {} MiB filled, mean of {} round(s) each, faultline | qemu\n",
             self.memory_mib, self.touched_mib, self.rounds
         );
-        out += "link:tracker  rate/s  limit ms | total ms  down ms  MiB sent  syncs | qemu total  down  MiB sent  syncs | total ratio  down ratio  bytes ratio\n";
+        out += "link:tracker  mode      rate/s  limit ms | total ms  down ms  MiB sent  syncs | qemu total  down  MiB sent  syncs | total ratio  down ratio  bytes ratio\n";
         for c in &self.cells {
             let (f, q) = (&c.faultline, c.qemu.as_ref());
             out += &format!(
-                "{:<12}  {:>6}  {:>8} | {:>8.1}  {:>7.1}  {:>8.1}  {:>3}{} | {:>10}  {:>4}  {:>8}  {:>5} | {:>11}  {:>10}  {:>11}\n",
+                "{:<12}  {:<8}  {:>6}  {:>8} | {:>8.1}  {:>7.1}  {:>8.1}  {:>3}{} | {:>10}  {:>4}  {:>8}  {:>5} | {:>11}  {:>10}  {:>11}\n",
                 format!("{}:{}", c.transport, c.dirty_tracking),
+                c.mode,
                 c.rate,
                 c.downtime_limit_ms,
                 f.total_ms,
