@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::migrating::{assert_generations_whole, assert_migrated, destination, Source};
+use common::migrating::{assert_generations_whole, assert_migrated, destination, guest_pause_ms, Source};
 use common::{outcome, root_and_kvm, RunOutcome, ScratchDir};
 use serde_json::Value;
 
@@ -35,16 +35,17 @@ fn free_port() -> u16 {
 
 /// The guest workload: fill, then `generations` at 10k pages/s for `ms` milliseconds.
 fn workload(vcpus: &str, memory: &str, ms: &str) -> Vec<String> {
-    ["--vcpus", vcpus, "-m", memory, "--steps", "fill,generations", "--rate", "10000", "--duration-ms", ms]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    let steps = ["--steps", "fill,generations", "--rate", "10000", "--duration-ms", ms, "--stall-us", "200"];
+    ["--vcpus", vcpus, "-m", memory].iter().chain(&steps).map(|s| s.to_string()).collect()
 }
 
-/// A source whose guest has filled its memory (the process holds 40 MiB of its 64), so
-/// the post-copy has pages to move and the guest writes them across the switch.
+/// A source whose guest has filled its memory (the process holds 60 MiB of its 64) and
+/// is rewriting it, so the post-copy has pages to move, the guest writes them across
+/// the switch, and its first stall on the destination is the switch-over.
 fn start_source(dir: &Path, name: &str, vcpus: &str, memory: &str, ms: &str) -> Source {
-    start_filled(dir, name, &workload(vcpus, memory, ms), 40 << 10)
+    let source = start_filled(dir, name, &workload(vcpus, memory, ms), 60 << 10);
+    std::thread::sleep(Duration::from_millis(200));
+    source
 }
 
 /// A source started with `args`, once its process holds `rss_kib` (anon and shmem; not
@@ -182,8 +183,9 @@ fn postcopy_over_unix_and_tcp_on_1_and_2_vcpus_anon_and_memfd_loses_no_write() {
         let (blocktime, requests) = assert_postcopy_whole(&dest, &source, preempt, vcpus.parse().unwrap());
         let m = &source.report["migration"];
         eprintln!(
-            "{name} ({backend}): downtime {:.1} ms, total {:.0} ms, {requests} requests, {blocktime}, {} MiB",
+            "{name} ({backend}): downtime {:.1} ms (the guest saw {:?} ms), total {:.0} ms, {requests} requests, {blocktime}, {} MiB",
             m["downtime"].as_f64().unwrap(),
+            guest_pause_ms(&dest),
             m["total-time"].as_f64().unwrap(),
             m["transferred"].as_u64().unwrap() >> 20
         );
@@ -258,9 +260,10 @@ fn hybrid_switches_to_postcopy_after_its_rounds_and_leaves_no_stale_page() {
         // The rounds carried the memory (the guest filled 40 MiB before).
         assert!(sm["precopy-bytes"].as_u64().unwrap() > 32 << 20, "{sm}");
         eprintln!(
-            "hybrid {name}: {rounds} rounds, {table} pages by post-copy ({} requests), downtime {:.1} ms, total {:.0} ms, {} MiB",
+            "hybrid {name}: {rounds} rounds, {table} pages by post-copy ({} requests), downtime {:.1} ms (the guest saw {:?} ms), total {:.0} ms, {} MiB",
             dm["postcopy-requests"],
             sm["downtime"].as_f64().unwrap(),
+            guest_pause_ms(&dest),
             sm["total-time"].as_f64().unwrap(),
             sm["transferred"].as_u64().unwrap() >> 20
         );

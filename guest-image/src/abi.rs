@@ -220,6 +220,10 @@ pub mod cmdline {
     /// `balloon` with `fl.balloon_changes>0`: give up (and fail) when the changes have not
     /// all happened after this many milliseconds (default 120000).
     pub const BALLOON_TIMEOUT_MS: &str = "fl.balloon_timeout_ms";
+    /// `dirty`, `generations`, `idle`: print a `stall` line when a CPU's clock moved this
+    /// many microseconds or more between two looks (default 0: never print; the worst gap
+    /// is in the step's result either way).
+    pub const STALL_US: &str = "fl.stall_us";
 }
 
 /// The steps a guest can run.
@@ -384,6 +388,12 @@ pub const fn generation_word(seed: u64, page_gpa: u64, generation: u64, word_ind
 /// a space and one JSON object: `FL <kind> {...}`.
 pub const REPORT_PREFIX: &str = "FL ";
 
+/// A CPU prints at most one `stall` line per this many milliseconds (a flood of short
+/// stalls, post-copy faults for one, would slow the guest down with its own printing).
+/// A gap at least this long is always printed: it ends at least this long after the
+/// previous line.
+pub const STALL_LINE_EVERY_MS: u64 = 2;
+
 /// The kinds of report line.
 pub mod report {
     /// Printed once when the guest has parsed its command line, brought up every CPU
@@ -400,6 +410,12 @@ pub mod report {
     /// `{"ok":true,"pages":P,"mismatches":M,"first":[{"gpa":G,"expected":E,"found":F},..]}`
     /// (at most [`super::VERIFY_REPORT_MAX`] entries in `first`, numbers in decimal).
     pub const VERIFY: &str = "verify";
+    /// Printed by `dirty`, `generations` and `idle` when a CPU's clock moved at least
+    /// `fl.stall_us` between two consecutive looks: `{"cpu":C,"us":U}`. The CPU did not
+    /// run for those `U` microseconds (paused, migrated or restored, waiting for a page,
+    /// or descheduled by the host). A CPU prints at most one line per
+    /// [`super::STALL_LINE_EVERY_MS`] (the worst gap is in the step's `max_stall_us`).
+    pub const STALL: &str = "stall";
     /// Printed just before the debug exit: `{"status":S,"name":"success"}`.
     pub const DONE: &str = "done";
     /// A problem the guest explains: `{"msg":"..."}`.

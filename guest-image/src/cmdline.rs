@@ -97,6 +97,8 @@ pub struct Config {
     pub balloon_report_pages: u64,
     /// `balloon`: how long to wait for `balloon_changes` changes before failing.
     pub balloon_timeout_ms: u64,
+    /// Paced steps print a `stall` line for a gap of this many µs or more (0: never).
+    pub stall_us: u64,
 }
 
 /// A key whose value could not be used.
@@ -143,6 +145,7 @@ impl Config {
             balloon_changes: 0,
             balloon_report_pages: 512,
             balloon_timeout_ms: 120_000,
+            stall_us: 0,
         };
         let bad = |key, value, problem| BadValue { key, value, problem };
         if let Some(v) = cmdline_value(line, key::CPUS) {
@@ -226,6 +229,9 @@ impl Config {
         }
         if let Some(v) = cmdline_value(line, key::BALLOON_TIMEOUT_MS) {
             config.balloon_timeout_ms = parse_number(v).ok_or(bad(key::BALLOON_TIMEOUT_MS, v, "cannot parse"))?;
+        }
+        if let Some(v) = cmdline_value(line, key::STALL_US) {
+            config.stall_us = parse_number(v).ok_or(bad(key::STALL_US, v, "cannot parse"))?;
         }
         Ok(config)
     }

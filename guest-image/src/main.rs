@@ -20,6 +20,7 @@ mod mem;
 mod pvh;
 mod region;
 mod smp;
+mod stall;
 mod step_context;
 mod tsc;
 mod virtio_mmio;

@@ -73,6 +73,9 @@ pub struct CpuResult {
     pub(crate) rounds: u64,
     /// `generations`: pages holding another generation than their cursor says.
     pub(crate) bad_pages: u64,
+    /// `dirty`, `generations`, `idle`: the longest the CPU's clock moved between two
+    /// looks, µs (see [`crate::stall`]).
+    pub(crate) max_stall_us: u64,
 }
 
 impl CpuResult {
@@ -88,6 +91,7 @@ impl CpuResult {
             zeroed_pages: 0,
             rounds: 0,
             bad_pages: 0,
+            max_stall_us: 0,
         }
     }
 

@@ -21,6 +21,7 @@ use crate::histogram::Histogram;
 use crate::region::Region;
 use crate::serial::Serial;
 use crate::smp::{Shared, STEP_BARRIER};
+use crate::stall::StallWatch;
 pub use crate::step_context::{context, set_context, Context};
 use crate::step_context::{write_pattern_page, CpuResult, Mismatch, WORDS_PER_PAGE};
 use crate::tsc;
@@ -96,7 +97,7 @@ pub fn run_steps(cpu: u32) -> ExitStatus {
                 }
             }
             GuestStep::Abi(Step::Idle) => {
-                phase(cpus, cpu, |_| idle(context));
+                phase(cpus, cpu, |result| idle(context, cpu, result));
                 if cpu == 0 {
                     print_result(step, None, cpus);
                 }
@@ -324,8 +325,11 @@ fn dirty(context: &Context, cpu: u32, result: &mut CpuResult) {
     let duration = tsc::ms_to_cycles(config.duration_ms, context.tsc_khz);
     let start = tsc::now();
     let (mut written, mut next) = (0u64, first);
+    let mut stalls = StallWatch::new(cpu, config.stall_us, context.tsc_khz);
     loop {
-        let elapsed = tsc::now() - start;
+        let now = tsc::now();
+        stalls.look(now);
+        let elapsed = now - start;
         if elapsed >= duration {
             break;
         }
@@ -339,6 +343,7 @@ fn dirty(context: &Context, cpu: u32, result: &mut CpuResult) {
         }
     }
     result.pages = written;
+    result.max_stall_us = stalls.worst_us();
 }
 
 /// Rewrites this CPU's pages round after round for the step's duration, each round with
@@ -429,8 +434,11 @@ fn generations(context: &Context, cpu: u32, result: &mut CpuResult) {
     let duration = tsc::ms_to_cycles(config.duration_ms, context.tsc_khz);
     let start = tsc::now();
     let (mut written, mut cursor, mut generation) = (0u64, first, 1u64);
+    let mut stalls = StallWatch::new(cpu, config.stall_us, context.tsc_khz);
     loop {
-        let elapsed = tsc::now() - start;
+        let now = tsc::now();
+        stalls.look(now);
+        let elapsed = now - start;
         if elapsed >= duration {
             break;
         }
@@ -465,17 +473,20 @@ fn generations(context: &Context, cpu: u32, result: &mut CpuResult) {
     }
     result.pages = end - first;
     result.rounds = generation - 1;
+    result.max_stall_us = stalls.worst_us();
 }
 
 /// Spins for the step's duration, or with `fl.until_stopped` until the VMM asks it to
 /// stop (the port is read about once a millisecond: each read is an exit).
-fn idle(context: &Context) {
+fn idle(context: &Context, cpu: u32, result: &mut CpuResult) {
     let duration = tsc::ms_to_cycles(context.config.duration_ms, context.tsc_khz);
     let check_every = tsc::ms_to_cycles(1, context.tsc_khz).max(1);
     let start = tsc::now();
     let mut next_check = start;
+    let mut stalls = StallWatch::new(cpu, context.config.stall_us, context.tsc_khz);
     loop {
         let now = tsc::now();
+        stalls.look(now);
         if !context.config.until_stopped {
             if now - start >= duration {
                 break;
@@ -488,6 +499,7 @@ fn idle(context: &Context) {
         }
         spin_loop();
     }
+    result.max_stall_us = stalls.worst_us();
 }
 
 /// Prints the RESULT line of a step (BSP, after the phase).
@@ -513,6 +525,10 @@ fn print_result(step: GuestStep, pass: Option<u32>, cpus: u32) {
         let bad: u64 = results.iter().map(|r| r.bad_pages).sum();
         let rounds = results.iter().map(|r| r.rounds).min().unwrap_or(0);
         let _ = write!(out, ",\"bad_pages\":{bad},\"rounds\":{rounds}");
+    }
+    if matches!(step, GuestStep::Abi(Step::Dirty | Step::Generations | Step::Idle)) {
+        let stall = results.iter().map(|r| r.max_stall_us).max().unwrap_or(0);
+        let _ = write!(out, ",\"max_stall_us\":{stall}");
     }
     if step == GuestStep::Abi(Step::Touch) {
         // SAFETY: only the BSP uses the merge buffer.

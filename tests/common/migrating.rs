@@ -133,3 +133,15 @@ pub fn assert_generations_whole(destination: &RunOutcome) -> Value {
     destination.assert_verified(generations["pages"].as_u64().unwrap());
     generations
 }
+
+/// The guest-visible pause of the switch, from a destination whose guest ran with
+/// `--stall-us`: per vCPU the first stall it printed after the restore (it spans the
+/// switch-over), the longest of them, in ms. `None` if no vCPU printed one.
+pub fn guest_pause_ms(destination: &RunOutcome) -> Option<f64> {
+    let stalls = destination.report["guest"]["stalls"].as_array()?;
+    let mut first: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
+    for stall in stalls.iter().filter(|s| s["after_restore"] == true) {
+        first.entry(stall["cpu"].as_u64()?).or_insert(stall["us"].as_u64()?);
+    }
+    first.values().max().map(|&us| us as f64 / 1e3)
+}

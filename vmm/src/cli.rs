@@ -203,6 +203,11 @@ pub struct RunArgs {
     /// Duration of dirty and idle, milliseconds.
     #[arg(long)]
     pub duration_ms: Option<u64>,
+    /// The paced steps (dirty, generations, idle) print a stall line whenever a vCPU's
+    /// clock jumped this many microseconds between two looks (it did not run: paused,
+    /// migrated, waiting for a page); the report lists them under guest.stalls.
+    #[arg(long, value_name = "US")]
+    pub stall_us: Option<u64>,
     /// Echo the guest's serial console to stdout (before the summary).
     #[arg(long)]
     pub console: bool,
@@ -305,6 +310,7 @@ impl RunArgs {
                 ("--passes", self.passes.is_some()),
                 ("--rate", self.rate.is_some()),
                 ("--duration-ms", self.duration_ms.is_some()),
+                ("--stall-us", self.stall_us.is_some()),
                 ("--balloon-changes", self.balloon_changes.is_some()),
             ];
             if let Some((flag, _)) = workload_flags.iter().find(|(_, given)| *given) {
@@ -346,6 +352,9 @@ impl RunArgs {
         }
         if let Some(v) = self.duration_ms {
             workload.duration_ms = v;
+        }
+        if let Some(v) = self.stall_us {
+            workload.stall_us = v;
         }
         config.console |= self.console;
         config.validate()?;

@@ -132,6 +132,23 @@ pub struct GuestStepResult {
     /// `generations`: pages that did not hold the generation they should (lost or stale writes).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bad_pages: Option<u64>,
+    /// `dirty`, `generations`, `idle`: the longest a vCPU's clock moved between two looks
+    /// (it did not run meanwhile), µs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_stall_us: Option<u64>,
+}
+
+/// A guest `stall` line: a vCPU whose clock moved `us` microseconds between two looks.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+#[serde(default)]
+pub struct GuestStall {
+    /// The vCPU.
+    pub cpu: u64,
+    /// How long it did not run, µs (guest TSC time).
+    pub us: u64,
+    /// Printed after this VMM restored the VM (from a snapshot or a migration): the first
+    /// such stall of each vCPU spans the switch, as the guest saw it. Set by the VMM.
+    pub after_restore: bool,
 }
 
 /// A guest `done` line.
@@ -164,6 +181,9 @@ pub struct GuestReport {
     /// The balloon step's lines, one per target change it followed (raw JSON: target,
     /// actual, inflated, deflated, kept_ok, zero_ok, mismatches, ...).
     pub balloon_changes: Vec<serde_json::Value>,
+    /// `stall` lines, in order (`--stall-us`).
+    #[serde(default)]
+    pub stalls: Vec<GuestStall>,
     /// Report lines that could not be parsed (a guest bug worth seeing).
     pub unparsed: Vec<String>,
     /// Report lines not kept because their kind already had [`MAX_LINES_PER_KIND`] (a
@@ -209,6 +229,8 @@ pub struct GuestReportCollector {
     partial: Vec<u8>,
     on_balloon_line: Option<Box<dyn FnMut() + Send>>,
     last_line_at: Instant,
+    /// The report came from a saved state (a restore or a migration).
+    restored: bool,
     /// What has been parsed so far.
     pub report: GuestReport,
 }
@@ -234,6 +256,7 @@ impl crate::persist::Persist for GuestReportCollector {
     fn restore(&mut self, state: &CollectorState) -> Result<(), Self::Error> {
         self.partial = state.partial.clone();
         self.report = state.report.clone();
+        self.restored = true;
         Ok(())
     }
 }
@@ -246,6 +269,7 @@ impl GuestReportCollector {
             partial: Vec::new(),
             on_balloon_line: None,
             last_line_at: started,
+            restored: false,
             report: GuestReport::default(),
         }
     }
@@ -301,6 +325,10 @@ impl GuestReportCollector {
             abi::report::EXCEPTION => serde_json::from_str(json).map(|v| {
                 report.dropped_failure |= !keep(&mut report.exceptions, v, dropped);
             }),
+            abi::report::STALL => serde_json::from_str(json).map(|mut stall: GuestStall| {
+                stall.after_restore = self.restored;
+                keep(&mut report.stalls, stall, dropped);
+            }),
             abi::report::BALLOON => serde_json::from_str(json).map(|v: serde_json::Value| {
                 let ok = v["kept_ok"] == true && v["zero_ok"] == true && v["mismatches"] == 0;
                 report.dropped_failure |= !keep(&mut report.balloon_changes, v, dropped) && !ok;
@@ -348,5 +376,26 @@ mod tests {
         let p99 = h.quantile(0.99);
         assert!((1000..1040).contains(&p99), "{p99}");
         assert_eq!(h.quantile(1.0), 5000);
+    }
+
+    #[test]
+    fn stalls_printed_after_a_restore_are_told_apart() {
+        use crate::persist::Persist;
+        let mut source = GuestReportCollector::new(Instant::now());
+        source.push_bytes(b"FL stall {\"cpu\":1,\"us\":4200}\n");
+        let state = source.save().unwrap();
+        let mut destination = GuestReportCollector::new(Instant::now());
+        destination.restore(&state).unwrap();
+        destination
+            .push_bytes(b"FL stall {\"cpu\":0,\"us\":1800}\nFL result {\"step\":\"dirty\",\"max_stall_us\":4200}\n");
+        let stalls = &destination.report.stalls;
+        assert_eq!(
+            stalls,
+            &vec![
+                GuestStall { cpu: 1, us: 4200, after_restore: false },
+                GuestStall { cpu: 0, us: 1800, after_restore: true }
+            ]
+        );
+        assert_eq!(destination.report.results[0].max_stall_us, Some(4200));
     }
 }

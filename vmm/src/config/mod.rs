@@ -342,6 +342,9 @@ pub struct Workload {
     /// Pages whose patterns repeat: page `i` holds the pattern of page `i % dup_pages`,
     /// so the region holds duplicates for KSM to merge (0: every page its own pattern).
     pub dup_pages: u64,
+    /// The paced steps print a `stall` line for every gap of this many µs or more in a
+    /// vCPU's clock (0: none).
+    pub stall_us: u64,
 }
 
 impl Default for Workload {
@@ -357,6 +360,7 @@ impl Default for Workload {
             rate_pages_per_s: 10_000,
             duration_ms: 1000,
             dup_pages: 0,
+            stall_us: 0,
         }
     }
 }
@@ -430,6 +434,9 @@ impl Workload {
         tokens.push(format!("{}={}", k::DURATION_MS, self.duration_ms));
         if self.dup_pages > 0 {
             tokens.push(format!("{}={}", k::DUP_PAGES, self.dup_pages));
+        }
+        if self.stall_us > 0 {
+            tokens.push(format!("{}={}", k::STALL_US, self.stall_us));
         }
         tokens
     }

@@ -137,6 +137,10 @@ pub struct Migration {
     pub bytes: u64,
     /// Dirty-log harvests (`dirty-sync-count`).
     pub syncs: u64,
+    /// The pause the guest saw across the switch, ms: the first `stall` line its vCPU
+    /// printed on the destination (`fl.stall_us`), on the guest's clock. `None` if none
+    /// came within a second of the end.
+    pub guest_pause_ms: Option<f64>,
 }
 
 impl Migration {
@@ -147,6 +151,10 @@ impl Migration {
             downtime_ms: all.iter().map(|m| m.downtime_ms).sum::<f64>() / n,
             bytes: (all.iter().map(|m| m.bytes as f64).sum::<f64>() / n) as u64,
             syncs: (all.iter().map(|m| m.syncs as f64).sum::<f64>() / n).round() as u64,
+            guest_pause_ms: {
+                let seen: Vec<f64> = all.iter().filter_map(|m| m.guest_pause_ms).collect();
+                (!seen.is_empty()).then(|| seen.iter().sum::<f64>() / seen.len() as f64)
+            },
         }
     }
 }
@@ -414,7 +422,19 @@ fn guest_config(args: &MigrateBenchArgs, rate: u64) -> VmConfig {
     config.workload.size_bytes = Some(args.touched_mib << 20);
     config.workload.rate_pages_per_s = rate.max(1);
     config.workload.duration_ms = 600_000;
+    config.workload.stall_us = STALL_US;
     config
+}
+
+/// The guest prints gaps in its clock from this long (µs): the switch-over is one.
+const STALL_US: u64 = 200;
+
+/// The pause the guest on `destination` saw across the switch: the first `stall` line
+/// its console printed, ms.
+fn guest_pause(destination: &mut ConsoleChild) -> Option<f64> {
+    let line = destination.line_within("FL stall ", Duration::from_secs(1))?;
+    let stall: Value = serde_json::from_str(line.strip_prefix("FL stall ")?).ok()?;
+    Some(stall["us"].as_f64()? / 1e3)
 }
 
 /// One Faultline migration: source `run`, destination `restore --incoming`, `migrate`
@@ -438,6 +458,7 @@ fn faultline_migration(
     command.args(["-m", &format!("size={}M{backend}", args.memory_mib), "--steps", &config.workload.steps.join(",")]);
     command.args(["--rate", &config.workload.rate_pages_per_s.to_string()]);
     command.args(["--duration-ms", &config.workload.duration_ms.to_string()]);
+    command.args(["--stall-us", &STALL_US.to_string()]);
     command.args(["--size", &config.workload.size_bytes.unwrap_or(0).to_string()]);
     command.arg("--api-socket").arg(&socket);
     if tracker == "ring" {
@@ -495,12 +516,14 @@ fn faultline_migration(
     if m["status"] != "completed" {
         return Err(step(format!("faultline migrate {uri}"))(format!("did not complete: {m}")));
     }
+    let guest_pause_ms = guest_pause(&mut destination);
     drop(destination);
     let figures = Migration {
         total_ms: m["total-time"].as_f64().unwrap_or(0.0),
         downtime_ms: m["downtime"].as_f64().unwrap_or(0.0),
         bytes: m["transferred"].as_u64().unwrap_or(0),
         syncs: m["dirty-sync-count"].as_u64().unwrap_or(0),
+        guest_pause_ms,
     };
     // Post-copy has no convergence to meet.
     Ok((figures, m["converged"] == true || mode == "postcopy", progress))
@@ -575,6 +598,7 @@ fn qemu_migration(
             _ => std::thread::sleep(PROGRESS_EVERY),
         }
     };
+    let guest_pause_ms = guest_pause(&mut destination);
     drop(destination);
     drop(source);
     let figures = Migration {
@@ -582,6 +606,7 @@ fn qemu_migration(
         downtime_ms: status["downtime"].as_f64().unwrap_or(0.0),
         bytes: status["ram"]["transferred"].as_u64().unwrap_or(0),
         syncs: status["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
+        guest_pause_ms,
     };
     Ok((figures, progress))
 }
@@ -656,29 +681,33 @@ impl MigrateBenchReport {
             "live migration, 1 vCPU, {} MiB guest, {} MiB filled, mean of {} round(s) each, faultline | qemu\n",
             self.memory_mib, self.touched_mib, self.rounds
         );
-        out += "link:tracker  mode      rate/s  limit ms | total ms  down ms  MiB sent  syncs | qemu total  down  MiB sent  syncs | total ratio  down ratio  bytes ratio\n";
+        out += "link:tracker  mode      rate/s  limit ms | total ms  down ms  guest ms  MiB sent  syncs | qemu total  down  guest  MiB sent  syncs | total ratio  down ratio  guest ratio  bytes ratio\n";
         for c in &self.cells {
             let (f, q) = (&c.faultline, c.qemu.as_ref());
             out += &format!(
-                "{:<12}  {:<8}  {:>6}  {:>8} | {:>8.1}  {:>7.1}  {:>8.1}  {:>3}{} | {:>10}  {:>4}  {:>8}  {:>5} | {:>11}  {:>10}  {:>11}\n",
+                "{:<12}  {:<8}  {:>6}  {:>8} | {:>8.1}  {:>7.1}  {:>8}  {:>8.1}  {:>3}{} | {:>10}  {:>4}  {:>5}  {:>8}  {:>5} | {:>11}  {:>10}  {:>11}  {:>11}\n",
                 format!("{}:{}", c.transport, c.dirty_tracking),
                 c.mode,
                 c.rate,
                 c.downtime_limit_ms,
                 f.total_ms,
                 f.downtime_ms,
+                opt(f.guest_pause_ms, 1),
                 f.bytes as f64 / 1048576.0,
                 f.syncs,
                 if c.faultline_converged { "  " } else { " !" },
                 opt(q.map(|q| q.total_ms), 1),
                 opt(q.map(|q| q.downtime_ms), 0),
+                opt(q.and_then(|q| q.guest_pause_ms), 1),
                 opt(q.map(|q| q.bytes as f64 / 1048576.0), 1),
                 q.map_or("-".into(), |q| q.syncs.to_string()),
                 ratio(f.total_ms, q.map(|q| q.total_ms)),
                 ratio(f.downtime_ms, q.map(|q| q.downtime_ms)),
+                f.guest_pause_ms.map_or("-".into(), |g| ratio(g, q.and_then(|q| q.guest_pause_ms))),
                 ratio(f.bytes as f64, q.map(|q| q.bytes as f64)),
             );
         }
+        out += "guest: the pause the guest saw across the switch (its first clock gap on the destination)\n";
         if self.cells.iter().any(|c| !c.faultline_converged) {
             out += "!: faultline did not meet the limit in every round (the round limit forced the stop)\n";
         }
