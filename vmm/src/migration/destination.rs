@@ -142,7 +142,7 @@ impl Incoming {
     pub fn receive(&mut self, machine: &Machine) -> Result<MachineState, MigrationError> {
         if self.is_local() {
             // fd-local: the machine is built on the shared zones; the source may stop now.
-            self.writer.write(FrameType::Welcome, &[&handshake::encode(&serde_json::json!({ "ready": true }))])?;
+            self.say_ready()?;
         }
         let mut applier = Applier::new(Zones::new(&machine.ram, &machine.config.zones));
         let received = receive_memory(&mut self.reader, &mut applier)?;
@@ -159,6 +159,14 @@ impl Incoming {
         m.total = machine.ram.size_bytes();
         m.page_size = machine.config.zones.iter().map(super::memory::unit_bytes).max().unwrap_or(4096);
         Ok(state)
+    }
+
+    /// Tells the source the machine is built here (a second `Welcome`, `{"ready": true}`):
+    /// a source that is about to pause waits for it, so its downtime does not include
+    /// this end building the VM (fd-local:, post-copy).
+    pub(super) fn say_ready(&mut self) -> Result<(), MigrationError> {
+        self.writer.write(FrameType::Welcome, &[&handshake::encode(&serde_json::json!({ "ready": true }))])?;
+        Ok(())
     }
 
     /// Tells the source the VM runs here now; returns this end's figures.

@@ -317,6 +317,13 @@ impl Incoming {
         let layout = Layout::new(machine.ram.regions(), &machine.config.zones);
         let mode = self.summary.as_ref().map_or("postcopy", |s| s.mode.as_str()).to_string();
         let mut first = None;
+        if mode == "postcopy" {
+            self.say_ready()?;
+            // The source pauses after the ready (and a scan): the downtime starts at its
+            // page table.
+            first = Some(expect(&mut self.reader, FrameType::Present)?);
+            began = Instant::now();
+        }
         if mode == "hybrid" {
             let rounds = receive_rounds(&mut self.reader, &zones, &layout, installer)?;
             let m = &mut self.metrics;

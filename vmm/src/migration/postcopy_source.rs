@@ -234,6 +234,17 @@ impl Session {
         let config = serde_json::to_vec(&machine.config).expect("configs serialize");
         writer.write(FrameType::Config, &[&config])?;
         let (preempt, preempt_writer) = connect_preempt(uri, summary)?.unzip();
+        // The pause waits until the destination has built the VM: building it (mapping
+        // the RAM, the vCPU threads) would otherwise share the CPUs with the switch-over
+        // and stretch the downtime.
+        let ready = expect(&mut reader, FrameType::Welcome, "building the VM")?;
+        let ready: serde_json::Value = handshake::decode("destination", &ready.payload)?;
+        if ready["ready"] != true {
+            return Err(MigrationError::Malformed {
+                what: "the destination's second Welcome".into(),
+                reason: format!("{ready} does not say ready"),
+            });
+        }
         let zones = Zones::new(&machine.ram, &machine.config.zones);
         let page_size = (0..zones.len()).map(|z| zones.unit(z)).max().unwrap_or(4096);
         progress.update(|m| {
@@ -278,13 +289,19 @@ impl Session {
         machine
             .bring_in_lazy_memory()
             .map_err(|e| MigrationError::Memory(format!("cannot bring in the pages of the lazy restore: {e}")))?;
+        // Which pages exist is asked while the guest still runs (the query walks the page
+        // tables of all guest RAM: milliseconds per GiB), with the dirty tracker on; the
+        // pages written meanwhile, found by a harvest in the pause, are added to it.
+        let zones = Zones::new(&machine.ram, &machine.config.zones);
+        super::source::start_tracking(machine, progress)?;
+        let scanned = zones.existing_units()?;
         let paused_at = Instant::now();
         progress.update(|m| m.status = MigrationStatus::Device);
         machine.pause()?;
         // Nothing writes guest RAM from here to the end: every page read is final.
         let quiet = machine.quiesce();
-        let zones = Zones::new(&machine.ram, &machine.config.zones);
-        let existing = zones.existing_units()?;
+        let (written, _) = super::source::harvest(machine, &zones, progress)?;
+        let existing = super::source::union(scanned, written);
         let mut reader = self.reader.take().expect("read once");
         let frames = std::iter::from_fn(move || Some(reader.read()));
         self.switch_over(machine, progress, &quiet, &existing, frames, (paused_at, 0))

@@ -341,18 +341,9 @@ impl Sender<'_> {
     /// is under the limit or `max_rounds` rounds went after round 0. The pages dirtied in
     /// the last round are not sent: they are in the result.
     pub(super) fn rounds(&mut self, request: &MigrateRequest, max_rounds: u64) -> Result<Rounds, MigrationError> {
-        // From here on every guest write is logged; a fresh log starts clean, and one
-        // left on by an earlier migration is reset. So is the set of the VMM's own writes
-        // (the balloon's): round 0 sends every page that exists, whoever wrote it.
-        {
-            let mut vm = self.machine.vm();
-            vm.enable_dirty_log()?;
-            for slot in 0..self.machine.ram.regions().len() {
-                vm.take_dirty_pages(slot)?;
-            }
-            self.machine.paging.discarder().vmm_writes().take();
-        }
-        super::dirty_tracker::record(self.machine, self.progress)?;
+        // From here on every guest write is logged, and every write of the VMM's own
+        // (the balloon's) noted: round 0 sends every page that exists, whoever wrote it.
+        start_tracking(self.machine, self.progress)?;
         self.active_since = (Instant::now(), self.bytes_written());
         // A lazily restored VM holds pages it has not brought in yet: they must go too.
         self.machine
@@ -547,38 +538,63 @@ impl Sender<'_> {
     /// The units written since the last harvest, per zone (sorted), with the log and the
     /// VMM's write set reset: the union of both, and apart the units the VMM changed.
     pub(super) fn harvest(&mut self) -> Result<(UnitLists, UnitLists), MigrationError> {
-        let mut dirty: Vec<Vec<u64>> = vec![Vec::new(); self.zones.len()];
-        let mut ours: Vec<Vec<u64>> = vec![Vec::new(); self.zones.len()];
-        {
-            let vm = self.machine.vm();
-            let regions = self.machine.ram.regions();
-            for (slot, region) in regions.iter().enumerate() {
-                let unit = self.zones.unit(region.zone);
-                for page in vm.take_dirty_pages(slot)? {
-                    dirty[region.zone].push((region.fd_offset + page * 4096) / unit);
-                }
-            }
-            for gpa in self.machine.paging.discarder().vmm_writes().take() {
-                let Some(region) = regions.iter().find(|r| gpa >= r.gpa && gpa - r.gpa < r.size_bytes) else {
-                    continue;
-                };
-                let unit = (region.fd_offset + gpa - region.gpa) / self.zones.unit(region.zone);
-                ours[region.zone].push(unit);
-                dirty[region.zone].push(unit);
-            }
-        }
-        for list in dirty.iter_mut().chain(ours.iter_mut()) {
-            list.sort_unstable();
-            list.dedup();
-        }
-        self.progress.update(|m| m.dirty_sync_count += 1);
-        super::dirty_tracker::record(self.machine, self.progress)?;
-        Ok((dirty, ours))
+        harvest(self.machine, &self.zones, self.progress)
     }
 
     fn bytes_of(&self, units: &[Vec<u64>]) -> u64 {
         units.iter().enumerate().map(|(zone, list)| list.len() as u64 * self.zones.unit(zone)).sum()
     }
+}
+
+/// Switches the dirty tracker on (a log left on by an earlier migration is reset) and
+/// forgets the VMM's own writes: from here on every change to guest RAM is in the next
+/// [`harvest`].
+pub(super) fn start_tracking(machine: &Machine, progress: &Progress) -> Result<(), MigrationError> {
+    {
+        let mut vm = machine.vm();
+        vm.enable_dirty_log()?;
+        for slot in 0..machine.ram.regions().len() {
+            vm.take_dirty_pages(slot)?;
+        }
+        machine.paging.discarder().vmm_writes().take();
+    }
+    super::dirty_tracker::record(machine, progress)
+}
+
+/// The units written since the last harvest, per zone (sorted), with the log and the
+/// VMM's write set reset: the union of both, and apart the units the VMM changed.
+pub(super) fn harvest(
+    machine: &Machine,
+    zones: &Zones,
+    progress: &Progress,
+) -> Result<(UnitLists, UnitLists), MigrationError> {
+    let mut dirty: Vec<Vec<u64>> = vec![Vec::new(); zones.len()];
+    let mut ours: Vec<Vec<u64>> = vec![Vec::new(); zones.len()];
+    {
+        let vm = machine.vm();
+        let regions = machine.ram.regions();
+        for (slot, region) in regions.iter().enumerate() {
+            let unit = zones.unit(region.zone);
+            for page in vm.take_dirty_pages(slot)? {
+                dirty[region.zone].push((region.fd_offset + page * 4096) / unit);
+            }
+        }
+        for gpa in machine.paging.discarder().vmm_writes().take() {
+            let Some(region) = regions.iter().find(|r| gpa >= r.gpa && gpa - r.gpa < r.size_bytes) else {
+                continue;
+            };
+            let unit = (region.fd_offset + gpa - region.gpa) / zones.unit(region.zone);
+            ours[region.zone].push(unit);
+            dirty[region.zone].push(unit);
+        }
+    }
+    for list in dirty.iter_mut().chain(ours.iter_mut()) {
+        list.sort_unstable();
+        list.dedup();
+    }
+    progress.update(|m| m.dirty_sync_count += 1);
+    super::dirty_tracker::record(machine, progress)?;
+    Ok((dirty, ours))
 }
 
 /// Units per zone, each list sorted.
