@@ -179,7 +179,21 @@ impl RunReport {
                     h.max
                 ));
             }
+            if let Some(us) = result.max_stall_us {
+                out.push_str(&format!(", longest stall {:.2} ms", us as f64 / 1e3));
+            }
             out.push('\n');
+        }
+        if !self.guest.stalls.is_empty() {
+            let stalls = &self.guest.stalls;
+            let longest = stalls.iter().map(|s| s.us).max().unwrap_or(0);
+            let restored = stalls.iter().filter(|s| s.after_restore).count();
+            out.push_str(&format!(
+                "  stalls (--stall-us): {} lines, the longest {:.2} ms{}\n",
+                stalls.len(),
+                longest as f64 / 1e3,
+                if restored > 0 { format!(", {restored} after the restore") } else { String::new() }
+            ));
         }
         for verify in &self.guest.verifies {
             if verify.ok {
