@@ -149,7 +149,8 @@ fn fault_around_installs_untouched_neighbours_and_stops_at_touched_pages() {
     // The last page: nothing past the region's end.
     assert!(on_thread(move || page_ok(pages - 1)));
     assert_eq!(r.table.count(PageState::POPULATED), 14);
-    assert_eq!(r.engine.stats().resolved(FaultKind::Missing), 3);
+    // The handler counts a fault after the page it installed woke the toucher.
+    eventually("3 resolved faults", || r.engine.stats().resolved(FaultKind::Missing) == 3);
     assert_coherent(&r);
     // Every page still reads its image contents, installed by a fault or around one.
     assert!(on_thread(move || (0..pages).all(page_ok)));
