@@ -322,11 +322,9 @@ impl Session {
         frames: impl Iterator<Item = Result<Frame, StreamError>> + Send,
         (paused_at, precopy_bytes): (Instant, u64),
     ) -> Result<(), MigrationError> {
-        let paused = paused_at.elapsed();
         let zones = Zones::new(&machine.ram, &machine.config.zones);
-        let existing = listed;
-        let scanned = paused_at.elapsed();
-        for (zone, units) in existing.iter().enumerate() {
+        let harvested = paused_at.elapsed();
+        for (zone, units) in listed.iter().enumerate() {
             let payload = encode_present(zone, zones.unit_count(zone), units);
             if payload.len() > MAX_PAYLOAD as usize {
                 return Err(MigrationError::Unsupported(format!(
@@ -340,18 +338,17 @@ impl Session {
         let state = serde_json::to_vec(&state).expect("machine states serialize");
         self.write(FrameType::State, &[&state])?;
         tracing::debug!(
-            "post-copy switch-over: paused after {:.1} ms, page table after {:.1} ms, state sent after {:.1} ms",
-            ms(paused),
-            ms(scanned),
+            "post-copy switch-over: table ready {:.1} ms after the pause, state sent after {:.1} ms",
+            ms(harvested),
             ms(paused_at.elapsed())
         );
         let switch_bytes = self.main_bytes();
-        let sent = Sent::new(existing, &zones);
-        let existing_bytes: u64 = existing.iter().enumerate().map(|(z, u)| u.len() as u64 * zones.unit(z)).sum();
-        let table_pages = existing.iter().map(|u| u.len() as u64).sum();
+        let sent = Sent::new(listed, &zones);
+        let listed_bytes: u64 = listed.iter().enumerate().map(|(z, u)| u.len() as u64 * zones.unit(z)).sum();
+        let table_pages = listed.iter().map(|u| u.len() as u64).sum();
         progress.update(|m| {
             m.postcopy_table_pages = table_pages;
-            m.remaining = existing_bytes;
+            m.remaining = listed_bytes;
             m.downtime_bytes = switch_bytes - precopy_bytes;
         });
         // After the handover the destination may stay silent for as long as the push

@@ -58,9 +58,14 @@ impl PageInstaller {
         Self { shared }
     }
 
+    /// The registered region holding `gpa` and its index, if any.
+    fn region_of(&self, gpa: u64) -> Option<(usize, &super::UffdRegion)> {
+        self.shared.regions.iter().enumerate().find(|(_, r)| gpa >= r.guest_addr && gpa - r.guest_addr < r.len)
+    }
+
     /// The page size (4 KiB or 2 MiB) of the region holding `gpa`, if any region does.
     pub fn page_bytes(&self, gpa: u64) -> Option<u64> {
-        self.shared.regions.iter().find(|r| gpa >= r.guest_addr && gpa - r.guest_addr < r.len).map(|r| r.page_bytes)
+        self.region_of(gpa).map(|(_, r)| r.page_bytes)
     }
 
     /// Step 1 for a background push of the page holding `gpa` (rounded down to its page):
@@ -71,8 +76,7 @@ impl PageInstaller {
     /// [`complete`]: PageInstaller::complete
     pub fn begin(&self, gpa: u64) -> Option<PageRequest> {
         let s = &self.shared;
-        let (region, r) =
-            s.regions.iter().enumerate().find(|(_, r)| gpa >= r.guest_addr && gpa - r.guest_addr < r.len)?;
+        let (region, r) = self.region_of(gpa)?;
         let gpa = gpa & !(r.page_bytes - 1);
         let seq = s.inv.read_begin(GuestRange::new(gpa, r.page_bytes));
         let hva = r.host_addr + (gpa - r.guest_addr);
@@ -170,7 +174,7 @@ impl PageInstaller {
     /// coherence check. `data` must be exactly one page of the region.
     pub fn write_owned(&self, gpa: u64, data: Option<&[u8]>) -> Result<(), FaultEngineError> {
         let s = &self.shared;
-        let Some(r) = s.regions.iter().find(|r| gpa >= r.guest_addr && gpa - r.guest_addr < r.len) else {
+        let Some((_, r)) = self.region_of(gpa) else {
             return Err(FaultEngineError::Source {
                 gpa,
                 source: PageSourceError::Failed { gpa, reason: "not guest RAM of a registered region".into() },
